@@ -1,0 +1,15 @@
+"""Data: COCO-format detection data sets, the synthetic shapes set and detection transforms."""
+from roikit.data.coco import CocoDetection, collate_fn
+from roikit.data.shapes import SHAPE_CLASSES, ensure_shapes_dataset, make_shapes_dataset, render_image
+from roikit.data.transforms import Compose, RandomHorizontalFlip
+
+__all__ = [
+    "CocoDetection",
+    "collate_fn",
+    "SHAPE_CLASSES",
+    "render_image",
+    "make_shapes_dataset",
+    "ensure_shapes_dataset",
+    "Compose",
+    "RandomHorizontalFlip",
+]

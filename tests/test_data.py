@@ -1,0 +1,315 @@
+"""roikit.data: the synthetic shapes set, the COCO data set and the transforms."""
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import torch
+
+from roikit.data import (
+    SHAPE_CLASSES,
+    CocoDetection,
+    Compose,
+    RandomHorizontalFlip,
+    collate_fn,
+    ensure_shapes_dataset,
+    make_shapes_dataset,
+    render_image,
+)
+from roikit.data import shapes as shapes_module
+
+_spec = importlib.util.spec_from_file_location("make_shapes", Path(__file__).resolve().parents[1] / "tools" / "make_shapes.py")
+make_shapes = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(make_shapes)
+
+
+def _tree_bytes(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def shapes_set(tmp_path_factory):
+    root = tmp_path_factory.mktemp("shapes")
+    return make_shapes_dataset(root, num_train=48, num_val=12, seed=0, progress=False)
+
+
+# ---------------------------------------------------------------- rendering
+
+
+def test_render_image_is_deterministic_and_seed_dependent():
+    a, ann_a = render_image(np.random.default_rng(5))
+    b, ann_b = render_image(np.random.default_rng(5))
+    c, _ = render_image(np.random.default_rng(6))
+    assert a.dtype == np.uint8 and a.shape == (320, 320, 3)
+    assert np.array_equal(a, b) and ann_a == ann_b
+    assert not np.array_equal(a, c)
+    img, anns = render_image(np.random.default_rng(0), image_size=(96, 128))
+    assert img.shape == (96, 128, 3) and 1 <= len(anns) <= 6
+
+
+@pytest.mark.parametrize("seed", range(25))
+def test_boxes_are_tight_on_the_visible_pixels(seed):
+    """Read each shape's pixels back from the image (by its flat colour) and rebuild its box from them."""
+    h, w = 200, 240
+    image, anns = render_image(np.random.default_rng(seed), (h, w))
+    _, shapes = shapes_module._render(np.random.default_rng(seed), h, w)  # same stream: gives the colours
+    assert 1 <= len(anns) == len(shapes) <= 6
+    for (class_index, box, area), shape in zip(anns, shapes):
+        assert 0 <= class_index < len(SHAPE_CLASSES)
+        mask = (image == shape.colour).all(-1)  # [H, W]: this shape's visible pixels, nothing else
+        ys, xs = np.nonzero(mask)
+        expected = [xs.min(), ys.min(), xs.max() - xs.min() + 1, ys.max() - ys.min() + 1]
+        assert box == [float(v) for v in expected]
+        assert area == box[2] * box[3]
+        # fully inside the image, never touching its border
+        assert box[0] >= 1 and box[1] >= 1 and box[0] + box[2] <= w - 1 and box[1] + box[3] <= h - 1
+        # occlusion leaves at least 60% of every shape
+        assert mask.sum() >= 0.6 * shape.full_area
+
+
+def test_render_image_bad_input():
+    with pytest.raises(ValueError, match="image_size must be between 64"):
+        render_image(np.random.default_rng(0), (32, 320))
+    with pytest.raises(ValueError, match="image_size must be an int or a pair"):
+        render_image(np.random.default_rng(0), (320, 320, 3))
+    with pytest.raises(ValueError, match="rng must be a numpy.random.Generator"):
+        render_image(0)
+
+
+# ---------------------------------------------------------------- the data set on disk
+
+
+def test_dataset_is_deterministic(tmp_path):
+    a = make_shapes_dataset(tmp_path / "a", num_train=5, num_val=3, seed=3, progress=False)
+    b = make_shapes_dataset(tmp_path / "b", num_train=5, num_val=3, seed=3, progress=False)
+    c = make_shapes_dataset(tmp_path / "c", num_train=5, num_val=3, seed=4, progress=False)
+    bytes_a, bytes_b, bytes_c = (_tree_bytes(Path(p["root"])) for p in (a, b, c))
+    assert len(bytes_a) == 5 + 3 + 2 + 1  # images, two annotation files, DONE
+    assert bytes_a == bytes_b
+    for name in bytes_a:
+        if name.endswith(".png") or name.startswith("annotations"):
+            assert bytes_a[name] != bytes_c[name], name
+    # An image depends on (seed, split, index) only: a smaller set holds the same first images.
+    d = make_shapes_dataset(tmp_path / "d", num_train=2, num_val=1, seed=3, progress=False)
+    for name, data in _tree_bytes(Path(d["root"])).items():
+        if name.endswith(".png"):
+            assert data == bytes_a[name], name
+    # train and val never share an image
+    assert bytes_a["train/images/000001.png"] != bytes_a["val/images/000001.png"]
+
+
+def test_dataset_layout_and_size_buckets(shapes_set):
+    assert (Path(shapes_set["root"]) / "DONE").is_file()
+    areas = []
+    for split, count in (("train", 48), ("val", 12)):
+        data = json.loads(Path(shapes_set[f"{split}_annotations"]).read_text())
+        assert [c["id"] for c in data["categories"]] == [1, 2, 3, 4, 5, 6]
+        assert [c["name"] for c in data["categories"]] == list(SHAPE_CLASSES)
+        assert [im["id"] for im in data["images"]] == list(range(1, count + 1))
+        assert [a["id"] for a in data["annotations"]] == list(range(1, len(data["annotations"]) + 1))
+        for im in data["images"]:
+            assert (Path(shapes_set[f"{split}_images"]) / im["file_name"]).is_file()
+            assert (im["width"], im["height"]) == (320, 320)
+        for a in data["annotations"]:
+            assert a["iscrowd"] == 0 and a["area"] == a["bbox"][2] * a["bbox"][3]
+        areas += [a["area"] for a in data["annotations"]]
+    areas = np.array(areas)
+    buckets = np.array([(areas < 32**2).mean(), ((areas >= 32**2) & (areas < 96**2)).mean(), (areas >= 96**2).mean()])
+    assert (buckets > 0.2).all(), buckets  # about a third each
+
+
+def test_pycocotools_loads_it_and_gt_as_detections_scores_ap_1(shapes_set):
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+
+    gt = COCO(shapes_set["val_annotations"])
+    assert sorted(gt.getCatIds()) == [1, 2, 3, 4, 5, 6]
+    dets = [{"image_id": a["image_id"], "category_id": a["category_id"], "bbox": a["bbox"], "score": 1.0}
+            for a in gt.dataset["annotations"]]
+    ev = COCOeval(gt, gt.loadRes(dets), "bbox")
+    ev.evaluate()
+    ev.accumulate()
+    ev.summarize()
+    assert ev.stats[0] == pytest.approx(1.0)
+
+
+def test_ensure_generates_only_when_needed(tmp_path, monkeypatch):
+    root = tmp_path / "s"
+    kwargs = dict(num_train=4, num_val=2, seed=0, progress=False)
+    first = ensure_shapes_dataset(root, **kwargs)
+    calls = []
+    real = shapes_module.make_shapes_dataset
+    monkeypatch.setattr(shapes_module, "make_shapes_dataset", lambda *a, **k: calls.append(k) or real(*a, **k))
+    assert ensure_shapes_dataset(root, **kwargs) == first and calls == []
+    (root / "DONE").unlink()  # a half-made folder
+    ensure_shapes_dataset(root, **kwargs)
+    assert len(calls) == 1
+    ensure_shapes_dataset(root, **{**kwargs, "num_train": 2})  # other settings: regenerated, stale images gone
+    assert len(calls) == 2
+    assert sorted(p.name for p in (root / "train" / "images").iterdir()) == ["000001.png", "000002.png"]
+    assert json.loads((root / "DONE").read_text())["num_train"] == 2
+    with pytest.raises(ValueError, match="unknown argument"):
+        ensure_shapes_dataset(root, num_trian=3)
+    with pytest.raises(ValueError, match="num_train must be an int >= 1"):
+        make_shapes_dataset(root, num_train=0)
+
+
+def test_cli(tmp_path, capsys):
+    args = make_shapes.get_args_parser().parse_args(
+        ["--root", str(tmp_path / "cli"), "--num-train", "2", "--num-val", "1", "--image-size", "96", "--no-progress"]
+    )
+    assert make_shapes.main(args) == 0
+    assert len(list((tmp_path / "cli" / "train" / "images").iterdir())) == 2
+    args.image_size = 16
+    assert make_shapes.main(args) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("make_shapes: error: image_size must be between") and err.count("\n") == 1
+
+
+# ---------------------------------------------------------------- CocoDetection
+
+
+def test_coco_detection_formats(shapes_set):
+    ds = CocoDetection(shapes_set["train_images"], shapes_set["train_annotations"], check_images=True)
+    assert len(ds) == 48 and ds.num_classes == 6 and ds.class_names == SHAPE_CLASSES
+    assert ds.cat_id_to_label == {i: i for i in range(1, 7)} and ds.label_to_cat_id == ds.cat_id_to_label
+    image, target = ds[3]
+    assert image.dtype == torch.float32 and image.shape == (3, 320, 320)
+    assert 0.0 <= image.min() and image.max() <= 1.0
+    bgr = cv2.imread(str(Path(shapes_set["train_images"]) / "000004.png"))
+    assert torch.equal(image, torch.from_numpy(bgr[..., ::-1].copy()).permute(2, 0, 1).float() / 255)  # RGB
+    anns = ds.coco.imgToAnns[target["image_id"]]
+    assert target["image_id"] == 4
+    assert target["boxes"].dtype == torch.float32 and target["boxes"].shape == (len(anns), 4)
+    x, y, w, h = anns[0]["bbox"]
+    assert target["boxes"][0].tolist() == [x, y, x + w, y + h]
+    assert target["labels"].dtype == torch.int64 and target["labels"].tolist() == [a["category_id"] for a in anns]
+    assert target["area"].tolist() == [a["area"] for a in anns]
+    assert target["iscrowd"].dtype == torch.int64 and target["iscrowd"].sum() == 0
+
+    loader = torch.utils.data.DataLoader(ds, batch_size=3, collate_fn=collate_fn)
+    images, targets = next(iter(loader))
+    assert isinstance(images, list) and len(images) == 3 and [t["image_id"] for t in targets] == [1, 2, 3]
+
+
+def _tiny_set(tmp_path: Path, data_edit=None, name: str = "ann.json") -> tuple[Path, Path]:
+    """One 40x30 image, categories with ids 7 and 3 (not contiguous), one crowd annotation."""
+    images = tmp_path / "images"
+    images.mkdir(exist_ok=True)
+    cv2.imwrite(str(images / "a.png"), np.full((30, 40, 3), 200, np.uint8))
+    data = {
+        "images": [{"id": 10, "file_name": "a.png", "width": 40, "height": 30}],
+        "annotations": [
+            {"id": 1, "image_id": 10, "category_id": 7, "bbox": [1, 2, 10, 5], "area": 50.0, "iscrowd": 0},
+            {"id": 2, "image_id": 10, "category_id": 3, "bbox": [20, 10, 19, 19]},  # no area, no iscrowd
+            {"id": 3, "image_id": 10, "category_id": 3, "bbox": [0, 0, 40, 30], "area": 1200.0, "iscrowd": 1},
+        ],
+        "categories": [{"id": 7, "name": "dog"}, {"id": 3, "name": "cat"}],
+    }
+    if data_edit is not None:
+        data_edit(data)
+    ann = tmp_path / name
+    ann.write_text(json.dumps(data))
+    return images, ann
+
+
+def test_coco_detection_label_map_and_crowd(tmp_path):
+    ds = CocoDetection(*_tiny_set(tmp_path))
+    assert ds.cat_id_to_label == {3: 1, 7: 2} and ds.label_to_cat_id == {1: 3, 2: 7}
+    assert ds.class_names == ("cat", "dog")
+    image, target = ds[0]
+    assert image.shape == (3, 30, 40)
+    assert target["boxes"].tolist() == [[1, 2, 11, 7], [20, 10, 39, 29]]  # the crowd box is left out
+    assert target["labels"].tolist() == [2, 1]
+    assert target["area"].tolist() == [50.0, 19.0 * 19.0]
+    assert len(ds.coco.getAnnIds(imgIds=[10])) == 3  # but kept for evaluation
+    # an image without annotations gives empty targets of the right shapes
+    ds = CocoDetection(*_tiny_set(tmp_path, lambda d: d.update(annotations=[])))
+    _, target = ds[0]
+    assert target["boxes"].shape == (0, 4) and target["labels"].shape == (0,) and target["labels"].dtype == torch.int64
+
+
+def _edit_ann(key, value, index=0):
+    def edit(data):
+        data["annotations"][index][key] = value
+    return edit
+
+
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (lambda d: d.pop("images"), r"ann\.json: missing or non-list key 'images'"),
+        (lambda d: d["images"][0].pop("width"), r"ann\.json: image #0 \(id 10\) needs an int 'width'"),
+        (_edit_ann("bbox", [1, 2, 0, 5]), r"ann\.json: annotation id 1 has a box with no area"),
+        (_edit_ann("bbox", [1, 2, 10, -3], 1), r"ann\.json: annotation id 2 has a box with no area"),
+        (_edit_ann("bbox", [35, 2, 10, 5]), r"ann\.json: annotation id 1 has bbox \[35, 2, 10, 5\] outside its image"),
+        (_edit_ann("bbox", [-2, 2, 10, 5]), r"annotation id 1 has bbox .* outside its image id 10 \(40x30\)"),
+        (_edit_ann("bbox", [1, 2, 10]), r"annotation id 1 needs 'bbox' as 4 finite numbers"),
+        (_edit_ann("category_id", 5, 1), r"ann\.json: annotation id 2 has unknown category id 5"),
+        (_edit_ann("image_id", 11), r"ann\.json: annotation id 1 refers to unknown image id 11"),
+        (_edit_ann("id", 2), r"ann\.json: duplicate annotation id 2"),
+        (lambda d: d["annotations"][0].pop("category_id"), r"annotation id 1 needs an int 'category_id'"),
+    ],
+)
+def test_coco_detection_bad_annotations(tmp_path, edit, message):
+    with pytest.raises(ValueError, match=message):
+        CocoDetection(*_tiny_set(tmp_path, edit))
+
+
+def test_coco_detection_tolerates_a_box_a_little_outside(tmp_path):
+    CocoDetection(*_tiny_set(tmp_path, _edit_ann("bbox", [30.5, 2, 10, 5])))  # 0.5 px over the right edge
+
+
+def test_coco_detection_bad_files(tmp_path):
+    images, ann = _tiny_set(tmp_path)
+    with pytest.raises(ValueError, match="annotation file not found: .*nope.json"):
+        CocoDetection(images, tmp_path / "nope.json")
+    with pytest.raises(ValueError, match="images folder not found: .*nope"):
+        CocoDetection(tmp_path / "nope", ann)
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"images": [')
+    with pytest.raises(ValueError, match=r"bad\.json: malformed JSON"):
+        CocoDetection(images, bad)
+    bad.write_text("[1, 2]")
+    with pytest.raises(ValueError, match=r"bad\.json: expected a JSON object"):
+        CocoDetection(images, bad)
+
+    # missing image: found when it is loaded, or up front with check_images=True
+    (images / "a.png").unlink()
+    ds = CocoDetection(images, ann)
+    with pytest.raises(ValueError, match=r"ann\.json: image file of image id 10 not found: .*a\.png"):
+        ds[0]
+    with pytest.raises(ValueError, match="image file of image id 10 not found"):
+        CocoDetection(images, ann, check_images=True)
+    # unreadable image
+    (images / "a.png").write_bytes(b"\x89PNG\r\n\x1a\n not really a png")
+    with pytest.raises(ValueError, match=r"ann\.json: cannot decode the image file of image id 10: .*a\.png"):
+        CocoDetection(images, ann, check_images=True)
+    # an image whose size disagrees with the annotation file
+    cv2.imwrite(str(images / "a.png"), np.zeros((31, 40, 3), np.uint8))
+    with pytest.raises(ValueError, match=r"image id 10 is 40x31 in .*a\.png, but the annotation file says 40x30"):
+        CocoDetection(images, ann)[0]
+
+
+# ---------------------------------------------------------------- transforms
+
+
+def test_random_horizontal_flip():
+    image = torch.zeros(3, 6, 10)
+    image[:, 1:3, 2:5] = 1.0  # the object: columns 2..4, rows 1..2 -> box [2, 1, 5, 3]
+    target = {"boxes": torch.tensor([[2.0, 1.0, 5.0, 3.0]]), "labels": torch.tensor([1])}
+    flipped, t = Compose([RandomHorizontalFlip(1.0)])(image, target)
+    assert t["boxes"].tolist() == [[5.0, 1.0, 8.0, 3.0]]
+    x1, y1, x2, y2 = (int(v) for v in t["boxes"][0])
+    assert flipped[:, y1:y2, x1:x2].eq(1).all() and flipped.sum() == image.sum()  # the box still frames the object
+    assert target["boxes"].tolist() == [[2.0, 1.0, 5.0, 3.0]]  # the input target is untouched
+    same, t0 = RandomHorizontalFlip(0.0)(image, target)
+    assert same is image and t0 is target
+    empty, te = RandomHorizontalFlip(1.0)(image, {"boxes": torch.zeros(0, 4)})
+    assert te["boxes"].shape == (0, 4)
+    with pytest.raises(ValueError, match=r"p must be a number in \[0, 1\]"):
+        RandomHorizontalFlip(1.5)
