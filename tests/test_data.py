@@ -22,7 +22,8 @@ from roikit.data import (
 )
 from roikit.data import shapes as shapes_module
 
-_spec = importlib.util.spec_from_file_location("make_shapes", Path(__file__).resolve().parents[1] / "tools" / "make_shapes.py")
+_TOOL = Path(__file__).resolve().parents[1] / "tools" / "make_shapes.py"
+_spec = importlib.util.spec_from_file_location("make_shapes", _TOOL)
 make_shapes = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(make_shapes)
 
