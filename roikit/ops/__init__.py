@@ -1,0 +1,19 @@
+"""Region pooling ops: ``roi_pool`` (both rounding rules), ``roi_align``, ``prroi_pool``, ``roi_spp``.
+
+Each is a function plus an ``nn.Module``, registered with ``torch.library`` as ``torch.ops.roikit.*``.
+"""
+from ._library import deterministic_backward, deterministic_backward_enabled
+from .prroi_pool import PrRoIPool, prroi_pool
+from .roi_align import RoIAlign, roi_align
+from .roi_pool import ROUNDINGS, RoIPool, roi_pool
+from .roi_spp import RoISPP, roi_spp
+
+__all__ = [
+    "roi_pool", "RoIPool", "ROUNDINGS", "roi_align", "RoIAlign", "prroi_pool", "PrRoIPool", "roi_spp", "RoISPP",
+    "deterministic_backward", "deterministic_backward_enabled",
+]
+
+try:  # CUDA kernels for the same ops, when Triton is installed
+    from . import triton as _triton  # noqa: F401
+except ImportError:
+    pass

@@ -1,0 +1,164 @@
+"""The ``torch.library`` registration of every region op, with its fake kernel and its autograd, in one place.
+
+Each op is a forward custom op and a backward custom op (so torch.compile, ``opcheck`` and autograd all see
+through them). The default implementation is the plain-PyTorch one in ``roikit.ops.pytorch``, which runs on any
+device; ``roikit.ops.triton`` registers CUDA kernels for the same ops when Triton and a GPU are there.
+"""
+from __future__ import annotations
+
+import contextlib
+import threading
+
+import torch
+from torch import Tensor
+
+from .pytorch import prroi_pool as _prroi
+from .pytorch import roi_align as _align
+from .pytorch import roi_pool as _pool
+
+_state = threading.local()
+
+
+def deterministic_backward_enabled() -> bool:
+    """True when backward kernels must give the same bits on every run (no floating-point atomics).
+
+    On when ``torch.use_deterministic_algorithms(True)`` is in force, or inside :func:`deterministic_backward`.
+    The CPU path is always deterministic; the flag chooses the CUDA kernels.
+    """
+    return bool(getattr(_state, "deterministic", False)) or torch.are_deterministic_algorithms_enabled()
+
+
+@contextlib.contextmanager
+def deterministic_backward(enabled: bool = True):
+    """Ask for deterministic backward kernels inside a ``with`` block."""
+    previous = getattr(_state, "deterministic", False)
+    _state.deterministic = enabled
+    try:
+        yield
+    finally:
+        _state.deterministic = previous
+
+
+# ---------------------------------------------------------------- roi_pool
+@torch.library.custom_op("roikit::roi_pool", mutates_args=())
+def roi_pool_op(input: Tensor, rois: Tensor, spatial_scale: float, pooled_height: int, pooled_width: int,
+                rounding: str) -> tuple[Tensor, Tensor]:
+    return _pool.roi_pool_forward(input, rois, spatial_scale, pooled_height, pooled_width, rounding)
+
+
+@roi_pool_op.register_fake
+def _(input, rois, spatial_scale, pooled_height, pooled_width, rounding):
+    shape = (rois.shape[0], input.shape[1], pooled_height, pooled_width)
+    return input.new_empty(shape), input.new_empty(shape, dtype=torch.int64)
+
+
+@torch.library.custom_op("roikit::roi_pool_backward", mutates_args=())
+def roi_pool_backward_op(grad: Tensor, rois: Tensor, argmax: Tensor, batch_size: int, channels: int, height: int,
+                         width: int, deterministic: bool) -> Tensor:
+    return _pool.roi_pool_backward(grad, rois, argmax, batch_size, channels, height, width)
+
+
+@roi_pool_backward_op.register_fake
+def _(grad, rois, argmax, batch_size, channels, height, width, deterministic):
+    return grad.new_empty((batch_size, channels, height, width))
+
+
+def _roi_pool_setup(ctx, inputs, output):
+    input, rois = inputs[0], inputs[1]
+    ctx.save_for_backward(rois, output[1])
+    ctx.input_shape = tuple(input.shape)
+    ctx.mark_non_differentiable(output[1])
+
+
+def _roi_pool_backward(ctx, grad, _grad_argmax):
+    rois, argmax = ctx.saved_tensors
+    grad_input = roi_pool_backward_op(grad.contiguous(), rois, argmax, *ctx.input_shape,
+                                      deterministic_backward_enabled())
+    return grad_input, None, None, None, None, None
+
+
+roi_pool_op.register_autograd(_roi_pool_backward, setup_context=_roi_pool_setup)
+
+
+# ---------------------------------------------------------------- roi_align
+@torch.library.custom_op("roikit::roi_align", mutates_args=())
+def roi_align_op(input: Tensor, rois: Tensor, spatial_scale: float, pooled_height: int, pooled_width: int,
+                 sampling_ratio: int, aligned: bool, pool_max: bool) -> tuple[Tensor, Tensor]:
+    return _align.roi_align_forward(input, rois, spatial_scale, pooled_height, pooled_width, sampling_ratio, aligned,
+                                    pool_max)
+
+
+@roi_align_op.register_fake
+def _(input, rois, spatial_scale, pooled_height, pooled_width, sampling_ratio, aligned, pool_max):
+    shape = (rois.shape[0], input.shape[1], pooled_height, pooled_width)
+    return input.new_empty(shape), input.new_empty(shape if pool_max else (0,), dtype=torch.int64)
+
+
+@torch.library.custom_op("roikit::roi_align_backward", mutates_args=())
+def roi_align_backward_op(grad: Tensor, rois: Tensor, argmax: Tensor, spatial_scale: float, pooled_height: int,
+                          pooled_width: int, batch_size: int, channels: int, height: int, width: int,
+                          sampling_ratio: int, aligned: bool, pool_max: bool, deterministic: bool) -> Tensor:
+    return _align.roi_align_backward(grad, rois, argmax, spatial_scale, pooled_height, pooled_width, batch_size,
+                                     channels, height, width, sampling_ratio, aligned, pool_max)
+
+
+@roi_align_backward_op.register_fake
+def _(grad, rois, argmax, spatial_scale, pooled_height, pooled_width, batch_size, channels, height, width,
+      sampling_ratio, aligned, pool_max, deterministic):
+    return grad.new_empty((batch_size, channels, height, width))
+
+
+def _roi_align_setup(ctx, inputs, output):
+    input, rois, spatial_scale, pooled_height, pooled_width, sampling_ratio, aligned, pool_max = inputs
+    ctx.save_for_backward(rois, output[1])
+    ctx.settings = (spatial_scale, pooled_height, pooled_width, *input.shape, sampling_ratio, aligned, pool_max)
+    ctx.mark_non_differentiable(output[1])
+
+
+def _roi_align_backward(ctx, grad, _grad_argmax):
+    rois, argmax = ctx.saved_tensors
+    grad_input = roi_align_backward_op(grad.contiguous(), rois, argmax, *ctx.settings,
+                                       deterministic_backward_enabled())
+    return grad_input, None, None, None, None, None, None, None
+
+
+roi_align_op.register_autograd(_roi_align_backward, setup_context=_roi_align_setup)
+
+
+# ---------------------------------------------------------------- prroi_pool
+@torch.library.custom_op("roikit::prroi_pool", mutates_args=())
+def prroi_pool_op(input: Tensor, rois: Tensor, spatial_scale: float, pooled_height: int, pooled_width: int,
+                  aligned: bool) -> Tensor:
+    return _prroi.prroi_pool_forward(input, rois, spatial_scale, pooled_height, pooled_width, aligned)
+
+
+@prroi_pool_op.register_fake
+def _(input, rois, spatial_scale, pooled_height, pooled_width, aligned):
+    return input.new_empty((rois.shape[0], input.shape[1], pooled_height, pooled_width))
+
+
+@torch.library.custom_op("roikit::prroi_pool_backward", mutates_args=())
+def prroi_pool_backward_op(grad: Tensor, input: Tensor, rois: Tensor, spatial_scale: float, pooled_height: int,
+                           pooled_width: int, aligned: bool, deterministic: bool) -> tuple[Tensor, Tensor]:
+    return _prroi.prroi_pool_backward(grad, input, rois, spatial_scale, pooled_height, pooled_width, aligned)
+
+
+@prroi_pool_backward_op.register_fake
+def _(grad, input, rois, spatial_scale, pooled_height, pooled_width, aligned, deterministic):
+    return torch.empty_like(input), torch.empty_like(rois)
+
+
+def _prroi_setup(ctx, inputs, output):
+    input, rois, spatial_scale, pooled_height, pooled_width, aligned = inputs
+    ctx.save_for_backward(input, rois)
+    ctx.settings = (spatial_scale, pooled_height, pooled_width, aligned)
+
+
+def _prroi_backward(ctx, grad):
+    input, rois = ctx.saved_tensors
+    grad_input, grad_rois = prroi_pool_backward_op(grad.contiguous(), input, rois, *ctx.settings,
+                                                   deterministic_backward_enabled())
+    return grad_input, grad_rois, None, None, None, None
+
+
+prroi_pool_op.register_autograd(_prroi_backward, setup_context=_prroi_setup)

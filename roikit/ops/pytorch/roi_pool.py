@@ -1,0 +1,128 @@
+"""Quantized RoI max pooling in plain PyTorch, with the rounding rule as a setting.
+
+Both rules give each output bin a rectangle of whole cells, ``[hstart, hend) x [wstart, wend)``, clipped to the
+map; the bin's value is the largest feature in it (the first in row-major order on ties), 0 for an empty bin.
+
+``"torchvision"`` (Fast R-CNN / Caffe): corners rounded to the nearest cell (half away from zero), size
+``end - start + 1`` (at least 1), float bin size ``b = size / P``; bin p spans ``[floor(p b), ceil((p + 1) b))``
+from the start: neighbouring bins may share a cell, and every cell of the rounded box is read.
+
+``"integer"`` (the double rounding as usually taught): start ``floor(x1 s)``, size ``floor((x2 - x1) s)``,
+bin ``max(floor(size / P), 1)`` cells; bin p spans ``[start + p b, start + (p + 1) b)``: ``size - P b`` cells at the
+far end are never read.
+
+The max over a rectangle is taken in two passes: over the columns of each bin for every row the box covers,
+then over the rows of each bin.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ._crops import channels_last_rows, chunks, crop_index
+
+
+def _round_half_away(x: Tensor) -> Tensor:
+    # C's round(): torch.round rounds half to even, and floor(x + 0.5) is wrong just below 0.5 in float32
+    t = torch.trunc(x)
+    return torch.where((x - t).abs() >= 0.5, t + torch.sign(x), t)
+
+
+def bin_edges(rois: Tensor, spatial_scale: float, pooled: tuple[int, int], rounding: str, size: tuple[int, int]):
+    """Cell ranges of every bin: ``(hstart, hend)`` [K, PH] and ``(wstart, wend)`` [K, PW], clipped to the map."""
+    dtype = torch.float64 if rois.dtype == torch.float64 else torch.float32
+    r = rois.to(dtype)
+    edges = []
+    for axis, (lo, hi) in enumerate(((2, 4), (1, 3))):
+        p = torch.arange(pooled[axis], device=rois.device)
+        length = size[axis]
+        if rounding == "torchvision":
+            start = _round_half_away(r[:, lo] * spatial_scale).long()
+            end = _round_half_away(r[:, hi] * spatial_scale).long()
+            extent = (end - start + 1).clamp(min=1)  # [K]
+            bin_size = extent.to(dtype) / pooled[axis]  # float bin
+            b0 = torch.floor(p.to(dtype)[None, :] * bin_size[:, None]).long()  # [K, P]
+            b1 = torch.ceil((p + 1).to(dtype)[None, :] * bin_size[:, None]).long()
+        else:  # "integer"
+            start = torch.floor(r[:, lo] * spatial_scale).long()
+            extent = torch.floor((r[:, hi] - r[:, lo]) * spatial_scale).long()  # cells, floored
+            bin_size = torch.div(extent, pooled[axis], rounding_mode="floor").clamp(min=1)  # cells per bin, floored
+            b0 = p[None, :] * bin_size[:, None]
+            b1 = b0 + bin_size[:, None]
+        edges.append(((b0 + start[:, None]).clamp(0, length), (b1 + start[:, None]).clamp(0, length)))
+    return edges[0], edges[1]
+
+
+def _running_max(cell, count: int, has_nan: bool):
+    """Max over ``count`` cells of every bin, taken in order, keeping the first on ties (C's ``if (v > best)``).
+
+    ``cell(j)`` gives the j-th cell of every bin; a bin with fewer cells repeats its last one, which can never
+    win again. Returns the max and the j it came from (-1 when no cell won). NaN never wins, as in torchvision.
+    """
+    best = torch.nan_to_num_(cell(0), nan=float("-inf")) if has_nan else cell(0)
+    which = torch.zeros(best.shape, dtype=torch.int32, device=best.device)
+    for j in range(1, count):
+        v = torch.nan_to_num_(cell(j), nan=float("-inf")) if has_nan else cell(j)
+        which = torch.where(v > best, j, which)
+        torch.maximum(best, v, out=best)
+    return best, which
+
+
+def roi_pool_forward(input: Tensor, rois: Tensor, spatial_scale: float, pooled_height: int, pooled_width: int,
+                     rounding: str) -> tuple[Tensor, Tensor]:
+    """Returns ``output`` [K, C, PH, PW] and ``argmax`` [K, C, PH, PW]: the cell ``h * W + w`` each bin took its
+    value from, -1 for an empty bin (torchvision's convention)."""
+    n, c, height, width = input.shape
+    k = rois.shape[0]
+    out = input.new_zeros((k, pooled_height, pooled_width, c))
+    argmax = torch.full((k, pooled_height, pooled_width, c), -1, dtype=torch.int64, device=input.device)
+    if k == 0:
+        return out.permute(0, 3, 1, 2), argmax.permute(0, 3, 1, 2)
+    (hs, he), (ws, we) = bin_edges(rois, spatial_scale, (pooled_height, pooled_width), rounding, (height, width))
+    feat = channels_last_rows(input, input.dtype)  # [N * H * W, C]
+    batch = rois[:, 0].long()
+    row0 = hs.amin(dim=1)  # [K] first row any bin reads
+    len_y = (he.amax(dim=1) - row0).clamp(min=1)
+    bin_h = (he - hs).clamp(min=0).amax(dim=1)  # [K] tallest / widest bin per box
+    bin_w = (we - ws).clamp(min=0).amax(dim=1)
+    lowest = torch.finfo(torch.float32).min  # torchvision starts every bin at -FLT_MAX
+    has_nan = bool(torch.isnan(input).any())
+    for idx, ly, _ in chunks(len_y, bin_w * pooled_width, c):
+        b = idx.shape[0]
+        rows = (row0[idx, None] + torch.arange(ly, device=input.device)).clamp(max=height - 1)  # [B, Ly]
+        w0, w1 = ws[idx], we[idx]  # [B, PW]
+        h0, h1 = hs[idx] - row0[idx, None], he[idx] - row0[idx, None]  # [B, PH], rows relative to row0
+
+        def column(j):  # pass 1: the j-th column of every bin, on every row the box covers: [B, Ly, PW, C]
+            flat = crop_index(batch[idx], rows, torch.minimum(w0 + j, w1 - 1).clamp(0, width - 1), height, width)
+            return feat.index_select(0, flat.reshape(-1)).reshape(b, ly, pooled_width, c)
+
+        row_max, row_j = _running_max(column, max(int(bin_w[idx].max()), 1), has_nan)
+        row_col = w0[:, None, :, None] + row_j  # [B, Ly, PW, C] column of each row's max
+        base = (torch.arange(b, device=input.device) * ly)[:, None]
+
+        def row(j):  # pass 2: the j-th row of every bin: [B, PH, PW, C]
+            sel = (base + torch.minimum(h0 + j, h1 - 1).clamp(0, ly - 1)).reshape(-1)
+            return row_max.reshape(b * ly, pooled_width * c).index_select(0, sel).reshape(b, pooled_height, pooled_width, c)
+
+        best, best_j = _running_max(row, max(int(bin_h[idx].max()), 1), False)
+        best_row = (h0[:, :, None, None] + best_j).long()  # [B, PH, PW, C]
+        col = torch.gather(row_col, 1, best_row.clamp(0, ly - 1))  # the winning row's column
+        found = best > lowest
+        empty = (hs[idx] >= he[idx])[:, :, None, None] | (ws[idx] >= we[idx])[:, None, :, None]  # [B, PH, PW, 1]
+        out[idx] = torch.where(empty, 0.0, torch.where(found, best, lowest)).to(out.dtype)
+        argmax[idx] = torch.where(empty | ~found, -1, (row0[idx, None, None, None] + best_row) * width + col)
+    return out.permute(0, 3, 1, 2).contiguous(), argmax.permute(0, 3, 1, 2).contiguous()
+
+
+def roi_pool_backward(grad: Tensor, rois: Tensor, argmax: Tensor, batch_size: int, channels: int, height: int,
+                      width: int) -> Tensor:
+    """Each bin's gradient goes to the cell it took its value from."""
+    out = grad.new_zeros((batch_size * channels * height * width,))
+    if rois.shape[0] == 0:
+        return out.reshape(batch_size, channels, height, width)
+    base = (rois[:, 0].long()[:, None] * channels + torch.arange(channels, device=grad.device)) * (height * width)
+    flat = base[:, :, None, None] + argmax  # [K, C, PH, PW]
+    hit = argmax >= 0
+    out.index_add_(0, flat[hit], grad[hit])
+    return out.reshape(batch_size, channels, height, width)

@@ -1,0 +1,69 @@
+"""RoIAlign (Mask R-CNN): bilinear samples instead of rounding."""
+from __future__ import annotations
+
+from torch import Tensor, nn
+
+from . import _library
+from ._utils import BoxesType, check_choice, check_features, check_spatial_scale, convert_boxes_to_rois, pair
+
+POOLS = ("avg", "max")
+
+
+def roi_align(
+    input: Tensor,
+    boxes: BoxesType,
+    output_size: int | tuple[int, int],
+    spatial_scale: float = 1.0,
+    sampling_ratio: int = -1,
+    aligned: bool = False,
+    pool: str = "avg",
+) -> Tensor:
+    """Pool each box into ``output_size`` bins from bilinearly interpolated samples: no rounding at all.
+
+    Args:
+        input (Tensor[N, C, H, W]): the feature map.
+        boxes (Tensor[K, 5] or List[Tensor[L, 4]]): ``(batch_index, x1, y1, x2, y2)`` rows in image pixels, or
+            one ``(x1, y1, x2, y2)`` tensor per image. Same dtype and device as ``input``.
+        output_size (int or Tuple[int, int]): ``(PH, PW)``.
+        spatial_scale (float): ``1 / stride``: at stride 16, ``1 / 16`` maps a 320 px box to 20 cells.
+        sampling_ratio (int): samples per bin along each axis; ``<= 0`` takes ``ceil(bin size)`` samples.
+        aligned (bool): ``True`` shifts the box by -0.5 cell so that cell ``(u, v)`` is centred on pixel
+            ``((v + 0.5) s, (u + 0.5) s)`` (the correct pixel model; detectron2's default). ``False`` keeps the
+            original Mask R-CNN convention (a half-cell shift, and boxes forced to at least 1 x 1 cell).
+        pool (str): ``"avg"`` (the mean of the samples, equal to ``torchvision.ops.roi_align``) or ``"max"``
+            (their maximum, as in mmcv's ``pool_mode="max"``).
+
+    A sample outside ``[-1, H] x [-1, W]`` counts as 0; one inside is clamped to the map.
+
+    Returns:
+        Tensor[K, C, PH, PW].
+    """
+    check_features(input)
+    rois = convert_boxes_to_rois(boxes, input)
+    ph, pw = pair(output_size)
+    scale = check_spatial_scale(spatial_scale)
+    check_choice(pool, "pool", POOLS)
+    if isinstance(sampling_ratio, bool) or not isinstance(sampling_ratio, int):
+        raise ValueError(f"sampling_ratio must be an int (<= 0 for adaptive), got {sampling_ratio!r}")
+    return _library.roi_align_op(input, rois, scale, ph, pw, sampling_ratio, bool(aligned), pool == "max")[0]
+
+
+class RoIAlign(nn.Module):
+    """Module form of :func:`roi_align`."""
+
+    def __init__(self, output_size: int | tuple[int, int], spatial_scale: float = 1.0, sampling_ratio: int = -1,
+                 aligned: bool = False, pool: str = "avg"):
+        super().__init__()
+        self.output_size = pair(output_size)
+        self.spatial_scale = check_spatial_scale(spatial_scale)
+        self.sampling_ratio = sampling_ratio
+        self.aligned = aligned
+        self.pool = check_choice(pool, "pool", POOLS)
+
+    def forward(self, input: Tensor, boxes: BoxesType) -> Tensor:
+        return roi_align(input, boxes, self.output_size, self.spatial_scale, self.sampling_ratio, self.aligned,
+                         self.pool)
+
+    def extra_repr(self) -> str:
+        return (f"output_size={self.output_size}, spatial_scale={self.spatial_scale}, "
+                f"sampling_ratio={self.sampling_ratio}, aligned={self.aligned}, pool={self.pool!r}")
