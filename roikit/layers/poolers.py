@@ -1,0 +1,140 @@
+"""Poolers for detection models: any roikit region op over one feature map or a feature pyramid.
+
+:class:`RoIPooler` has the call signature of ``torchvision.ops.MultiScaleRoIAlign`` (features dict, list of
+proposals, image sizes), so it drops into torchvision's detection models, and takes the op by name:
+``"roi_align"``, ``"roi_pool"``, ``"prroi_pool"`` or ``"roi_spp"``, with that op's own settings.
+"""
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import torch
+from torch import Tensor, nn
+
+from ..ops import prroi_pool, roi_align, roi_pool, roi_spp
+from ..ops._utils import pair
+
+OPS = {"roi_align": roi_align, "roi_pool": roi_pool, "prroi_pool": prroi_pool, "roi_spp": roi_spp}
+
+
+def assign_boxes_to_levels(boxes: Tensor, min_level: int, max_level: int, canonical_scale: int = 224,
+                           canonical_level: int = 4, eps: float = 1e-6) -> Tensor:
+    """FPN's rule (Lin et al. 2017, eq. 1): the pyramid level of each box, counted from ``min_level``.
+
+    ``level = floor(canonical_level + log2(sqrt(area) / canonical_scale) + eps)`` clamped to
+    ``[min_level, max_level]``; returns ``Tensor[K]`` of ``level - min_level`` (int64), the same as torchvision's
+    ``LevelMapper``. A 224 x 224 box goes to level 4 (stride 16), a 112 x 112 box to level 3.
+
+    Args:
+        boxes (Tensor[K, 4]): (x1, y1, x2, y2) in image pixels.
+    """
+    if boxes.dim() != 2 or boxes.shape[1] != 4:
+        raise ValueError(f"boxes must be a Tensor[K, 4], got shape {tuple(boxes.shape)}")
+    area = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
+    level = torch.floor(canonical_level + torch.log2(torch.sqrt(area) / canonical_scale) + eps)
+    return (level.clamp(min=min_level, max=max_level) - min_level).to(torch.int64)
+
+
+def infer_scale(feature: Tensor, image_size: Sequence[int]) -> float:
+    """The feature map's ``spatial_scale`` as a power of two: a 50-row map of an 800-row image gives 1 / 16."""
+    approx = feature.shape[-2] / image_size[0]
+    return 2.0 ** round(math.log2(approx))
+
+
+class RoIPooler(nn.Module):
+    """Pool proposals from one or several feature maps with any roikit op.
+
+    Args:
+        featmap_names (List[str]): the feature maps to use, finest first.
+        output_size (int or Tuple[int, int]): bins per box (ignored by ``roi_spp``, whose ``levels`` set its size).
+        sampling_ratio (int): for ``roi_align``.
+        op (str): ``"roi_align"``, ``"roi_pool"``, ``"prroi_pool"`` or ``"roi_spp"``.
+        canonical_scale, canonical_level (int): the FPN level rule, see :func:`assign_boxes_to_levels`.
+        **op_options: the op's own settings (``aligned``, ``pool``, ``rounding``, ``levels``).
+    """
+
+    def __init__(self, featmap_names: Sequence[str], output_size: int | tuple[int, int] = 7, sampling_ratio: int = 2,
+                 op: str = "roi_align", *, canonical_scale: int = 224, canonical_level: int = 4, **op_options):
+        super().__init__()
+        if op not in OPS:
+            raise ValueError(f"op must be one of {', '.join(map(repr, OPS))}, got {op!r}")
+        if isinstance(featmap_names, str) or len(featmap_names) == 0:
+            raise ValueError(f"featmap_names must be a non-empty list of names, got {featmap_names!r}")
+        self.featmap_names = list(featmap_names)
+        self.output_size = pair(output_size)
+        self.sampling_ratio = sampling_ratio
+        self.op = op
+        self.op_options = dict(op_options)
+        self.canonical_scale = canonical_scale
+        self.canonical_level = canonical_level
+        # fail now, not at the first batch, on a setting the op does not take
+        self._pool(torch.zeros(1, 1, 2, 2), torch.zeros(0, 5), 1.0)
+
+    def _pool(self, feature: Tensor, rois: Tensor, scale: float) -> Tensor:
+        options = dict(self.op_options)
+        if self.op == "roi_align":
+            options.setdefault("sampling_ratio", self.sampling_ratio)
+        if self.op == "roi_spp":
+            return roi_spp(feature, rois, spatial_scale=scale, **options)
+        return OPS[self.op](feature, rois, self.output_size, scale, **options)
+
+    def output_shape(self, channels: int) -> tuple[int, ...]:
+        """Shape of one box's pooled feature: ``(C, PH, PW)``, or ``(C * bins,)`` for ``roi_spp``."""
+        if self.op == "roi_spp":
+            return (channels * sum(n * n for n in self.op_options.get("levels", (1, 2, 3, 6))),)
+        return (channels, *self.output_size)
+
+    def forward(self, x: dict[str, Tensor], boxes: list[Tensor], image_shapes: list[tuple[int, int]]) -> Tensor:
+        """
+        Args:
+            x (Dict[str, Tensor[N, C, H_l, W_l]]): feature maps; only ``featmap_names`` are used.
+            boxes (List[Tensor[L_i, 4]]): proposals per image, (x1, y1, x2, y2) in image pixels.
+            image_shapes (List[Tuple[int, int]]): the (height, width) of each image as fed to the backbone.
+
+        Returns:
+            Tensor[K, C, PH, PW] (``Tensor[K, C * bins]`` for ``roi_spp``), boxes in the order given.
+        """
+        missing = [name for name in self.featmap_names if name not in x]
+        if missing:
+            raise ValueError(f"feature maps {missing} not found; the features have {list(x)}")
+        features = [x[name] for name in self.featmap_names]
+        if len(image_shapes) == 0:
+            raise ValueError("image_shapes must give the size of each image")
+        max_size = (max(s[0] for s in image_shapes), max(s[1] for s in image_shapes))
+        scales = [infer_scale(f, max_size) for f in features]
+        rois = torch.cat(
+            [torch.cat([torch.full_like(b[:, :1], i), b], dim=1) for i, b in enumerate(boxes)], dim=0
+        ) if len(boxes) else features[0].new_zeros((0, 5))
+        if len(features) == 1:
+            return self._pool(features[0], rois, scales[0])
+
+        min_level, max_level = round(-math.log2(scales[0])), round(-math.log2(scales[-1]))
+        levels = assign_boxes_to_levels(rois[:, 1:], min_level, max_level, self.canonical_scale,
+                                        self.canonical_level)
+        if self.op == "roi_align" and not self.op_options.get("pool", "avg") == "max":
+            fused = _multilevel()
+            if fused is not None:
+                return fused(features, rois, self.output_size, scales, self.op_options.get("sampling_ratio",
+                             self.sampling_ratio), self.op_options.get("aligned", False),
+                             canonical_scale=self.canonical_scale, canonical_level=self.canonical_level)
+        out = None
+        for level, (feature, scale) in enumerate(zip(features, scales)):
+            idx = torch.nonzero(levels == level).squeeze(1)
+            pooled = self._pool(feature, rois[idx], scale)
+            if out is None:
+                out = pooled.new_zeros((rois.shape[0], *pooled.shape[1:]))
+            out = out.index_put((idx,), pooled)
+        return out
+
+    def extra_repr(self) -> str:
+        options = "".join(f", {k}={v!r}" for k, v in self.op_options.items())
+        return f"featmap_names={self.featmap_names}, output_size={self.output_size}, op={self.op!r}{options}"
+
+
+def _multilevel():
+    try:
+        from ..ops.multilevel_roi_align import multilevel_roi_align
+    except ImportError:
+        return None
+    return multilevel_roi_align
