@@ -174,7 +174,8 @@ def roi_align_backward(grad: Tensor, rois: Tensor, argmax: Tensor, spatial_scale
         g_y, g_x = wy.shape[1] // pooled_height, wx.shape[1] // pooled_width
         arg = argmax.permute(0, 2, 3, 1)  # [K, PH, PW, C]
         a = arg.clamp(min=0)
-        slot = (a // gw[:, None, None, None]) * g_x + a % gw[:, None, None, None]  # iy * Gx + ix
+        gw1 = gw.clamp(min=1)[:, None, None, None]  # a box with no sample has no winner (arg -1)
+        slot = (a // gw1) * g_x + a % gw1  # iy * Gx + ix
         one_hot = g.new_zeros((k, pooled_height, pooled_width, channels, g_y * g_x))
         one_hot.scatter_(4, slot.unsqueeze(-1), torch.where(arg >= 0, g, 0.0).unsqueeze(-1))
         one_hot = one_hot.reshape(k, pooled_height, pooled_width, channels, g_y, g_x)
