@@ -31,6 +31,26 @@ def check_features(input: Tensor, name: str = "input") -> None:
         raise ValueError(f"{name} must be float16, bfloat16, float32 or float64, got {input.dtype}")
 
 
+def check_float_features(input: Tensor, name: str = "input") -> None:
+    """``check_features`` for layers built on torch's own operators (the pooling family): any floating dtype.
+
+    The region ops accept only ``FLOAT_DTYPES`` (their kernels' dtypes); layers that call ``F.max_pool2d``,
+    ``F.unfold``, ``torch.bmm`` ... leave the rarer floating dtypes (float8) to torch, which names what it lacks.
+    """
+    if not isinstance(input, Tensor):
+        raise ValueError(f"{name} must be a Tensor[N, C, H, W], got {type(input).__name__}")
+    if input.dim() != 4:
+        raise ValueError(f"{name} must be 4-D [N, C, H, W], got shape {tuple(input.shape)}")
+    if not input.is_floating_point():
+        raise ValueError(f"{name} must be a floating-point tensor, got {input.dtype}")
+
+
+def check_nonempty_map(input: Tensor, name: str = "input") -> None:
+    """A ``[N, C, H, W]`` map with at least one position (global, adaptive and bilinear pooling need one)."""
+    if input.shape[2] == 0 or input.shape[3] == 0:
+        raise ValueError(f"{name} must have H, W >= 1, got shape {tuple(input.shape)}")
+
+
 def pair(value, name: str = "output_size") -> tuple[int, int]:
     """An int or a pair of positive ints -> (h, w)."""
     if isinstance(value, (int,)) and not isinstance(value, bool):

@@ -1,0 +1,217 @@
+"""Configuration: YAML files over one table of defaults, with ``_base_`` inheritance and ``key.sub=value`` overrides.
+
+A config file is a nested mapping of keys that exist in :data:`DEFAULTS`; ``_base_: other.yaml`` (a path relative
+to the file) names a file it is laid over. Mappings merge key by key, everything else (lists included) replaces.
+The mappings in :data:`FREEFORM` (an op's own settings) take any keys and replace as a whole, since the settings
+of one op make no sense for another. Command-line overrides ``model.pooler.op=roi_pool`` come last; the value is
+read with ``yaml.safe_load``, so ``8`` is an int, ``[16, 32]`` a list and ``null`` None.
+
+Each unknown key, wrong type or unreadable file is a ``ValueError`` that names the file and the key.
+"""
+from __future__ import annotations
+
+import copy
+import difflib
+from pathlib import Path
+from typing import Any, Iterable
+
+import yaml
+
+__all__ = ["DEFAULTS", "FREEFORM", "load_config", "merge_config", "apply_overrides", "parse_override"]
+
+DEFAULTS: dict[str, Any] = {
+    "model": {
+        "num_classes": None,  # object classes without the background; None: from the training set
+        "backbone": {
+            "name": "small_cnn",  # small_cnn | resnet_fpn
+            "stride": 16,  # small_cnn: 16 or 32
+            "channels": [16, 32, 64, 128],  # small_cnn: one width per stride-2 step
+            "depth": 2,  # small_cnn: convolutions per stage
+            "norm": "bn",  # small_cnn: bn | gn | none
+            "resnet_depth": 50,  # resnet_fpn
+            "weights": None,  # resnet_fpn: a local file or a torchvision weights name
+            "trainable_layers": 3,  # resnet_fpn
+        },
+        "transform": {  # torchvision's GeneralizedRCNNTransform
+            "min_size": 800,
+            "max_size": 1333,
+            "image_mean": [0.485, 0.456, 0.406],
+            "image_std": [0.229, 0.224, 0.225],
+        },
+        "rpn": {
+            "anchor_sizes": [32, 64, 128, 256, 512],  # per feature map when there are as many maps, else all on one
+            "aspect_ratios": [0.5, 1.0, 2.0],
+            "pre_nms_top_n_train": 2000,
+            "post_nms_top_n_train": 2000,
+            "pre_nms_top_n_test": 1000,
+            "post_nms_top_n_test": 1000,
+            "nms_thresh": 0.7,
+            "fg_iou_thresh": 0.7,
+            "bg_iou_thresh": 0.3,
+            "batch_size_per_image": 256,
+            "positive_fraction": 0.5,
+        },
+        "pooler": {
+            "op": "roi_align",  # roi_align | roi_pool | prroi_pool | roi_spp
+            "output_size": 7,
+            "sampling_ratio": 2,
+            "options": {"aligned": True},  # the op's own settings: aligned, pool, rounding, levels
+        },
+        "box_head": {"fc_dims": [1024, 1024]},
+        "roi_heads": {
+            "fg_iou_thresh": 0.5,
+            "bg_iou_thresh": 0.5,
+            "batch_size_per_image": 512,
+            "positive_fraction": 0.25,
+            "bbox_reg_weights": [10.0, 10.0, 5.0, 5.0],
+            "score_thresh": 0.05,
+            "nms_thresh": 0.5,
+            "detections_per_img": 100,
+        },
+    },
+    "data": {
+        # the synthetic shapes set, generated on first use; used for a split whose paths below are null
+        "shapes": {"root": "data/shapes", "num_train": 2000, "num_val": 500, "image_size": 320, "seed": 0},
+        "train_images": None,
+        "train_annotations": None,
+        "val_images": None,
+        "val_annotations": None,
+        "hflip": 0.5,
+        "batch_size": 8,  # per process
+        "eval_batch_size": 8,
+        "num_workers": 0,
+    },
+    "solver": {
+        "optimizer": "sgd",  # sgd | adamw
+        "lr": 0.02,
+        "momentum": 0.9,
+        "weight_decay": 1e-4,
+        "max_iter": 1000,
+        "warmup_iters": 100,
+        "warmup_factor": 0.001,
+        "schedule": "cosine",  # cosine | step | constant
+        "steps": [],  # step: iterations at which the rate is multiplied by gamma
+        "gamma": 0.1,
+        "clip_grad_norm": None,
+    },
+    "train": {
+        "seed": 0,
+        "output_dir": None,  # None: runs/<config file name>
+        "eval_period": 0,  # 0: evaluate once, at the end
+        "checkpoint_period": 500,
+        "log_period": 20,
+        "amp": True,  # mixed precision, on CUDA only
+        "device": "auto",  # auto | cpu | cuda
+    },
+}
+
+FREEFORM = {("model", "pooler", "options")}
+
+
+def _dotted(path: tuple[str, ...]) -> str:
+    return ".".join(path)
+
+
+def _check_type(value: Any, default: Any, path: tuple[str, ...], where: str) -> None:
+    if default is None or value is None:
+        return
+    expected: tuple[type, ...]
+    if isinstance(default, bool):
+        expected = (bool,)
+    elif isinstance(default, int):
+        expected = (int,)
+    elif isinstance(default, float):
+        expected = (int, float)
+    else:
+        expected = (type(default),)
+    if not isinstance(value, expected) or (isinstance(value, bool) and not isinstance(default, bool)):
+        raise ValueError(f"{where}: {_dotted(path)} must be a {expected[-1].__name__} "
+                         f"(like the default {default!r}), got {value!r}")
+
+
+def _unknown_key(key: str, known: Iterable[str], path: tuple[str, ...], where: str) -> ValueError:
+    close = difflib.get_close_matches(key, list(known), n=1)
+    hint = f" (did you mean {_dotted(path + (close[0],))!r}?)" if close else ""
+    return ValueError(f"{where}: unknown config key {_dotted(path + (key,))!r}{hint}")
+
+
+def merge_config(base: dict, update: dict, where: str, schema: dict | None = None,
+                 path: tuple[str, ...] = ()) -> dict:
+    """``base`` with ``update`` laid over it, every key checked against ``schema`` (default: :data:`DEFAULTS`)."""
+    schema = DEFAULTS if schema is None else schema
+    if not isinstance(update, dict):
+        raise ValueError(f"{where}: {_dotted(path) or 'the config'} must be a mapping, got {update!r}")
+    out = copy.deepcopy(base)
+    for key, value in update.items():
+        if not isinstance(key, str) or key not in schema:
+            raise _unknown_key(str(key), schema, path, where)
+        sub = path + (key,)
+        if sub in FREEFORM:
+            if not isinstance(value, dict):
+                raise ValueError(f"{where}: {_dotted(sub)} must be a mapping, got {value!r}")
+            out[key] = copy.deepcopy(value)
+        elif isinstance(schema[key], dict):
+            out[key] = merge_config(out[key], value, where, schema[key], sub)
+        else:
+            _check_type(value, schema[key], sub, where)
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def _read_yaml(path: Path, where: str) -> dict:
+    if not path.is_file():
+        raise ValueError(f"config file not found: {path}{where}")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except (OSError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: cannot read the config file: {e}") from e
+    except yaml.YAMLError as e:
+        raise ValueError(f"{path}: malformed YAML: {' '.join(str(e).split())}") from e
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: a config file must be a mapping, got {type(data).__name__}")
+    return data
+
+
+def _load_file(path: Path, chain: tuple[Path, ...] = ()) -> dict:
+    where = f" (the _base_ of {chain[-1]})" if chain else ""
+    data = _read_yaml(path, where)
+    if path.resolve() in [p.resolve() for p in chain]:
+        raise ValueError(f"{path}: _base_ cycle: {' -> '.join(map(str, chain + (path,)))}")
+    base = data.pop("_base_", None)
+    if base is None:
+        cfg = copy.deepcopy(DEFAULTS)
+    elif isinstance(base, str):
+        cfg = _load_file(path.parent / base, chain + (path,))
+    else:
+        raise ValueError(f"{path}: _base_ must be a file name, got {base!r}")
+    return merge_config(cfg, data, str(path))
+
+
+def parse_override(text: str) -> tuple[tuple[str, ...], Any]:
+    """``"solver.lr=0.01"`` -> ``(("solver", "lr"), 0.01)``; the value is read as YAML."""
+    key, sep, value = text.partition("=")
+    if not sep or not key or any(not part for part in key.split(".")):
+        raise ValueError(f"override {text!r} is not of the form key.sub=value")
+    try:
+        parsed = yaml.safe_load(value) if value.strip() else None
+    except yaml.YAMLError as e:
+        raise ValueError(f"override {text!r}: malformed value: {' '.join(str(e).split())}") from e
+    return tuple(key.strip().split(".")), parsed
+
+
+def apply_overrides(cfg: dict, overrides: Iterable[str]) -> dict:
+    """``cfg`` with ``key.sub=value`` overrides applied, in order."""
+    for text in overrides:
+        path, value = parse_override(text)
+        update: Any = value
+        for key in reversed(path):
+            update = {key: update}
+        cfg = merge_config(cfg, update, f"override {text!r}")
+    return cfg
+
+
+def load_config(path: str | Path, overrides: Iterable[str] = ()) -> dict:
+    """The full config: :data:`DEFAULTS`, then the file's ``_base_`` chain, the file, then the overrides."""
+    return apply_overrides(_load_file(Path(path)), overrides)

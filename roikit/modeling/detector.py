@@ -1,0 +1,100 @@
+"""Assemble a Faster R-CNN from torchvision's parts and roikit's pooler, box head and predictor.
+
+torchvision gives the image transform (``GeneralizedRCNNTransform``: normalise, resize, batch), the RPN
+(``AnchorGenerator``, ``RPNHead``, ``RegionProposalNetwork``) and ``RoIHeads`` (proposal matching, the 25 %
+foreground sampling, the (10, 10, 5, 5) box coder, the losses, per-class NMS); roikit gives the region pooling
+(:class:`~roikit.layers.poolers.RoIPooler`, any op), the box head and the predictor. The result is a torchvision
+``GeneralizedRCNN``: ``model(images, targets)`` returns the loss dict in training and the detections in eval mode.
+"""
+from __future__ import annotations
+
+from torch import nn
+from torchvision.models.detection.anchor_utils import AnchorGenerator
+from torchvision.models.detection.generalized_rcnn import GeneralizedRCNN
+from torchvision.models.detection.roi_heads import RoIHeads
+from torchvision.models.detection.rpn import RegionProposalNetwork, RPNHead
+from torchvision.models.detection.transform import GeneralizedRCNNTransform
+
+from ..layers.poolers import RoIPooler
+from .backbones import SmallConvNet, resnet_fpn
+from .box_head import FastRCNNFCHead
+from .predictor import FastRCNNPredictor
+
+__all__ = ["build_backbone", "build_pooler", "build_detector", "BACKBONES"]
+
+BACKBONES = ("small_cnn", "resnet_fpn")
+
+
+def build_backbone(cfg: dict) -> tuple[nn.Module, list[str], list[str]]:
+    """``cfg["model"]["backbone"]`` -> (backbone, the names of its maps, the names of the maps to pool from)."""
+    b = cfg["model"]["backbone"]
+    if b["name"] == "small_cnn":
+        backbone = SmallConvNet(stride=b["stride"], channels=b["channels"], depth=b["depth"], norm=b["norm"])
+        return backbone, ["0"], ["0"]
+    if b["name"] == "resnet_fpn":
+        backbone = resnet_fpn(depth=b["resnet_depth"], weights=b["weights"], trainable_layers=b["trainable_layers"])
+        return backbone, ["0", "1", "2", "3", "pool"], ["0", "1", "2", "3"]
+    raise ValueError(f"model.backbone.name must be one of {BACKBONES}, got {b['name']!r}")
+
+
+def build_pooler(cfg: dict, featmap_names: list[str]) -> RoIPooler:
+    p = cfg["model"]["pooler"]
+    return RoIPooler(featmap_names, output_size=p["output_size"], sampling_ratio=p["sampling_ratio"], op=p["op"],
+                     **p["options"])
+
+
+def _anchor_generator(rpn: dict, num_maps: int) -> AnchorGenerator:
+    sizes, ratios = tuple(rpn["anchor_sizes"]), tuple(rpn["aspect_ratios"])
+    if not sizes or not ratios:
+        raise ValueError("model.rpn.anchor_sizes and model.rpn.aspect_ratios must not be empty")
+    if num_maps == 1:
+        return AnchorGenerator((sizes,), (ratios,))
+    if len(sizes) != num_maps:
+        raise ValueError(f"model.rpn.anchor_sizes: the backbone has {num_maps} feature maps, so give one anchor size "
+                         f"per map, got {list(sizes)}")
+    return AnchorGenerator(tuple((s,) for s in sizes), (ratios,) * num_maps)
+
+
+def build_detector(cfg: dict) -> GeneralizedRCNN:
+    """A ``GeneralizedRCNN`` as ``cfg["model"]`` describes it; ``model.num_classes`` must be set (no background)."""
+    m = cfg["model"]
+    num_classes = m["num_classes"]
+    if not isinstance(num_classes, int) or isinstance(num_classes, bool) or num_classes < 1:
+        raise ValueError(f"model.num_classes must be a positive int, got {num_classes!r}")
+    backbone, map_names, pooled_names = build_backbone(cfg)
+
+    rpn_cfg = m["rpn"]
+    anchors = _anchor_generator(rpn_cfg, len(map_names))
+    rpn = RegionProposalNetwork(
+        anchors,
+        RPNHead(backbone.out_channels, anchors.num_anchors_per_location()[0]),
+        fg_iou_thresh=rpn_cfg["fg_iou_thresh"],
+        bg_iou_thresh=rpn_cfg["bg_iou_thresh"],
+        batch_size_per_image=rpn_cfg["batch_size_per_image"],
+        positive_fraction=rpn_cfg["positive_fraction"],
+        pre_nms_top_n={"training": rpn_cfg["pre_nms_top_n_train"], "testing": rpn_cfg["pre_nms_top_n_test"]},
+        post_nms_top_n={"training": rpn_cfg["post_nms_top_n_train"], "testing": rpn_cfg["post_nms_top_n_test"]},
+        nms_thresh=rpn_cfg["nms_thresh"],
+    )
+
+    pooler = build_pooler(cfg, pooled_names)
+    box_head = FastRCNNFCHead(input_shape=pooler.output_shape(backbone.out_channels), fc_dims=m["box_head"]["fc_dims"])
+    predictor = FastRCNNPredictor(in_features=box_head.out_features, num_classes=num_classes)
+    r = m["roi_heads"]
+    if len(r["bbox_reg_weights"]) != 4:
+        raise ValueError(f"model.roi_heads.bbox_reg_weights must be 4 numbers, got {r['bbox_reg_weights']!r}")
+    roi_heads = RoIHeads(
+        pooler, box_head, predictor,
+        fg_iou_thresh=r["fg_iou_thresh"],
+        bg_iou_thresh=r["bg_iou_thresh"],
+        batch_size_per_image=r["batch_size_per_image"],
+        positive_fraction=r["positive_fraction"],
+        bbox_reg_weights=tuple(float(w) for w in r["bbox_reg_weights"]),
+        score_thresh=r["score_thresh"],
+        nms_thresh=r["nms_thresh"],
+        detections_per_img=r["detections_per_img"],
+    )
+
+    t = m["transform"]
+    transform = GeneralizedRCNNTransform(t["min_size"], t["max_size"], t["image_mean"], t["image_std"])
+    return GeneralizedRCNN(backbone, rpn, roi_heads, transform)
