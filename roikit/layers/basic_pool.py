@@ -40,35 +40,29 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..ops._utils import check_choice, check_float_features, check_nonempty_map, pair
+
 POOL_MODES = ("avg", "max")
 
 
-def _check_input(input, name: str = "input") -> None:
-    if not isinstance(input, Tensor):
-        raise ValueError(f"{name} must be a Tensor[N, C, H, W], got {type(input).__name__}")
-    if input.dim() != 4:
-        raise ValueError(f"{name} must be 4-D [N, C, H, W], got shape {tuple(input.shape)}")
-    if not input.is_floating_point():
-        raise ValueError(f"{name} must be a floating-point tensor, got {input.dtype}")
-
-
-def _check_mode(mode) -> str:
-    if mode not in POOL_MODES:
-        raise ValueError(f"mode must be one of 'avg', 'max', got {mode!r}")
-    return mode
-
-
-def _pair(value, name: str, minimum: int = 1) -> tuple[int, int]:
+def _padding(value) -> tuple[int, int]:
+    # pair() wants positive ints; padding may be 0
     if isinstance(value, int) and not isinstance(value, bool):
         value = (value, value)
     if (
         not isinstance(value, (tuple, list))
         or len(value) != 2
         or not all(isinstance(v, int) and not isinstance(v, bool) for v in value)
-        or min(value) < minimum
+        or min(value) < 0
     ):
-        raise ValueError(f"{name} must be an int >= {minimum} or a pair of them, got {value!r}")
+        raise ValueError(f"padding must be an int >= 0 or a pair of them, got {value!r}")
     return int(value[0]), int(value[1])
+
+
+def _check_padding(pad: tuple[int, int], kernel: tuple[int, int]) -> None:
+    # torch's own limit, checked here to raise ValueError instead of torch's RuntimeError
+    if pad[0] > kernel[0] // 2 or pad[1] > kernel[1] // 2:
+        raise ValueError(f"padding must be at most half of kernel_size {kernel}, got {pad}")
 
 
 def pool2d(
@@ -97,13 +91,12 @@ def pool2d(
     Returns:
         Tensor[N, C, OH, OW] with ``OH = floor((H + 2 ph - kh) / sh) + 1`` (``ceil`` with ``ceil_mode``).
     """
-    _check_input(input)
-    _check_mode(mode)
-    kernel = _pair(kernel_size, "kernel_size")
-    step = kernel if stride is None else _pair(stride, "stride")
-    pad = _pair(padding, "padding", minimum=0)
-    if pad[0] > kernel[0] // 2 or pad[1] > kernel[1] // 2:
-        raise ValueError(f"padding must be at most half of kernel_size {kernel}, got {pad}")
+    check_float_features(input)
+    check_choice(mode, "mode", POOL_MODES)
+    kernel = pair(kernel_size, "kernel_size")
+    step = kernel if stride is None else pair(stride, "stride")
+    pad = _padding(padding)
+    _check_padding(pad, kernel)
     if mode == "max":
         return F.max_pool2d(input, kernel, step, pad, ceil_mode=ceil_mode)
     return F.avg_pool2d(input, kernel, step, pad, ceil_mode=ceil_mode, count_include_pad=count_include_pad)
@@ -119,10 +112,10 @@ class Pool2d(nn.Module):
     def __init__(self, kernel_size, stride=None, padding=0, mode: str = "max", ceil_mode: bool = False,
                  count_include_pad: bool = True):
         super().__init__()
-        self.kernel_size = _pair(kernel_size, "kernel_size")
-        self.stride = self.kernel_size if stride is None else _pair(stride, "stride")
-        self.padding = _pair(padding, "padding", minimum=0)
-        self.mode = _check_mode(mode)
+        self.kernel_size = pair(kernel_size, "kernel_size")
+        self.stride = self.kernel_size if stride is None else pair(stride, "stride")
+        self.padding = _padding(padding)
+        self.mode = check_choice(mode, "mode", POOL_MODES)
         self.ceil_mode = bool(ceil_mode)
         self.count_include_pad = bool(count_include_pad)
 
@@ -151,10 +144,9 @@ def global_pool2d(input: Tensor, mode: str = "avg", keepdim: bool = False) -> Te
     Returns:
         Tensor[N, C] (or Tensor[N, C, 1, 1] with ``keepdim``).
     """
-    _check_input(input)
-    _check_mode(mode)
-    if input.shape[2] == 0 or input.shape[3] == 0:
-        raise ValueError(f"input must have H, W >= 1, got shape {tuple(input.shape)}")
+    check_float_features(input)
+    check_choice(mode, "mode", POOL_MODES)
+    check_nonempty_map(input)
     out = F.adaptive_avg_pool2d(input, 1) if mode == "avg" else F.adaptive_max_pool2d(input, 1)
     return out if keepdim else out.flatten(1)
 
@@ -167,7 +159,7 @@ class GlobalPool(nn.Module):
 
     def __init__(self, mode: str = "avg", keepdim: bool = False):
         super().__init__()
-        self.mode = _check_mode(mode)
+        self.mode = check_choice(mode, "mode", POOL_MODES)
         self.keepdim = bool(keepdim)
 
     def forward(self, input: Tensor) -> Tensor:
@@ -190,11 +182,10 @@ def adaptive_pool2d(input: Tensor, output_size, mode: str = "avg") -> Tensor:
     Returns:
         Tensor[N, C, OH, OW].
     """
-    _check_input(input)
-    _check_mode(mode)
-    size = _pair(output_size, "output_size")
-    if input.shape[2] == 0 or input.shape[3] == 0:
-        raise ValueError(f"input must have H, W >= 1, got shape {tuple(input.shape)}")
+    check_float_features(input)
+    check_choice(mode, "mode", POOL_MODES)
+    size = pair(output_size, "output_size")
+    check_nonempty_map(input)
     if mode == "avg":
         return F.adaptive_avg_pool2d(input, size)
     return F.adaptive_max_pool2d(input, size)
@@ -205,8 +196,8 @@ class AdaptivePool2d(nn.Module):
 
     def __init__(self, output_size, mode: str = "avg"):
         super().__init__()
-        self.output_size = _pair(output_size, "output_size")
-        self.mode = _check_mode(mode)
+        self.output_size = pair(output_size, "output_size")
+        self.mode = check_choice(mode, "mode", POOL_MODES)
 
     def forward(self, input: Tensor) -> Tensor:
         return adaptive_pool2d(input, self.output_size, self.mode)
@@ -237,8 +228,8 @@ def overlapping_max_pool2d(input: Tensor, kernel_size=3, stride=2, padding=0, ce
         Tensor[N, C, OH, OW], ``OH = floor((H + 2 p - k) / s) + 1``. In backward a cell that is the argmax of
         several windows gets the sum of their gradients.
     """
-    kernel = _pair(kernel_size, "kernel_size")
-    step = _pair(stride, "stride")
+    kernel = pair(kernel_size, "kernel_size")
+    step = pair(stride, "stride")
     _check_overlap(kernel, step)
     return pool2d(input, kernel, step, padding, "max", ceil_mode)
 
@@ -251,16 +242,15 @@ class OverlappingMaxPool2d(nn.MaxPool2d):
     """
 
     def __init__(self, kernel_size=3, stride=2, padding=0, ceil_mode: bool = False):
-        kernel = _pair(kernel_size, "kernel_size")
-        step = _pair(stride, "stride")
-        pad = _pair(padding, "padding", minimum=0)
+        kernel = pair(kernel_size, "kernel_size")
+        step = pair(stride, "stride")
+        pad = _padding(padding)
         _check_overlap(kernel, step)
-        if pad[0] > kernel[0] // 2 or pad[1] > kernel[1] // 2:
-            raise ValueError(f"padding must be at most half of kernel_size {kernel}, got {pad}")
+        _check_padding(pad, kernel)
         super().__init__(kernel_size, stride, padding, ceil_mode=ceil_mode)
 
     def forward(self, input: Tensor) -> Tensor:
-        _check_input(input)
+        check_float_features(input)
         return super().forward(input)
 
 

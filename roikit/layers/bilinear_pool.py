@@ -27,19 +27,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..ops._utils import check_float_features, check_nonempty_map
+
 
 def _check_maps(x, y) -> Tensor:
     for name, t in (("x", x), ("y", y)):
         if t is None and name == "y":
             continue
-        if not isinstance(t, Tensor):
-            raise ValueError(f"{name} must be a Tensor[N, C, H, W], got {type(t).__name__}")
-        if t.dim() != 4:
-            raise ValueError(f"{name} must be 4-D [N, C, H, W], got shape {tuple(t.shape)}")
-        if not t.is_floating_point():
-            raise ValueError(f"{name} must be a floating-point tensor, got {t.dtype}")
-        if t.shape[2] * t.shape[3] == 0:
-            raise ValueError(f"{name} must have H, W >= 1, got shape {tuple(t.shape)}")
+        check_float_features(t, name)
+        check_nonempty_map(t, name)
     if y is None:
         return x
     if y.shape[0] != x.shape[0] or y.shape[2:] != x.shape[2:]:

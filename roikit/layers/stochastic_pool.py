@@ -22,27 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-
-def _check_input(input) -> None:
-    if not isinstance(input, Tensor):
-        raise ValueError(f"input must be a Tensor[N, C, H, W], got {type(input).__name__}")
-    if input.dim() != 4:
-        raise ValueError(f"input must be 4-D [N, C, H, W], got shape {tuple(input.shape)}")
-    if not input.is_floating_point():
-        raise ValueError(f"input must be a floating-point tensor, got {input.dtype}")
-
-
-def _pair(value, name: str) -> tuple[int, int]:
-    if isinstance(value, int) and not isinstance(value, bool):
-        value = (value, value)
-    if (
-        not isinstance(value, (tuple, list))
-        or len(value) != 2
-        or not all(isinstance(v, int) and not isinstance(v, bool) for v in value)
-        or min(value) < 1
-    ):
-        raise ValueError(f"{name} must be a positive int or a pair of positive ints, got {value!r}")
-    return int(value[0]), int(value[1])
+from ..ops._utils import check_float_features, pair
 
 
 def stochastic_pool2d(
@@ -72,9 +52,9 @@ def stochastic_pool2d(
         >>> stochastic_pool2d(x, 2, training=False)          # (0 + 1 + 1 + 4) / 4
         tensor([[[[1.5000]]]])
     """
-    _check_input(input)
-    kh, kw = _pair(kernel_size, "kernel_size")
-    sh, sw = (kh, kw) if stride is None else _pair(stride, "stride")
+    check_float_features(input)
+    kh, kw = pair(kernel_size, "kernel_size")
+    sh, sw = (kh, kw) if stride is None else pair(stride, "stride")
     n, c, h, w = input.shape
     if h < kh or w < kw:
         raise ValueError(f"kernel_size {(kh, kw)} must fit in the input's H, W = {(h, w)}")
@@ -119,8 +99,8 @@ class StochasticPool2d(nn.Module):
 
     def __init__(self, kernel_size, stride=None):
         super().__init__()
-        self.kernel_size = _pair(kernel_size, "kernel_size")
-        self.stride = self.kernel_size if stride is None else _pair(stride, "stride")
+        self.kernel_size = pair(kernel_size, "kernel_size")
+        self.stride = self.kernel_size if stride is None else pair(stride, "stride")
 
     def forward(self, input: Tensor, generator: Optional[torch.Generator] = None) -> Tensor:
         return stochastic_pool2d(input, self.kernel_size, self.stride, self.training, generator)
