@@ -21,10 +21,11 @@ def channels_last_rows(input: Tensor, dtype: torch.dtype) -> Tensor:
     return input.permute(0, 2, 3, 1).to(dtype).reshape(n * h * w, c)
 
 
-def chunks(len_y: Tensor, len_x: Tensor, channels: int, budget: int = CHUNK_BUDGET) -> Iterator[tuple[Tensor, int, int]]:
+def chunks(len_y: Tensor, len_x: Tensor, channels: int, budget: int | None = None) -> Iterator[tuple[Tensor, int, int]]:
     """Yield ``(box_indices, Ly, Lx)``: boxes grouped by crop area, each group padded to its largest crop."""
     if len_y.numel() == 0:
         return
+    budget = CHUNK_BUDGET if budget is None else budget
     area = (len_y * len_x).clamp(min=1)
     order = torch.argsort(area, stable=True)
     ly_sorted, lx_sorted = len_y[order].tolist(), len_x[order].tolist()

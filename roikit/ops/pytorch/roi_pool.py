@@ -28,14 +28,14 @@ def _round_half_away(x: Tensor) -> Tensor:
     return torch.where((x - t).abs() >= 0.5, t + torch.sign(x), t)
 
 
-def bin_edges(rois: Tensor, spatial_scale: float, pooled: tuple[int, int], rounding: str, size: tuple[int, int]):
-    """Cell ranges of every bin: ``(hstart, hend)`` [K, PH] and ``(wstart, wend)`` [K, PW], clipped to the map."""
+def _box_cells(rois: Tensor, spatial_scale: float, pooled: tuple[int, int], rounding: str):
+    """Per axis (y, then x): the box's first cell [K], its extent in cells [K], and its bins' edges relative to
+    the first cell ``(b0, b1)`` [K, P], not yet clipped to the map."""
     dtype = torch.float64 if rois.dtype == torch.float64 else torch.float32
     r = rois.to(dtype)
-    edges = []
+    axes = []
     for axis, (lo, hi) in enumerate(((2, 4), (1, 3))):
         p = torch.arange(pooled[axis], device=rois.device)
-        length = size[axis]
         if rounding == "torchvision":
             start = _round_half_away(r[:, lo] * spatial_scale).long()
             end = _round_half_away(r[:, hi] * spatial_scale).long()
@@ -49,8 +49,21 @@ def bin_edges(rois: Tensor, spatial_scale: float, pooled: tuple[int, int], round
             bin_size = torch.div(extent, pooled[axis], rounding_mode="floor").clamp(min=1)  # cells per bin, floored
             b0 = p[None, :] * bin_size[:, None]
             b1 = b0 + bin_size[:, None]
-        edges.append(((b0 + start[:, None]).clamp(0, length), (b1 + start[:, None]).clamp(0, length)))
-    return edges[0], edges[1]
+            extent = pooled[axis] * bin_size  # the cells the bins cover
+        axes.append((start, extent, b0, b1))
+    return axes
+
+
+def bin_edges(rois: Tensor, spatial_scale: float, pooled: tuple[int, int], rounding: str, size: tuple[int, int]):
+    """Cell ranges of every bin: ``(hstart, hend)`` [K, PH] and ``(wstart, wend)`` [K, PW], clipped to the map."""
+    return tuple(((b0 + start[:, None]).clamp(0, length), (b1 + start[:, None]).clamp(0, length))
+                 for (start, _, b0, b1), length in zip(_box_cells(rois, spatial_scale, pooled, rounding), size))
+
+
+def _adaptive_edges(extent: Tensor, pooled: int):
+    """Adaptive pooling's bins of ``extent`` cells, in exact integer arithmetic: [K, P] each."""
+    p = torch.arange(pooled, device=extent.device)[None, :]
+    return (p * extent[:, None]) // pooled, -((-(p + 1) * extent[:, None]) // pooled)
 
 
 def _running_max(cell, count: int, has_nan: bool):
@@ -71,25 +84,80 @@ def _running_max(cell, count: int, has_nan: bool):
 def roi_pool_forward(input: Tensor, rois: Tensor, spatial_scale: float, pooled_height: int, pooled_width: int,
                      rounding: str) -> tuple[Tensor, Tensor]:
     """Returns ``output`` [K, C, PH, PW] and ``argmax`` [K, C, PH, PW]: the cell ``h * W + w`` each bin took its
-    value from, -1 for an empty bin (torchvision's convention)."""
+    value from, -1 for an empty bin (torchvision's convention).
+
+    Both rules split a box of ``L`` whole cells into bins the way adaptive max pooling splits an ``L``-cell map
+    (``floor(p L / P)`` to ``ceil((p + 1) L / P)``), so boxes are cut out (cells off the map as -inf) and pooled
+    with ``adaptive_max_pool2d``, a batch of boxes of one size at a time. torchvision computes those edges in
+    float, which on rare sizes (57 cells into 7 bins) lands one cell past the exact edge: such boxes take the
+    general two-pass path, which follows the float edges.
+    """
     n, c, height, width = input.shape
     k = rois.shape[0]
     out = input.new_zeros((k, pooled_height, pooled_width, c))
     argmax = torch.full((k, pooled_height, pooled_width, c), -1, dtype=torch.int64, device=input.device)
     if k == 0:
         return out.permute(0, 3, 1, 2), argmax.permute(0, 3, 1, 2)
-    (hs, he), (ws, we) = bin_edges(rois, spatial_scale, (pooled_height, pooled_width), rounding, (height, width))
+    pooled = (pooled_height, pooled_width)
+    axes = _box_cells(rois, spatial_scale, pooled, rounding)
+    exact = torch.ones(k, dtype=torch.bool, device=input.device)
+    for (start, extent, b0, b1), p in zip(axes, pooled):
+        a0, a1 = _adaptive_edges(extent, p)
+        exact &= ((a0 == b0) & (a1 == b1)).all(dim=1)
     feat = channels_last_rows(input, input.dtype)  # [N * H * W, C]
+    has_nan = bool(torch.isnan(input).any())
+    (y0, len_y, _, _), (x0, len_x, _, _) = axes
     batch = rois[:, 0].long()
+    lowest = torch.finfo(torch.float32).min  # torchvision starts every bin at -FLT_MAX
+    (hs, he), (ws, we) = bin_edges(rois, spatial_scale, pooled, rounding, (height, width))
+    empty = (hs >= he)[:, :, None, None] | (ws >= we)[:, None, :, None]  # [K, PH, PW, 1] wholly off the map
+
+    fast = torch.nonzero(exact).squeeze(1)
+    size_key = len_y[fast] * (int(len_x.max()) + 1) + len_x[fast]
+    order = torch.argsort(size_key, stable=True)
+    fast, size_key = fast[order], size_key[order]
+    _, counts = torch.unique_consecutive(size_key, return_counts=True)
+    for idx in torch.split(fast, counts.tolist()):
+        ly, lx = int(len_y[idx[0]]), int(len_x[idx[0]])
+        rows = y0[idx, None] + torch.arange(ly, device=input.device)  # [B, Ly] may leave the map
+        cols = x0[idx, None] + torch.arange(lx, device=input.device)
+        inside = ((rows >= 0) & (rows < height))[:, :, None] & ((cols >= 0) & (cols < width))[:, None, :]
+        flat = crop_index(batch[idx], rows.clamp(0, height - 1), cols.clamp(0, width - 1), height, width)
+        crop = feat.index_select(0, flat.reshape(-1)).reshape(len(idx), ly, lx, c)  # [B, Ly, Lx, C]
+        crop = crop.masked_fill(~inside[..., None], float("-inf"))
+        if has_nan:
+            crop = torch.nan_to_num(crop, nan=float("-inf"))  # NaN never wins, as in torchvision
+        value, where = torch.nn.functional.adaptive_max_pool2d(crop.permute(0, 3, 1, 2), pooled, return_indices=True)
+        value, where = value.permute(0, 2, 3, 1), where.permute(0, 2, 3, 1)  # [B, PH, PW, C]; where = iy * Lx + ix
+        cell = (y0[idx, None, None, None] + where // lx) * width + x0[idx, None, None, None] + where % lx
+        found = value > lowest
+        out[idx] = torch.where(empty[idx], 0.0, torch.where(found, value, lowest)).to(out.dtype)
+        argmax[idx] = torch.where(empty[idx] | ~found, -1, cell)
+
+    slow = torch.nonzero(~exact).squeeze(1)
+    if len(slow):
+        o, a = _two_pass(feat, (n, c, height, width), batch[slow], (hs[slow], he[slow]), (ws[slow], we[slow]),
+                         pooled, has_nan)
+        out[slow], argmax[slow] = o, a
+    return out.permute(0, 3, 1, 2).contiguous(), argmax.permute(0, 3, 1, 2).contiguous()
+
+
+def _two_pass(feat: Tensor, shape, batch: Tensor, h_edges, w_edges, pooled, has_nan: bool):
+    """The max over every bin's rectangle in two passes (columns of each row, then rows), for any edges."""
+    n, c, height, width = shape
+    (hs, he), (ws, we) = h_edges, w_edges
+    pooled_height, pooled_width = pooled
+    k = batch.shape[0]
+    out = feat.new_zeros((k, pooled_height, pooled_width, c))
+    argmax = torch.full((k, pooled_height, pooled_width, c), -1, dtype=torch.int64, device=feat.device)
     row0 = hs.amin(dim=1)  # [K] first row any bin reads
     len_y = (he.amax(dim=1) - row0).clamp(min=1)
     bin_h = (he - hs).clamp(min=0).amax(dim=1)  # [K] tallest / widest bin per box
     bin_w = (we - ws).clamp(min=0).amax(dim=1)
-    lowest = torch.finfo(torch.float32).min  # torchvision starts every bin at -FLT_MAX
-    has_nan = bool(torch.isnan(input).any())
+    lowest = torch.finfo(torch.float32).min
     for idx, ly, _ in chunks(len_y, bin_w * pooled_width, c):
         b = idx.shape[0]
-        rows = (row0[idx, None] + torch.arange(ly, device=input.device)).clamp(max=height - 1)  # [B, Ly]
+        rows = (row0[idx, None] + torch.arange(ly, device=feat.device)).clamp(max=height - 1)  # [B, Ly]
         w0, w1 = ws[idx], we[idx]  # [B, PW]
         h0, h1 = hs[idx] - row0[idx, None], he[idx] - row0[idx, None]  # [B, PH], rows relative to row0
 
@@ -99,7 +167,7 @@ def roi_pool_forward(input: Tensor, rois: Tensor, spatial_scale: float, pooled_h
 
         row_max, row_j = _running_max(column, max(int(bin_w[idx].max()), 1), has_nan)
         row_col = w0[:, None, :, None] + row_j  # [B, Ly, PW, C] column of each row's max
-        base = (torch.arange(b, device=input.device) * ly)[:, None]
+        base = (torch.arange(b, device=feat.device) * ly)[:, None]
 
         def row(j):  # pass 2: the j-th row of every bin: [B, PH, PW, C]
             sel = (base + torch.minimum(h0 + j, h1 - 1).clamp(0, ly - 1)).reshape(-1)
@@ -112,7 +180,7 @@ def roi_pool_forward(input: Tensor, rois: Tensor, spatial_scale: float, pooled_h
         empty = (hs[idx] >= he[idx])[:, :, None, None] | (ws[idx] >= we[idx])[:, None, :, None]  # [B, PH, PW, 1]
         out[idx] = torch.where(empty, 0.0, torch.where(found, best, lowest)).to(out.dtype)
         argmax[idx] = torch.where(empty | ~found, -1, (row0[idx, None, None, None] + best_row) * width + col)
-    return out.permute(0, 3, 1, 2).contiguous(), argmax.permute(0, 3, 1, 2).contiguous()
+    return out, argmax
 
 
 def roi_pool_backward(grad: Tensor, rois: Tensor, argmax: Tensor, batch_size: int, channels: int, height: int,
@@ -122,7 +190,6 @@ def roi_pool_backward(grad: Tensor, rois: Tensor, argmax: Tensor, batch_size: in
     if rois.shape[0] == 0:
         return out.reshape(batch_size, channels, height, width)
     base = (rois[:, 0].long()[:, None] * channels + torch.arange(channels, device=grad.device)) * (height * width)
-    flat = base[:, :, None, None] + argmax  # [K, C, PH, PW]
-    hit = argmax >= 0
-    out.index_add_(0, flat[hit], grad[hit])
+    flat = (base[:, :, None, None] + argmax).clamp(min=0)  # [K, C, PH, PW]; empty bins add 0 anywhere
+    out.index_add_(0, flat.reshape(-1), grad.masked_fill(argmax < 0, 0).reshape(-1))
     return out.reshape(batch_size, channels, height, width)
