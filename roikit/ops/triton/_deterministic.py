@@ -1,0 +1,122 @@
+"""Deterministic scatter-add, written as a gather: the backward kernels' alternative to floating-point atomics.
+
+A backward pass scatters weighted output gradients onto input cells: cell ``o`` receives ``sum_e w_e * g_e`` over
+the entries ``e`` whose key is ``o``. With atomics the order of that sum, hence its rounding, changes from run to
+run. Here the entries are sorted by key with a stable sort (ties keep the order the entries were generated in, which
+is fixed), each cell finds its run of entries by binary search, and one program per block of cells adds its runs up
+in that order: the same bits on every run.
+
+Two gathers share this: :func:`gather_bins` for entries that do not depend on the channel (a bilinear tap or an
+integral weight: the entry names a bin, and every channel of that bin contributes), and :func:`segment_sum` for
+entries that already name one value each (roi_pool's argmax routing).
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+# entries generated per chunk of boxes: bounds the memory of the sort (about 40 bytes an entry)
+MAX_ENTRIES = 1 << 22
+
+
+def sort_entries(keys: Tensor, num_keys: int) -> tuple[Tensor, Tensor]:
+    """The entries in key order (stable) and where each key's run starts: ``bounds`` [num_keys + 1].
+
+    Keys equal to ``num_keys`` mark unused entries; they sort last and belong to no run.
+    """
+    sorted_keys, order = torch.sort(keys, stable=True)
+    cells = torch.arange(num_keys + 1, device=keys.device, dtype=keys.dtype)
+    return order, torch.searchsorted(sorted_keys, cells)
+
+
+@triton.jit
+def _gather_bins_kernel(
+    out_ptr, bounds_ptr, order_ptr, src_ptr, w_ptr, tag_ptr, grad_ptr, arg_ptr,
+    num_cells, C, P, HW, o_sn, o_sc, o_sp,
+    HAS_TAG: tl.constexpr, ACCUMULATE: tl.constexpr, BLOCK_CELLS: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    # out[cell, c] (+)= sum over the cell's entries e, in sorted order, of
+    #     w[e] * grad[k, c, p] * (argmax[k, c, p] == tag[e] if HAS_TAG),   with src[e] = k * P + p.
+    # cell = n * HW + pixel; out is addressed through (o_sn, o_sc, o_sp), so any layout works.
+    cells = tl.program_id(0).to(tl.int64) * BLOCK_CELLS + tl.arange(0, BLOCK_CELLS)
+    cs = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    cell_ok = cells < num_cells
+    c_ok = cs < C
+    lo = tl.load(bounds_ptr + cells, mask=cell_ok, other=0)
+    count = tl.load(bounds_ptr + cells + 1, mask=cell_ok, other=0) - lo
+    cs64 = cs.to(tl.int64)
+    acc = tl.zeros([BLOCK_CELLS, BLOCK_C], dtype=tl.float32)
+    for j in range(tl.max(count)):
+        ok = j < count
+        e = tl.load(order_ptr + lo + j, mask=ok, other=0)
+        src = tl.load(src_ptr + e, mask=ok, other=0)
+        w = tl.load(w_ptr + e, mask=ok, other=0.0)
+        k = src // P
+        g_off = (k * C)[:, None] * P + cs64[None, :] * P + (src - k * P)[:, None]
+        m = ok[:, None] & c_ok[None, :]
+        g = tl.load(grad_ptr + g_off, mask=m, other=0.0).to(tl.float32)
+        if HAS_TAG:
+            tag = tl.load(tag_ptr + e, mask=ok, other=-1)
+            a = tl.load(arg_ptr + g_off, mask=m, other=-2)
+            g = tl.where(a == tag[:, None], g, 0.0)
+        acc += w[:, None] * g
+    n = cells // HW
+    o_off = (n * o_sn + (cells - n * HW) * o_sp)[:, None] + cs64[None, :] * o_sc
+    m = cell_ok[:, None] & c_ok[None, :]
+    if ACCUMULATE:
+        acc = tl.load(out_ptr + o_off, mask=m, other=0.0) + acc
+    tl.store(out_ptr + o_off, acc, mask=m)
+
+
+def gather_bins(out: Tensor, keys: Tensor, src: Tensor, weight: Tensor, tag: Tensor | None, grad: Tensor,
+                argmax: Tensor | None, accumulate: bool) -> None:
+    """Add the entries into ``out`` [N, C, H, W] (float32, any strides) without atomics.
+
+    keys [E] (int64): cell ``n * H * W + y * W + x`` of each entry, ``N * H * W`` for an unused one;
+    src [E] (int64): ``k * P + p``, the bin whose gradient it carries; weight [E] (float32);
+    tag [E] (int32) with argmax: the entry counts only for channels whose ``argmax[k, c, p]`` equals it.
+    grad and argmax: contiguous [K, C, PH, PW].
+    """
+    n, c, h, w = out.shape
+    num_cells = n * h * w
+    order, bounds = sort_entries(keys, num_cells)
+    p = grad.shape[2] * grad.shape[3]
+    block_c = min(triton.next_power_of_2(c), 32)
+    block_cells = 32
+    has_tag = tag is not None
+    grid = (triton.cdiv(num_cells, block_cells), triton.cdiv(c, block_c))
+    _gather_bins_kernel[grid](
+        out, bounds, order, src, weight, tag if has_tag else weight, grad, argmax if has_tag else grad,
+        num_cells, c, p, h * w, out.stride(0), out.stride(1), out.stride(3),
+        HAS_TAG=has_tag, ACCUMULATE=accumulate, BLOCK_CELLS=block_cells, BLOCK_C=block_c,
+    )
+
+
+@triton.jit
+def _segment_sum_kernel(out_ptr, bounds_ptr, order_ptr, vals_ptr, num_out, ACCUMULATE: tl.constexpr,
+                        BLOCK: tl.constexpr):
+    # out[o] (+)= sum over o's entries e, in sorted order, of vals[e]
+    o = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    o_ok = o < num_out
+    lo = tl.load(bounds_ptr + o, mask=o_ok, other=0)
+    count = tl.load(bounds_ptr + o + 1, mask=o_ok, other=0) - lo
+    acc = tl.zeros([BLOCK], dtype=tl.float32)
+    for j in range(tl.max(count)):
+        ok = j < count
+        e = tl.load(order_ptr + lo + j, mask=ok, other=0)
+        acc += tl.load(vals_ptr + e, mask=ok, other=0.0).to(tl.float32)
+    if ACCUMULATE:
+        acc = tl.load(out_ptr + o, mask=o_ok, other=0.0) + acc
+    tl.store(out_ptr + o, acc, mask=o_ok)
+
+
+def segment_sum(out: Tensor, keys: Tensor, vals: Tensor, accumulate: bool) -> None:
+    """``out.view(-1)[keys[e]] += vals[e]`` for every entry (keys equal to ``out.numel()`` are skipped), in a fixed
+    order. out: contiguous float32; keys [E] int64; vals [E]."""
+    num_out = out.numel()
+    order, bounds = sort_entries(keys, num_out)
+    block = 128
+    _segment_sum_kernel[(triton.cdiv(num_out, block),)](out, bounds, order, vals, num_out, ACCUMULATE=accumulate,
+                                                         BLOCK=block)
