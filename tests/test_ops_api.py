@@ -128,3 +128,14 @@ def test_torch_compile_inductor_roi_align_in_a_model():
         return roi_align(model(t), rois, 3, 0.5, 2, True).relu().sum()
 
     torch.testing.assert_close(torch.compile(f, fullgraph=True)(x), f(x))
+
+
+@pytest.mark.parametrize("name", list(OPS))
+def test_no_boxes_gives_an_empty_result_and_a_zero_gradient(name):
+    x, _ = inputs()
+    x.requires_grad_()
+    out = OPS[name](x, torch.zeros(0, 5))
+    expected = (0, 3 * 50) if name == "roi_spp" else (0, 3, 3, 3)
+    assert out.shape == expected
+    out.sum().backward()
+    assert x.grad is not None and not x.grad.any()

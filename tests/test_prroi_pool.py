@@ -11,12 +11,12 @@ from test_roi_align import layouts, make_rois
 def test_matches_numerical_integral(aligned):
     torch.manual_seed(0)
     x = torch.randn(2, 3, 9, 11, dtype=torch.float64)
-    rois = make_rois(k=12, size=(9, 11), scale=0.5, dtype=torch.float64)
-    expected = naive.prroi_pool(x, rois, (3, 2), 0.5, aligned, steps=400)
+    rois = make_rois(k=8, size=(9, 11), scale=0.5, dtype=torch.float64)
+    expected = naive.prroi_pool(x, rois, (3, 2), 0.5, aligned, steps=300)
     for name, xl in layouts(x):
         out = prroi_pool(xl, rois, (3, 2), 0.5, aligned)
         # the midpoint rule is exact on each bilinear piece up to its kinks: O(1 / steps^2) error
-        torch.testing.assert_close(out, expected, atol=2e-5, rtol=0, msg=name)
+        torch.testing.assert_close(out, expected, atol=4e-5, rtol=0, msg=name)
 
 
 def test_constant_map_by_hand():

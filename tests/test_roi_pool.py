@@ -89,7 +89,7 @@ def test_gradient_goes_to_the_argmax_and_keeps_the_sum(rounding):
 def test_gradcheck(rounding):
     x = torch.randperm(2 * 2 * 7 * 8, dtype=torch.float64).reshape(2, 2, 7, 8) / 10  # distinct: no ties
     x.requires_grad_()
-    rois = make_rois(k=8, size=(7, 8), dtype=torch.float64, seed=5)
+    rois = make_rois(k=5, size=(7, 8), dtype=torch.float64, seed=5)
     assert torch.autograd.gradcheck(lambda t: roi_pool(t, rois, (2, 3), 0.5, rounding), (x,))
 
 

@@ -43,8 +43,9 @@ def roi_spp(
     levels = _check_levels(levels)
     scale = check_spatial_scale(spatial_scale)
     check_choice(rounding, "rounding", ROUNDINGS)
-    k = rois.shape[0]
-    return torch.cat([_library.roi_pool_op(input, rois, scale, n, n, rounding)[0].reshape(k, -1) for n in levels], 1)
+    k, c = rois.shape[0], input.shape[1]
+    return torch.cat(
+        [_library.roi_pool_op(input, rois, scale, n, n, rounding)[0].reshape(k, c * n * n) for n in levels], 1)
 
 
 class RoISPP(nn.Module):
