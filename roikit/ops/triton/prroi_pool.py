@@ -1,0 +1,300 @@
+"""Precise RoI Pooling in Triton: forward, feature gradient (atomic or deterministic) and box gradient.
+
+The map is the surface ``f(y, x) = sum_ij F[i, j] hat(y - i) hat(x - j)``, ``hat(t) = max(0, 1 - |t|)``, 0 beyond
+the map; bin (ph, pw) of a box is its exact integral over the bin divided by the bin's area. Per axis, with
+``lo = s + p b``, ``hi = lo + b``, ``b = max(e - s, 0) / P`` (box edges s, e in cells, minus 0.5 when aligned):
+
+    out[c, ph, pw] = sum_ij F[c, i, j] Wy[ph, i] Wx[pw, j],     W[p, i] = (HAT(hi - i) - HAT(lo - i)) / b
+
+where HAT is the integral of hat. Only cells ``floor(lo) <= i <= ceil(hi)`` have weight: at most floor(b) + 3 per
+bin and axis. The box gradient differentiates W in s and e (``HAT' = hat``, ``d lo / d s = 1 - p / P``,
+``d hi / d s = 1 - (p + 1) / P``, ``d b / d s = -1 / P``, and the mirror for e), then multiplies by the scale.
+See ``roikit/ops/pytorch/prroi_pool.py``, the reference.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from ._deterministic import MAX_ENTRIES, gather_bins
+
+
+@triton.jit
+def _hat_integral(t):
+    # HAT(t) = integral of max(0, 1 - |u|) from -inf to t: 0 below -1, 1 above 1, quadratic between
+    t = tl.minimum(tl.maximum(t, -1.0), 1.0)
+    return tl.where(t < 0, 0.5 * ((t + 1.0) * (t + 1.0)), 1.0 - 0.5 * ((1.0 - t) * (1.0 - t)))
+
+
+@triton.jit
+def _hat(t):
+    return tl.maximum(1.0 - tl.abs(t), 0.0)
+
+
+@triton.jit
+def _prroi_axis(lo_px, hi_px, p, spatial_scale, P: tl.constexpr, ALIGNED: tl.constexpr):
+    """Bins p along one axis: start s, bin size b, lo, hi [BLOCK_P], first cell, cells to visit (0 if b == 0)."""
+    s = lo_px * spatial_scale
+    e = hi_px * spatial_scale
+    if ALIGNED:
+        s -= 0.5
+        e -= 0.5
+    b = tl.div_rn(tl.maximum(e - s, 0.0), P * 1.0)
+    lo = s + p.to(tl.float32) * b
+    hi = lo + b
+    first = tl.floor(lo).to(tl.int32)
+    count = tl.where(b > 0, tl.floor(b).to(tl.int32) + 3, 0)
+    return b, lo, hi, first, count
+
+
+@triton.jit
+def _prroi_weight(i, lo, hi, b, size):
+    # W[p, i] for cells i of the bins (lo, hi); 0 for a cell off the map
+    i_f = i.to(tl.float32)
+    w = tl.div_rn(_hat_integral(hi - i_f) - _hat_integral(lo - i_f), tl.where(b > 0, b, 1.0))
+    return tl.where((i >= 0) & (i < size), w, 0.0)
+
+
+@triton.jit
+def _prroi_load_box(rois_ptr, k, spatial_scale, ph, pw, PH: tl.constexpr, PW: tl.constexpr, ALIGNED: tl.constexpr):
+    r = rois_ptr + k * 5
+    n = tl.load(r).to(tl.float32).to(tl.int64)
+    x1 = tl.load(r + 1).to(tl.float32)
+    y1 = tl.load(r + 2).to(tl.float32)
+    x2 = tl.load(r + 3).to(tl.float32)
+    y2 = tl.load(r + 4).to(tl.float32)
+    by, y_lo, y_hi, y_first, ny = _prroi_axis(y1, y2, ph, spatial_scale, PH, ALIGNED)
+    bx, x_lo, x_hi, x_first, nx = _prroi_axis(x1, x2, pw, spatial_scale, PW, ALIGNED)
+    return n, by, y_lo, y_hi, y_first, ny, bx, x_lo, x_hi, x_first, nx
+
+
+@triton.jit
+def _prroi_fwd_kernel(
+    feat_ptr, rois_ptr, out_ptr, C, H, W, s_n, s_c, s_h, s_w, spatial_scale,
+    PH: tl.constexpr, PW: tl.constexpr, ALIGNED: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
+):
+    # out[k, c, ph, pw] = sum_ij F[n_k, c, i, j] Wy[ph, i] Wx[pw, j]
+    k = tl.program_id(0).to(tl.int64)
+    cs = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    ps = tl.program_id(2) * BLOCK_P + tl.arange(0, BLOCK_P)
+    c_ok = cs < C
+    p_ok = ps < PH * PW
+    n, by, y_lo, y_hi, y_first, ny, bx, x_lo, x_hi, x_first, nx = _prroi_load_box(
+        rois_ptr, k, spatial_scale, ps // PW, ps % PW, PH, PW, ALIGNED)
+    chan = feat_ptr + n * s_n + cs.to(tl.int64)[:, None] * s_c
+    acc = tl.zeros([BLOCK_C, BLOCK_P], dtype=tl.float32)
+    for fy in range(ny):
+        i = y_first + fy
+        wy = _prroi_weight(i, y_lo, y_hi, by, H)
+        for fx in range(nx):
+            j = x_first + fx
+            w = wy * _prroi_weight(j, x_lo, x_hi, bx, W)
+            m = c_ok[:, None] & ((w != 0.0) & p_ok)[None, :]
+            v = tl.load(chan + (i.to(tl.int64) * s_h + j.to(tl.int64) * s_w)[None, :], mask=m, other=0.0)
+            acc += v.to(tl.float32) * w[None, :]
+    offs = (k * C + cs.to(tl.int64))[:, None] * (PH * PW) + ps[None, :]
+    tl.store(out_ptr + offs, acc, mask=c_ok[:, None] & p_ok[None, :])
+
+
+@triton.jit
+def _prroi_bwd_input_kernel(
+    grad_ptr, rois_ptr, gin_ptr, C, H, W, g_sn, g_sc, g_sh, g_sw, spatial_scale,
+    PH: tl.constexpr, PW: tl.constexpr, ALIGNED: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
+):
+    # grad_input[n_k, c, i, j] += grad[k, c, ph, pw] Wy[ph, i] Wx[pw, j]   (float32 atomics)
+    k = tl.program_id(0).to(tl.int64)
+    cs = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    ps = tl.program_id(2) * BLOCK_P + tl.arange(0, BLOCK_P)
+    c_ok = cs < C
+    p_ok = ps < PH * PW
+    n, by, y_lo, y_hi, y_first, ny, bx, x_lo, x_hi, x_first, nx = _prroi_load_box(
+        rois_ptr, k, spatial_scale, ps // PW, ps % PW, PH, PW, ALIGNED)
+    offs = (k * C + cs.to(tl.int64))[:, None] * (PH * PW) + ps[None, :]
+    g = tl.load(grad_ptr + offs, mask=c_ok[:, None] & p_ok[None, :], other=0.0).to(tl.float32)
+    chan = gin_ptr + n * g_sn + cs.to(tl.int64)[:, None] * g_sc
+    for fy in range(ny):
+        i = y_first + fy
+        wy = _prroi_weight(i, y_lo, y_hi, by, H)
+        for fx in range(nx):
+            j = x_first + fx
+            w = wy * _prroi_weight(j, x_lo, x_hi, bx, W)
+            m = c_ok[:, None] & ((w != 0.0) & p_ok)[None, :]
+            tl.atomic_add(chan + (i.to(tl.int64) * g_sh + j.to(tl.int64) * g_sw)[None, :], g * w[None, :], mask=m,
+                          sem="relaxed")
+
+
+@triton.jit
+def _prroi_derivatives(i, lo, hi, b, p, size, P: tl.constexpr):
+    # d W[p, i] / d s and d W[p, i] / d e (see the module docstring); 0 off the map or for an empty bin
+    i_f = i.to(tl.float32)
+    p_f = p.to(tl.float32)
+    b1 = tl.where(b > 0, b, 1.0)
+    area = _hat_integral(hi - i_f) - _hat_integral(lo - i_f)
+    h_hi = _hat(hi - i_f)
+    h_lo = _hat(lo - i_f)
+    tail = tl.div_rn(tl.div_rn(area, b1 * b1), P * 1.0)
+    d_s = tl.div_rn(h_hi * (1.0 - (p_f + 1.0) / P) - h_lo * (1.0 - p_f / P), b1) + tail
+    d_e = tl.div_rn(h_hi * ((p_f + 1.0) / P) - h_lo * (p_f / P), b1) - tail
+    real = (i >= 0) & (i < size)
+    # (a block mask & a scalar comparison trips Triton's interpreter: the scalar test goes through tl.where)
+    return tl.where(b > 0, tl.where(real, d_s, 0.0), 0.0), tl.where(b > 0, tl.where(real, d_e, 0.0), 0.0)
+
+
+@triton.jit
+def _prroi_bwd_rois_kernel(
+    feat_ptr, rois_ptr, grad_ptr, grois_ptr, C, H, W, s_n, s_c, s_h, s_w, spatial_scale,
+    PH: tl.constexpr, PW: tl.constexpr, ALIGNED: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
+):
+    # grad_rois[k, x1 | y1 | x2 | y2] = scale * sum_{c, ph, pw} grad[k, c, ph, pw] * d out[k, c, ph, pw] / d edge,
+    # d out / d y1 = sum_ij F[i, j] dWy/ds[ph, i] Wx[pw, j], and so on. One program per box, summing in a fixed
+    # order (no atomics: this kernel is deterministic).
+    k = tl.program_id(0).to(tl.int64)
+    t_x1 = tl.zeros([BLOCK_C, BLOCK_P], dtype=tl.float32)
+    t_y1 = tl.zeros([BLOCK_C, BLOCK_P], dtype=tl.float32)
+    t_x2 = tl.zeros([BLOCK_C, BLOCK_P], dtype=tl.float32)
+    t_y2 = tl.zeros([BLOCK_C, BLOCK_P], dtype=tl.float32)
+    for p0 in range(0, PH * PW, BLOCK_P):
+        ps = p0 + tl.arange(0, BLOCK_P)
+        p_ok = ps < PH * PW
+        ph = ps // PW
+        pw = ps % PW
+        n, by, y_lo, y_hi, y_first, ny, bx, x_lo, x_hi, x_first, nx = _prroi_load_box(
+            rois_ptr, k, spatial_scale, ph, pw, PH, PW, ALIGNED)
+        for c0 in range(0, C, BLOCK_C):
+            cs = c0 + tl.arange(0, BLOCK_C)
+            c_ok = cs < C
+            chan = feat_ptr + n * s_n + cs.to(tl.int64)[:, None] * s_c
+            a_x1 = tl.zeros([BLOCK_C, BLOCK_P], dtype=tl.float32)
+            a_y1 = tl.zeros([BLOCK_C, BLOCK_P], dtype=tl.float32)
+            a_x2 = tl.zeros([BLOCK_C, BLOCK_P], dtype=tl.float32)
+            a_y2 = tl.zeros([BLOCK_C, BLOCK_P], dtype=tl.float32)
+            for fy in range(ny):
+                i = y_first + fy
+                wy = _prroi_weight(i, y_lo, y_hi, by, H)
+                dys, dye = _prroi_derivatives(i, y_lo, y_hi, by, ph, H, PH)
+                for fx in range(nx):
+                    j = x_first + fx
+                    wx = _prroi_weight(j, x_lo, x_hi, bx, W)
+                    dxs, dxe = _prroi_derivatives(j, x_lo, x_hi, bx, pw, W, PW)
+                    used = ((wy != 0.0) | (dys != 0.0) | (dye != 0.0)) & ((wx != 0.0) | (dxs != 0.0) | (dxe != 0.0))
+                    m = c_ok[:, None] & (used & p_ok)[None, :]
+                    v = tl.load(chan + (i.to(tl.int64) * s_h + j.to(tl.int64) * s_w)[None, :], mask=m, other=0.0)
+                    v = v.to(tl.float32)
+                    a_y1 += v * (dys * wx)[None, :]
+                    a_y2 += v * (dye * wx)[None, :]
+                    a_x1 += v * (wy * dxs)[None, :]
+                    a_x2 += v * (wy * dxe)[None, :]
+            offs = (k * C + cs.to(tl.int64))[:, None] * (PH * PW) + ps[None, :]
+            g = tl.load(grad_ptr + offs, mask=c_ok[:, None] & p_ok[None, :], other=0.0).to(tl.float32)
+            t_x1 += g * a_x1
+            t_y1 += g * a_y1
+            t_x2 += g * a_x2
+            t_y2 += g * a_y2
+    out = grois_ptr + k * 5
+    tl.store(out, 0.0)
+    tl.store(out + 1, tl.sum(tl.sum(t_x1, axis=1), axis=0) * spatial_scale)
+    tl.store(out + 2, tl.sum(tl.sum(t_y1, axis=1), axis=0) * spatial_scale)
+    tl.store(out + 3, tl.sum(tl.sum(t_x2, axis=1), axis=0) * spatial_scale)
+    tl.store(out + 4, tl.sum(tl.sum(t_y2, axis=1), axis=0) * spatial_scale)
+
+
+@triton.jit
+def _prroi_entries_kernel(
+    rois_ptr, key_ptr, src_ptr, w_ptr, k0, num_cells, H, W, spatial_scale, FY, FX,
+    PH: tl.constexpr, PW: tl.constexpr, ALIGNED: tl.constexpr, BLOCK: tl.constexpr,
+):
+    # For box k0 + pid0 and slots j = (p * FY + fy) * FX + fx: the entry (cell, bin k * P + p, Wy[ph, i] Wx[pw, j])
+    # for cell i = first_y + fy, j = first_x + fx; key num_cells when the weight is 0 or the cell is off the map.
+    kl = tl.program_id(0).to(tl.int64)
+    k = k0 + kl
+    slot = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    per_bin = FY * FX
+    p = slot // per_bin
+    f = slot - p * per_bin
+    fy = f // FX
+    fx = f - fy * FX
+    n, by, y_lo, y_hi, y_first, ny, bx, x_lo, x_hi, x_first, nx = _prroi_load_box(
+        rois_ptr, k, spatial_scale, p // PW, p % PW, PH, PW, ALIGNED)
+    i = y_first + fy
+    j = x_first + fx
+    w = _prroi_weight(i, y_lo, y_hi, by, H) * _prroi_weight(j, x_lo, x_hi, bx, W)
+    used = (fy < ny) & (fx < nx) & (w != 0.0)
+    ok = p < PH * PW
+    e = kl * (PH * PW * per_bin) + slot
+    tl.store(key_ptr + e, tl.where(used, (n * H + i) * W + j, num_cells), mask=ok)
+    tl.store(src_ptr + e, k * (PH * PW) + p, mask=ok)
+    tl.store(w_ptr + e, w, mask=ok)
+
+
+def _blocks(channels: int, bins: int, tile: int = 2048) -> tuple[int, int]:
+    block_p = min(triton.next_power_of_2(max(bins, 1)), 128)
+    block_c = max(1, min(triton.next_power_of_2(max(channels, 1)), tile // block_p))
+    return block_c, block_p
+
+
+def prroi_pool_forward(input: Tensor, rois: Tensor, spatial_scale: float, pooled_height: int, pooled_width: int,
+                       aligned: bool) -> Tensor:
+    """Same contract as ``roikit.ops.pytorch.prroi_pool.prroi_pool_forward``: [K, C, PH, PW]."""
+    n, c, h, w = input.shape
+    k = rois.shape[0]
+    out = input.new_empty((k, c, pooled_height, pooled_width))
+    if k == 0 or c == 0:
+        return out
+    block_c, block_p = _blocks(c, pooled_height * pooled_width)
+    grid = (k, triton.cdiv(c, block_c), triton.cdiv(pooled_height * pooled_width, block_p))
+    _prroi_fwd_kernel[grid](input, rois.contiguous(), out, c, h, w, *input.stride(), float(spatial_scale),
+                            PH=pooled_height, PW=pooled_width, ALIGNED=bool(aligned), BLOCK_C=block_c,
+                            BLOCK_P=block_p)
+    return out
+
+
+def _max_footprint(rois: Tensor, spatial_scale: float, pooled: int, column: int) -> int:
+    """A bound on the cells one bin reads along an axis: floor(b) + 3, plus one for float ties (host sync)."""
+    size = ((rois[:, column + 2].float() - rois[:, column].float()) * spatial_scale).clamp(min=0.0)
+    return int(torch.floor(size / pooled).max().item()) + 4
+
+
+def prroi_pool_backward(grad: Tensor, input: Tensor, rois: Tensor, spatial_scale: float, pooled_height: int,
+                        pooled_width: int, aligned: bool, deterministic: bool) -> tuple[Tensor, Tensor]:
+    """Gradients with respect to the features [N, C, H, W] and the boxes [K, 5] (0 for the batch index).
+
+    The box gradient is always deterministic (one program per box); the feature gradient uses atomics unless
+    ``deterministic``.
+    """
+    n, c, h, w = input.shape
+    k = rois.shape[0]
+    gin = torch.zeros((n, c, h, w), dtype=torch.float32, device=grad.device)
+    grois = torch.zeros((k, 5), dtype=torch.float32, device=grad.device)
+    if k == 0 or gin.numel() == 0:
+        return gin.to(input.dtype), grois.to(rois.dtype)
+    grad, rois = grad.contiguous(), rois.contiguous()
+    pooled = pooled_height * pooled_width
+    block_c, block_p = _blocks(c, pooled, tile=1024)
+    _prroi_bwd_rois_kernel[(k,)](input, rois, grad, grois, c, h, w, *input.stride(), float(spatial_scale),
+                                 PH=pooled_height, PW=pooled_width, ALIGNED=bool(aligned), BLOCK_C=block_c,
+                                 BLOCK_P=block_p)
+    if not deterministic:
+        block_c, block_p = _blocks(c, pooled)
+        grid = (k, triton.cdiv(c, block_c), triton.cdiv(pooled, block_p))
+        _prroi_bwd_input_kernel[grid](grad, rois, gin, c, h, w, *gin.stride(), float(spatial_scale),
+                                      PH=pooled_height, PW=pooled_width, ALIGNED=bool(aligned), BLOCK_C=block_c,
+                                      BLOCK_P=block_p)
+        return gin.to(input.dtype), grois.to(rois.dtype)
+    fy = _max_footprint(rois, spatial_scale, pooled_height, 2)
+    fx = _max_footprint(rois, spatial_scale, pooled_width, 1)
+    slots = pooled * fy * fx
+    chunk = max(1, MAX_ENTRIES // slots)
+    block = min(triton.next_power_of_2(slots), 256)
+    for k0 in range(0, k, chunk):
+        kc = min(chunk, k - k0)
+        keys = torch.empty((kc * slots,), dtype=torch.int64, device=grad.device)
+        src = torch.empty_like(keys)
+        weight = torch.empty(keys.shape, dtype=torch.float32, device=grad.device)
+        _prroi_entries_kernel[(kc, triton.cdiv(slots, block))](
+            rois, keys, src, weight, k0, n * h * w, h, w, float(spatial_scale), fy, fx,
+            PH=pooled_height, PW=pooled_width, ALIGNED=bool(aligned), BLOCK=block,
+        )
+        gather_bins(gin, keys, src, weight, None, grad, None, accumulate=k0 > 0)
+    return gin.to(input.dtype), grois.to(rois.dtype)
