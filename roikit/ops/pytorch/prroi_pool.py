@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ._crops import channels_last_rows, chunks, crop_index, separable_backward, separable_forward
+from ._crops import channels_last_rows, compute_dtype, chunks, crop_index, separable_backward, separable_forward
 
 
 def hat_integral(t: Tensor) -> Tensor:
@@ -65,16 +65,13 @@ def _weights(rois: Tensor, spatial_scale: float, pooled: tuple[int, int], size: 
     return (_axis_weights(y1, y2, pooled[0], size[0], with_grad), _axis_weights(x1, x2, pooled[1], size[1], with_grad))
 
 
-def _compute_dtype(rois: Tensor) -> torch.dtype:
-    return torch.float64 if rois.dtype == torch.float64 else torch.float32
-
 
 def prroi_pool_forward(input: Tensor, rois: Tensor, spatial_scale: float, pooled_height: int, pooled_width: int,
                        aligned: bool) -> Tensor:
     n, c, h, w = input.shape
     if rois.shape[0] == 0:
         return input.new_zeros((0, c, pooled_height, pooled_width))
-    dtype = _compute_dtype(rois)
+    dtype = compute_dtype(rois)
     r = rois.to(dtype)
     (rows, wy, len_y), (cols, wx, len_x) = _weights(r, spatial_scale, (pooled_height, pooled_width), (h, w), aligned)
     out = separable_forward(channels_last_rows(input, dtype), input.shape, r[:, 0].long(), rows, wy, len_y, cols, wx,
@@ -88,7 +85,7 @@ def prroi_pool_backward(grad: Tensor, input: Tensor, rois: Tensor, spatial_scale
     n, c, h, w = input.shape
     if rois.shape[0] == 0:
         return torch.zeros_like(input), torch.zeros_like(rois)
-    dtype = _compute_dtype(rois)
+    dtype = compute_dtype(rois)
     r = rois.to(dtype)
     (rows, wy, len_y, dy1, dy2), (cols, wx, len_x, dx1, dx2) = _weights(
         r, spatial_scale, (pooled_height, pooled_width), (h, w), aligned, with_grad=True)

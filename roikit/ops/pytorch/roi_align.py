@@ -18,16 +18,13 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ._crops import channels_last_rows, separable_backward, separable_forward
+from ._crops import channels_last_rows, compute_dtype, separable_backward, separable_forward
 
-
-def _compute_dtype(rois: Tensor) -> torch.dtype:
-    return torch.float64 if rois.dtype == torch.float64 else torch.float32
 
 
 def _grid(rois: Tensor, spatial_scale: float, pooled: tuple[int, int], sampling_ratio: int, aligned: bool):
     """Per box: start, bin size and sample count of each axis, computed in torchvision's order of operations."""
-    r = rois.to(_compute_dtype(rois))
+    r = rois.to(compute_dtype(rois))
     offset = 0.5 if aligned else 0.0
     x1, y1, x2, y2 = (r[:, i] * spatial_scale - offset for i in range(1, 5))  # [K] each
     width, height = x2 - x1, y2 - y1
@@ -125,7 +122,7 @@ def roi_align_forward(input: Tensor, rois: Tensor, spatial_scale: float, pooled_
     ``iy * gw + ix`` within its bin, -1 for a bin with no sample); an empty argmax for average pooling."""
     n, c, h, w = input.shape
     k, pooled = rois.shape[0], (pooled_height, pooled_width)
-    dtype = _compute_dtype(rois)
+    dtype = compute_dtype(rois)
     if k == 0:
         empty = input.new_zeros((0, c, pooled_height, pooled_width))
         return empty, torch.zeros((0, c, pooled_height, pooled_width) if pool_max else (0,), dtype=torch.int64)
@@ -160,7 +157,7 @@ def roi_align_backward(grad: Tensor, rois: Tensor, argmax: Tensor, spatial_scale
                        sampling_ratio: int, aligned: bool, pool_max: bool) -> Tensor:
     """Gradient with respect to the features, [N, C, H, W]."""
     shape = (batch_size, channels, height, width)
-    dtype = _compute_dtype(rois)
+    dtype = compute_dtype(rois)
     if rois.shape[0] == 0:
         return grad.new_zeros(shape)
     pooled = (pooled_height, pooled_width)

@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ._crops import channels_last_rows, chunks, crop_index
+from ._crops import channels_last_rows, chunks, compute_dtype, crop_index
 
 
 def _round_half_away(x: Tensor) -> Tensor:
@@ -31,7 +31,7 @@ def _round_half_away(x: Tensor) -> Tensor:
 def _box_cells(rois: Tensor, spatial_scale: float, pooled: tuple[int, int], rounding: str):
     """Per axis (y, then x): the box's first cell [K], its extent in cells [K], and its bins' edges relative to
     the first cell ``(b0, b1)`` [K, P], not yet clipped to the map."""
-    dtype = torch.float64 if rois.dtype == torch.float64 else torch.float32
+    dtype = compute_dtype(rois)
     r = rois.to(dtype)
     axes = []
     for axis, (lo, hi) in enumerate(((2, 4), (1, 3))):
