@@ -16,7 +16,8 @@ from types import ModuleType
 import torch
 
 from .. import _library  # noqa: F401  (defines the roikit:: ops)
-from .. import multilevel_roi_align as _multilevel  # noqa: F401  (defines roikit::multilevel_roi_align)
+from ..multilevel_roi_align import _reference_backward as _ml_reference_backward  # (defines the op too)
+from ..multilevel_roi_align import _reference_forward as _ml_reference_forward
 from ..pytorch import prroi_pool as _ref_prroi
 from ..pytorch import roi_align as _ref_align
 from ..pytorch import roi_pool as _ref_pool
@@ -99,7 +100,7 @@ def _multilevel_roi_align(features, rois, spatial_scales, pooled_height, pooled_
                           canonical_scale, canonical_level):
     k = _usable("multilevel_roi_align", *features)
     if k is None:
-        return _multilevel._reference_forward(features, rois, spatial_scales, pooled_height, pooled_width,
+        return _ml_reference_forward(features, rois, spatial_scales, pooled_height, pooled_width,
                                               sampling_ratio, aligned, canonical_scale, canonical_level)
     return k.multilevel_roi_align_forward(features, rois, spatial_scales, pooled_height, pooled_width,
                                           sampling_ratio, aligned, canonical_scale, canonical_level)
@@ -112,7 +113,7 @@ def _multilevel_roi_align_backward(grad, rois, spatial_scales, pooled_height, po
     empty_map = any(h * w == 0 for h, w in zip(heights, widths)) or batch_size * channels == 0
     k = None if empty_map else _usable("multilevel_roi_align", grad)
     if k is None:
-        return _multilevel._reference_backward(grad, rois, spatial_scales, pooled_height, pooled_width, batch_size,
+        return _ml_reference_backward(grad, rois, spatial_scales, pooled_height, pooled_width, batch_size,
                                                channels, heights, widths, sampling_ratio, aligned, canonical_scale,
                                                canonical_level)
     return k.multilevel_roi_align_backward(grad, rois, spatial_scales, pooled_height, pooled_width, batch_size,

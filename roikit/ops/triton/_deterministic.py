@@ -83,7 +83,7 @@ def gather_bins(out: Tensor, keys: Tensor, src: Tensor, weight: Tensor, tag: Ten
     num_cells = n * h * w
     order, bounds = sort_entries(keys, num_cells)
     p = grad.shape[2] * grad.shape[3]
-    block_c = min(triton.next_power_of_2(c), 32)
+    block_c = min(triton.next_power_of_2(c), 16)  # 32 x 16 tile: 4 values a thread
     block_cells = 32
     has_tag = tag is not None
     grid = (triton.cdiv(num_cells, block_cells), triton.cdiv(c, block_c))

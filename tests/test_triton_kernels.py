@@ -1,0 +1,348 @@
+"""The Triton kernels, run on the CPU by Triton's interpreter, against the plain-PyTorch reference.
+
+Every launcher of ``roikit.ops.triton`` is called directly on CPU tensors (``TRITON_INTERPRET=1``): outputs and
+gradients (atomic and deterministic backward) for every op, float32 to 1e-5, float16 / bfloat16 to their
+precision, contiguous and channels-last maps, and the edge cases (boxes partly or wholly outside the map, zero-size
+and reversed boxes, several images, no boxes, an odd 3 x 7 x 13 map). Shapes stay tiny: the interpreter runs each
+program in Python.
+"""
+import os
+
+os.environ["TRITON_INTERPRET"] = "1"  # before any kernel module is imported: @triton.jit reads it then
+
+import importlib  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+pytest.importorskip("triton")
+
+import roikit.ops  # noqa: E402
+from roikit.ops.pytorch import prroi_pool as ref_prroi  # noqa: E402
+from roikit.ops.pytorch import roi_align as ref_align  # noqa: E402
+from roikit.ops.pytorch import roi_pool as ref_pool  # noqa: E402
+
+# log2(0) and sqrt(-1) of degenerate boxes are computed in numpy by the interpreter, which warns
+pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")
+
+KERNEL_MODULES = ["_deterministic", "roi_align", "roi_pool", "prroi_pool", "multilevel_roi_align"]
+
+
+def _interpreted(module) -> bool:
+    return any(type(v).__name__ == "InterpretedFunction" for v in vars(module).values())
+
+
+def _load():
+    """The kernel modules, built for the interpreter (re-imported if something imported them before)."""
+    mods = {name: importlib.import_module(f"roikit.ops.triton.{name}") for name in KERNEL_MODULES}
+    if not all(_interpreted(m) for m in mods.values()):
+        mods = {name: importlib.reload(mods[name]) for name in KERNEL_MODULES}
+    return mods
+
+
+K = _load()
+ml_op = importlib.import_module("roikit.ops.multilevel_roi_align")  # the module (its function has its name)
+RA, RP, PR, ML = K["roi_align"], K["roi_pool"], K["prroi_pool"], K["multilevel_roi_align"]
+
+SCALE = 0.25
+PH, PW = 3, 2
+TOL = {torch.float32: dict(atol=1e-5, rtol=1e-5), torch.float16: dict(atol=1e-2, rtol=1e-2),
+       torch.bfloat16: dict(atol=3e-2, rtol=3e-2)}
+
+
+def make_input(dtype=torch.float32, channels_last=False, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(2, 3, 7, 13, generator=g).to(dtype)  # odd: C = 3, a 7 x 13 map (28 x 52 px at stride 4)
+    x[0, 1, 2, 4:6] = 2.5  # a tie for the max ops
+    return x.contiguous(memory_format=torch.channels_last) if channels_last else x
+
+
+def make_rois(dtype=torch.float32):
+    return torch.tensor([
+        [0, 1.0, 1.5, 30.3, 20.2],  # inside
+        [1, -10.0, -5.0, 8.0, 40.0],  # partly outside
+        [0, 5.0, 5.0, 5.0, 5.0],  # zero size
+        [1, 20.0, 20.0, 3.0, 4.0],  # reversed
+        [0, 100.0, 100.0, 120.0, 130.0],  # wholly outside
+        [1, 0.0, 0.0, 52.0, 28.0],  # the whole map
+        [0, 10.5, 6.25, 22.0, 14.0],  # small, a few cells
+    ], dtype=torch.float64).to(dtype)
+
+
+def close(actual, expected, dtype, msg):
+    torch.testing.assert_close(actual.float(), expected.float(), **TOL[dtype], msg=msg)
+
+
+# ---------------------------------------------------------------- roi_align
+@pytest.mark.parametrize("pool_max", [False, True], ids=["avg", "max"])
+@pytest.mark.parametrize("aligned", [False, True])
+@pytest.mark.parametrize("sampling_ratio", [2, -1])
+def test_roi_align_float32(pool_max, aligned, sampling_ratio):
+    x, rois = make_input(), make_rois()
+    settings = (SCALE, PH, PW, sampling_ratio, aligned, pool_max)
+    out_ref, arg_ref = ref_align.roi_align_forward(x, rois, *settings)
+    out, arg = RA.roi_align_forward(x, rois, *settings)
+    close(out, out_ref, torch.float32, "output")
+    if pool_max:
+        assert torch.equal(arg, arg_ref)
+    grad = torch.randn_like(out_ref)
+    shape = (2, 3, 7, 13)
+    expected = ref_align.roi_align_backward(grad, rois, arg_ref, SCALE, PH, PW, *shape, sampling_ratio, aligned,
+                                            pool_max)
+    for det in (False, True):
+        got = RA.roi_align_backward(grad, rois, arg, SCALE, PH, PW, *shape, sampling_ratio, aligned, pool_max, det)
+        close(got, expected, torch.float32, f"gradient, deterministic={det}")
+
+
+def test_roi_align_matches_torchvision():
+    torchvision = pytest.importorskip("torchvision")
+    x, rois = make_input(), make_rois()
+    out, _ = RA.roi_align_forward(x, rois, SCALE, PH, PW, 2, True, False)
+    close(out, torchvision.ops.roi_align(x, rois, (PH, PW), SCALE, 2, True), torch.float32, "vs torchvision")
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("pool_max", [False, True], ids=["avg", "max"])
+def test_roi_align_half_channels_last(dtype, pool_max):
+    x, rois = make_input(dtype, channels_last=True), make_rois(dtype)
+    settings = (SCALE, PH, PW, 2, True, pool_max)
+    out_ref, arg_ref = ref_align.roi_align_forward(x, rois, *settings)
+    out, arg = RA.roi_align_forward(x, rois, *settings)
+    assert out.dtype == dtype
+    close(out, out_ref, dtype, "output")
+    grad = torch.randn(out.shape).to(dtype)
+    expected = ref_align.roi_align_backward(grad, rois, arg_ref, SCALE, PH, PW, 2, 3, 7, 13, 2, True, pool_max)
+    for det in (False, True):
+        got = RA.roi_align_backward(grad, rois, arg, SCALE, PH, PW, 2, 3, 7, 13, 2, True, pool_max, det)
+        assert got.dtype == dtype
+        close(got, expected, dtype, f"gradient, deterministic={det}")
+
+
+@pytest.mark.parametrize("pool_max", [False, True], ids=["avg", "max"])
+def test_roi_align_deterministic_is_bitwise_and_chunked(monkeypatch, pool_max):
+    x, rois = make_input(), make_rois()
+    out, arg = RA.roi_align_forward(x, rois, SCALE, PH, PW, -1, False, pool_max)
+    grad = torch.randn_like(out)
+    args = (grad, rois, arg, SCALE, PH, PW, 2, 3, 7, 13, -1, False, pool_max, True)
+    first = RA.roi_align_backward(*args)
+    assert torch.equal(first, RA.roi_align_backward(*args))
+    monkeypatch.setattr(RA, "MAX_ENTRIES", 64)  # one box per chunk: the chunks accumulate in order
+    chunked = RA.roi_align_backward(*args)
+    close(chunked, first, torch.float32, "chunked")
+
+
+# ---------------------------------------------------------------- roi_pool and roi_spp
+@pytest.mark.parametrize("rounding", ["torchvision", "integer"])
+@pytest.mark.parametrize("dtype,channels_last", [(torch.float32, False), (torch.float32, True),
+                                                  (torch.float16, True), (torch.bfloat16, False)])
+def test_roi_pool(rounding, dtype, channels_last):
+    x, rois = make_input(dtype, channels_last), make_rois(dtype)
+    out_ref, arg_ref = ref_pool.roi_pool_forward(x, rois, SCALE, PH, PW, rounding)
+    out, arg = RP.roi_pool_forward(x, rois, SCALE, PH, PW, rounding)
+    assert torch.equal(out, out_ref) and torch.equal(arg, arg_ref)  # a max is exact in any dtype
+    grad = torch.randn(out.shape).to(dtype)
+    expected = ref_pool.roi_pool_backward(grad, rois, arg_ref, 2, 3, 7, 13)
+    for det in (False, True):
+        got = RP.roi_pool_backward(grad, rois, arg, 2, 3, 7, 13, det)
+        close(got, expected, dtype, f"gradient, deterministic={det}")
+
+
+def test_roi_pool_matches_torchvision_and_deterministic_chunks(monkeypatch):
+    torchvision = pytest.importorskip("torchvision")
+    x, rois = make_input(), make_rois()
+    out, arg = RP.roi_pool_forward(x, rois, SCALE, PH, PW, "torchvision")
+    assert torch.equal(out, torchvision.ops.roi_pool(x, rois, (PH, PW), SCALE))
+    grad = torch.randn_like(out)
+    first = RP.roi_pool_backward(grad, rois, arg, 2, 3, 7, 13, True)
+    monkeypatch.setattr(RP, "MAX_ENTRIES", 8)
+    assert torch.equal(RP.roi_pool_backward(grad, rois, arg, 2, 3, 7, 13, True), first)
+
+
+def test_roi_spp():
+    x, rois = make_input(), make_rois()
+    for rounding in ("torchvision", "integer"):
+        expected = roikit.ops.roi_spp(x, rois, (1, 2, 3), SCALE, rounding)
+        assert torch.equal(RP.roi_spp_forward(x, rois, (1, 2, 3), SCALE, rounding), expected)
+
+
+# ---------------------------------------------------------------- prroi_pool
+@pytest.mark.parametrize("aligned", [False, True])
+def test_prroi_pool_float32(aligned):
+    x, rois = make_input(), make_rois()
+    out_ref = ref_prroi.prroi_pool_forward(x, rois, SCALE, PH, PW, aligned)
+    out = PR.prroi_pool_forward(x, rois, SCALE, PH, PW, aligned)
+    close(out, out_ref, torch.float32, "output")
+    grad = torch.randn_like(out_ref)
+    gi_ref, gr_ref = ref_prroi.prroi_pool_backward(grad, x, rois, SCALE, PH, PW, aligned)
+    for det in (False, True):
+        gi, gr = PR.prroi_pool_backward(grad, x, rois, SCALE, PH, PW, aligned, det)
+        close(gi, gi_ref, torch.float32, f"feature gradient, deterministic={det}")
+        close(gr, gr_ref, torch.float32, f"box gradient, deterministic={det}")
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_prroi_pool_half_channels_last(dtype, monkeypatch):
+    x, rois = make_input(dtype, channels_last=True), make_rois(dtype)[[0, 1, 3, 6]]
+    out_ref = ref_prroi.prroi_pool_forward(x, rois, SCALE, PH, PW, True)
+    out = PR.prroi_pool_forward(x, rois, SCALE, PH, PW, True)
+    close(out, out_ref, dtype, "output")
+    grad = torch.randn(out.shape).to(dtype)
+    gi_ref, gr_ref = ref_prroi.prroi_pool_backward(grad, x, rois, SCALE, PH, PW, True)
+    monkeypatch.setattr(PR, "MAX_ENTRIES", 200)  # several chunks
+    gi, gr = PR.prroi_pool_backward(grad, x, rois, SCALE, PH, PW, True, True)
+    assert gi.dtype == dtype and gr.dtype == dtype
+    close(gi, gi_ref, dtype, "feature gradient")
+    close(gr, gr_ref, dtype, "box gradient")
+    assert torch.equal(PR.prroi_pool_backward(grad, x, rois, SCALE, PH, PW, True, True)[0], gi)
+
+
+# ---------------------------------------------------------------- every launcher with no boxes
+def test_no_boxes():
+    x, rois = make_input(), make_rois()[:0]
+    out, arg = RA.roi_align_forward(x, rois, SCALE, PH, PW, 2, False, True)
+    assert out.shape == (0, 3, PH, PW) and arg.shape == (0, 3, PH, PW)
+    grad = out.new_zeros(out.shape)
+    for det in (False, True):
+        assert torch.equal(RA.roi_align_backward(grad, rois, arg, SCALE, PH, PW, 2, 3, 7, 13, 2, False, True, det),
+                           torch.zeros(2, 3, 7, 13))
+        assert torch.equal(RP.roi_pool_backward(grad, rois, arg, 2, 3, 7, 13, det), torch.zeros(2, 3, 7, 13))
+        gi, gr = PR.prroi_pool_backward(grad, x, rois, SCALE, PH, PW, False, det)
+        assert torch.equal(gi, torch.zeros(2, 3, 7, 13)) and gr.shape == (0, 5)
+    assert RP.roi_pool_forward(x, rois, SCALE, PH, PW, "integer")[0].shape == (0, 3, PH, PW)
+    assert PR.prroi_pool_forward(x, rois, SCALE, PH, PW, True).shape == (0, 3, PH, PW)
+    assert RP.roi_spp_forward(x, rois, (1, 2), SCALE, "torchvision").shape == (0, 15)
+    pyramid = [x, x[:, :, ::2, ::2].contiguous()]
+    assert ML.multilevel_roi_align_forward(pyramid, rois, [0.25, 0.125], PH, PW, 2, False, 224, 4).shape == \
+        (0, 3, PH, PW)
+    grads = ML.multilevel_roi_align_backward(grad, rois, [0.25, 0.125], PH, PW, 2, 3, [7, 4], [13, 7], 2, False,
+                                             224, 4, True)
+    assert [tuple(g.shape) for g in grads] == [(2, 3, 7, 13), (2, 3, 4, 7)] and all(not g.any() for g in grads)
+
+
+# ---------------------------------------------------------------- multi-level RoIAlign
+def make_pyramid(dtype=torch.float32, channels_last=False):
+    g = torch.Generator().manual_seed(1)
+    sizes = [(16, 20), (8, 10), (4, 5)]  # strides 4, 8, 16 of a 64 x 80 image
+    feats = [torch.randn(2, 3, h, w, generator=g).to(dtype) for h, w in sizes]
+    if channels_last:
+        feats = [f.contiguous(memory_format=torch.channels_last) for f in feats]
+    return feats, [1 / 4, 1 / 8, 1 / 16]
+
+
+def make_pyramid_boxes(dtype=torch.float32):
+    per_image = [
+        torch.tensor([[1.0, 2, 30, 40], [0, 0, 64, 64], [10, 10, 122, 122], [3, 4, 227, 228], [0, 0, 79, 63],
+                      [50, 50, 40, 60], [7, 7, 7, 7]]),  # level edges: 112 and 224 px squares; reversed; empty
+        torch.tensor([[5.0, 5, 20, 70], [0, 0, 300, 200], [1, 1, 2, 2], [60, 40, 500, 400]]),
+    ]
+    per_image = [b.to(dtype) for b in per_image]
+    rois = torch.cat([torch.cat([torch.full((len(b), 1), i, dtype=dtype), b], 1) for i, b in enumerate(per_image)])
+    return per_image, rois
+
+
+def test_multilevel_reference_matches_torchvision():
+    """The op's default implementation against torchvision's MultiScaleRoIAlign on a small CPU pyramid."""
+    torchvision = pytest.importorskip("torchvision")
+    from collections import OrderedDict
+
+    feats, scales = make_pyramid()
+    boxes, rois = make_pyramid_boxes()
+    pooler = torchvision.ops.MultiScaleRoIAlign(["p2", "p3", "p4"], (PH, PW), 2)
+    expected = pooler(OrderedDict(p2=feats[0], p3=feats[1], p4=feats[2]), boxes, [(64, 80)])
+    assert pooler.scales == scales
+    levels = pooler.map_levels(boxes)
+    ours = ml_op.pyramid_levels(rois, scales)
+    valid = ours >= 0  # torchvision leaves an undefined integer for a box with a NaN level (reversed side)
+    assert torch.equal(ours[valid], levels[valid]) and not valid[5]
+    # our level rule through the kernels' numpy math (the interpreter) gives the same levels
+    assert torch.equal(ML.pyramid_levels(rois, scales).long(), ours)
+    out = ml_op.multilevel_roi_align(feats, rois, (PH, PW), scales, 2)
+    # the levels are torchvision's exactly; the values are roikit's RoIAlign, equal to torchvision's to rounding
+    torch.testing.assert_close(out, expected, atol=1e-6, rtol=1e-6)
+    # box by box, each output is the single-level RoIAlign of its own level
+    for k in range(rois.shape[0]):
+        if ours[k] >= 0:
+            single = torchvision.ops.roi_align(feats[ours[k]], rois[k:k + 1], (PH, PW), scales[ours[k]], 2)
+            torch.testing.assert_close(out[k:k + 1], single, atol=1e-6, rtol=1e-6)
+        else:
+            assert not out[k].any()
+
+
+@pytest.mark.parametrize("dtype,channels_last,aligned,sampling_ratio", [
+    (torch.float32, False, False, 2), (torch.float32, True, True, -1), (torch.float16, True, False, 2),
+    (torch.bfloat16, False, True, 2),
+])
+def test_multilevel_kernel(dtype, channels_last, aligned, sampling_ratio):
+    feats, scales = make_pyramid(dtype, channels_last)
+    _, rois = make_pyramid_boxes(dtype)
+    assert torch.equal(ML.pyramid_levels(rois, scales).long(), ml_op.pyramid_levels(rois, scales))
+    settings = (scales, PH, PW, sampling_ratio, aligned, 224, 4)
+    expected = ml_op._reference_forward(feats, rois, *settings)
+    out = ML.multilevel_roi_align_forward(feats, rois, *settings)
+    close(out, expected, dtype, "output")
+    grad = torch.randn(out.shape).to(dtype)
+    shapes = ([f.shape[2] for f in feats], [f.shape[3] for f in feats])
+    bwd = (grad, rois, scales, PH, PW, 2, 3, *shapes, sampling_ratio, aligned, 224, 4)
+    expected_grads = ml_op._reference_backward(*bwd)
+    for det in (False, True):
+        for got, want in zip(ML.multilevel_roi_align_backward(*bwd, det), expected_grads):
+            close(got, want, dtype, f"gradient, deterministic={det}")
+
+
+def test_multilevel_single_map_and_deterministic_bits():
+    feats, scales = make_pyramid()
+    _, rois = make_pyramid_boxes()
+    # one map: every box pools from it, as torchvision does (no level rule), even the reversed one
+    out = ML.multilevel_roi_align_forward(feats[:1], rois, scales[:1], PH, PW, 2, False, 224, 4)
+    expected, _ = ref_align.roi_align_forward(feats[0], rois, scales[0], PH, PW, 2, False, False)
+    close(out, expected, torch.float32, "single map")
+    grad = torch.randn_like(out)
+    bwd = (grad, rois, scales, PH, PW, 2, 3, [16, 8, 4], [20, 10, 5], 2, False, 224, 4, True)
+    first, second = ML.multilevel_roi_align_backward(*bwd), ML.multilevel_roi_align_backward(*bwd)
+    assert all(torch.equal(a, b) for a, b in zip(first, second))
+
+
+def test_multilevel_op_autograd_and_opcheck():
+    """The registered op on CPU: gradients for every map through autograd, and torch.library's checks."""
+    feats, scales = make_pyramid()
+    _, rois = make_pyramid_boxes()
+    leaves = [f.clone().requires_grad_() for f in feats]
+    out = ml_op.multilevel_roi_align(leaves, rois, PH, scales, 2)
+    grad = torch.randn_like(out)
+    out.backward(grad)
+    expected = ml_op._reference_backward(grad, rois, scales, PH, PH, 2, 3, [16, 8, 4], [20, 10, 5], 2, False, 224, 4)
+    for leaf, want in zip(leaves, expected):
+        torch.testing.assert_close(leaf.grad, want)
+    args = ([f.double().requires_grad_() for f in feats], rois.double(), scales, 2, 2, 2, False, 224, 4)
+    torch.library.opcheck(ml_op.multilevel_roi_align_op, args, test_utils=("test_schema", "test_faketensor",
+                                                                             "test_autograd_registration"))
+    with pytest.raises(ValueError, match="spatial_scales"):
+        ml_op.multilevel_roi_align(feats, rois, 2, scales[:2])
+    with pytest.raises(ValueError, match="features"):
+        ml_op.multilevel_roi_align([], rois, 2, [])
+
+
+# ---------------------------------------------------------------- registration
+def test_cuda_kernels_registered():
+    for op in ("roi_pool", "roi_pool_backward", "roi_align", "roi_align_backward", "prroi_pool",
+               "prroi_pool_backward", "multilevel_roi_align", "multilevel_roi_align_backward"):
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(f"roikit::{op}", "CUDA"), op
+
+
+def test_import_without_triton():
+    """Importing roikit imports no kernel module; without Triton everything still imports and runs on the CPU."""
+    code = (
+        "import sys\n"
+        "import torch, roikit.ops\n"
+        "assert not [m for m in sys.modules if m.startswith('roikit.ops.triton.')], 'kernels imported eagerly'\n"
+        "sys.modules['triton'] = None  # as if not installed: find_spec gives None, import raises ImportError\n"
+        "from roikit.ops import triton as t\n"
+        "assert t.kernels('roi_align') is None\n"
+        "x = torch.randn(1, 2, 5, 5)\n"
+        "print(roikit.ops.roi_align(x, torch.tensor([[0, 0., 0., 4., 4.]]), 2).shape)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "torch.Size([1, 2, 2, 2])" in done.stdout
