@@ -4,7 +4,8 @@ A config file is a nested mapping of keys that exist in :data:`DEFAULTS`; ``_bas
 to the file) names a file it is laid over. Mappings merge key by key, everything else (lists included) replaces.
 The mappings in :data:`FREEFORM` (an op's own settings) take any keys and replace as a whole, since the settings
 of one op make no sense for another. Command-line overrides ``model.pooler.op=roi_pool`` come last; the value is
-read with ``yaml.safe_load``, so ``8`` is an int, ``[16, 32]`` a list and ``null`` None.
+read with ``yaml.safe_load``, so ``8`` is an int, ``[16, 32]`` a list and ``null`` None (and, where the default
+is a float, ``1e-4`` is the float PyYAML would have left a string).
 
 Each unknown key, wrong type or unreadable file is a ``ValueError`` that names the file and the key.
 """
@@ -129,6 +130,14 @@ def _check_type(value: Any, default: Any, path: tuple[str, ...], where: str) -> 
                          f"(like the default {default!r}), got {value!r}")
 
 
+def _yaml11_float(text: str) -> float | str:
+    """YAML 1.1 (PyYAML) reads ``1e-4`` as a string (it wants ``1.0e-4``); where a float is due, take it as one."""
+    try:
+        return float(text)
+    except ValueError:
+        return text
+
+
 def _unknown_key(key: str, known: Iterable[str], path: tuple[str, ...], where: str) -> ValueError:
     close = difflib.get_close_matches(key, list(known), n=1)
     hint = f" (did you mean {_dotted(path + (close[0],))!r}?)" if close else ""
@@ -153,6 +162,8 @@ def merge_config(base: dict, update: dict, where: str, schema: dict | None = Non
         elif isinstance(schema[key], dict):
             out[key] = merge_config(out[key], value, where, schema[key], sub)
         else:
+            if isinstance(schema[key], float) and isinstance(value, str):
+                value = _yaml11_float(value)
             _check_type(value, schema[key], sub, where)
             out[key] = copy.deepcopy(value)
     return out

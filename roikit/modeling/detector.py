@@ -39,8 +39,11 @@ def build_backbone(cfg: dict) -> tuple[nn.Module, list[str], list[str]]:
 
 def build_pooler(cfg: dict, featmap_names: list[str]) -> RoIPooler:
     p = cfg["model"]["pooler"]
-    return RoIPooler(featmap_names, output_size=p["output_size"], sampling_ratio=p["sampling_ratio"], op=p["op"],
-                     **p["options"])
+    try:
+        return RoIPooler(featmap_names, output_size=p["output_size"], sampling_ratio=p["sampling_ratio"], op=p["op"],
+                         **p["options"])
+    except TypeError as e:  # an option the op does not take
+        raise ValueError(f"model.pooler.options {p['options']} for {p['op']}: {e}") from e
 
 
 def _anchor_generator(rpn: dict, num_maps: int) -> AnchorGenerator:

@@ -1,0 +1,406 @@
+"""The detector, its training loop, COCO evaluation, checkpoints, torchrun and the two tools, on tiny data."""
+from __future__ import annotations
+
+import copy
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from roikit.data import make_shapes_dataset
+from roikit.engine import coco_evaluate, load_config, save_checkpoint
+from roikit.engine import trainer as trainer_module
+from roikit.engine.config import DEFAULTS, apply_overrides
+from roikit.engine.trainer import CHECKPOINT_NAME, METRICS_NAME, build_datasets
+from roikit.layers.poolers import RoIPooler
+from roikit.modeling import FastRCNNFCHead, FastRCNNPredictor, SmallConvNet, build_detector, swap_roi_pooler
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _load_tool(name: str):
+    spec = importlib.util.spec_from_file_location(f"roikit_tool_{name}", REPO / "tools" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+train_tool = _load_tool("train")
+eval_tool = _load_tool("eval")
+
+
+def run_tool(tool, argv: list[str]) -> int:
+    return tool.main(tool.get_args_parser().parse_intermixed_args(argv))
+
+
+@pytest.fixture(scope="module")
+def tiny_data(tmp_path_factory):
+    # 192-pixel images, which the model's transform shrinks to 96: make_shapes_dataset fails on images under about
+    # 184 pixels (its largest shapes are 180 pixels wide), so 96-pixel images cannot be made directly.
+    return make_shapes_dataset(tmp_path_factory.mktemp("shapes"), num_train=8, num_val=4, image_size=192, seed=0,
+                               progress=False)
+
+
+TINY = {
+    "model": {
+        "backbone": {"channels": [8, 16, 16, 32]},
+        "transform": {"min_size": 96, "max_size": 96},
+        "rpn": {"pre_nms_top_n_train": 200, "post_nms_top_n_train": 100, "pre_nms_top_n_test": 100,
+                "post_nms_top_n_test": 50, "batch_size_per_image": 64},
+        "box_head": {"fc_dims": [32, 32]},
+        "roi_heads": {"batch_size_per_image": 32},
+    },
+    "data": {"batch_size": 2, "eval_batch_size": 4},
+    "solver": {"lr": 0.01, "max_iter": 4, "warmup_iters": 1},
+    "train": {"checkpoint_period": 2, "log_period": 1},
+}
+
+
+@pytest.fixture
+def tiny_config(tiny_data, tmp_path):
+    """A config file over configs/base_shapes.yaml: 96x96 inputs, a narrow model and 4 iterations."""
+    cfg = copy.deepcopy(TINY)
+    cfg["_base_"] = str(REPO / "configs" / "base_shapes.yaml")
+    cfg["data"].update({key: tiny_data[key] for key in
+                        ("train_images", "train_annotations", "val_images", "val_annotations")})
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def _metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / METRICS_NAME).read_text().splitlines()]
+
+
+# ------------------------------------------------------------------------------------------------------------ config
+def test_config_base_merge_and_overrides():
+    cfg = load_config(REPO / "configs" / "shapes_roi_pool_int_s32.yaml", ["solver.lr=5e-1", "data.batch_size=3"])
+    assert cfg["model"]["backbone"]["stride"] == 32
+    assert cfg["model"]["pooler"]["op"] == "roi_pool"
+    assert cfg["model"]["pooler"]["options"] == {"rounding": "integer"}  # replaced, not merged with aligned: true
+    assert cfg["model"]["rpn"]["anchor_sizes"] == [16, 32, 64, 128, 256]  # from base_shapes.yaml
+    assert cfg["solver"]["lr"] == 0.5 and cfg["data"]["batch_size"] == 3
+    assert cfg["solver"]["momentum"] == DEFAULTS["solver"]["momentum"]  # from the defaults
+    cfg = apply_overrides(cfg, ["model.pooler.options={aligned: false}", "train.output_dir=null"])
+    assert cfg["model"]["pooler"]["options"] == {"aligned": False} and cfg["train"]["output_dir"] is None
+
+
+def test_every_config_builds():
+    """Each shipped config loads and its model builds (the COCO example without its weights file)."""
+    for path in sorted((REPO / "configs").glob("*.yaml")):
+        cfg = load_config(path, ["model.num_classes=3", "model.backbone.weights=null"])
+        model = build_detector(cfg)
+        assert isinstance(model.roi_heads.box_roi_pool, RoIPooler), path.name
+
+
+@pytest.mark.parametrize("file_text, overrides, message", [
+    ("solver: {lr: 0.1, max_iters: 5}\n", [], r"unknown config key 'solver.max_iters' \(did you mean 'solver.max_iter'\?\)"),
+    ("solver: {lr: fast}\n", [], r"solver.lr must be a float"),
+    ("data: 3\n", [], r"data must be a mapping"),
+    ("solver: {lr: [0.1\n", [], r"malformed YAML"),
+    ("- 1\n", [], r"a config file must be a mapping"),
+    ("_base_: nowhere.yaml\n", [], r"config file not found: .*nowhere.yaml \(the _base_ of"),
+    ("", ["model.pooler.opp=roi_pool"], r"unknown config key 'model.pooler.opp'"),
+    ("", ["solver.lr"], r"override 'solver.lr' is not of the form key.sub=value"),
+    ("", ["train.amp=3"], r"train.amp must be a bool"),
+    ("", ["model.pooler.options=3"], r"model.pooler.options must be a mapping"),
+])
+def test_config_errors(tmp_path, file_text, overrides, message):
+    path = tmp_path / "bad.yaml"
+    path.write_text(file_text)
+    with pytest.raises(ValueError, match=message):
+        load_config(path, overrides)
+
+
+def test_config_cycle_and_missing_file(tmp_path):
+    (tmp_path / "a.yaml").write_text("_base_: b.yaml\n")
+    (tmp_path / "b.yaml").write_text("_base_: a.yaml\n")
+    with pytest.raises(ValueError, match="_base_ cycle"):
+        load_config(tmp_path / "a.yaml")
+    with pytest.raises(ValueError, match="config file not found"):
+        load_config(tmp_path / "missing.yaml")
+
+
+# ------------------------------------------------------------------------------------------------------------- model
+def test_small_cnn_strides_and_errors():
+    x = torch.zeros(2, 3, 96, 128)
+    assert SmallConvNet(stride=16, channels=(4, 8, 8, 12))(x)["0"].shape == (2, 12, 6, 8)
+    net = SmallConvNet(stride=32, channels=(4, 8, 8, 12, 16), norm="gn")
+    assert net(x)["0"].shape == (2, 16, 3, 4) and net.out_channels == 16
+    with pytest.raises(ValueError, match="stride must be 16 or 32"):
+        SmallConvNet(stride=8)
+    with pytest.raises(ValueError, match="stride 32 needs 5 positive channel widths"):
+        SmallConvNet(stride=32, channels=(4, 8, 8, 12))
+    with pytest.raises(ValueError, match="norm must be one of"):
+        SmallConvNet(norm="ln")
+
+
+def test_box_head_takes_spp_and_grid_features():
+    grid = FastRCNNFCHead(input_shape=(8, 7, 7), fc_dims=(16, 12))
+    assert grid(torch.rand(5, 8, 7, 7)).shape == (5, 12) and grid.out_features == 12
+    pooler = RoIPooler(["0"], op="roi_spp", levels=(1, 2))
+    spp = FastRCNNFCHead(input_shape=pooler.output_shape(8), fc_dims=(16,))
+    pooled = pooler({"0": torch.rand(1, 8, 6, 6)}, [torch.tensor([[0.0, 0.0, 40.0, 40.0]])], [(96, 96)])
+    assert pooled.shape == (1, 40) and spp(pooled).shape == (1, 16)
+    with pytest.raises(ValueError, match=r"expected pooled features \[K, 8, 7, 7\]"):
+        grid(torch.rand(5, 8, 6, 6))
+    with pytest.raises(ValueError, match="fc_dims must be a non-empty list"):
+        FastRCNNFCHead(input_shape=(8,), fc_dims=())
+    scores, deltas = FastRCNNPredictor(in_features=12, num_classes=6)(torch.rand(5, 12))
+    assert scores.shape == (5, 7) and deltas.shape == (5, 28)
+
+
+@pytest.mark.parametrize("op, options", [("roi_spp", {"levels": [1, 2]}), ("roi_pool", {"rounding": "integer"}),
+                                         ("prroi_pool", {})])
+def test_detector_trains_and_predicts_with_each_pooler(op, options):
+    cfg = load_config(REPO / "configs" / "base_shapes.yaml", [
+        "model.num_classes=3", "model.backbone.channels=[8,8,8,16]", "model.box_head.fc_dims=[16]",
+        "model.transform.min_size=96", "model.transform.max_size=96", f"model.pooler.op={op}",
+        f"model.pooler.options={json.dumps(options)}"])
+    torch.manual_seed(0)
+    model = build_detector(cfg)
+    images = [torch.rand(3, 96, 96), torch.rand(3, 80, 96)]
+    targets = [{"boxes": torch.tensor([[10.0, 10.0, 50.0, 60.0]]), "labels": torch.tensor([2])},
+               {"boxes": torch.tensor([[5.0, 20.0, 30.0, 40.0], [40.0, 40.0, 90.0, 70.0]]),
+                "labels": torch.tensor([1, 3])}]
+    losses = model(images, targets)
+    assert set(losses) == {"loss_classifier", "loss_box_reg", "loss_objectness", "loss_rpn_box_reg"}
+    sum(losses.values()).backward()
+    assert model.roi_heads.box_head.layers[1].weight.grad.abs().sum() > 0
+    model.eval()
+    with torch.no_grad():
+        out = model(images)
+    assert len(out) == 2 and out[1]["boxes"].shape[1] == 4
+
+
+def test_build_detector_errors():
+    cfg = load_config(REPO / "configs" / "base_shapes.yaml")
+    with pytest.raises(ValueError, match="model.num_classes must be a positive int"):
+        build_detector(cfg)
+    with pytest.raises(ValueError, match="model.backbone.name must be one of"):
+        build_detector(apply_overrides(cfg, ["model.num_classes=2", "model.backbone.name=vgg"]))
+    with pytest.raises(ValueError, match="op must be one of"):
+        build_detector(apply_overrides(cfg, ["model.num_classes=2", "model.pooler.op=roi_warp"]))
+
+
+def test_swap_roi_pooler_matches_torchvision():
+    """RoIAlign with aligned=False in place of MultiScaleRoIAlign: the same detections (float64, so no ties flip)."""
+    from torchvision.models.detection import fasterrcnn_resnet50_fpn
+
+    torch.manual_seed(0)
+    # a random model's scores are all low: keep every detection (score 0); fewer proposals keep the test short
+    model = fasterrcnn_resnet50_fpn(weights=None, weights_backbone=None, min_size=128, max_size=160,
+                                    rpn_pre_nms_top_n_test=300, rpn_post_nms_top_n_test=150, box_score_thresh=0.0)
+    model.eval().double()
+    images = [torch.rand(3, 128, 160, dtype=torch.float64), torch.rand(3, 96, 128, dtype=torch.float64)]
+    with torch.no_grad():
+        expected = model(images)
+        swap_roi_pooler(model, op="roi_align", aligned=False)
+        assert isinstance(model.roi_heads.box_roi_pool, RoIPooler)
+        assert model.roi_heads.box_roi_pool.featmap_names == ["0", "1", "2", "3"]
+        actual = model(images)
+    for e, a in zip(expected, actual):
+        assert len(e["boxes"]) == 100
+        torch.testing.assert_close(a["boxes"], e["boxes"])
+        torch.testing.assert_close(a["scores"], e["scores"])
+        assert torch.equal(a["labels"], e["labels"])
+    # another op with the same bins fits the box head; roi_spp with other bins does not
+    swap_roi_pooler(model, op="roi_pool", rounding="integer")
+    assert model.roi_heads.box_roi_pool.op == "roi_pool"
+    with pytest.raises(ValueError, match="gives 50 bins per channel, but the box head takes 49"):
+        swap_roi_pooler(model, op="roi_spp")
+    swap_roi_pooler(model, op="roi_spp", levels=(7,))
+    with pytest.raises(ValueError, match="has no roi_heads.box_roi_pool"):
+        swap_roi_pooler(torch.nn.Linear(2, 2))
+
+
+# ------------------------------------------------------------------------------------------------------- evaluation
+def test_coco_eval_ground_truth_as_results_gives_ap_1(tiny_data):
+    _, val_set = build_datasets(load_config(REPO / "configs" / "base_shapes.yaml", [
+        f"data.{key}={tiny_data[key]}" for key in ("train_images", "train_annotations", "val_images",
+                                                   "val_annotations")]), train=False)
+    results = [{"image_id": a["image_id"], "category_id": a["category_id"], "bbox": a["bbox"], "score": 1.0}
+               for a in val_set.coco.dataset["annotations"]]
+    metrics = coco_evaluate(val_set.coco, results)
+    for name in ("AP", "AP50", "AP75"):
+        assert metrics[name] == pytest.approx(1.0)
+    present = {val_set.coco.cats[a["category_id"]]["name"] for a in val_set.coco.dataset["annotations"]}
+    assert all(metrics["per_class"][name]["AP"] == pytest.approx(1.0) for name in present)
+    assert coco_evaluate(val_set.coco, [])["AP"] == 0.0
+
+
+# -------------------------------------------------------------------------------------------- training and the tools
+def test_train_then_eval_end_to_end(tiny_config, tmp_path, capsys):
+    run = tmp_path / "run"
+    assert run_tool(train_tool, ["--config", str(tiny_config), "--output-dir", str(run), "--no-progress"]) == 0
+    records = _metrics(run)
+    assert [r["iter"] for r in records if r["type"] == "train"] == [1, 2, 3, 4]
+    assert all(r["loss"] > 0 for r in records if r["type"] == "train")
+    final = [r for r in records if r["type"] == "eval"]
+    assert len(final) == 1 and final[0]["iter"] == 4 and 0.0 <= final[0]["AP"] <= 1.0
+    assert json.loads((run / "eval_final.json").read_text())["AP"] == final[0]["AP"]
+    assert torch.load(run / CHECKPOINT_NAME, weights_only=True)["iteration"] == 4
+    assert yaml.safe_load((run / "config.yaml").read_text())["model"]["num_classes"] == 6
+
+    ckpt = str(run / CHECKPOINT_NAME)
+    assert run_tool(eval_tool, ["--config", str(tiny_config), "--checkpoint", ckpt, "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert "Average Precision" in out and "circle" in out
+    saved = json.loads((run / "eval_metrics.json").read_text())
+    assert saved["AP"] == pytest.approx(final[0]["AP"])
+    assert isinstance(json.loads((run / "eval_results.json").read_text()), list)
+
+    assert run_tool(eval_tool, ["--config", str(tiny_config), "--checkpoint", ckpt, "--no-progress",
+                                "--pooler", "roi_pool:rounding=integer"]) == 0
+    saved = json.loads((run / "eval_roi_pool_rounding=integer_metrics.json").read_text())
+    assert saved["pooler"]["op"] == "roi_pool" and saved["pooler"]["options"] == {"rounding": "integer"}
+
+
+def _interrupt_after(monkeypatch, batches: int) -> None:
+    """Make the training data run out with a KeyboardInterrupt after ``batches`` batches, as a kill would."""
+    make = trainer_module.make_train_loader
+
+    def limited(*args, **kwargs):
+        loader = make(*args, **kwargs)
+        for _ in range(batches):
+            yield next(loader)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(trainer_module, "make_train_loader", limited)
+
+
+def test_resume_continues_with_identical_state(tiny_config, tmp_path, monkeypatch):
+    cfg = load_config(tiny_config, ["data.hflip=0.5"])
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    trainer_module.train(cfg, straight, progress=False)
+
+    with monkeypatch.context() as m:
+        _interrupt_after(m, 3)  # killed during iteration 4; the last checkpoint is the one of iteration 2
+        with pytest.raises(KeyboardInterrupt):
+            trainer_module.train(cfg, resumed, progress=False)
+    assert torch.load(resumed / CHECKPOINT_NAME, weights_only=True)["iteration"] == 2
+    trainer_module.train(cfg, resumed, resume=True, progress=False)
+
+    a = torch.load(straight / CHECKPOINT_NAME, weights_only=True)
+    b = torch.load(resumed / CHECKPOINT_NAME, weights_only=True)
+    assert a["iteration"] == b["iteration"] == 4
+    for key in a["model"]:
+        assert torch.equal(a["model"][key], b["model"][key]), key
+    for sa, sb in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values()):
+        assert torch.equal(sa["momentum_buffer"], sb["momentum_buffer"])
+    assert a["scheduler"] == b["scheduler"]
+    # the resumed run logged iterations 1 2 3 (then was killed), then 3 4 again from the checkpoint of 2
+    assert [r["iter"] for r in _metrics(resumed) if r["type"] == "train"] == [1, 2, 3, 3, 4]
+
+
+def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
+    model = torch.nn.Linear(3, 2)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda it: 1.0)
+    scaler = torch.amp.GradScaler("cuda", enabled=False)
+    path = tmp_path / CHECKPOINT_NAME
+    kwargs = dict(model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler, cfg={"model": {}})
+    save_checkpoint(path, iteration=1, **kwargs)
+    before = path.read_bytes()
+
+    def dies_half_way(obj, f, *args, **kw):
+        f.write(b"half a checkpoint")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", dies_half_way)
+    with pytest.raises(OSError, match="disk full"):
+        save_checkpoint(path, iteration=2, **kwargs)
+    assert path.read_bytes() == before  # the old checkpoint, whole
+    assert [p.name for p in tmp_path.iterdir()] == [CHECKPOINT_NAME]  # no temporary file left behind
+
+
+def test_non_finite_loss_stops_with_a_clear_message(tiny_config, tmp_path, capsys):
+    run = tmp_path / "run"
+    code = run_tool(train_tool, ["--config", str(tiny_config), "--output-dir", str(run), "--no-progress",
+                                 "solver.lr=1e30", "solver.warmup_iters=0", "solver.max_iter=3"])
+    err = capsys.readouterr().err.strip()
+    assert code == 1
+    assert len(err.splitlines()) == 1
+    assert err.startswith("train.py: error: loss is ") and "training stopped; lower solver.lr" in err
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--config", "{missing}"], "train.py: error: config file not found: "),
+    (["--config", "{cfg}", "solver.max_iters=3"], "train.py: error: override 'solver.max_iters=3': unknown config key"),
+    (["--config", "{cfg}", "--resume", "--output-dir", "{tmp}/empty"], "train.py: error: --resume: no checkpoint in "),
+    (["--config", "{cfg}", "data.train_annotations={tmp}/none.json"], "train.py: error: annotation file not found"),
+    (["--config", "{cfg}", "model.pooler.options={{spacing: 2}}"], "train.py: error: model.pooler.options {{'spacing': 2}} for roi_align: "),
+])
+def test_train_tool_bad_input(tiny_config, tmp_path, capsys, argv, message):
+    argv = [a.format(cfg=tiny_config, tmp=tmp_path, missing=tmp_path / "missing.yaml") for a in argv]
+    assert run_tool(train_tool, argv + ["--no-progress"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith(message.format(tmp=tmp_path)), err
+
+
+def test_eval_tool_bad_input(tiny_config, tmp_path, capsys):
+    run = tmp_path / "run"
+    assert run_tool(train_tool, ["--config", str(tiny_config), "--output-dir", str(run), "--no-progress",
+                                 "solver.max_iter=1", "data.val_annotations=" + str(_first_image_only(tmp_path,
+                                                                                            tiny_config))]) == 0
+    capsys.readouterr()
+    ckpt = str(run / CHECKPOINT_NAME)
+    (tmp_path / "junk.pth").write_bytes(b"not a checkpoint")
+    cases = [
+        (["--checkpoint", str(tmp_path / "none.pth")], "eval.py: error: checkpoint not found: "),
+        (["--checkpoint", str(tmp_path / "junk.pth")], "eval.py: error: cannot read checkpoint "),
+        (["--checkpoint", ckpt, "model.box_head.fc_dims=[16,32]"],
+         "eval.py: error: checkpoint " + ckpt + " does not match the model of the config: 3 tensor(s) of another "
+                                                "shape (e.g. roi_heads.box_head.layers.1.weight: checkpoint [32, "
+                                                "1568], model [16, 1568])"),
+        (["--checkpoint", ckpt, "--pooler", "roi_spp"], "eval.py: error: checkpoint " + ckpt + " does not match"),
+        (["--checkpoint", ckpt, "--pooler", "roi_pool:rounding"], "eval.py: error: --pooler 'roi_pool:rounding': "
+                                                                  "'rounding' is not key=value"),
+        (["--checkpoint", ckpt, "--pooler", "roi_pool:rounding=floor"], "eval.py: error: rounding must be one of"),
+    ]
+    for argv, message in cases:
+        assert run_tool(eval_tool, ["--config", str(tiny_config), "--no-progress"] + argv) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and err.startswith(message), err
+
+
+def _first_image_only(tmp_path: Path, config: Path) -> Path:
+    """A validation file with one image, to make a quick evaluation."""
+    cfg = load_config(config)
+    data = json.loads(Path(cfg["data"]["val_annotations"]).read_text())
+    first = data["images"][0]["id"]
+    data["images"] = data["images"][:1]
+    data["annotations"] = [a for a in data["annotations"] if a["image_id"] == first]
+    path = tmp_path / "val_one.json"
+    path.write_text(json.dumps(data))
+    return path
+
+
+# ----------------------------------------------------------------------------------------------------------- torchrun
+def test_torchrun_two_processes_train_and_resume(tiny_config, tmp_path):
+    run = tmp_path / "ddp"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    base = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+            str(REPO / "tools" / "train.py"), "--config", str(tiny_config), "--output-dir", str(run), "--no-progress",
+            "data.batch_size=1"]
+
+    def launch(*extra: str) -> str:
+        proc = subprocess.run(base + list(extra), env=env, capture_output=True, text=True, timeout=240, cwd=REPO)
+        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+        return proc.stdout
+
+    out = launch("solver.max_iter=2")
+    assert "on 2 x cpu" in out and out.count("training 2 iterations") == 1  # rank 0 alone prints
+    assert torch.load(run / CHECKPOINT_NAME, weights_only=True)["iteration"] == 2
+    out = launch("solver.max_iter=4", "--resume")
+    assert "at iteration 2" in out and "training 2 iterations (2 -> 4)" in out
+    ckpt = torch.load(run / CHECKPOINT_NAME, weights_only=True)
+    assert ckpt["iteration"] == 4 and len(ckpt["rng"]) == 2  # both ranks' random states
+    assert [r["iter"] for r in _metrics(run) if r["type"] == "train"] == [1, 2, 3, 4]
+    assert [r["iter"] for r in _metrics(run) if r["type"] == "eval"] == [2, 4]
