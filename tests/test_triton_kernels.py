@@ -8,7 +8,9 @@ program in Python.
 """
 import os
 
-os.environ["TRITON_INTERPRET"] = "1"  # before any kernel module is imported: @triton.jit reads it then
+# before any kernel module is imported (@triton.jit reads it then), and left set: the interpreter reads it again
+# while it launches (restoring it makes triton's lazy imports fail)
+os.environ["TRITON_INTERPRET"] = "1"
 
 import importlib  # noqa: E402
 import subprocess  # noqa: E402
@@ -304,8 +306,8 @@ def test_multilevel_single_map_and_deterministic_bits():
     assert all(torch.equal(a, b) for a, b in zip(first, second))
 
 
-def test_multilevel_op_autograd_and_opcheck():
-    """The registered op on CPU: gradients for every map through autograd, and torch.library's checks."""
+def test_multilevel_op_autograd_opcheck_compile():
+    """The registered op on CPU: gradients for every map through autograd, torch.library's checks, torch.compile."""
     feats, scales = make_pyramid()
     _, rois = make_pyramid_boxes()
     leaves = [f.clone().requires_grad_() for f in feats]
@@ -318,6 +320,9 @@ def test_multilevel_op_autograd_and_opcheck():
     args = ([f.double().requires_grad_() for f in feats], rois.double(), scales, 2, 2, 2, False, 224, 4)
     torch.library.opcheck(ml_op.multilevel_roi_align_op, args, test_utils=("test_schema", "test_faketensor",
                                                                              "test_autograd_registration"))
+    compiled = torch.compile(lambda fs: ml_op.multilevel_roi_align(fs, rois, PH, scales, 2), backend="aot_eager",
+                             fullgraph=True)
+    assert torch.equal(compiled(feats), out.detach())
     with pytest.raises(ValueError, match="spatial_scales"):
         ml_op.multilevel_roi_align(feats, rois, 2, scales[:2])
     with pytest.raises(ValueError, match="features"):
