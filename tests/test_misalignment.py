@@ -1,0 +1,330 @@
+"""Box misalignment measures: boxes whose answers are worked out by hand, and the batched path against the whole map.
+
+Pixel model: cell (u, v) at stride s covers [v s, (v + 1) s) x [u s, (u + 1) s), centre ((v + .5) s, (u + .5) s).
+"""
+import json
+import math
+
+import cv2
+import numpy as np
+import pytest
+import torch
+
+from roikit.analysis import misalignment as mis
+from roikit.ops.pytorch.roi_pool import bin_edges
+
+ALL = mis.make_rules(list(mis.RULES))
+NAMES = [r.name for r in ALL]
+
+
+def measure(boxes, image_hw, stride, p=7, **kw):
+    boxes = np.asarray(boxes, dtype=np.float64)
+    res = mis.measure_boxes(boxes, np.tile(image_hw, (len(boxes), 1)), ALL, stride, p, dtype=torch.float64, **kw)
+    return {name: {m: v[r] for m, v in res.items()} for r, name in enumerate(NAMES)}
+
+
+def mean_distance(ex, ey):
+    """Mean over the P x P bins of sqrt(ex[q]^2 + ey[p]^2): per-axis errors -> the 2-D bin-centre error."""
+    ex, ey = np.asarray(ex, float), np.asarray(ey, float)
+    return float(np.sqrt(ex[None, :] ** 2 + ey[:, None] ** 2).mean())
+
+
+def test_box_on_the_grid_by_hand():
+    # stride 16, box [32, 256) on both axes: cells 2..15 (14 cells), 7 bins of exactly 2 cells = 32 px.
+    # Exact bin centres: 32 + 32 p + 16 = 48 + 32 p.
+    r = measure([[32, 32, 256, 256]], (640, 640), 16)
+    # integer rounding: start 2, 14 cells, bin 2 -> bin p = cells [2 + 2p, 4 + 2p): centre (3 + 2p) 16 = exact.
+    assert r["roi_pool_integer"]["centre_px"][0] == pytest.approx(0, abs=1e-9)
+    assert r["roi_pool_integer"]["iou"][0] == pytest.approx(1.0)
+    # RoIAlign aligned, 2 samples per bin: samples at cells 2 + 2p + i exactly (bilinear weight 1 on one cell).
+    assert r["roi_align_aligned"]["centre_px"][0] == pytest.approx(0, abs=1e-9)
+    assert r["roi_align_aligned"]["iou"][0] == pytest.approx(1.0)
+    # torchvision rounding: round(2) = 2, round(16) = 16, 16 - 2 + 1 = 15 cells (the extra end cell), bin 15/7:
+    # bin p = [floor(15p/7), ceil(15(p+1)/7)) + 2 = [2 + 2p, 5 + 2p): 3 cells, centre (4 + 2p) 16 = exact + 8 px
+    # on both axes -> 8 sqrt(2); reads cells 2..16 = 240 px: IoU 224^2 / 240^2.
+    tv = r["roi_pool_torchvision"]
+    assert tv["centre_px"][0] == pytest.approx(8 * math.sqrt(2))
+    assert tv["centre_rel"][0] == pytest.approx(8 * math.sqrt(2) / 224)
+    assert tv["iou"][0] == pytest.approx(224**2 / 240**2)
+    # the unaligned sampler: samples at 2.5 + 2p + i in cells, whose weighted centre in pixels is
+    # (2.5 + 2p + i + .5) 16: half a cell (8 px) late on both axes; its taps read cells 2..16 as well.
+    un = r["roi_align_unaligned"]
+    assert un["centre_px"][0] == pytest.approx(8 * math.sqrt(2))
+    assert un["iou"][0] == pytest.approx(224**2 / 240**2)
+    # prroi_pool (unaligned: cell i's value sits at point i): the same half-cell shift; it integrates over
+    # [2, 16] in cells, whose hats reach cells 2..16 (cell 1's hat ends at 2).
+    assert r["prroi_pool"]["centre_px"][0] == pytest.approx(8 * math.sqrt(2))
+    assert r["prroi_pool"]["iou"][0] == pytest.approx(224**2 / 240**2)
+    # aligned prroi_pool: exact centres; [1.5, 15.5] touches the hats of cells 1..16 = 256 px.
+    assert r["prroi_pool_aligned"]["centre_px"][0] == pytest.approx(0, abs=1e-9)
+    assert r["prroi_pool_aligned"]["iou"][0] == pytest.approx(224**2 / 256**2)
+    for name in NAMES:
+        assert r[name]["empty_bins"][0] == 0
+
+
+def test_665px_box_at_stride_32_by_hand():
+    # 665 / 32 = 20.78 cells. Exact bins: 95 px, centres 47.5 + 95 p.
+    r = measure([[0, 0, 665, 665]], (1024, 1024), 32)
+    exact = 47.5 + 95 * np.arange(7)
+    # integer: floor(20.78) = 20 cells, floor(20 / 7) = 2 cells per bin: bins [2p, 2p + 2) cover 14 cells = 448 px.
+    w = mis.bin_weights(ALL[NAMES.index("roi_pool_integer")], [[0, 0, 665, 665]], (1024, 1024), 32)[0]
+    cols_read = torch.nonzero(w.sum(dim=(0, 1, 2)) > 0).squeeze(1).tolist()
+    assert cols_read == list(range(14))
+    assert [int((w[0, q].sum(0) > 0).sum()) for q in range(7)] == [2] * 7  # each bin 2 cells wide
+    integer = r["roi_pool_integer"]
+    e = (2 * np.arange(7) + 1) * 32 - exact  # -15.5, -46.5, ..., -201.5
+    assert integer["centre_px"][0] == pytest.approx(mean_distance(e, e))
+    assert integer["iou"][0] == pytest.approx(448**2 / 665**2)  # 0.454: the cells lie inside the box
+    # torchvision: round(20.78) = 21, 21 - 0 + 1 = 22 cells = 704 px, bin 22 / 7 = 3.14:
+    # [0,4) [3,7) [6,10) [9,13) [12,16) [15,19) [18,22): centres 1.5 + 3p cells = 64 + 96 p px.
+    w = mis.bin_weights(ALL[NAMES.index("roi_pool_torchvision")], [[0, 0, 665, 665]], (1024, 1024), 32)[0]
+    assert int((w.sum(dim=(0, 1, 2)) > 0).sum()) == 22
+    tv = r["roi_pool_torchvision"]
+    e = 64 + 96 * np.arange(7) - exact  # 16.5 ... 22.5
+    assert tv["centre_px"][0] == pytest.approx(mean_distance(e, e))
+    assert tv["iou"][0] == pytest.approx(665**2 / 704**2)
+
+
+def test_box_half_a_cell_off_the_grid_by_hand():
+    # stride 16, box [40, 264): 2.5 .. 16.5 cells. Exact centres 56 + 32 p.
+    r = measure([[40, 40, 264, 264]], (640, 640), 16)
+    # integer: floor(2.5) = 2, floor(14) = 14 cells: the same cells as the box on the grid, 8 px early.
+    assert r["roi_pool_integer"]["centre_px"][0] == pytest.approx(8 * math.sqrt(2))
+    # cells [32, 256) against [40, 264): intersection 216^2.
+    assert r["roi_pool_integer"]["iou"][0] == pytest.approx(216**2 / (2 * 224**2 - 216**2))
+    # torchvision: round(2.5) = 3 (half away from zero), round(16.5) = 17, 15 cells: bins [3 + 2p, 6 + 2p),
+    # centre (5 + 2p) 16 = exact + 16 px; cells [48, 288).
+    tv = r["roi_pool_torchvision"]
+    assert tv["centre_px"][0] == pytest.approx(16 * math.sqrt(2))
+    assert tv["iou"][0] == pytest.approx(216**2 / (224**2 + 240**2 - 216**2))
+    assert r["roi_align_aligned"]["centre_px"][0] == pytest.approx(0, abs=1e-9)
+    assert r["roi_align_unaligned"]["centre_px"][0] == pytest.approx(8 * math.sqrt(2))
+
+
+@pytest.mark.parametrize("stride", [4, 8, 32])
+def test_samplers_off_the_grid(stride):
+    # Bilinear interpolation reproduces linear functions, so away from the map's edges RoIAlign's weighted centre
+    # is the mean of its sample positions: aligned exact, unaligned half a cell late on both axes.
+    boxes = [[101.3, 77.7, 180.9, 250.2], [150.0, 140.5, 190.25, 181.0]]
+    r = measure(boxes, (480, 640), stride)
+    assert r["roi_align_aligned"]["centre_px"] == pytest.approx([0, 0], abs=1e-9)
+    assert r["roi_align_unaligned"]["centre_px"] == pytest.approx([stride / 2 * math.sqrt(2)] * 2)
+
+
+def test_unaligned_sampler_stretches_a_box_under_one_cell():
+    # aligned=False forces a box to at least 1 x 1 cell: a 13.25 x 10.5 px box at stride 32 is sampled as 32 x 32 px
+    # from its corner, so bin p's centre is x1 + (p + .5) 32 / 7 + 16 (half a cell late) instead of
+    # x1 + (p + .5) 13.25 / 7.
+    r = measure([[150.0, 140.5, 163.25, 151.0]], (480, 640), 32)
+    p = np.arange(7) + 0.5
+    dx, dy = 16 + p * (32 - 13.25) / 7, 16 + p * (32 - 10.5) / 7
+    assert r["roi_align_unaligned"]["centre_px"][0] == pytest.approx(mean_distance(dx, dy))
+
+
+def test_empty_bins_at_the_far_edge():
+    # A 9 px box at the right edge of a 640 px image, stride 32: round(630 / 32) = 20 = the map's width, so every
+    # torchvision bin lies past the map: clipped to nothing. Such bins have no centre; the box counts as all-empty.
+    r = measure([[630, 100, 639, 140]], (480, 640), 32)
+    assert r["roi_pool_torchvision"]["empty_bins"][0] == 1.0
+    assert np.isnan(r["roi_pool_torchvision"]["centre_px"][0])
+    assert r["roi_pool_torchvision"]["iou"][0] == 0.0
+
+
+def whole_map_reference(rule, boxes, image_hw, stride, p):
+    """The measures from bin_weights on the image's whole map: the explicit per-bin gradient, no windows."""
+    w = mis.bin_weights(rule, boxes, image_hw, stride, p)  # [K, P, P, h, w]
+    b = torch.as_tensor(boxes, dtype=torch.float64)
+    mass = w.sum(dim=(3, 4))
+    u = torch.arange(w.shape[3], dtype=torch.float64)
+    v = torch.arange(w.shape[4], dtype=torch.float64)
+    cy = (w.sum(4) * u).sum(3) / mass
+    cx = (w.sum(3) * v).sum(3) / mass
+    g = (torch.arange(p, dtype=torch.float64) + 0.5) / p
+    dy = (cy + 0.5) * stride - (b[:, 1:2] + g * (b[:, 3:4] - b[:, 1:2]))[:, :, None]
+    dx = (cx + 0.5) * stride - (b[:, 0:1] + g * (b[:, 2:3] - b[:, 0:1]))[:, None, :]
+    ok = mass > 1e-6
+    centre = torch.where(ok, (dx**2 + dy**2).sqrt(), 0).sum((1, 2)) / ok.sum((1, 2))
+    total = w.sum(dim=(1, 2))
+    read = total > mis.READ_THRESHOLD * total.flatten(1).amax(1)[:, None, None]
+    cells_y = torch.arange(w.shape[3], dtype=torch.float64) * stride
+    cells_x = torch.arange(w.shape[4], dtype=torch.float64) * stride
+    oy = (torch.minimum(cells_y + stride, b[:, 3:4]) - torch.maximum(cells_y, b[:, 1:2])).clamp(min=0)
+    ox = (torch.minimum(cells_x + stride, b[:, 2:3]) - torch.maximum(cells_x, b[:, 0:1])).clamp(min=0)
+    inter = torch.einsum("kuv,ku,kv->k", read.double(), oy, ox)
+    area = (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])
+    return centre.numpy(), (inter / (area + read.sum((1, 2)) * stride**2 - inter)).numpy()
+
+
+def random_boxes(rng, k, h, w):
+    x1, y1 = rng.uniform(-5, w, k), rng.uniform(-5, h, k)
+    bw, bh = np.exp(rng.uniform(0, np.log(w), k)), np.exp(rng.uniform(0, np.log(h), k))
+    b = np.stack([x1, y1, x1 + bw, y1 + bh], 1)
+    b[:4, 2] = w  # on the right edge
+    b[4:8, 3] = h  # on the bottom edge
+    b[8] = [0, 0, w, h]  # the whole image
+    b[:, [0, 2]] = b[:, [0, 2]].clip(0, w)
+    b[:, [1, 3]] = b[:, [1, 3]].clip(0, h)
+    return b[(b[:, 2] - b[:, 0] > 0.5) & (b[:, 3] - b[:, 1] > 0.5)]
+
+
+@pytest.mark.parametrize("stride,p", [(8, 7), (16, 3)])
+def test_windows_and_moments_match_the_whole_map(stride, p):
+    # measure_boxes moves every box to a small window and reads centres from the op on coordinate maps; the
+    # reference uses the explicit per-bin gradient on each image's whole map. Several image sizes, boxes on the
+    # edges, and a tiny chunk budget so that boxes of different windows share chunks.
+    rng = np.random.default_rng(stride)
+    sets = [(hw, random_boxes(rng, 14, *hw)) for hw in ((100, 75), (64, 130), (37, 41))]
+    boxes = np.concatenate([b for _, b in sets])
+    image_hw = np.concatenate([np.tile(hw, (len(b), 1)) for hw, b in sets])
+    res = mis.measure_boxes(boxes, image_hw, ALL, stride, p, dtype=torch.float64, budget=2500)
+    start = 0
+    for hw, b in sets:
+        part = slice(start, start + len(b))
+        start += len(b)
+        for r, rule in enumerate(ALL):
+            centre, iou = whole_map_reference(rule, b, hw, stride, p)
+            np.testing.assert_allclose(res["centre_px"][r, part], centre, atol=1e-9, err_msg=rule.name)
+            np.testing.assert_allclose(res["iou"][r, part], iou, atol=1e-12, err_msg=rule.name)
+
+
+def test_roi_pool_bins_read_from_the_op_are_bin_edges():
+    rng = np.random.default_rng(3)
+    boxes = random_boxes(rng, 20, 90, 70)
+    rois = torch.cat([torch.zeros(len(boxes), 1, dtype=torch.float64), torch.from_numpy(boxes)], 1)
+    for rounding in ("torchvision", "integer"):
+        rule = mis.Rule("r", "roi_pool", rounding=rounding)
+        w = mis.bin_weights(rule, boxes, (90, 70), 8, 5)  # [K, 5, 5, 12, 9]
+        (hs, he), (ws, we) = bin_edges(rois, 1 / 8, (5, 5), rounding, (12, 9))
+        rows = torch.arange(12)
+        cols = torch.arange(9)
+        expect_rows = (rows >= hs[..., None]) & (rows < he[..., None])  # [K, 5, 12]
+        expect_cols = (cols >= ws[..., None]) & (cols < we[..., None])
+        expected = expect_rows[:, :, None, :, None] & expect_cols[:, None, :, None, :]
+        assert torch.equal(w > 0, expected), rounding
+
+
+def test_exact_bin_means_against_pixel_overlaps():
+    rng = np.random.default_rng(0)
+    img = rng.integers(0, 256, (23, 17, 3)).astype(np.uint8)
+    boxes = np.array([[3.3, 5.7, 16.2, 21.9], [0, 0, 17, 23], [10, 10, 11.5, 10.25]])
+    got = mis.exact_bin_means([img], np.zeros(3, int), boxes, 3).numpy()
+    for k, (x1, y1, x2, y2) in enumerate(boxes):
+        for i in range(3):
+            for j in range(3):
+                ya, yb = y1 + i * (y2 - y1) / 3, y1 + (i + 1) * (y2 - y1) / 3
+                xa, xb = x1 + j * (x2 - x1) / 3, x1 + (j + 1) * (x2 - x1) / 3
+                oy = (np.minimum(np.arange(23) + 1, yb) - np.maximum(np.arange(23), ya)).clip(0)
+                ox = (np.minimum(np.arange(17) + 1, xb) - np.maximum(np.arange(17), xa)).clip(0)
+                expected = np.einsum("y,x,yxc->c", oy, ox, img.astype(float)) / ((yb - ya) * (xb - xa))
+                np.testing.assert_allclose(got[k, i, j], expected, atol=1e-9)
+
+
+def test_crop_error_on_a_ramp_by_hand():
+    # Image value = x (0..255). The exact mean of a bin [xa, xb) with whole-pixel edges is (xa + xb - 1) / 2 and a
+    # stride-8 cell holds 8 v + 3.5: both are "centre - 0.5", so a rule whose bin averages the ramp with weights
+    # centred dx px off the true centre is off by exactly |dx| grey levels.
+    # Box [16, 128) at stride 8: cells 2..15, 7 bins of 2 cells; torchvision reads 3 cells a bin (+4 px),
+    # the unaligned samplers are half a cell (+4 px) late, integer rounding and aligned RoIAlign are exact.
+    img = np.repeat(np.repeat(np.arange(256, dtype=np.uint8)[None, :, None], 256, 0), 3, 2)
+    boxes = np.array([[16.0, 16.0, 128.0, 128.0]])
+    exact = mis.exact_bin_means([img], np.zeros(1, int), boxes, 7)
+    maps = [mis.stride_map(torch.from_numpy(img).permute(2, 0, 1), 8)]
+    r = measure(boxes, (256, 256), 8, maps=maps, image_index=np.zeros(1, int), exact_means=exact)
+    expected = {"roi_pool_torchvision": 4, "roi_pool_integer": 0, "roi_align_aligned": 0, "roi_align_unaligned": 4,
+                "prroi_pool": 4, "prroi_pool_aligned": 0}
+    for name, value in expected.items():
+        assert r[name]["crop_error"][0] == pytest.approx(value, abs=1e-9), name
+
+
+def write_coco(path, annotations, images=({"id": 1, "file_name": "a.png", "width": 64, "height": 48},)):
+    path.write_text(json.dumps({"images": list(images), "annotations": annotations,
+                                "categories": [{"id": 1, "name": "thing"}]}))
+    return path
+
+
+def ann(i, bbox, **kw):
+    return {"id": i, "image_id": 1, "category_id": 1, "bbox": bbox, "iscrowd": 0, **kw}
+
+
+def test_crowd_zero_area_and_outside_boxes_are_counted(tmp_path):
+    path = write_coco(tmp_path / "a.json", [
+        ann(1, [4, 4, 20, 20]),
+        ann(2, [5, 5, 30, 30], iscrowd=1),  # crowd: skipped
+        ann(3, [10, 10, 0, 12]),  # zero width: skipped
+        ann(4, [70, 10, 5, 5]),  # right of the 64 px image: skipped
+        ann(5, [50, 40, 20, 20]),  # partly outside: clipped to [50, 40, 64, 48]
+    ])
+    boxes = mis.load_coco_boxes(path)
+    assert boxes.counts == {"annotations": 5, "measured": 2, "crowd": 1, "zero_area": 1, "outside": 1, "clipped": 1,
+                            "subsampled": 0}
+    np.testing.assert_array_equal(boxes.boxes, [[4, 4, 24, 24], [50, 40, 64, 48]])
+    np.testing.assert_array_equal(boxes.ann_ids, [1, 5])
+    assert mis.load_coco_boxes(path, max_boxes=1).counts["subsampled"] == 1
+
+
+@pytest.mark.parametrize("content,message", [
+    ("{not json", "malformed JSON"),
+    ("[]", "not a COCO instances file"),
+    (json.dumps({"images": [{"id": 1}], "annotations": []}), "needs int 'id', 'width' and 'height'"),
+    (json.dumps({"images": [], "annotations": [ann(1, [0, 0, 1, 1])]}), "unknown image id"),
+    (json.dumps({"images": [{"id": 1, "width": 9, "height": 9}], "annotations": [ann(1, [0, 0, 1])]}),
+     "4 finite numbers"),
+])
+def test_malformed_file_is_a_clear_error(tmp_path, content, message):
+    path = tmp_path / "bad.json"
+    path.write_text(content)
+    with pytest.raises(ValueError, match=message):
+        mis.load_coco_boxes(path)
+
+
+def test_bad_settings():
+    with pytest.raises(ValueError, match="unknown rule"):
+        mis.make_rules(["roi_pool"])
+    with pytest.raises(ValueError, match="stride"):
+        mis.measure_boxes(np.zeros((0, 4)), np.zeros((0, 2)), ALL, 0)
+    with pytest.raises(ValueError, match="x2 > x1"):
+        mis.measure_boxes([[5, 5, 5, 9]], [[10, 10]], ALL, 4)
+
+
+def run_tool(capsys, *argv):
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location("misalignment_tool",
+                                                  Path(__file__).resolve().parents[1] / "tools" / "misalignment.py")
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    code = tool.main(tool.get_args_parser().parse_args(list(argv)))
+    return code, capsys.readouterr()
+
+
+def test_cli_missing_or_malformed_file(tmp_path, capsys):
+    code, out = run_tool(capsys, "--annotations", str(tmp_path / "nope.json"), "--output-dir", str(tmp_path))
+    assert code == 2 and out.err.strip() == f"misalignment: error: annotation file not found: {tmp_path / 'nope.json'}"
+    (tmp_path / "bad.json").write_text("{")
+    code, out = run_tool(capsys, "--annotations", str(tmp_path / "bad.json"), "--output-dir", str(tmp_path))
+    assert code == 2 and "malformed JSON" in out.err and len(out.err.strip().splitlines()) == 1
+
+
+def test_cli_end_to_end_with_images(tmp_path, capsys):
+    rng = np.random.default_rng(0)
+    cv2.imwrite(str(tmp_path / "a.png"), rng.integers(0, 256, (48, 64, 3), dtype=np.uint8))
+    path = write_coco(tmp_path / "a.json", [
+        ann(1, [4, 4, 20, 20]), ann(2, [30.5, 2.25, 33.5, 45.75]), ann(3, [1, 1, 5, 5]), ann(4, [0, 0, 64, 48]),
+        ann(5, [5, 5, 30, 30], iscrowd=1), ann(6, [10, 10, 0, 12]), ann(7, [70, 10, 5, 5]), ann(8, [50, 40, 20, 20]),
+    ])
+    out_dir = tmp_path / "out"
+    code, out = run_tool(capsys, "--annotations", str(path), "--images", str(tmp_path), "--strides", "8", "16",
+                         "--output-dir", str(out_dir), "--no-progress", "--picture-boxes", "2")
+    assert code == 0, out.err
+    result = json.loads((out_dir / "results.json").read_text())
+    assert result["counts"] == {"annotations": 8, "measured": 5, "crowd": 1, "zero_area": 1, "outside": 1,
+                                "clipped": 1, "subsampled": 0}
+    all_16 = result["summary"]["16"]["roi_align_aligned"]["all"]
+    assert all_16["boxes"] == 5 and 0 <= all_16["iou"] <= 1 and all_16["crop_error"] >= 0
+    assert set(result["summary"]["8"]) == set(mis.DEFAULT_RULES)
+    table = (out_dir / "tables.md").read_text()
+    assert "### Stride 16" in table and "| roi_pool_integer |" in table and "1 crowd, 1 zero-area" in table
+    assert "region IoU" in out.out
+    for name in ("centre_px_vs_size.png", "crop_error_vs_size.png", "boxes_stride8.png", "boxes_stride16.png"):
+        assert (out_dir / name).read_bytes()[:4] == b"\x89PNG"
