@@ -351,3 +351,84 @@ def test_import_without_triton():
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     assert "torch.Size([1, 2, 2, 2])" in done.stdout
+
+
+# ---------------------------------------------------------------- compiled for a GPU, without one
+# The interpreter runs the kernels' arithmetic but not Triton's compiler: constexpr specialization (ints equal to 1
+# become constants, inside tuples too), the libdevice branch of the level rule, typing. This script runs every
+# launcher on CPU tensors with JITFunction.run replaced by a compile for sm_90, in a process without the
+# interpreter.
+COMPILE_SCRIPT = r'''
+import time
+import torch
+try:  # triton internals (3.x): the JIT's own specialization; skip where they moved
+    import triton
+    from triton._utils import find_paths_if, get_iterable_path
+    from triton.backends.compiler import BaseBackend, GPUTarget
+    from triton.backends.nvidia.compiler import CUDABackend  # noqa: F401
+    from triton.compiler import ASTSource
+    from triton.runtime.jit import JITFunction, native_specialize_impl
+except Exception as e:
+    print("SKIP: cannot compile for sm_90 with this triton:", repr(e))
+    raise SystemExit(0)
+
+TARGET = GPUTarget("cuda", 90, 32)
+seen = {}
+
+
+def compile_instead(self, *args, grid, warmup, **kwargs):
+    """Specialize the arguments as the JIT does (ints equal to 1, also inside tuples, become constexpr), then
+    compile for sm_90 instead of launching. DEVICE_MATH (libdevice) is on, as on a GPU."""
+    bound = dict(zip(self.arg_names, args))
+    bound.update(kwargs)
+    values = [True if p.name == "DEVICE_MATH" else bound[p.name] for p in self.params]
+    sigvals = ["constexpr" if p.is_constexpr else
+               native_specialize_impl(BaseBackend, v, p.is_const, not p.do_not_specialize, True)[0]
+               for p, v in zip(self.params, values)]
+    consts = {path: get_iterable_path(values, path)
+              for path in find_paths_if(sigvals, lambda _, val: val == "constexpr")}
+    key = (self.__name__, repr(sigvals), repr(sorted(consts.items())))
+    if key not in seen:
+        t = time.time()
+        triton.compile(ASTSource(fn=self, signature=dict(zip(self.arg_names, sigvals)), constexprs=consts),
+                       target=TARGET)
+        seen[key] = time.time() - t
+
+
+JITFunction.run = compile_instead
+from roikit.ops.triton import roi_align as RA, roi_pool as RP, prroi_pool as PR, multilevel_roi_align as ML
+
+rois = torch.tensor([[0, 1.0, 1.5, 30.3, 20.2], [1, 0, 0, 52, 28]])
+for x in (torch.randn(2, 3, 7, 13), torch.randn(2, 1, 1, 13)):  # the second: C = H = 1, specialized
+    n, c, h, w = x.shape
+    RA.roi_align_forward(x.contiguous(memory_format=torch.channels_last), rois, 0.25, 7, 7, -1, False, True)
+    for pm in (False, True):
+        out, arg = RA.roi_align_forward(x, rois, 0.25, 7, 7, 2, True, pm)
+        for det in (False, True):
+            RA.roi_align_backward(out, rois, arg, 0.25, 7, 7, n, c, h, w, 2, True, pm, det)
+    for rounding in ("torchvision", "integer"):
+        out, arg = RP.roi_pool_forward(x.half(), rois.half(), 0.25, 7, 7, rounding)
+    arg = torch.zeros(out.shape, dtype=torch.int64)
+    for det in (False, True):
+        RP.roi_pool_backward(out, rois, arg, n, c, h, w, det)
+    out = PR.prroi_pool_forward(x, rois, 0.25, 7, 7, True)
+    for det in (False, True):
+        PR.prroi_pool_backward(out, x, rois, 0.25, 7, 7, True, det)
+    feats = [x.bfloat16(), x[:, :, ::2, ::2].contiguous().bfloat16()]
+    r16 = rois.bfloat16()
+    out = ML.multilevel_roi_align_forward(feats, r16, [0.25, 0.125], 7, 7, 1, False, 224, 4)
+    heights, widths = [f.shape[2] for f in feats], [f.shape[3] for f in feats]
+    for det in (False, True):
+        ML.multilevel_roi_align_backward(out, r16, [0.25, 0.125], 7, 7, n, c, heights, widths, 1, False, 224, 4, det)
+print(f"compiled {len(seen)} kernel variants for sm_90 in {sum(seen.values()):.0f} s")
+'''
+
+
+def test_kernels_compile_for_sm90():
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    done = subprocess.run([sys.executable, "-c", COMPILE_SCRIPT], capture_output=True, text=True, timeout=600,
+                          env=env)
+    if done.stdout.startswith("SKIP"):
+        pytest.skip(done.stdout.strip())
+    assert done.returncode == 0, done.stderr[-4000:]
+    assert "compiled" in done.stdout
