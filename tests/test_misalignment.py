@@ -228,12 +228,12 @@ def test_crop_error_on_a_ramp_by_hand():
     img = np.repeat(np.repeat(np.arange(256, dtype=np.uint8)[None, :, None], 256, 0), 3, 2)
     boxes = np.array([[16.0, 16.0, 128.0, 128.0]])
     exact = mis.exact_bin_means([img], np.zeros(1, int), boxes, 7)
-    maps = [mis.stride_map(torch.from_numpy(img).permute(2, 0, 1), 8)]
-    r = measure(boxes, (256, 256), 8, maps=maps, image_index=np.zeros(1, int), exact_means=exact)
+    maps = mis.stride_map(torch.from_numpy(img).permute(2, 0, 1)[None], 8)
+    assert maps.shape == (1, 3, 32, 32) and maps[0, 0, 0, :3].tolist() == [3.5, 11.5, 19.5]
+    errors = mis.crop_errors(maps, np.zeros(1, int), boxes, ALL, 8, exact, 7, dtype=torch.float64)[:, 0]
     expected = {"roi_pool_torchvision": 4, "roi_pool_integer": 0, "roi_align_aligned": 0, "roi_align_unaligned": 4,
                 "prroi_pool": 4, "prroi_pool_aligned": 0}
-    for name, value in expected.items():
-        assert r[name]["crop_error"][0] == pytest.approx(value, abs=1e-9), name
+    assert dict(zip(NAMES, errors)) == pytest.approx(expected, abs=1e-9)
 
 
 def write_coco(path, annotations, images=({"id": 1, "file_name": "a.png", "width": 64, "height": 48},)):

@@ -52,7 +52,7 @@ from roikit.ops import prroi_pool, roi_align, roi_pool
 
 __all__ = [
     "Rule", "RULES", "DEFAULT_RULES", "make_rules", "BUCKETS", "METRICS", "BoxSet", "load_coco_boxes",
-    "measure_boxes", "measure_dataset", "bin_weights", "stride_map", "exact_bin_means", "summarize",
+    "measure_boxes", "measure_dataset", "crop_errors", "bin_weights", "stride_map", "exact_bin_means", "summarize",
     "format_tables", "plot_error_vs_size", "draw_examples", "pick_examples",
 ]
 
@@ -348,14 +348,14 @@ def _read_rule(rule: Rule, rois0: Tensor, rois_own: Tensor, hm: int, wm: int, ou
     """Where every bin of one chunk's boxes looks.
 
     Returns ``cy, cx`` [B, P, P] (float64 weighted centre in window cell indices), ``nonempty`` [B, P, P],
-    ``mask`` [B, Hm, Wm] (cells read) and ``rects`` (``roi_pool`` rectangles, else None).
+    and ``mask`` [B, Hm, Wm] (cells read).
     ``rois0`` put every box on image 0, ``rois_own`` box b on image b.
     """
     if rule.quantized:
         hs, he, ws, we, nonempty = _quantized_bins(rule, rois0, hm, wm, output_size, scale, dtype)
         cy = (hs + he - 1).double() / 2  # mean row index of [hs, he)
         cx = (ws + we - 1).double() / 2
-        return cy, cx, nonempty, _rect_mask(hs, he, ws, we, nonempty, hm, wm), (hs, he, ws, we, nonempty)
+        return cy, cx, nonempty, _rect_mask(hs, he, ws, we, nonempty, hm, wm)
     u = torch.arange(hm, dtype=dtype)[:, None].expand(hm, wm)
     v = torch.arange(wm, dtype=dtype)[None, :].expand(hm, wm)
     coords = torch.stack([torch.ones(hm, wm, dtype=dtype), u, v])[None]  # [1, 3, Hm, Wm]
@@ -370,13 +370,17 @@ def _read_rule(rule: Rule, rois0: Tensor, rois_own: Tensor, hm: int, wm: int, ou
     grad = grad[:, 0]  # [B, Hm, Wm]: sum over bins of each bin's weight on each cell
     peak = grad.flatten(1).amax(dim=1).clamp(min=torch.finfo(dtype).tiny)
     mask = grad > READ_THRESHOLD * peak[:, None, None]
-    return cy, cx, nonempty, mask, None
+    return cy, cx, nonempty, mask
 
 
 # ------------------------------------------------------------------------------------------------ images
-def stride_map(image: Tensor, stride: int) -> Tensor:
-    """[C, H, W] -> [C, ceil(H / s), ceil(W / s)]: each cell the mean of the pixels it covers."""
-    return torch.nn.functional.avg_pool2d(image[None].double(), stride, stride, ceil_mode=True)[0]
+def stride_map(images: Tensor, stride: int) -> Tensor:
+    """[N, C, H, W] -> [N, C, ceil(H / s), ceil(W / s)]: each cell the mean of the pixels it covers.
+
+    Integer images are averaged in float32, which holds the sum of a cell's 8-bit pixels exactly for strides up to
+    256 px."""
+    images = images if images.is_floating_point() else images.float()
+    return torch.nn.functional.avg_pool2d(images, stride, stride, ceil_mode=True)
 
 
 def exact_bin_means(images: Sequence[np.ndarray], image_index: np.ndarray, boxes: np.ndarray,
@@ -422,48 +426,53 @@ def exact_bin_means(images: Sequence[np.ndarray], image_index: np.ndarray, boxes
     return sums / area
 
 
-def _stack_maps(maps: Sequence[Tensor]):
-    """Every map's cells as rows of one [sum h w, C] tensor, with each map's first row, height and width."""
-    c = maps[0].shape[0]
-    flat = torch.cat([m.permute(1, 2, 0).reshape(-1, c) for m in maps])
-    bases = torch.as_tensor(np.cumsum([0] + [m.shape[1] * m.shape[2] for m in maps])[:-1])
-    return flat, bases, torch.as_tensor([m.shape[1] for m in maps]), torch.as_tensor([m.shape[2] for m in maps])
-
-
-def _window_crops(stack, image_index: Tensor, oy: Tensor, ox: Tensor, hm: int, wm: int) -> Tensor:
-    """Each box's window of its image's stride map: [B, C, Hm, Wm], 0 off the map."""
-    flat, bases, heights, widths = stack
-    hs, ws = heights[image_index], widths[image_index]
-    rows = oy[:, None] + torch.arange(hm)  # [B, Hm]
-    cols = ox[:, None] + torch.arange(wm)
-    inside = ((rows >= 0) & (rows < hs[:, None]))[:, :, None] & ((cols >= 0) & (cols < ws[:, None]))[:, None, :]
-    i = bases[image_index][:, None, None] + rows[:, :, None] * ws[:, None, None] + cols[:, None, :]
-    crop = flat[torch.where(inside, i, 0)] * inside[..., None]  # [B, Hm, Wm, C]
-    return crop.permute(0, 3, 1, 2).contiguous()
-
-
-def _rect_means(crop: Tensor, rects) -> Tensor:
-    """The average-pooling form of ``roi_pool``: each bin's rectangle averaged: [B, C, P, P] (0 when empty)."""
+def _rect_means(maps: Tensor, image_index: Tensor, rects) -> Tensor:
+    """The average-pooling form of ``roi_pool``: the mean of each bin's rectangle of its image's map,
+    [K, P, P, C] (0 for an empty bin)."""
     hs, he, ws, we, nonempty = rects
-    b, c, hm, wm = crop.shape
-    sat = torch.zeros((b, c, hm + 1, wm + 1), dtype=torch.float64)
-    sat[:, :, 1:, 1:] = crop.double().cumsum(2).cumsum(3)
-    flat = sat.reshape(b, c, -1)
+    n, c, h, w = maps.shape
+    sat = torch.zeros((n, h + 1, w + 1, c), dtype=torch.float64)
+    sat[:, 1:, 1:] = maps.permute(0, 2, 3, 1).double().cumsum(1).cumsum(2)
+    i = image_index[:, None, None]
+    sums = sat[i, he, we] - sat[i, hs, we] - sat[i, he, ws] + sat[i, hs, ws]  # [K, P, P, C]
+    count = ((he - hs) * (we - ws)).clamp(min=1)[..., None]
+    return torch.where(nonempty[..., None], sums / count, torch.zeros_like(sums))
 
-    def at(r, q):
-        return torch.gather(flat, 2, (r * (wm + 1) + q).flatten(1)[:, None, :].expand(b, c, -1)).reshape(
-            b, c, *r.shape[1:])
 
-    sums = at(he, we) - at(hs, we) - at(he, ws) + at(hs, ws)
-    count = ((he - hs) * (we - ws)).clamp(min=1)[:, None]
-    return torch.where(nonempty[:, None], sums / count, torch.zeros_like(sums))
+def crop_errors(maps: Tensor, image_index: np.ndarray, boxes: np.ndarray, rules: Sequence[Rule], stride: int,
+                exact_means: Tensor, output_size: int = 7, dtype: torch.dtype = torch.float32) -> np.ndarray:
+    """Crop error of every rule on every box: [R, K], mean |pooled - exact| over bins and channels.
+
+    Args:
+        maps (Tensor[N, C, h, w]): images of one size, area-averaged to the stride (``stride_map``).
+        image_index (ndarray[K]): each box's image in ``maps``.
+        boxes (ndarray[K, 4]): x1, y1, x2, y2 in pixels.
+        exact_means (Tensor[K, P, P, C]): from ``exact_bin_means``.
+
+    Each rule pools the images' whole maps, as a detector would; ``roi_pool`` in its average-pooling form.
+    """
+    stride, p = _check_stride(stride), _check_output_size(output_size)
+    n, c, h, w = maps.shape
+    idx = torch.as_tensor(np.asarray(image_index), dtype=torch.long)
+    b = torch.as_tensor(np.asarray(boxes, dtype=np.float64)).reshape(-1, 4)
+    out = np.full((len(rules), len(b)), np.nan)
+    if len(b) == 0:
+        return out
+    rois = torch.cat([idx[:, None].double(), b], dim=1)
+    for r, rule in enumerate(rules):
+        if rule.quantized:
+            rois0 = torch.cat([torch.zeros_like(rois[:, :1]), b], dim=1)
+            pooled = _rect_means(maps, idx, _quantized_bins(rule, rois0, h, w, p, 1.0 / stride, dtype))
+        else:
+            with torch.no_grad():
+                pooled = rule.pool(maps.to(dtype), rois.to(dtype), p, 1.0 / stride).permute(0, 2, 3, 1).double()
+        out[r] = (pooled - exact_means).abs().mean(dim=(1, 2, 3)).numpy()
+    return out
 
 
 # ------------------------------------------------------------------------------------------------ measuring
 def measure_boxes(boxes: np.ndarray, image_hw: np.ndarray, rules: Sequence[Rule], stride: int, output_size: int = 7,
-                  *, maps: Sequence[Tensor] | None = None, image_index: np.ndarray | None = None,
-                  exact_means: Tensor | None = None, dtype: torch.dtype = torch.float32,
-                  budget: int = CHUNK_CELLS, on_chunk: Callable[[int], None] | None = None) -> dict[str, np.ndarray]:
+                  *, dtype: torch.dtype = torch.float32, budget: int = CHUNK_CELLS, on_chunk: Callable[[int], None] | None = None) -> dict[str, np.ndarray]:
     """Measure every rule on every box at one stride.
 
     Args:
@@ -472,14 +481,12 @@ def measure_boxes(boxes: np.ndarray, image_hw: np.ndarray, rules: Sequence[Rule]
         rules: from ``make_rules``.
         stride (int): pixels per feature cell (spatial_scale = 1 / stride).
         output_size (int): bins per side.
-        maps, image_index, exact_means: for the crop error: the images' stride maps ([C, h, w] each, see
-            ``stride_map``), the map of each box, and ``exact_bin_means`` of each box.
         dtype: the ops' dtype (float32; float64 for hand checks).
 
     Returns:
         dict of ndarray [R, K] (float64): ``centre_px``, ``centre_rel``, ``iou``, ``coverage`` (share of the box
         area read), ``empty_bins`` (share of bins that read nothing; they have no centre and are left out of the
-        centre error), and with images ``crop_error``.
+        centre error).
     """
     stride, p = _check_stride(stride), _check_output_size(output_size)
     boxes = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
@@ -489,14 +496,10 @@ def measure_boxes(boxes: np.ndarray, image_hw: np.ndarray, rules: Sequence[Rule]
         raise ValueError(f"image_hw has {len(image_hw)} rows for {k} boxes")
     if k and not ((boxes[:, 2] > boxes[:, 0]).all() and (boxes[:, 3] > boxes[:, 1]).all()):
         raise ValueError("boxes must have x2 > x1 and y2 > y1 (load_coco_boxes skips empty boxes)")
-    with_crops = maps is not None
-    if with_crops and (image_index is None or exact_means is None):
-        raise ValueError("the crop error needs maps, image_index and exact_means together")
-    names = ["centre_px", "centre_rel", "iou", "coverage", "empty_bins"] + (["crop_error"] if with_crops else [])
+    names = ["centre_px", "centre_rel", "iou", "coverage", "empty_bins"]
     out = {n: np.full((len(rules), k), np.nan) for n in names}
     scale = 1.0 / stride
     grid = (torch.arange(p, dtype=torch.float64) + 0.5) / p  # bin centres as a fraction of the box
-    stack = _stack_maps(maps) if with_crops and k else None
     for idx, hm, wm, oy, ox in _plan_windows(boxes, image_hw, stride, p, budget):
         b = torch.from_numpy(boxes[idx])  # [B, 4] float64
         oy_t, ox_t = torch.from_numpy(oy), torch.from_numpy(ox)
@@ -513,12 +516,8 @@ def measure_boxes(boxes: np.ndarray, image_hw: np.ndarray, rules: Sequence[Rule]
         over_y = (torch.minimum(row_px + stride, b[:, 3:4]) - torch.maximum(row_px, b[:, 1:2])).clamp(min=0)
         over_x = (torch.minimum(col_px + stride, b[:, 2:3]) - torch.maximum(col_px, b[:, 0:1])).clamp(min=0)
         area = w * h
-        if with_crops:
-            ii = torch.as_tensor(image_index[idx], dtype=torch.long)
-            crop = _window_crops(stack, ii, oy_t, ox_t, hm, wm)  # [B, C, Hm, Wm] float64
-            exact = exact_means[torch.as_tensor(idx)].permute(0, 3, 1, 2)  # [B, C, P, P]
         for r, rule in enumerate(rules):
-            cy, cx, nonempty, mask, rects = _read_rule(rule, rois0, rois_own, hm, wm, p, scale, dtype)
+            cy, cx, nonempty, mask = _read_rule(rule, rois0, rois_own, hm, wm, p, scale, dtype)
             dy = (cy + oy_t[:, None, None] + 0.5) * stride - true_y  # [B, P, P] pixels
             dx = (cx + ox_t[:, None, None] + 0.5) * stride - true_x
             bins = nonempty.sum(dim=(1, 2)).double()
@@ -532,10 +531,6 @@ def measure_boxes(boxes: np.ndarray, image_hw: np.ndarray, rules: Sequence[Rule]
             out["iou"][r, idx] = (inter / (area + cells - inter)).numpy()
             out["coverage"][r, idx] = (inter / area).numpy()
             out["empty_bins"][r, idx] = (1 - bins / (p * p)).numpy()
-            if with_crops:
-                pooled = _rect_means(crop, rects) if rule.quantized else \
-                    rule.pool(crop.to(dtype), rois_own, p, scale).double()
-                out["crop_error"][r, idx] = (pooled - exact).abs().mean(dim=(1, 2, 3)).numpy()
         if on_chunk is not None:
             on_chunk(n)
     return out
@@ -560,9 +555,10 @@ def _load_image(images_dir: Path, info: tuple[str, int, int], image_id: int) -> 
 def measure_dataset(boxset: BoxSet, rules: Sequence[Rule], strides: Sequence[int], output_size: int = 7,
                     images_dir: str | Path | None = None, progress: bool = True,
                     group_pixels: int = 1 << 22) -> dict[int, dict[str, np.ndarray]]:
-    """``measure_boxes`` for every stride: ``{stride: {metric: ndarray[R, K]}}``.
+    """Every measure for every stride: ``{stride: {metric: ndarray[R, K]}}``.
 
-    With ``images_dir``, images are read a group at a time (about ``group_pixels`` pixels) for the crop error.
+    With ``images_dir``, the crop error too: images are read in batches of one size and about ``group_pixels``
+    pixels (their summed-area tables are float64), and every rule pools each batch's whole stride maps.
     """
     from tqdm import tqdm
 
@@ -570,34 +566,39 @@ def measure_dataset(boxset: BoxSet, rules: Sequence[Rule], strides: Sequence[int
     if not strides:
         raise ValueError("strides must not be empty")
     p = _check_output_size(output_size)
+    if images_dir is not None and not Path(images_dir).is_dir():
+        raise ValueError(f"images folder not found: {images_dir}")
     k = len(boxset)
-    bar = tqdm(total=k * len(strides), desc="misalignment", unit="box", disable=not progress)
-    with bar:
-        if images_dir is not None and not Path(images_dir).is_dir():
-            raise ValueError(f"images folder not found: {images_dir}")
-        if images_dir is None or k == 0:
-            return {s: measure_boxes(boxset.boxes, boxset.image_hw, rules, s, p, on_chunk=bar.update)
-                    for s in strides}
+    passes = 1 if images_dir is None else 2
+    with tqdm(total=k * len(strides) * passes, desc="misalignment", unit="box", disable=not progress) as bar:
+        results = {s: measure_boxes(boxset.boxes, boxset.image_hw, rules, s, p, on_chunk=bar.update)
+                   for s in strides}
+        if images_dir is None:
+            return results
+        for s in strides:
+            results[s]["crop_error"] = np.full((len(rules), k), np.nan)
         images_dir = Path(images_dir)
-        results = {s: None for s in strides}
         ids = np.unique(boxset.image_ids)
-        pixels = np.array([boxset.images[i][1] * boxset.images[i][2] for i in ids.tolist()])
-        group = np.cumsum(pixels) // group_pixels
-        for g in np.unique(group):
-            members = ids[group == g]
+        sizes = np.array([boxset.images[i][1:] for i in ids.tolist()], dtype=np.int64).reshape(-1, 2)
+        order = np.lexsort((ids, sizes[:, 1], sizes[:, 0]))
+        start = 0
+        while start < len(order):  # batches of images of one size
+            end, size = start + 1, sizes[order[start]]
+            per_image = int(size[0] * size[1])
+            while end < len(order) and (sizes[order[end]] == size).all() and (end + 1 - start) * per_image <= max(
+                    group_pixels, per_image):
+                end += 1
+            members = ids[order[start:end]]
+            start = end
             sel = np.nonzero(np.isin(boxset.image_ids, members))[0]
-            imgs = [_load_image(images_dir, boxset.images[i], i) for i in members.tolist()]
             index = np.searchsorted(members, boxset.image_ids[sel])
-            exact = exact_bin_means(imgs, index, boxset.boxes[sel], p)
-            tensors = [torch.from_numpy(im).permute(2, 0, 1) for im in imgs]
+            images = [_load_image(images_dir, boxset.images[i], i) for i in members.tolist()]
+            exact = exact_bin_means(images, index, boxset.boxes[sel], p)
+            pixels = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2)  # [N, 3, H, W] uint8
             for s in strides:
-                maps = [stride_map(t, s) for t in tensors]
-                part = measure_boxes(boxset.boxes[sel], boxset.image_hw[sel], rules, s, p, maps=maps,
-                                     image_index=index, exact_means=exact, on_chunk=bar.update)
-                if results[s] is None:
-                    results[s] = {n: np.full((len(rules), k), np.nan) for n in part}
-                for n, v in part.items():
-                    results[s][n][:, sel] = v
+                maps = stride_map(pixels, s)
+                results[s]["crop_error"][:, sel] = crop_errors(maps, index, boxset.boxes[sel], rules, s, exact, p)
+                bar.update(len(sel))
         return results
 
 
