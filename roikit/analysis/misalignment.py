@@ -8,11 +8,13 @@ aligned or not, ``prroi_pool``) gives every output bin a weight on every feature
    in image pixels (cell ``(u, v)`` is centred on ``((v + 0.5) s, (u + 0.5) s)``) is compared with the centre of
    bin ``b`` of the exact box cut into ``P x P`` equal bins. Reported per box as the mean over its bins of the
    distance in pixels, and of ``sqrt((dx / w)^2 + (dy / h)^2)`` (each axis as a fraction of the box's width or
-   height: a 2 px shift matters more across a 10 px side than along a 200 px one).
+   height: a 2 px shift matters more across a 10 px side than along a 200 px one). A bin that reads nothing (all
+   of it clipped off the map) has no centre: it is left out, and counted in ``empty_bins``.
 2. **Region IoU.** IoU between the box and the union of the cells (squares of side ``s``) that some bin reads.
 3. **Crop error** (with images). The image, area-averaged to the stride, is a 3-channel feature map; each rule
-   pools it and every bin is compared with the exact mean colour of that bin of the true box at full resolution:
-   mean absolute error in grey levels (0..255).
+   pools it and every bin is compared with the exact mean colour of that bin of the true box at full resolution
+   (pixels as constant unit squares, fractional pixels weighted by area, through a summed-area table): mean
+   absolute error in grey levels (0..255), over bins and colour channels.
 
 How the ops are read:
 
@@ -26,11 +28,12 @@ How the ops are read:
   bin (0 marks an empty bin). Its average-pooling form averages that rectangle; the crop error uses that form, so
   it measures where the rule looks, not max against mean.
 
-Batching: each box is measured on a small window of its feature map, moved by whole cells (a shift of whole
-strides in pixels, which every rule's rounding follows exactly for power-of-two strides). The window keeps the
-map's real edges where the box comes within 2 cells of them (``roi_pool`` clips its bins there, ``roi_align``
-clamps its samples), so the result is the one the op gives on the image's whole map. Boxes are sorted by window
-size and chunked under a memory budget; there is no Python loop per box.
+Batching: for the first two measures each box is measured on a small window of its feature map, moved by whole
+cells (a shift of whole strides in pixels, which every rule's rounding follows exactly for power-of-two strides).
+The window keeps the map's real edges where the box comes within 2 cells of them (``roi_pool`` clips its bins
+there, ``roi_align`` clamps its samples), so the result is the one the op gives on the image's whole map (the tests
+check it). Boxes are sorted by window size and chunked under a memory budget; there is no Python loop per box. The
+crop error pools whole stride maps, images of one size batched together.
 
 Conventions: a feature map has ``ceil(H / s) x ceil(W / s)`` cells, a partial last cell averaging the pixels it
 covers; pixel ``(x, y)`` is the unit square ``[x, x + 1) x [y, y + 1)``; COCO buckets go by the (clipped) box
