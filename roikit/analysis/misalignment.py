@@ -455,9 +455,12 @@ def crop_errors(maps: Tensor, image_index: np.ndarray, boxes: np.ndarray, rules:
     Each rule pools the images' whole maps, as a detector would; ``roi_pool`` in its average-pooling form.
     """
     stride, p = _check_stride(stride), _check_output_size(output_size)
-    n, c, h, w = maps.shape
+    h, w = maps.shape[2:]
     idx = torch.as_tensor(np.asarray(image_index), dtype=torch.long)
     b = torch.as_tensor(np.asarray(boxes, dtype=np.float64)).reshape(-1, 4)
+    if exact_means.shape[:3] != (len(b), p, p) or len(idx) != len(b):
+        raise ValueError(f"crop_errors: {len(b)} boxes need {len(b)} image indices and exact_means of shape "
+                         f"[{len(b)}, {p}, {p}, C], got {len(idx)} and {tuple(exact_means.shape)}")
     out = np.full((len(rules), len(b)), np.nan)
     if len(b) == 0:
         return out
@@ -475,7 +478,8 @@ def crop_errors(maps: Tensor, image_index: np.ndarray, boxes: np.ndarray, rules:
 
 # ------------------------------------------------------------------------------------------------ measuring
 def measure_boxes(boxes: np.ndarray, image_hw: np.ndarray, rules: Sequence[Rule], stride: int, output_size: int = 7,
-                  *, dtype: torch.dtype = torch.float32, budget: int = CHUNK_CELLS, on_chunk: Callable[[int], None] | None = None) -> dict[str, np.ndarray]:
+                  *, dtype: torch.dtype = torch.float32, budget: int = CHUNK_CELLS,
+                  on_chunk: Callable[[int], None] | None = None) -> dict[str, np.ndarray]:
     """Measure every rule on every box at one stride.
 
     Args:
