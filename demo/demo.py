@@ -526,7 +526,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--output-dir", default=None,
                         help=f"annotated images / video go here (default: {DEFAULT_OUTPUT}, none with --show)")
     parser.add_argument("--show", action="store_true", help="show the results in a window (q or Esc quits)")
-    parser.add_argument("--score-threshold", type=float, default=0.5, help="draw detections scoring at least this (default: %(default)s)")
+    parser.add_argument("--score-threshold", type=float, default=0.5,
+                        help="draw detections scoring at least this (default: %(default)s)")
     parser.add_argument("--explain-pooling", action="store_true",
                         help="also draw, for one detection, the cells each pooling rule reads and its 7x7 crop")
     parser.add_argument("--detection", type=int, default=0, metavar="INDEX",
