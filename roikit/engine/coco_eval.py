@@ -117,8 +117,8 @@ def evaluate(model: torch.nn.Module, loader, dataset, device: torch.device, *, r
 
 
 def format_metrics(metrics: Mapping[str, Any]) -> str:
-    """``AP 61.2  AP50 93.0 ...`` in percent."""
-    return "  ".join(f"{name} {100 * metrics[name]:.1f}" for name in METRICS)
+    """``AP 61.2  AP50 93.0 ...`` in percent; ``-`` where COCOeval found no ground truth (its -1)."""
+    return "  ".join(f"{name} {100 * metrics[name]:.1f}" if metrics[name] >= 0 else f"{name} -" for name in METRICS)
 
 
 def format_per_class(metrics: Mapping[str, Any]) -> str:
