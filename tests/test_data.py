@@ -314,3 +314,17 @@ def test_random_horizontal_flip():
     assert te["boxes"].shape == (0, 4)
     with pytest.raises(ValueError, match=r"p must be a number in \[0, 1\]"):
         RandomHorizontalFlip(1.5)
+
+
+def test_small_images_render_for_many_seeds():
+    # shapes scaled to fill a small image once left a negative placement range (ValueError: high - low < 0)
+    import numpy as np
+
+    from roikit.data import render_image
+
+    for seed in range(120):
+        for size in (64, 128):
+            image, annotations = render_image(np.random.default_rng(seed), (size, size))
+            assert image.shape == (size, size, 3)
+            for _, (x, y, w, h), _ in annotations:
+                assert 0 <= x and 0 <= y and x + w <= size and y + h <= size

@@ -159,7 +159,9 @@ def _render(rng: np.random.Generator, h: int, w: int) -> tuple[np.ndarray, list[
         lo, hi = pts.min(0), pts.max(0)
         colour = _shape_colour(rng, base, [s.colour for s in shapes])
         for _ in range(10):  # placements to try before the shape is dropped
-            offset = np.array([rng.uniform(1.0 - lo[0], w - 2.0 - hi[0]), rng.uniform(1.0 - lo[1], h - 2.0 - hi[1])])
+            # a shape scaled to fill the image leaves a zero-wide range, which rounding can make negative
+            offset = np.array([rng.uniform(1.0 - lo[0], max(w - 2.0 - hi[0], 1.0 - lo[0])),
+                               rng.uniform(1.0 - lo[1], max(h - 2.0 - hi[1], 1.0 - lo[1]))])
             canvas[:] = 0
             # shift=4: vertices with 1/16-pixel precision, so small shapes keep their outline
             cv2.fillPoly(canvas, [np.round((pts + offset) * 16).astype(np.int32)], 1, cv2.LINE_8, 4)
