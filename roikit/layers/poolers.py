@@ -12,28 +12,32 @@ from typing import Sequence
 import torch
 from torch import Tensor, nn
 
-from ..ops import prroi_pool, roi_align, roi_pool, roi_spp
+from ..ops import multilevel_roi_align, prroi_pool, roi_align, roi_pool, roi_spp
 from ..ops._utils import pair
+from ..ops.multilevel_roi_align import pyramid_levels
 
 OPS = {"roi_align": roi_align, "roi_pool": roi_pool, "prroi_pool": prroi_pool, "roi_spp": roi_spp}
 
 
 def assign_boxes_to_levels(boxes: Tensor, min_level: int, max_level: int, canonical_scale: int = 224,
-                           canonical_level: int = 4, eps: float = 1e-6) -> Tensor:
+                           canonical_level: int = 4) -> Tensor:
     """FPN's rule (Lin et al. 2017, eq. 1): the pyramid level of each box, counted from ``min_level``.
 
-    ``level = floor(canonical_level + log2(sqrt(area) / canonical_scale) + eps)`` clamped to
+    ``level = floor(canonical_level + log2(sqrt(area) / canonical_scale) + 1e-6)`` clamped to
     ``[min_level, max_level]``; returns ``Tensor[K]`` of ``level - min_level`` (int64), the same as torchvision's
-    ``LevelMapper``. A 224 x 224 box goes to level 4 (stride 16), a 112 x 112 box to level 3.
+    ``LevelMapper`` (-1 for a reversed box, which no level pools). A 224 x 224 box goes to level 4 (stride 16),
+    a 112 x 112 box to level 3. The rule itself lives with the fused op, :func:`roikit.ops.multilevel_roi_align`.
 
     Args:
         boxes (Tensor[K, 4]): (x1, y1, x2, y2) in image pixels.
     """
     if boxes.dim() != 2 or boxes.shape[1] != 4:
         raise ValueError(f"boxes must be a Tensor[K, 4], got shape {tuple(boxes.shape)}")
-    area = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
-    level = torch.floor(canonical_level + torch.log2(torch.sqrt(area) / canonical_scale) + eps)
-    return (level.clamp(min=min_level, max=max_level) - min_level).to(torch.int64)
+    if min_level > max_level:
+        raise ValueError(f"min_level must not exceed max_level, got {min_level} > {max_level}")
+    rois = torch.cat([boxes.new_zeros((boxes.shape[0], 1)), boxes], dim=1)
+    scales = [2.0 ** -level for level in range(min_level, max_level + 1)]
+    return pyramid_levels(rois, scales, canonical_scale, canonical_level)
 
 
 def infer_scale(feature: Tensor, image_size: Sequence[int]) -> float:
@@ -109,15 +113,13 @@ class RoIPooler(nn.Module):
         if len(features) == 1:
             return self._pool(features[0], rois, scales[0])
 
-        min_level, max_level = round(-math.log2(scales[0])), round(-math.log2(scales[-1]))
-        levels = assign_boxes_to_levels(rois[:, 1:], min_level, max_level, self.canonical_scale,
-                                        self.canonical_level)
-        if self.op == "roi_align" and not self.op_options.get("pool", "avg") == "max":
-            fused = _multilevel()
-            if fused is not None:
-                return fused(features, rois, self.output_size, scales, self.op_options.get("sampling_ratio",
-                             self.sampling_ratio), self.op_options.get("aligned", False),
-                             canonical_scale=self.canonical_scale, canonical_level=self.canonical_level)
+        levels = pyramid_levels(rois, scales, self.canonical_scale, self.canonical_level)
+        if self.op == "roi_align" and self.op_options.get("pool", "avg") == "avg":
+            # one op for the whole pyramid: a single fused launch on CUDA
+            return multilevel_roi_align(features, rois, self.output_size, scales,
+                                        self.op_options.get("sampling_ratio", self.sampling_ratio),
+                                        self.op_options.get("aligned", False),
+                                        canonical_scale=self.canonical_scale, canonical_level=self.canonical_level)
         out = None
         for level, (feature, scale) in enumerate(zip(features, scales)):
             idx = torch.nonzero(levels == level).squeeze(1)
@@ -130,11 +132,3 @@ class RoIPooler(nn.Module):
     def extra_repr(self) -> str:
         options = "".join(f", {k}={v!r}" for k, v in self.op_options.items())
         return f"featmap_names={self.featmap_names}, output_size={self.output_size}, op={self.op!r}{options}"
-
-
-def _multilevel():
-    try:
-        from ..ops.multilevel_roi_align import multilevel_roi_align
-    except ImportError:
-        return None
-    return multilevel_roi_align

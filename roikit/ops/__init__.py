@@ -3,6 +3,7 @@
 Each is a function plus an ``nn.Module``, registered with ``torch.library`` as ``torch.ops.roikit.*``.
 """
 from ._library import deterministic_backward, deterministic_backward_enabled
+from .multilevel_roi_align import multilevel_roi_align
 from .prroi_pool import PrRoIPool, prroi_pool
 from .roi_align import RoIAlign, roi_align
 from .roi_pool import ROUNDINGS, RoIPool, roi_pool
@@ -10,6 +11,7 @@ from .roi_spp import RoISPP, roi_spp
 
 __all__ = [
     "roi_pool", "RoIPool", "ROUNDINGS", "roi_align", "RoIAlign", "prroi_pool", "PrRoIPool", "roi_spp", "RoISPP",
+    "multilevel_roi_align",
     "deterministic_backward", "deterministic_backward_enabled",
 ]
 

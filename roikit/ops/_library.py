@@ -145,7 +145,7 @@ def prroi_pool_backward_op(grad: Tensor, input: Tensor, rois: Tensor, spatial_sc
 
 @prroi_pool_backward_op.register_fake
 def _(grad, input, rois, spatial_scale, pooled_height, pooled_width, aligned, deterministic):
-    return torch.empty_like(input), torch.empty_like(rois)
+    return input.new_empty(input.shape), rois.new_empty(rois.shape)  # the kernels return contiguous tensors
 
 
 def _prroi_setup(ctx, inputs, output):
