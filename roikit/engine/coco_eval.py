@@ -13,6 +13,7 @@ from typing import Any, Iterable, Mapping
 
 import torch
 from torch import Tensor
+from tqdm import tqdm
 
 from ..io import atomic_save_json
 from .distributed import all_gather_object, is_main_process
@@ -91,8 +92,6 @@ def evaluate(model: torch.nn.Module, loader, dataset, device: torch.device, *, r
     rank 0 gathers the detections, writes ``results_file`` (atomically) and returns the metrics, the other ranks
     return None. ``dataset`` is the :class:`~roikit.data.CocoDetection` (its ``coco`` and ``label_to_cat_id``).
     """
-    from tqdm import tqdm
-
     was_training = model.training
     model.eval()
     results: list[dict] = []

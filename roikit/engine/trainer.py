@@ -16,6 +16,7 @@ import numpy as np
 import torch
 import yaml
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from tqdm import tqdm
 
 from ..data import CocoDetection, Compose, RandomHorizontalFlip, collate_fn, ensure_shapes_dataset
 from ..io import append_jsonl, atomic_save_json, atomic_torch_save, atomic_write_text
@@ -245,16 +246,14 @@ def train(cfg: dict, output_dir: str | Path, *, resume: bool = False, progress: 
     Runs in one process or under torchrun (DDP). Returns the final COCO metrics on rank 0, None on the others.
     Raises ValueError for a bad setting or file, FloatingPointError when the loss stops being finite.
     """
-    from tqdm import tqdm
-
     info = init_distributed(cfg["train"]["device"])
     try:
-        return _train(cfg, Path(output_dir), info, resume, progress, tqdm)
+        return _train(cfg, Path(output_dir), info, resume, progress)
     finally:
         cleanup()
 
 
-def _train(cfg, output_dir: Path, info: DistInfo, resume: bool, progress: bool, tqdm) -> dict | None:
+def _train(cfg, output_dir: Path, info: DistInfo, resume: bool, progress: bool) -> dict | None:
     t = cfg["train"]
     if t["log_period"] < 1 or t["checkpoint_period"] < 0 or t["eval_period"] < 0:
         raise ValueError("train.log_period must be >= 1, train.checkpoint_period and train.eval_period >= 0")
