@@ -41,9 +41,7 @@ def run_tool(tool, argv: list[str]) -> int:
 
 @pytest.fixture(scope="module")
 def tiny_data(tmp_path_factory):
-    # 192-pixel images, which the model's transform shrinks to 96: make_shapes_dataset fails on images under about
-    # 184 pixels (its largest shapes are 180 pixels wide), so 96-pixel images cannot be made directly.
-    return make_shapes_dataset(tmp_path_factory.mktemp("shapes"), num_train=8, num_val=4, image_size=192, seed=0,
+    return make_shapes_dataset(tmp_path_factory.mktemp("shapes"), num_train=8, num_val=4, image_size=96, seed=0,
                                progress=False)
 
 
@@ -64,7 +62,7 @@ TINY = {
 
 @pytest.fixture
 def tiny_config(tiny_data, tmp_path):
-    """A config file over configs/base_shapes.yaml: 96x96 inputs, a narrow model and 4 iterations."""
+    """A config file over configs/base_shapes.yaml for 96x96 images, a narrow model and 4 iterations."""
     cfg = copy.deepcopy(TINY)
     cfg["_base_"] = str(REPO / "configs" / "base_shapes.yaml")
     cfg["data"].update({key: tiny_data[key] for key in
