@@ -15,7 +15,7 @@ from typing import Sequence
 import torch
 
 from .ops import prroi_pool, roi_align
-from .ops.pytorch.roi_pool import bin_edges
+from .ops.pytorch.roi_pool import _round_half_away, bin_edges
 
 RULES = ("integer", "torchvision", "roi_align", "roi_align_unaligned", "prroi_pool")
 
@@ -82,8 +82,8 @@ def explain_axis(rule: str, lo: float, hi: float, stride: int, output_size: int 
             ]
         else:
             c_lo, c_hi = lo / s, hi / s
-            r_lo = int(math.floor(abs(c_lo) + 0.5)) * (1 if c_lo >= 0 else -1)
-            r_hi = int(math.floor(abs(c_hi) + 0.5)) * (1 if c_hi >= 0 else -1)
+            # the op's own rounding (half away from zero), on the float32 coordinates it sees
+            r_lo, r_hi = (int(v) for v in _round_half_away(rois[0, [1, 3]] * (1.0 / s)))
             cells = max(r_hi - r_lo + 1, 1)
             steps += [
                 f"start  round({_fmt(lo)} / {s} = {c_lo:.2f}) = {r_lo} cells",

@@ -54,10 +54,15 @@ def _box_cells(rois: Tensor, spatial_scale: float, pooled: tuple[int, int], roun
     return axes
 
 
+def _clip_edges(axes, size: tuple[int, int]):
+    """The bins of :func:`_box_cells` as absolute cell ranges, clipped to the map."""
+    return tuple(((b0 + start[:, None]).clamp(0, length), (b1 + start[:, None]).clamp(0, length))
+                 for (start, _, b0, b1), length in zip(axes, size))
+
+
 def bin_edges(rois: Tensor, spatial_scale: float, pooled: tuple[int, int], rounding: str, size: tuple[int, int]):
     """Cell ranges of every bin: ``(hstart, hend)`` [K, PH] and ``(wstart, wend)`` [K, PW], clipped to the map."""
-    return tuple(((b0 + start[:, None]).clamp(0, length), (b1 + start[:, None]).clamp(0, length))
-                 for (start, _, b0, b1), length in zip(_box_cells(rois, spatial_scale, pooled, rounding), size))
+    return _clip_edges(_box_cells(rois, spatial_scale, pooled, rounding), size)
 
 
 def _adaptive_edges(extent: Tensor, pooled: int):
@@ -109,7 +114,7 @@ def roi_pool_forward(input: Tensor, rois: Tensor, spatial_scale: float, pooled_h
     (y0, len_y, _, _), (x0, len_x, _, _) = axes
     batch = rois[:, 0].long()
     lowest = torch.finfo(torch.float32).min  # torchvision starts every bin at -FLT_MAX
-    (hs, he), (ws, we) = bin_edges(rois, spatial_scale, pooled, rounding, (height, width))
+    (hs, he), (ws, we) = _clip_edges(axes, (height, width))
     empty = (hs >= he)[:, :, None, None] | (ws >= we)[:, None, :, None]  # [K, PH, PW, 1] wholly off the map
 
     fast = torch.nonzero(exact).squeeze(1)
