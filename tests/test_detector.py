@@ -19,7 +19,7 @@ from roikit.engine import trainer as trainer_module
 from roikit.engine.config import DEFAULTS, apply_overrides
 from roikit.engine.trainer import CHECKPOINT_NAME, METRICS_NAME, build_datasets
 from roikit.layers.poolers import RoIPooler
-from roikit.modeling import FastRCNNFCHead, FastRCNNPredictor, SmallConvNet, build_detector, swap_roi_pooler
+from roikit.modeling import FastRCNNConvFCHead, FastRCNNPredictor, SmallConvNet, build_detector, swap_roi_pooler
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -140,16 +140,15 @@ def test_small_cnn_strides_and_errors():
 
 
 def test_box_head_takes_spp_and_grid_features():
-    grid = FastRCNNFCHead(input_shape=(8, 7, 7), fc_dims=(16, 12))
+    grid = FastRCNNConvFCHead(input_shape=(8, 7, 7), fc_dims=(16, 12))
     assert grid(torch.rand(5, 8, 7, 7)).shape == (5, 12) and grid.out_features == 12
     pooler = RoIPooler(["0"], op="roi_spp", levels=(1, 2))
-    spp = FastRCNNFCHead(input_shape=pooler.output_shape(8), fc_dims=(16,))
+    spp = FastRCNNConvFCHead(input_shape=pooler.output_shape(8), fc_dims=(16,))
     pooled = pooler({"0": torch.rand(1, 8, 6, 6)}, [torch.tensor([[0.0, 0.0, 40.0, 40.0]])], [(96, 96)])
     assert pooled.shape == (1, 40) and spp(pooled).shape == (1, 16)
     with pytest.raises(ValueError, match=r"expected pooled features \[K, 8, 7, 7\]"):
         grid(torch.rand(5, 8, 6, 6))
-    with pytest.raises(ValueError, match="fc_dims must be a non-empty list"):
-        FastRCNNFCHead(input_shape=(8,), fc_dims=())
+    assert FastRCNNConvFCHead(input_shape=(8,), fc_dims=()).out_features == 8  # the predictor reads the pooled vector
     scores, deltas = FastRCNNPredictor(in_features=12, num_classes=6)(torch.rand(5, 12))
     assert scores.shape == (5, 7) and deltas.shape == (5, 28)
 

@@ -58,7 +58,13 @@ DEFAULTS: dict[str, Any] = {
             "sampling_ratio": 2,
             "options": {"aligned": True},  # the op's own settings: aligned, pool, rounding, levels
         },
-        "box_head": {"fc_dims": [1024, 1024]},
+        "box_head": {  # region features -> 3x3 convs -> head pool -> fc layers (roikit.modeling.box_head)
+            "conv_dims": [],
+            "pool": "none",  # none (flatten) | global_avg | global_max | avg | max | overlapping_max | stochastic
+            #                  | bilinear | compact_bilinear | spp
+            "pool_options": {},  # the head pool layer's own settings: kernel_size, stride, output_dim, levels, ...
+            "fc_dims": [1024, 1024],
+        },
         "roi_heads": {
             "fg_iou_thresh": 0.5,
             "bg_iou_thresh": 0.5,
@@ -106,7 +112,7 @@ DEFAULTS: dict[str, Any] = {
     },
 }
 
-FREEFORM = {("model", "pooler", "options")}
+FREEFORM = {("model", "pooler", "options"), ("model", "box_head", "pool_options")}
 
 
 def _dotted(path: tuple[str, ...]) -> str:

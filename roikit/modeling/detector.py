@@ -17,10 +17,10 @@ from torchvision.models.detection.transform import GeneralizedRCNNTransform
 
 from ..layers.poolers import RoIPooler
 from .backbones import SmallConvNet, resnet_fpn
-from .box_head import FastRCNNFCHead
+from .box_head import FastRCNNConvFCHead
 from .predictor import FastRCNNPredictor
 
-__all__ = ["build_backbone", "build_pooler", "build_detector", "BACKBONES"]
+__all__ = ["build_backbone", "build_pooler", "build_box_head", "build_detector", "BACKBONES"]
 
 BACKBONES = ("small_cnn", "resnet_fpn")
 
@@ -44,6 +44,16 @@ def build_pooler(cfg: dict, featmap_names: list[str]) -> RoIPooler:
                          **p["options"])
     except TypeError as e:  # an option the op does not take
         raise ValueError(f"model.pooler.options {p['options']} for {p['op']}: {e}") from e
+
+
+def build_box_head(cfg: dict, input_shape: tuple[int, ...]) -> FastRCNNConvFCHead:
+    """``cfg["model"]["box_head"]`` -> the box head for pooled features of ``input_shape`` (one region's)."""
+    h = cfg["model"]["box_head"]
+    try:
+        return FastRCNNConvFCHead(input_shape=input_shape, fc_dims=h["fc_dims"], conv_dims=h["conv_dims"],
+                                  pool=h["pool"], pool_options=h["pool_options"])
+    except ValueError as e:
+        raise ValueError(f"model.box_head: {e}") from e
 
 
 def _anchor_generator(rpn: dict, num_maps: int) -> AnchorGenerator:
@@ -81,7 +91,7 @@ def build_detector(cfg: dict) -> GeneralizedRCNN:
     )
 
     pooler = build_pooler(cfg, pooled_names)
-    box_head = FastRCNNFCHead(input_shape=pooler.output_shape(backbone.out_channels), fc_dims=m["box_head"]["fc_dims"])
+    box_head = build_box_head(cfg, pooler.output_shape(backbone.out_channels))
     predictor = FastRCNNPredictor(in_features=box_head.out_features, num_classes=num_classes)
     r = m["roi_heads"]
     if len(r["bbox_reg_weights"]) != 4:
