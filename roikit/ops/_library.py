@@ -49,7 +49,7 @@ def roi_pool_op(input: Tensor, rois: Tensor, spatial_scale: float, pooled_height
 @roi_pool_op.register_fake
 def _(input, rois, spatial_scale, pooled_height, pooled_width, rounding):
     shape = (rois.shape[0], input.shape[1], pooled_height, pooled_width)
-    return input.new_empty(shape), input.new_empty(shape, dtype=torch.int64)
+    return input.new_empty(shape), input.new_empty(shape, dtype=torch.int32)
 
 
 @torch.library.custom_op("roikit::roi_pool_backward", mutates_args=())

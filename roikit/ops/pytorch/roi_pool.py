@@ -88,8 +88,8 @@ def _running_max(cell, count: int, has_nan: bool):
 
 def roi_pool_forward(input: Tensor, rois: Tensor, spatial_scale: float, pooled_height: int, pooled_width: int,
                      rounding: str) -> tuple[Tensor, Tensor]:
-    """Returns ``output`` [K, C, PH, PW] and ``argmax`` [K, C, PH, PW]: the cell ``h * W + w`` each bin took its
-    value from, -1 for an empty bin (torchvision's convention).
+    """Returns ``output`` [K, C, PH, PW] and ``argmax`` [K, C, PH, PW] (int32, as torchvision's): the cell
+    ``h * W + w`` each bin took its value from, -1 for an empty bin (torchvision's convention).
 
     Both rules split a box of ``L`` whole cells into bins the way adaptive max pooling splits an ``L``-cell map
     (``floor(p L / P)`` to ``ceil((p + 1) L / P)``), so boxes are cut out (cells off the map as -inf) and pooled
@@ -99,11 +99,11 @@ def roi_pool_forward(input: Tensor, rois: Tensor, spatial_scale: float, pooled_h
     """
     n, c, height, width = input.shape
     k = rois.shape[0]
-    out = input.new_zeros((k, pooled_height, pooled_width, c))
-    argmax = torch.full((k, pooled_height, pooled_width, c), -1, dtype=torch.int64, device=input.device)
-    if k == 0:
-        return out.permute(0, 3, 1, 2), argmax.permute(0, 3, 1, 2)
     pooled = (pooled_height, pooled_width)
+    out = input.new_empty((k, c, pooled_height, pooled_width))
+    argmax = torch.empty((k, c, pooled_height, pooled_width), dtype=torch.int32, device=input.device)
+    if k == 0:
+        return out, argmax
     axes = _box_cells(rois, spatial_scale, pooled, rounding)
     exact = torch.ones(k, dtype=torch.bool, device=input.device)
     for (start, extent, b0, b1), p in zip(axes, pooled):
@@ -115,7 +115,7 @@ def roi_pool_forward(input: Tensor, rois: Tensor, spatial_scale: float, pooled_h
     batch = rois[:, 0].long()
     lowest = torch.finfo(torch.float32).min  # torchvision starts every bin at -FLT_MAX
     (hs, he), (ws, we) = _clip_edges(axes, (height, width))
-    empty = (hs >= he)[:, :, None, None] | (ws >= we)[:, None, :, None]  # [K, PH, PW, 1] wholly off the map
+    empty = (hs >= he)[:, None, :, None] | (ws >= we)[:, None, None, :]  # [K, 1, PH, PW] wholly off the map
 
     fast = torch.nonzero(exact).squeeze(1)
     size_key = len_y[fast] * (int(len_x.max()) + 1) + len_x[fast]
@@ -123,28 +123,33 @@ def roi_pool_forward(input: Tensor, rois: Tensor, spatial_scale: float, pooled_h
     fast, size_key = fast[order], size_key[order]
     _, counts = torch.unique_consecutive(size_key, return_counts=True)
     for idx in torch.split(fast, counts.tolist()):
-        ly, lx = int(len_y[idx[0]]), int(len_x[idx[0]])
+        b, ly, lx = len(idx), int(len_y[idx[0]]), int(len_x[idx[0]])
         rows = y0[idx, None] + torch.arange(ly, device=input.device)  # [B, Ly] may leave the map
         cols = x0[idx, None] + torch.arange(lx, device=input.device)
-        inside = ((rows >= 0) & (rows < height))[:, :, None] & ((cols >= 0) & (cols < width))[:, None, :]
-        flat = crop_index(batch[idx], rows.clamp(0, height - 1), cols.clamp(0, width - 1), height, width)
-        crop = feat.index_select(0, flat.reshape(-1)).reshape(len(idx), ly, lx, c)  # [B, Ly, Lx, C]
-        crop = crop.masked_fill(~inside[..., None], float("-inf"))
+        row_in, col_in = (rows >= 0) & (rows < height), (cols >= 0) & (cols < width)
+        rows, cols = rows.clamp(0, height - 1), cols.clamp(0, width - 1)
+        crop = feat.index_select(0, crop_index(batch[idx], rows, cols, height, width).reshape(-1))
+        crop = crop.view(b, ly, lx, c)  # [B, Ly, Lx, C]
+        if not bool(row_in.all() and col_in.all()):
+            crop.masked_fill_(~(row_in[:, :, None] & col_in[:, None, :])[..., None], float("-inf"))
         if has_nan:
-            crop = torch.nan_to_num(crop, nan=float("-inf"))  # NaN never wins, as in torchvision
+            crop = torch.nan_to_num_(crop, nan=float("-inf"))  # NaN never wins, as in torchvision
         value, where = torch.nn.functional.adaptive_max_pool2d(crop.permute(0, 3, 1, 2), pooled, return_indices=True)
-        value, where = value.permute(0, 2, 3, 1), where.permute(0, 2, 3, 1)  # [B, PH, PW, C]; where = iy * Lx + ix
-        cell = (y0[idx, None, None, None] + where // lx) * width + x0[idx, None, None, None] + where % lx
-        found = value > lowest
-        out[idx] = torch.where(empty[idx], 0.0, torch.where(found, value, lowest)).to(out.dtype)
-        argmax[idx] = torch.where(empty[idx] | ~found, -1, cell)
+        # where = iy * Lx + ix in the crop -> the map cell h * W + w, read from a per-box table of the crop's cells
+        cells = (rows[:, :, None] * width + cols[:, None, :]).to(torch.int32).view(b, 1, ly * lx)
+        cell = torch.gather(cells.expand(b, c, ly * lx), 2, where.view(b, c, -1)).view(value.shape)
+        found = value > lowest  # something beat -FLT_MAX
+        value = torch.where(found, value, lowest).masked_fill_(empty[idx], 0.0)  # off the map: 0
+        out.index_copy_(0, idx, value.to(out.dtype))
+        argmax.index_copy_(0, idx, cell.masked_fill_(~found | empty[idx], -1))
 
     slow = torch.nonzero(~exact).squeeze(1)
     if len(slow):
         o, a = _two_pass(feat, (n, c, height, width), batch[slow], (hs[slow], he[slow]), (ws[slow], we[slow]),
                          pooled, has_nan)
-        out[slow], argmax[slow] = o, a
-    return out.permute(0, 3, 1, 2).contiguous(), argmax.permute(0, 3, 1, 2).contiguous()
+        out.index_copy_(0, slow, o.permute(0, 3, 1, 2).to(out.dtype))
+        argmax.index_copy_(0, slow, a.permute(0, 3, 1, 2).to(torch.int32))
+    return out, argmax
 
 
 def _two_pass(feat: Tensor, shape, batch: Tensor, h_edges, w_edges, pooled, has_nan: bool):
@@ -194,7 +199,11 @@ def roi_pool_backward(grad: Tensor, rois: Tensor, argmax: Tensor, batch_size: in
     out = grad.new_zeros((batch_size * channels * height * width,))
     if rois.shape[0] == 0:
         return out.reshape(batch_size, channels, height, width)
-    base = (rois[:, 0].long()[:, None] * channels + torch.arange(channels, device=grad.device)) * (height * width)
-    flat = (base[:, :, None, None] + argmax).clamp(min=0)  # [K, C, PH, PW]; empty bins add 0 anywhere
-    out.index_add_(0, flat.reshape(-1), grad.masked_fill(argmax < 0, 0).reshape(-1))
+    # int32 indices where they fit: half the memory of int64 on the largest tensor of the backward
+    index_dtype = torch.int32 if out.numel() < 2**31 else torch.int64
+    plane = (rois[:, 0].to(index_dtype)[:, None] * channels + torch.arange(channels, dtype=index_dtype,
+                                                                             device=grad.device)) * (height * width)
+    missing = argmax < 0
+    flat = argmax.to(index_dtype, copy=True).add_(plane[:, :, None, None]).masked_fill_(missing, 0)  # empty bins add 0 at 0
+    out.index_add_(0, flat.reshape(-1), grad.masked_fill(missing, 0).reshape(-1))
     return out.reshape(batch_size, channels, height, width)

@@ -95,7 +95,7 @@ def _roi_pool_fwd_kernel(
     offs = (k * C + cs.to(tl.int64))[:, None] * (PH * PW) + ps[None, :]
     m = c_ok[:, None] & p_ok[None, :]
     tl.store(out_ptr + offs, best, mask=m)
-    tl.store(arg_ptr + offs, arg, mask=m)
+    tl.store(arg_ptr + offs, arg.to(tl.int32), mask=m)
 
 
 @triton.jit
@@ -125,7 +125,7 @@ def roi_pool_forward(input: Tensor, rois: Tensor, spatial_scale: float, pooled_h
     n, c, h, w = input.shape
     k = rois.shape[0]
     out = input.new_empty((k, c, pooled_height, pooled_width))
-    argmax = torch.empty(out.shape, dtype=torch.int64, device=input.device)
+    argmax = torch.empty(out.shape, dtype=torch.int32, device=input.device)
     if k == 0 or c == 0:
         return out, argmax
     block_c, block_p = _blocks(c, pooled_height * pooled_width)
