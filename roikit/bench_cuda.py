@@ -172,28 +172,34 @@ def check_correctness(device="cuda") -> list[str]:
     return failures
 
 
-def run_cuda_benchmark(repeat: int = 20, device="cuda") -> list[dict]:
-    """Time every case of issue 7; one row per (workload, op, pass)."""
+def run_cuda_benchmark(repeat: int = 20, device="cuda", channels: int = CHANNELS,
+                       timer: Callable[[Callable[[], object], int], float] = time_ms) -> list[dict]:
+    """Time every case of issue 7; one row per (workload, op, pass).
+
+    ``device``, ``channels`` and ``timer`` are there so that the script itself can be run on the CPU with a
+    wall-clock timer and few channels (the test suite does, as a smoke test); the figures mean something only on
+    a GPU with the defaults.
+    """
     import torchvision
     from collections import OrderedDict
 
     from .ops import deterministic_backward, roi_align, roi_pool
     from .ops.multilevel_roi_align import multilevel_roi_align
 
-    peak = peak_bandwidth(torch.cuda.get_device_name())
+    peak = peak_bandwidth(torch.cuda.get_device_name()) if torch.device(device).type == "cuda" else None
     g = torch.Generator(device=device).manual_seed(0)
-    feats = [torch.randn(2, CHANNELS, h, w, device=device, generator=g) for h, w in SIZES]
+    feats = [torch.randn(2, channels, h, w, device=device, generator=g) for h, w in SIZES]
     rows = []
 
     def add(workload, op, mode, ours, theirs, bytes_moved):
-        t_ours, t_tv = time_ms(ours, repeat), time_ms(theirs, repeat)
+        t_ours, t_tv = timer(ours, repeat), timer(theirs, repeat)
         gbs = bytes_moved / (t_ours * 1e-3) / 1e9
         rows.append(dict(workload=workload, op=op, mode=mode, roikit_ms=t_ours, torchvision_ms=t_tv,
                          speedup=t_tv / t_ours, roikit_gbs=gbs, peak_gbs=peak))
 
     x = feats[0]
     leaf_a, leaf_b = x.clone().requires_grad_(), x.clone().requires_grad_()
-    c, (h, w) = CHANNELS, SIZES[0]
+    c, (h, w) = channels, SIZES[0]
     for num_boxes in (1000, 4000):
         rois = to_rois(make_boxes(num_boxes // 2, device=device))
         workload = f"1 level, {num_boxes} boxes"
@@ -214,7 +220,7 @@ def run_cuda_benchmark(repeat: int = 20, device="cuda") -> list[dict]:
                 fwd_bytes + bwd_bytes)
         pool_ours = lambda xx: roi_pool(xx, rois, 7, 1 / 4)  # noqa: E731
         pool_theirs = lambda xx: torchvision.ops.roi_pool(xx, rois, 7, 1 / 4)  # noqa: E731
-        arg_bytes = num_boxes * c * 49 * 8
+        arg_bytes = num_boxes * c * 49 * 4  # int32 argmax, in both libraries
         add(workload, "roi_pool", "forward", _fwd(lambda: pool_ours(x)), _fwd(lambda: pool_theirs(x)),
             fwd_bytes + arg_bytes)
         add(workload, "roi_pool", "forward+backward", _fwd_bwd(lambda: pool_ours(leaf_a), [leaf_a], grad),

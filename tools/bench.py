@@ -34,7 +34,7 @@ def main(args: argparse.Namespace) -> int:
             return 2
         from roikit.bench_cuda import main as cuda_main
 
-        return cuda_main()
+        return cuda_main(args.repeat)
     from roikit.bench import format_rows, machine, run_cpu_benchmark
 
     print(f"CPU benchmark on {machine()}")
