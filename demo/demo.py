@@ -41,7 +41,7 @@ from roikit.io import atomic_torch_save, atomic_write_bytes, atomic_save_json
 from roikit.layers.poolers import assign_boxes_to_levels
 from roikit.modeling.detector import build_detector
 from roikit.ops import roi_align
-from roikit.ops.pytorch.roi_align import _grid as roi_align_grid
+from roikit.ops.pytorch.roi_align import sampling_grid as roi_align_grid
 from roikit.ops.pytorch.roi_pool import bin_edges
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -80,10 +80,9 @@ def _quick_config(cfg: dict, path: Path, iters: int) -> dict:
 
 
 def _saved_config(path: Path) -> dict | None:
-    from roikit.engine.trainer import _read_checkpoint  # the trainer's reader: its checks and messages
+    from roikit.engine import read_checkpoint
 
-    config = _read_checkpoint(path).get("config")
-    return config if isinstance(config, dict) else None
+    return read_checkpoint(path).get("config")
 
 
 def quick_checkpoint(cfg: dict, path: Path, iters: int) -> Path:

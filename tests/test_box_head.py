@@ -164,3 +164,23 @@ def test_head_pool_config_errors():
     cfg = apply_overrides(cfg, ["model.box_head.pool_options={output_dim: 64}",
                                 "model.box_head.pool_options={levels: [1]}"])
     assert cfg["model"]["box_head"]["pool_options"] == {"levels": [1]}
+
+
+def test_checkpoint_from_before_the_head_pool_settings_still_loads(tmp_path):
+    """A checkpoint whose saved config predates ``box_head.conv_dims/pool/pool_options`` reads them as defaults."""
+    from roikit.engine import load_checkpoint, read_checkpoint
+
+    cfg = _tiny_cfg("model.box_head.fc_dims=[16]")
+    torch.manual_seed(0)
+    model = build_detector(cfg)
+    old = json.loads(json.dumps(cfg))
+    old["model"]["box_head"] = {"fc_dims": [16]}  # what tools/train.py saved before the head pool existed
+    path = tmp_path / "old.pth"
+    torch.save({"model": model.state_dict(), "config": old, "iteration": 7}, path)
+    assert read_checkpoint(path)["config"]["model"]["box_head"] == cfg["model"]["box_head"]
+    assert load_checkpoint(path, model=build_detector(cfg), cfg=cfg) == 7
+    # a real difference is still an error
+    other = apply_overrides(cfg, ["model.box_head.pool=global_avg"])
+    with pytest.raises(ValueError, match=r"another model config \(model.box_head.pool: checkpoint 'none', "
+                                         r"config 'global_avg'\)"):
+        load_checkpoint(path, model=build_detector(other), cfg=other)

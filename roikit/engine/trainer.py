@@ -22,6 +22,7 @@ from ..data import CocoDetection, Compose, RandomHorizontalFlip, collate_fn, ens
 from ..io import append_jsonl, atomic_save_json, atomic_torch_save, atomic_write_text
 from ..modeling import build_detector
 from .coco_eval import evaluate, format_metrics, format_per_class
+from .config import DEFAULTS, merge_config
 from .distributed import (DistInfo, all_gather_object, all_reduce_mean, barrier, cleanup, init_distributed,
                           is_main_process, log, unwrap, wrap_ddp)
 
@@ -163,7 +164,9 @@ def save_checkpoint(path: str | Path, *, model, optimizer, scheduler, scaler, it
     })
 
 
-def _read_checkpoint(path: str | Path) -> dict[str, Any]:
+def read_checkpoint(path: str | Path) -> dict[str, Any]:
+    """The dict a checkpoint holds (on the CPU), checked; its ``config`` (when it has one) laid over today's
+    :data:`~roikit.engine.config.DEFAULTS`, so that settings added since it was saved read as their defaults."""
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"checkpoint not found: {path}")
@@ -173,6 +176,10 @@ def _read_checkpoint(path: str | Path) -> dict[str, Any]:
         raise ValueError(f"cannot read checkpoint {path}: {' '.join(str(e).split())[:200]}") from e
     if not isinstance(ckpt, dict) or not isinstance(ckpt.get("model"), dict):
         raise ValueError(f"{path} is not a roikit checkpoint (no 'model' state dict)")
+    if isinstance(ckpt.get("config"), dict):
+        ckpt["config"] = merge_config(DEFAULTS, ckpt["config"], f"the config saved in checkpoint {path}")
+    else:
+        ckpt.pop("config", None)
     return ckpt
 
 
@@ -212,7 +219,7 @@ def load_checkpoint(path: str | Path, *, model, optimizer=None, scheduler=None, 
     With ``cfg``, the checkpoint's model config must be the same (another model is an error, not a warm start).
     With ``info``, this rank's random state is restored when the world size is the one it was saved with.
     """
-    ckpt = _read_checkpoint(path)
+    ckpt = read_checkpoint(path)
     if cfg is not None and isinstance(ckpt.get("config"), dict):
         diff = _first_difference(ckpt["config"].get("model"), cfg["model"], "model")
         if diff:

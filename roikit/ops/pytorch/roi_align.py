@@ -22,8 +22,9 @@ from ._crops import channels_last_rows, compute_dtype, separable_backward, separ
 
 
 
-def _grid(rois: Tensor, spatial_scale: float, pooled: tuple[int, int], sampling_ratio: int, aligned: bool):
-    """Per box: start, bin size and sample count of each axis, computed in torchvision's order of operations."""
+def sampling_grid(rois: Tensor, spatial_scale: float, pooled: tuple[int, int], sampling_ratio: int, aligned: bool):
+    """Per box and axis (y, then x): the start, the bin size and the samples per bin, each [K], computed in
+    torchvision's order of operations. Sample ``i`` of bin ``p`` lies at ``start + p * bin + (i + 0.5) * bin / g``."""
     r = rois.to(compute_dtype(rois))
     offset = 0.5 if aligned else 0.0
     x1, y1, x2, y2 = (r[:, i] * spatial_scale - offset for i in range(1, 5))  # [K] each
@@ -110,7 +111,7 @@ def _axis_taps(start, bin_size, grid, pooled: int, length: int, per_sample: bool
 
 def _taps(input_shape, rois, spatial_scale, pooled, sampling_ratio, aligned, per_sample):
     _, _, height, width = input_shape
-    (y1, bin_h, gh), (x1, bin_w, gw) = _grid(rois, spatial_scale, pooled, sampling_ratio, aligned)
+    (y1, bin_h, gh), (x1, bin_w, gw) = sampling_grid(rois, spatial_scale, pooled, sampling_ratio, aligned)
     rows, wy, len_y = _axis_taps(y1, bin_h, gh, pooled[0], height, per_sample)
     cols, wx, len_x = _axis_taps(x1, bin_w, gw, pooled[1], width, per_sample)
     return (rows, wy, len_y, gh), (cols, wx, len_x, gw)
