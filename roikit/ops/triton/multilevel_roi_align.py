@@ -20,7 +20,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .roi_align import _align_bins, _align_box, _align_scatter, _blocks, deterministic_backward_into
+from ._tiles import blocks, box_tile
+from .roi_align import _align_bins, _align_box, _align_scatter, deterministic_backward_into
 
 try:  # libdevice's log2f is torch's log2 on CUDA; the interpreter has no libdevice (DEVICE_MATH=False there)
     from triton.language.extra import libdevice
@@ -83,11 +84,7 @@ def _multilevel_fwd_kernel(
     ROI_DTYPE: tl.constexpr, DEVICE_MATH: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
 ):
     # out[k] = roi_align(feats[level_k], box k, scales[level_k]) (average), 0 for a box with no level
-    k = tl.program_id(0).to(tl.int64)
-    cs = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    ps = tl.program_id(2) * BLOCK_P + tl.arange(0, BLOCK_P)
-    offs = (k * C + cs.to(tl.int64))[:, None] * (PH * PW) + ps[None, :]
-    m = (cs < C)[:, None] & (ps < PH * PW)[None, :]
+    k, cs, ps, offs, m = box_tile(C, PH, PW, BLOCK_C, BLOCK_P)
     level = _pyramid_level(rois_ptr, k, k_min, k_max, canonical_scale, inv_canonical_scale, canonical_level, eps,
                            NUM_LEVELS, ROI_DTYPE, DEVICE_MATH)
     for lv in tl.static_range(NUM_LEVELS):
@@ -108,11 +105,7 @@ def _multilevel_bwd_kernel(
     ROI_DTYPE: tl.constexpr, DEVICE_MATH: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
 ):
     # grad_input[level_k][n_k, c, taps] += weight / count * grad[k, c, ph, pw]   (float32 atomics)
-    k = tl.program_id(0).to(tl.int64)
-    cs = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    ps = tl.program_id(2) * BLOCK_P + tl.arange(0, BLOCK_P)
-    offs = (k * C + cs.to(tl.int64))[:, None] * (PH * PW) + ps[None, :]
-    m = (cs < C)[:, None] & (ps < PH * PW)[None, :]
+    k, cs, ps, offs, m = box_tile(C, PH, PW, BLOCK_C, BLOCK_P)
     level = _pyramid_level(rois_ptr, k, k_min, k_max, canonical_scale, inv_canonical_scale, canonical_level, eps,
                            NUM_LEVELS, ROI_DTYPE, DEVICE_MATH)
     for lv in tl.static_range(NUM_LEVELS):
@@ -163,7 +156,7 @@ def multilevel_roi_align_forward(features: Sequence[Tensor], rois: Tensor, spati
     if k == 0 or c == 0:
         return out
     rois = rois.contiguous()
-    block_c, block_p = _blocks(c, pooled_height * pooled_width)
+    block_c, block_p = blocks(c, pooled_height * pooled_width)
     grid = (k, triton.cdiv(c, block_c), triton.cdiv(pooled_height * pooled_width, block_p))
     _multilevel_fwd_kernel[grid](
         tuple(features), tuple(f.shape[2] for f in features), tuple(f.shape[3] for f in features),
@@ -194,7 +187,7 @@ def multilevel_roi_align_backward(grad: Tensor, rois: Tensor, spatial_scales: Se
                 deterministic_backward_into(gin, grad[idx].contiguous(), rois[idx].contiguous(), grad, scale,
                                             pooled_height, pooled_width, sampling_ratio, aligned, False)
         return [g.to(grad.dtype) for g in gins]
-    block_c, block_p = _blocks(channels, pooled_height * pooled_width)
+    block_c, block_p = blocks(channels, pooled_height * pooled_width)
     grid = (k, triton.cdiv(channels, block_c), triton.cdiv(pooled_height * pooled_width, block_p))
     _multilevel_bwd_kernel[grid](
         grad, tuple(gins), tuple(heights), tuple(widths), *(tuple(g.stride(d) for g in gins) for d in range(4)),

@@ -19,6 +19,7 @@ import triton.language as tl
 from torch import Tensor
 
 from ._deterministic import MAX_ENTRIES, gather_bins
+from ._tiles import blocks, box_tile
 
 
 @triton.jit
@@ -76,9 +77,7 @@ def _prroi_fwd_kernel(
     PH: tl.constexpr, PW: tl.constexpr, ALIGNED: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
 ):
     # out[k, c, ph, pw] = sum_ij F[n_k, c, i, j] Wy[ph, i] Wx[pw, j]
-    k = tl.program_id(0).to(tl.int64)
-    cs = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    ps = tl.program_id(2) * BLOCK_P + tl.arange(0, BLOCK_P)
+    k, cs, ps, offs, m = box_tile(C, PH, PW, BLOCK_C, BLOCK_P)
     c_ok = cs < C
     p_ok = ps < PH * PW
     n, by, y_lo, y_hi, y_first, ny, bx, x_lo, x_hi, x_first, nx = _prroi_load_box(
@@ -91,11 +90,10 @@ def _prroi_fwd_kernel(
         for fx in range(nx):
             j = x_first + fx
             w = wy * _prroi_weight(j, x_lo, x_hi, bx, W)
-            m = c_ok[:, None] & ((w != 0.0) & p_ok)[None, :]
-            v = tl.load(chan + (i.to(tl.int64) * s_h + j.to(tl.int64) * s_w)[None, :], mask=m, other=0.0)
+            tap = c_ok[:, None] & ((w != 0.0) & p_ok)[None, :]
+            v = tl.load(chan + (i.to(tl.int64) * s_h + j.to(tl.int64) * s_w)[None, :], mask=tap, other=0.0)
             acc += v.to(tl.float32) * w[None, :]
-    offs = (k * C + cs.to(tl.int64))[:, None] * (PH * PW) + ps[None, :]
-    tl.store(out_ptr + offs, acc, mask=c_ok[:, None] & p_ok[None, :])
+    tl.store(out_ptr + offs, acc, mask=m)
 
 
 @triton.jit
@@ -104,15 +102,12 @@ def _prroi_bwd_input_kernel(
     PH: tl.constexpr, PW: tl.constexpr, ALIGNED: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
 ):
     # grad_input[n_k, c, i, j] += grad[k, c, ph, pw] Wy[ph, i] Wx[pw, j]   (float32 atomics)
-    k = tl.program_id(0).to(tl.int64)
-    cs = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    ps = tl.program_id(2) * BLOCK_P + tl.arange(0, BLOCK_P)
+    k, cs, ps, offs, m = box_tile(C, PH, PW, BLOCK_C, BLOCK_P)
     c_ok = cs < C
     p_ok = ps < PH * PW
     n, by, y_lo, y_hi, y_first, ny, bx, x_lo, x_hi, x_first, nx = _prroi_load_box(
         rois_ptr, k, spatial_scale, ps // PW, ps % PW, PH, PW, ALIGNED)
-    offs = (k * C + cs.to(tl.int64))[:, None] * (PH * PW) + ps[None, :]
-    g = tl.load(grad_ptr + offs, mask=c_ok[:, None] & p_ok[None, :], other=0.0).to(tl.float32)
+    g = tl.load(grad_ptr + offs, mask=m, other=0.0).to(tl.float32)
     chan = gin_ptr + n * g_sn + cs.to(tl.int64)[:, None] * g_sc
     for fy in range(ny):
         i = y_first + fy
@@ -120,8 +115,8 @@ def _prroi_bwd_input_kernel(
         for fx in range(nx):
             j = x_first + fx
             w = wy * _prroi_weight(j, x_lo, x_hi, bx, W)
-            m = c_ok[:, None] & ((w != 0.0) & p_ok)[None, :]
-            tl.atomic_add(chan + (i.to(tl.int64) * g_sh + j.to(tl.int64) * g_sw)[None, :], g * w[None, :], mask=m,
+            tap = c_ok[:, None] & ((w != 0.0) & p_ok)[None, :]
+            tl.atomic_add(chan + (i.to(tl.int64) * g_sh + j.to(tl.int64) * g_sw)[None, :], g * w[None, :], mask=tap,
                           sem="relaxed")
 
 
@@ -228,13 +223,6 @@ def _prroi_entries_kernel(
     tl.store(w_ptr + e, w, mask=ok)
 
 
-def _blocks(channels: int, bins: int, tile: int = 512) -> tuple[int, int]:
-    # a [BLOCK_C, BLOCK_P] tile of 512 keeps 4 outputs a thread (4 warps): about 70 registers on sm_90, no spills
-    block_p = min(triton.next_power_of_2(max(bins, 1)), 128)
-    block_c = max(1, min(triton.next_power_of_2(max(channels, 1)), tile // block_p))
-    return block_c, block_p
-
-
 def prroi_pool_forward(input: Tensor, rois: Tensor, spatial_scale: float, pooled_height: int, pooled_width: int,
                        aligned: bool) -> Tensor:
     """Same contract as ``roikit.ops.pytorch.prroi_pool.prroi_pool_forward``: [K, C, PH, PW]."""
@@ -243,7 +231,7 @@ def prroi_pool_forward(input: Tensor, rois: Tensor, spatial_scale: float, pooled
     out = input.new_empty((k, c, pooled_height, pooled_width))
     if k == 0 or c == 0:
         return out
-    block_c, block_p = _blocks(c, pooled_height * pooled_width)
+    block_c, block_p = blocks(c, pooled_height * pooled_width)
     grid = (k, triton.cdiv(c, block_c), triton.cdiv(pooled_height * pooled_width, block_p))
     _prroi_fwd_kernel[grid](input, rois.contiguous(), out, c, h, w, *input.stride(), float(spatial_scale),
                             PH=pooled_height, PW=pooled_width, ALIGNED=bool(aligned), BLOCK_C=block_c,
@@ -272,12 +260,12 @@ def prroi_pool_backward(grad: Tensor, input: Tensor, rois: Tensor, spatial_scale
         return gin.to(input.dtype), grois.to(rois.dtype)
     grad, rois = grad.contiguous(), rois.contiguous()
     pooled = pooled_height * pooled_width
-    block_c, block_p = _blocks(c, pooled, tile=256)
+    block_c, block_p = blocks(c, pooled, tile=256)
     _prroi_bwd_rois_kernel[(k,)](input, rois, grad, grois, c, h, w, *input.stride(), float(spatial_scale),
                                  PH=pooled_height, PW=pooled_width, ALIGNED=bool(aligned), BLOCK_C=block_c,
                                  BLOCK_P=block_p)
     if not deterministic:
-        block_c, block_p = _blocks(c, pooled)
+        block_c, block_p = blocks(c, pooled)
         grid = (k, triton.cdiv(c, block_c), triton.cdiv(pooled, block_p))
         _prroi_bwd_input_kernel[grid](grad, rois, gin, c, h, w, *gin.stride(), float(spatial_scale),
                                       PH=pooled_height, PW=pooled_width, ALIGNED=bool(aligned), BLOCK_C=block_c,

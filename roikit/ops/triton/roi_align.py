@@ -22,6 +22,7 @@ import triton.language as tl
 from torch import Tensor
 
 from ._deterministic import MAX_ENTRIES, gather_bins
+from ._tiles import blocks, box_tile
 
 
 @triton.jit
@@ -122,14 +123,10 @@ def _roi_align_fwd_kernel(
     BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
 ):
     # out[k, c, ph, pw] = pool over the bin's samples (see _align_bins); argmax too for max pooling
-    k = tl.program_id(0).to(tl.int64)
-    cs = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    ps = tl.program_id(2) * BLOCK_P + tl.arange(0, BLOCK_P)
+    k, cs, ps, offs, m = box_tile(C, PH, PW, BLOCK_C, BLOCK_P)
     n, y1, x1, bin_h, bin_w, gh, gw = _align_box(rois_ptr, k, spatial_scale, sampling_ratio, PH, PW, ALIGNED)
     val, arg = _align_bins(feat_ptr + n * s_n, C, H, W, s_c, s_h, s_w, y1, x1, bin_h, bin_w, gh, gw, cs, ps,
                            PH, PW, POOL_MAX, BLOCK_C, BLOCK_P)
-    offs = (k * C + cs.to(tl.int64))[:, None] * (PH * PW) + ps[None, :]
-    m = (cs < C)[:, None] & (ps < PH * PW)[None, :]
     tl.store(out_ptr + offs, val, mask=m)
     if POOL_MAX:
         tl.store(arg_ptr + offs, arg, mask=m)
@@ -187,12 +184,8 @@ def _roi_align_bwd_kernel(
     BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
 ):
     # grad_input[n_k, c, taps] += weight * grad[k, c, ph, pw], with float32 atomics
-    k = tl.program_id(0).to(tl.int64)
-    cs = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    ps = tl.program_id(2) * BLOCK_P + tl.arange(0, BLOCK_P)
+    k, cs, ps, offs, m = box_tile(C, PH, PW, BLOCK_C, BLOCK_P)
     n, y1, x1, bin_h, bin_w, gh, gw = _align_box(rois_ptr, k, spatial_scale, sampling_ratio, PH, PW, ALIGNED)
-    offs = (k * C + cs.to(tl.int64))[:, None] * (PH * PW) + ps[None, :]
-    m = (cs < C)[:, None] & (ps < PH * PW)[None, :]
     g = tl.load(grad_ptr + offs, mask=m, other=0.0).to(tl.float32)
     a = offs  # unused for avg
     if POOL_MAX:
@@ -248,13 +241,6 @@ def _roi_align_entries_kernel(
         tl.store(tag_ptr + slot + t, tag, mask=j_ok)
 
 
-def _blocks(channels: int, bins: int, tile: int = 512) -> tuple[int, int]:
-    # a [BLOCK_C, BLOCK_P] tile of 512 keeps 4 outputs a thread (4 warps): about 70 registers on sm_90, no spills
-    block_p = min(triton.next_power_of_2(max(bins, 1)), 128)
-    block_c = max(1, min(triton.next_power_of_2(max(channels, 1)), tile // block_p))
-    return block_c, block_p
-
-
 def max_sampling_grid(rois: Tensor, spatial_scale: float, pooled: tuple[int, int], sampling_ratio: int,
                       aligned: bool) -> tuple[int, int]:
     """The largest ``(gh, gw)`` over the boxes (a bound: one extra sample for float ties; host sync)."""
@@ -282,7 +268,7 @@ def roi_align_forward(input: Tensor, rois: Tensor, spatial_scale: float, pooled_
     if k == 0 or c == 0:
         return out, argmax
     rois = rois.contiguous()
-    block_c, block_p = _blocks(c, pooled_height * pooled_width)
+    block_c, block_p = blocks(c, pooled_height * pooled_width)
     grid = (k, triton.cdiv(c, block_c), triton.cdiv(pooled_height * pooled_width, block_p))
     _roi_align_fwd_kernel[grid](
         input, rois, out, argmax, c, h, w, *input.stride(), float(spatial_scale), int(sampling_ratio),
@@ -308,7 +294,7 @@ def roi_align_backward(grad: Tensor, rois: Tensor, argmax: Tensor, spatial_scale
     rois = rois.contiguous()
     pooled = pooled_height * pooled_width
     if not deterministic:
-        block_c, block_p = _blocks(channels, pooled)
+        block_c, block_p = blocks(channels, pooled)
         grid = (k, triton.cdiv(channels, block_c), triton.cdiv(pooled, block_p))
         _roi_align_bwd_kernel[grid](
             grad, argmax if pool_max else grad, rois, gin, channels, height, width, *gin.stride(),

@@ -23,6 +23,7 @@ import triton.language as tl
 from torch import Tensor
 
 from ._deterministic import MAX_ENTRIES, segment_sum
+from ._tiles import blocks, box_tile
 
 _LOWEST = tl.constexpr(-3.4028234663852886e38)  # -FLT_MAX: torchvision's starting maximum
 
@@ -62,9 +63,7 @@ def _roi_pool_fwd_kernel(
     PH: tl.constexpr, PW: tl.constexpr, INTEGER: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
 ):
     # out[k, c, ph, pw] = max over the bin's cells of feat[n_k, c, y, x]; argmax = y * W + x of the first maximum
-    k = tl.program_id(0).to(tl.int64)
-    cs = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    ps = tl.program_id(2) * BLOCK_P + tl.arange(0, BLOCK_P)
+    k, cs, ps, offs, m = box_tile(C, PH, PW, BLOCK_C, BLOCK_P)
     c_ok = cs < C
     p_ok = ps < PH * PW
     r = rois_ptr + k * 5
@@ -85,15 +84,13 @@ def _roi_pool_fwd_kernel(
         y_ok = (y < he) & p_ok
         for dx in range(cols):
             x = ws + dx
-            m = c_ok[:, None] & (y_ok & (x < we))[None, :]
-            v = tl.load(chan + (y * s_h + x * s_w)[None, :], mask=m, other=float("-inf")).to(tl.float32)
+            tap = c_ok[:, None] & (y_ok & (x < we))[None, :]
+            v = tl.load(chan + (y * s_h + x * s_w)[None, :], mask=tap, other=float("-inf")).to(tl.float32)
             win = v > best  # strict: the first maximum in row-major order stays; NaN never wins
             best = tl.where(win, v, best)
             arg = tl.where(win, (y * W + x)[None, :], arg)
     empty = (he <= hs) | (we <= ws)
     best = tl.where(empty[None, :], 0.0, best)
-    offs = (k * C + cs.to(tl.int64))[:, None] * (PH * PW) + ps[None, :]
-    m = c_ok[:, None] & p_ok[None, :]
     tl.store(out_ptr + offs, best, mask=m)
     tl.store(arg_ptr + offs, arg.to(tl.int32), mask=m)
 
@@ -112,13 +109,6 @@ def _roi_pool_bwd_kernel(grad_ptr, arg_ptr, rois_ptr, gin_ptr, C, HW, P, total, 
     tl.atomic_add(gin_ptr + cell, g, mask=ok & (a >= 0), sem="relaxed")
 
 
-def _blocks(channels: int, bins: int, tile: int = 512) -> tuple[int, int]:
-    # a [BLOCK_C, BLOCK_P] tile of 512 keeps 4 outputs a thread (4 warps): about 70 registers on sm_90, no spills
-    block_p = min(triton.next_power_of_2(max(bins, 1)), 128)
-    block_c = max(1, min(triton.next_power_of_2(max(channels, 1)), tile // block_p))
-    return block_c, block_p
-
-
 def roi_pool_forward(input: Tensor, rois: Tensor, spatial_scale: float, pooled_height: int, pooled_width: int,
                      rounding: str) -> tuple[Tensor, Tensor]:
     """Same contract as ``roikit.ops.pytorch.roi_pool.roi_pool_forward``: (output, argmax), each [K, C, PH, PW]."""
@@ -128,7 +118,7 @@ def roi_pool_forward(input: Tensor, rois: Tensor, spatial_scale: float, pooled_h
     argmax = torch.empty(out.shape, dtype=torch.int32, device=input.device)
     if k == 0 or c == 0:
         return out, argmax
-    block_c, block_p = _blocks(c, pooled_height * pooled_width)
+    block_c, block_p = blocks(c, pooled_height * pooled_width)
     grid = (k, triton.cdiv(c, block_c), triton.cdiv(pooled_height * pooled_width, block_p))
     _roi_pool_fwd_kernel[grid](
         input, rois.contiguous(), out, argmax, c, h, w, *input.stride(), float(spatial_scale),
