@@ -1,7 +1,7 @@
 """Explain what each pooling rule does to one box: every rounding step, the cells each bin reads, and how far
-each bin's centre lands from where it should be.
+each bin's centre lands from where it should be::
 
-    >>> print(format_explanation(explain_box((0, 0, 665, 665), stride=32)))
+    print(format_explanation(explain_box((0, 0, 665, 665), stride=32)))   # or: python tools/explain.py
 
 The cells come from the ops' own rule function (``bin_edges``) and the bin centres from the ops themselves (the
 gradient of each output bin with respect to the feature map), so what is printed is what the ops do.

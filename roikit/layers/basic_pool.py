@@ -34,6 +34,44 @@ Let ``g_w`` be the gradient arriving at output window ``w``.
 - Sum of the input gradient: equals ``sum_w g_w`` for max pooling, and for average pooling whenever the divisor
   counts only real cells, with or without overlap. It is *lost* in one case: average pooling with padding and
   ``count_include_pad=True`` (the default), where the shares of the padded cells go nowhere.
+
+The rules on small maps (these examples run in the test suite, ``tests/test_doc_examples.py``)::
+
+    >>> import torch
+    >>> from roikit.layers import overlapping_max_pool2d, pool2d
+    >>> x = torch.tensor([[[[1., 2.], [3., 4.]]]], requires_grad=True)
+    >>> pool2d(x, 2, mode="avg").backward(torch.tensor([[[[8.]]]]))
+    >>> x.grad                                  # average: 8 / 4 to every cell of the window
+    tensor([[[[2., 2.],
+              [2., 2.]]]])
+    >>> x.grad = None
+    >>> pool2d(x, 2, mode="max").backward(torch.tensor([[[[8.]]]]))
+    >>> x.grad                                  # max: all 8 to the argmax (the 4)
+    tensor([[[[0., 0.],
+              [0., 8.]]]])
+
+    Overlapping windows (kernel 3, stride 2 on 5 x 5: four windows sharing row 2 and column 2). Average pooling
+    with 9 arriving at each window: every cell gets 9 / 9 from each window it is in, so the sum stays 4 x 9.
+
+    >>> y = torch.zeros(1, 1, 5, 5, requires_grad=True)
+    >>> pool2d(y, 3, stride=2, mode="avg").backward(torch.full((1, 1, 2, 2), 9.))
+    >>> y.grad
+    tensor([[[[1., 1., 2., 1., 1.],
+              [1., 1., 2., 1., 1.],
+              [2., 2., 4., 2., 2.],
+              [1., 1., 2., 1., 1.],
+              [1., 1., 2., 1., 1.]]]])
+    >>> float(y.grad.sum())
+    36.0
+
+    Max pooling, when the centre cell is the maximum of all four windows: it gets the gradient of all four.
+
+    >>> z = torch.zeros(1, 1, 5, 5)
+    >>> z[0, 0, 2, 2] = 10.
+    >>> _ = z.requires_grad_()
+    >>> overlapping_max_pool2d(z).backward(torch.ones(1, 1, 2, 2))
+    >>> z.grad[0, 0, 2, 2], float(z.grad.sum())
+    (tensor(4.), 4.0)
 """
 from __future__ import annotations
 
