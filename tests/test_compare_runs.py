@@ -1,0 +1,85 @@
+"""tools/compare_runs.py and roikit.analysis.runs on hand-made run folders."""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+from roikit.analysis.runs import SCORES, format_runs, load_run, plot_runs
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _write_run(folder: Path, lines: list[dict], final: dict | None = None) -> Path:
+    folder.mkdir(parents=True)
+    (folder / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+    if final is not None:
+        (folder / "eval_final.json").write_text(json.dumps(final))
+    return folder
+
+
+def _scores(base: float) -> dict:
+    return {s: base + i / 100 for i, s in enumerate(SCORES)}
+
+
+def test_training_time_sums_the_logged_windows_once(tmp_path):
+    run = _write_run(tmp_path / "a", [
+        {"type": "train", "iter": 20, "sec_per_iter": 0.5},
+        {"type": "train", "iter": 40, "sec_per_iter": 1.0},
+        {"type": "train", "iter": 40, "sec_per_iter": 9.0},  # logged again after a resume: not counted twice
+        {"type": "train", "iter": 60, "sec_per_iter": 0.25},
+        {"type": "eval", "iter": 60, **_scores(0.1)},
+    ], final=_scores(0.5))
+    r = load_run(run)
+    assert r["train_s"] == pytest.approx(20 * 0.5 + 20 * 1.0 + 20 * 0.25) and r["iterations"] == 60
+    assert r["AP"] == 0.5 and r["APl"] == pytest.approx(0.55) and r["label"] == "a"  # eval_final.json wins
+    table = format_runs([r])
+    assert "| a | 50.0 | 51.0 | 52.0 | 53.0 | 54.0 | 55.0 | 60 | 0.6 min |" in table
+
+
+def test_without_eval_final_the_last_eval_line_counts(tmp_path):
+    run = _write_run(tmp_path / "b", [{"type": "eval", "iter": 10, **_scores(0.2)},
+                                      {"type": "eval", "iter": 20, **_scores(0.3)}])
+    assert load_run(run, "mine")["AP"] == 0.3 and load_run(run, "mine")["label"] == "mine"
+
+
+@pytest.mark.parametrize("lines, final, message", [
+    (None, None, "not a training run folder"),
+    ([{"type": "train", "iter": 10, "sec_per_iter": 1.0}], None, "has no evaluation yet"),
+    ([], {"AP": 0.5}, "the evaluation lacks AP50"),
+])
+def test_bad_run_folders(tmp_path, lines, final, message):
+    folder = tmp_path / "c"
+    if lines is None:
+        folder.mkdir()
+    else:
+        _write_run(folder, lines, final)
+    with pytest.raises(ValueError, match=message):
+        load_run(folder)
+
+
+def test_broken_metrics_line_names_the_line(tmp_path):
+    folder = _write_run(tmp_path / "d", [], _scores(0.1))
+    (folder / "metrics.jsonl").write_text('{"type": "train", "iter": 1, "sec_per_iter": 1}\n{"type": "tr\n')
+    with pytest.raises(ValueError, match=r"metrics.jsonl, line 2: not JSON"):
+        load_run(folder)
+
+
+def test_tool_prints_the_table_and_writes_the_chart(tmp_path, capsys):
+    spec = importlib.util.spec_from_file_location("compare_runs_tool", REPO / "tools" / "compare_runs.py")
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    runs = [str(_write_run(tmp_path / name, [{"type": "train", "iter": 20, "sec_per_iter": 3.0}], _scores(ap)))
+            for name, ap in (("x", 0.4), ("y", 0.6))]
+    chart = tmp_path / "out" / "chart.png"
+    chart.parent.mkdir()
+    args = tool.get_args_parser().parse_args([*runs, "--labels", "first", "second", "--plot", str(chart)])
+    assert tool.main(args) == 0
+    out = capsys.readouterr().out
+    assert "| first | 40.0 |" in out and "| second | 60.0 |" in out and "1.0 min" in out
+    assert chart.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and list(chart.parent.iterdir()) == [chart]
+    assert tool.main(argparse.Namespace(runs=runs, labels=["one"], plot=None, title="")) == 2
+    assert "1 label(s) for 2 run(s)" in capsys.readouterr().err
