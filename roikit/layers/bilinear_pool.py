@@ -21,6 +21,7 @@ over positions sketches ``B``, and ``E<phi(X), phi(X')> = <B(X), B(X')>`` (Frobe
 """
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
@@ -128,11 +129,34 @@ def tensor_sketch_hashes(in_channels1: int, in_channels2: int, output_dim: int, 
     return h1, s1, h2, s2
 
 
-def _count_sketch_matrix(h: Tensor, s: Tensor, output_dim: int, like: Tensor) -> Tensor:
-    # [C, D] with one +-1 per row: x @ M is the count sketch (a matmul: deterministic on GPU, unlike index_add)
-    m = torch.zeros(h.shape[0], output_dim, dtype=like.dtype, device=like.device)
-    m[torch.arange(h.shape[0], device=like.device), h.to(like.device)] = s.to(like)
-    return m
+SKETCH_METHODS = ("auto", "fft", "direct")
+
+
+def _count_sketch(x: Tensor, h: Tensor, s: Tensor, output_dim: int) -> Tensor:
+    """``[..., C] -> [..., D]``: entry ``d`` sums ``s[i] x[..., i]`` over the channels ``i`` with ``h[i] = d``."""
+    out = x.new_zeros((*x.shape[:-1], output_dim))
+    return out.index_add_(-1, h.to(x.device), x * s.to(x))
+
+
+def _sketch_fft(xp: Tensor, yp: Tensor, hashes, d: int) -> Tensor:
+    """Tensor Sketch of the mean outer product, position by position: [N, P, C1], [N, P, C2] -> [N, D].
+
+    By the convolution theorem; the mean over positions commutes with the (linear) inverse FFT.
+    """
+    h1, s1, h2, s2 = hashes
+    sx, sy = _count_sketch(xp, h1, s1, d), _count_sketch(yp, h2, s2, d)  # [N, P, D]
+    prod = (torch.fft.rfft(sx, n=d, dim=-1) * torch.fft.rfft(sy, n=d, dim=-1)).mean(1)  # [N, D // 2 + 1]
+    return torch.fft.irfft(prod, n=d, dim=-1)
+
+
+def _sketch_direct(xp: Tensor, yp: Tensor, hashes, d: int) -> Tensor:
+    """The same sketch from the full bilinear matrix ``B`` [N, C1, C2]: entry ``(i, j)`` of ``B`` goes, times
+    ``s1(i) s2(j)``, to ``(h1(i) + h2(j)) mod D`` (what the circular convolution does, written out)."""
+    h1, s1, h2, s2 = hashes
+    b = torch.bmm(xp.transpose(1, 2), yp) / xp.shape[1]  # [N, C1, C2]
+    index = (h1[:, None] + h2[None, :]).remainder(d).flatten().to(xp.device)
+    sign = (s1[:, None] * s2[None, :]).flatten().to(b)
+    return b.new_zeros((b.shape[0], d)).index_add_(1, index, b.flatten(1) * sign)
 
 
 def compact_bilinear_pool(
@@ -145,6 +169,7 @@ def compact_bilinear_pool(
     signed_sqrt: bool = True,
     l2_normalize: bool = True,
     eps: float = 1e-10,
+    method: str = "auto",
 ) -> Tensor:
     """Compact bilinear pooling by Tensor Sketch: ``[N, C1, H, W] x [N, C2, H, W] -> [N, output_dim]``.
 
@@ -158,6 +183,11 @@ def compact_bilinear_pool(
         hashes (tuple, optional): ``(h1, s1, h2, s2)`` to use instead of ``seed`` (``CompactBilinearPool`` passes
             its buffers); ``output_dim`` must still be the hashes' range.
         signed_sqrt, l2_normalize, eps: as in ``bilinear_pool``, applied to the sketch.
+        method (str): how the same sketch is computed. ``"fft"``: count-sketch every position, multiply the
+            FFTs, average (Gao et al.; about ``3 H W D log2 D`` operations per sample). ``"direct"``: form the
+            full ``B`` (``C1 C2 H W``) and hash its entries; cheaper for RoI features (128 channels on 7 x 7:
+            0.8 M against 3.3 M for ``D = 2048``), but holds ``C1 x C2`` per sample. ``"auto"`` picks the one
+            with fewer operations.
 
     Returns:
         Tensor[N, output_dim]. Before the signed square root and L2 normalisation, the inner product of two
@@ -182,15 +212,16 @@ def compact_bilinear_pool(
                                                or int(h1.max()) >= d or int(h2.max()) >= d):
         raise ValueError(f"hashes h1, h2 must lie in [0, output_dim) = [0, {d})")
 
+    if method not in SKETCH_METHODS:
+        raise ValueError(f"method must be one of {SKETCH_METHODS}, got {method!r}")
+    if method == "auto":
+        method = "direct" if c1 * c2 <= 3 * d * max(math.log2(d), 1.0) else "fft"
+
     compute = x if x.dtype in (torch.float32, torch.float64) else x.float()  # the FFT wants float32/64
     yc = y if y.dtype == compute.dtype else y.to(compute.dtype)
     xp = compute.permute(0, 2, 3, 1).reshape(n, h * w, c1)  # [N, P, C1]
     yp = yc.permute(0, 2, 3, 1).reshape(n, h * w, c2)  # [N, P, C2]
-    sx = xp @ _count_sketch_matrix(h1, s1, d, compute)  # [N, P, D]
-    sy = yp @ _count_sketch_matrix(h2, s2, d, compute)  # [N, P, D]
-    # convolution theorem; the mean over positions commutes with the (linear) inverse FFT
-    prod = (torch.fft.rfft(sx, n=d, dim=-1) * torch.fft.rfft(sy, n=d, dim=-1)).mean(1)  # [N, D // 2 + 1]
-    z = torch.fft.irfft(prod, n=d, dim=-1)  # [N, D]
+    z = (_sketch_direct if method == "direct" else _sketch_fft)(xp, yp, (h1, s1, h2, s2), d)  # [N, D]
     return _normalize(z, signed_sqrt, l2_normalize, eps).to(x.dtype)
 
 
