@@ -27,6 +27,28 @@ def test_torchvision_rounding_matches_torchvision_exactly(dtype, scale):
         torch.testing.assert_close(xl.grad, xt.grad, atol=0, rtol=0, msg=f"gradient, {name}")
 
 
+def test_infinite_lowest_and_nan_features_match_torchvision():
+    """-inf, -FLT_MAX and NaN never beat torchvision's starting -FLT_MAX: such bins give -FLT_MAX and argmax -1.
+    Also boxes inside the map (the fast path with no fix-up) next to boxes that leave it, in the same size group."""
+    torch.manual_seed(1)
+    lowest = torch.finfo(torch.float32).min
+    x = torch.randn(2, 3, 12, 12)
+    x[0, 0, :6, :6] = float("-inf")  # whole bins of -inf
+    x[0, 1, :6, :6] = lowest
+    x[0, 2, :6, :6] = float("nan")
+    x[1, :, 2:9, 3:7] = float("nan")
+    x[1, 0, 5, 5] = 2.0  # one real value among NaNs
+    rois = torch.tensor([[0, 0, 0, 5, 5], [0, 0, 0, 11, 11], [0, -4, -4, 3, 3], [1, 1, 1, 10, 10],
+                         [1, 3, 3, 9, 9], [1, 20, 20, 25, 25], [0, 6, 6, 11, 11]], dtype=torch.float32)
+    for features in (x, torch.randn(2, 3, 12, 12)):  # with and without such values
+        expected, expected_arg = torch.ops.torchvision.roi_pool(features, rois, 1.0, 3, 3)
+        out, arg = torch.ops.roikit.roi_pool(features, rois, 1.0, 3, 3, "torchvision")
+        torch.testing.assert_close(out, expected, atol=0, rtol=0, equal_nan=True)
+        assert torch.equal(arg.long(), expected_arg.long())
+        if features is x:  # the case is what it says: bins left at -FLT_MAX, and bins off the map
+            assert bool((expected == lowest).any()) and bool((expected_arg == -1).any())
+
+
 @pytest.mark.parametrize("rounding", ["torchvision", "integer"])
 def test_matches_naive_loop(rounding):
     torch.manual_seed(1)

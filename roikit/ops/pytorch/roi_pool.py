@@ -111,9 +111,10 @@ def roi_pool_forward(input: Tensor, rois: Tensor, spatial_scale: float, pooled_h
         exact &= ((a0 == b0) & (a1 == b1)).all(dim=1)
     feat = channels_last_rows(input, input.dtype)  # [N * H * W, C]
     has_nan = bool(torch.isnan(input).any())
+    lowest = torch.finfo(torch.float32).min  # torchvision starts every bin at -FLT_MAX
+    has_low = has_nan or bool((input <= lowest).any())  # a value that can lose to -FLT_MAX (-inf, NaN)
     (y0, len_y, _, _), (x0, len_x, _, _) = axes
     batch = rois[:, 0].long()
-    lowest = torch.finfo(torch.float32).min  # torchvision starts every bin at -FLT_MAX
     (hs, he), (ws, we) = _clip_edges(axes, (height, width))
     empty = (hs >= he)[:, None, :, None] | (ws >= we)[:, None, None, :]  # [K, 1, PH, PW] wholly off the map
 
@@ -130,7 +131,8 @@ def roi_pool_forward(input: Tensor, rois: Tensor, spatial_scale: float, pooled_h
         rows, cols = rows.clamp(0, height - 1), cols.clamp(0, width - 1)
         crop = feat.index_select(0, crop_index(batch[idx], rows, cols, height, width).reshape(-1))
         crop = crop.view(b, ly, lx, c)  # [B, Ly, Lx, C]
-        if not bool(row_in.all() and col_in.all()):
+        inside = bool(row_in.all() and col_in.all())
+        if not inside:
             crop.masked_fill_(~(row_in[:, :, None] & col_in[:, None, :])[..., None], float("-inf"))
         if has_nan:
             crop = torch.nan_to_num_(crop, nan=float("-inf"))  # NaN never wins, as in torchvision
@@ -138,6 +140,10 @@ def roi_pool_forward(input: Tensor, rois: Tensor, spatial_scale: float, pooled_h
         # where = iy * Lx + ix in the crop -> the map cell h * W + w, read from a per-box table of the crop's cells
         cells = (rows[:, :, None] * width + cols[:, None, :]).to(torch.int32).view(b, 1, ly * lx)
         cell = torch.gather(cells.expand(b, c, ly * lx), 2, where.view(b, c, -1)).view(value.shape)
+        if inside and not has_low:  # every bin has cells and a value above -FLT_MAX: nothing to fix up
+            out.index_copy_(0, idx, value)
+            argmax.index_copy_(0, idx, cell)
+            continue
         found = value > lowest  # something beat -FLT_MAX
         value = torch.where(found, value, lowest).masked_fill_(empty[idx], 0.0)  # off the map: 0
         out.index_copy_(0, idx, value.to(out.dtype))
