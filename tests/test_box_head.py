@@ -75,6 +75,9 @@ def test_bilinear_head_pools_are_second_order_statistics():
     # the sketch preserves inner products of the full bilinear features (unbiased, error ~ ||B||^2 / sqrt(D))
     full = outer.flatten(1)
     torch.testing.assert_close(sketch @ sketch.T, full @ full.T, rtol=0.1, atol=0.0)
+    by_fft = _head(pool="compact_bilinear", pool_options={"output_dim": 4096, "signed_sqrt": False,
+                                                           "l2_normalize": False, "method": "fft"})
+    torch.testing.assert_close(by_fft(x), sketch)  # the same sketch by the other route
 
 
 def test_spp_head_pool_and_convolutions_before_the_pool():

@@ -233,13 +233,18 @@ class CompactBilinearPool(nn.Module):
         in_channels2 (int, optional): channels of ``y``; ``None`` means ``in_channels1`` (and ``forward(x)``).
         output_dim (int): sketch size ``D``.
         seed (int): seed of the hashes.
+        method (str): ``"auto"``, ``"fft"`` or ``"direct"``, as in ``compact_bilinear_pool``.
 
     ``forward(x, y=None)``: [N, C1, H, W] (and [N, C2, H, W]) -> [N, output_dim].
     """
 
     def __init__(self, in_channels1: int, in_channels2: Optional[int] = None, output_dim: int = 8192,
-                 seed: int = 0, *, signed_sqrt: bool = True, l2_normalize: bool = True, eps: float = 1e-10):
+                 seed: int = 0, *, signed_sqrt: bool = True, l2_normalize: bool = True, eps: float = 1e-10,
+                 method: str = "auto"):
         super().__init__()
+        if method not in SKETCH_METHODS:
+            raise ValueError(f"method must be one of {SKETCH_METHODS}, got {method!r}")
+        self.method = method
         self.in_channels1 = _check_positive_int(in_channels1, "in_channels1")
         self.in_channels2 = in_channels1 if in_channels2 is None else _check_positive_int(in_channels2, "in_channels2")
         self.output_dim = _check_positive_int(output_dim, "output_dim")
@@ -262,7 +267,8 @@ class CompactBilinearPool(nn.Module):
             got = "None (y = x)" if y is None else (tuple(y.shape) if isinstance(y, Tensor) else type(y).__name__)
             raise ValueError(f"y must be a Tensor[N, {self.in_channels2}, H, W], got {got}")
         return compact_bilinear_pool(x, y, self.output_dim, hashes=(self.h1, self.s1, self.h2, self.s2),
-                                     signed_sqrt=self.signed_sqrt, l2_normalize=self.l2_normalize, eps=self.eps)
+                                     signed_sqrt=self.signed_sqrt, l2_normalize=self.l2_normalize, eps=self.eps,
+                                     method=self.method)
 
     def extra_repr(self) -> str:
         return (f"in_channels1={self.in_channels1}, in_channels2={self.in_channels2}, output_dim={self.output_dim}, "
