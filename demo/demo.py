@@ -133,9 +133,8 @@ def load_detector(cfg: dict, checkpoint: Path, device: torch.device):
     that is missing, unreadable or made for another model than ``cfg`` describes."""
     from roikit.engine.trainer import load_checkpoint
 
-    saved = _saved_config(checkpoint)
-    if cfg["model"]["num_classes"] is None:
-        n = (saved or {}).get("model", {}).get("num_classes")
+    if cfg["model"]["num_classes"] is None:  # from the checkpoint's config (load_checkpoint reads it again)
+        n = (_saved_config(checkpoint) or {}).get("model", {}).get("num_classes")
         if not isinstance(n, int):
             raise ValueError(f"checkpoint {checkpoint} has no config; set model.num_classes=N")
         cfg = apply_overrides(cfg, [f"model.num_classes={n}"])

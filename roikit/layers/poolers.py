@@ -113,13 +113,13 @@ class RoIPooler(nn.Module):
         if len(features) == 1:
             return self._pool(features[0], rois, scales[0])
 
-        levels = pyramid_levels(rois, scales, self.canonical_scale, self.canonical_level)
         if self.op == "roi_align" and self.op_options.get("pool", "avg") == "avg":
-            # one op for the whole pyramid: a single fused launch on CUDA
+            # one op for the whole pyramid (it assigns the levels itself): a single fused launch on CUDA
             return multilevel_roi_align(features, rois, self.output_size, scales,
                                         self.op_options.get("sampling_ratio", self.sampling_ratio),
                                         self.op_options.get("aligned", False),
                                         canonical_scale=self.canonical_scale, canonical_level=self.canonical_level)
+        levels = pyramid_levels(rois, scales, self.canonical_scale, self.canonical_level)
         out = None
         for level, (feature, scale) in enumerate(zip(features, scales)):
             idx = torch.nonzero(levels == level).squeeze(1)

@@ -110,9 +110,9 @@ def roi_pool_forward(input: Tensor, rois: Tensor, spatial_scale: float, pooled_h
         a0, a1 = _adaptive_edges(extent, p)
         exact &= ((a0 == b0) & (a1 == b1)).all(dim=1)
     feat = channels_last_rows(input, input.dtype)  # [N * H * W, C]
-    has_nan = bool(torch.isnan(input).any())
     lowest = torch.finfo(torch.float32).min  # torchvision starts every bin at -FLT_MAX
-    has_low = has_nan or bool((input <= lowest).any())  # a value that can lose to -FLT_MAX (-inf, NaN)
+    has_low = not bool((input > lowest).all())  # a value that cannot beat -FLT_MAX (-FLT_MAX, -inf, NaN)
+    has_nan = has_low and bool(torch.isnan(input).any())
     (y0, len_y, _, _), (x0, len_x, _, _) = axes
     batch = rois[:, 0].long()
     (hs, he), (ws, we) = _clip_edges(axes, (height, width))
@@ -210,6 +210,7 @@ def roi_pool_backward(grad: Tensor, rois: Tensor, argmax: Tensor, batch_size: in
     plane = (rois[:, 0].to(index_dtype)[:, None] * channels + torch.arange(channels, dtype=index_dtype,
                                                                              device=grad.device)) * (height * width)
     missing = argmax < 0
-    flat = argmax.to(index_dtype, copy=True).add_(plane[:, :, None, None]).masked_fill_(missing, 0)  # empty bins add 0 at 0
+    # empty bins add 0 at cell 0
+    flat = argmax.to(index_dtype, copy=True).add_(plane[:, :, None, None]).masked_fill_(missing, 0)
     out.index_add_(0, flat.reshape(-1), grad.masked_fill(missing, 0).reshape(-1))
     return out.reshape(batch_size, channels, height, width)
