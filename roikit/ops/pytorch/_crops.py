@@ -1,18 +1,32 @@
-"""Box-by-box crops of a channels-last feature map, batched in memory-bounded chunks.
+"""Box-by-box crops of a channels-last feature map, batched in memory-bounded groups.
 
-Every region op here reads, for box k, a small set of rows ``rows[k, :Ly_k]`` and columns ``cols[k, :Lx_k]`` of
-image ``n_k``: a crop ``F[n_k][rows][:, cols]`` of shape ``[Ly_k, Lx_k, C]``. Boxes are sorted by crop area and
-grouped into chunks whose crops hold at most ``budget`` values, so memory stays bounded whatever the boxes, and
-each chunk is handled with a few batched matrix products instead of a Python loop per box.
+Every region op here reads, for box k, a small set of rows ``rows[k, :Ly]`` and columns ``cols[k, :Lx]`` of image
+``n_k``: a crop ``F[n_k][rows][:, cols]`` of shape ``[Ly, Lx, C]``. The ops cut boxes into groups whose crops and
+weights hold at most ``CHUNK_BUDGET`` values (:func:`groups`), and read each group with two batched matrix products:
+``out[k] = Wy[k] @ crop[k] @ Wx[k]^T`` (:meth:`FeatureRows.read`). Every crop index is clipped to the map first,
+so what a group costs depends on the map and the budget, never on how large a box's coordinates are.
+
+**Non-finite cells.** A product like ``Wy @ F @ Wx^T`` multiplies every crop cell, also the ones a bin never reads
+(weight 0): one NaN would spread to every bin of the box. So the cells that are not finite are split off: the
+finite part goes through the products with those cells set to 0, and the NaN / +inf / -inf cells are counted
+separately for each bin through 0/1 "tap" matrices, which say which cells a bin reads:
+
+* ``taps``: the cells some sample of the bin reads, even with weight 0 (a bilinear sample reads 4 cells and
+  multiplies each by its weight, as torchvision's kernels do, so ``0 * inf`` is NaN there);
+* ``zero``: the cells some sample reads with weight exactly 0.
+
+A bin is then NaN when it reads a NaN, reads an infinity with weight 0, or reads both infinities; else +-inf when it
+reads that infinity with a positive weight; else its finite value. For an exact integral (PrRoIPool) ``taps`` is
+``weight > 0`` and there are no zero-weight reads: a cell the bin does not weigh is not read.
 """
 from __future__ import annotations
 
-from typing import Iterator
+from typing import Iterator, NamedTuple
 
 import torch
 from torch import Tensor
 
-CHUNK_BUDGET = 1 << 22  # values per chunk of crops (16 MiB in float32)
+CHUNK_BUDGET = 1 << 22  # values per group of crops and weights (16 MiB in float32)
 
 
 def compute_dtype(rois: Tensor) -> torch.dtype:
@@ -26,24 +40,29 @@ def channels_last_rows(input: Tensor, dtype: torch.dtype) -> Tensor:
     return input.permute(0, 2, 3, 1).to(dtype).reshape(n * h * w, c)
 
 
-def chunks(len_y: Tensor, len_x: Tensor, channels: int, budget: int | None = None) -> Iterator[tuple[Tensor, int, int]]:
-    """Yield ``(box_indices, Ly, Lx)``: boxes grouped by crop area, each group padded to its largest crop."""
-    if len_y.numel() == 0:
+def groups(cost: Tensor, budget: int | None = None) -> Iterator[Tensor]:
+    """Box indices in groups of similar cost whose costs add up to at most ``budget`` (a group holds at least one
+    box). ``cost`` [K] is an upper bound of the values one box needs."""
+    if cost.numel() == 0:
         return
     budget = CHUNK_BUDGET if budget is None else budget
-    area = (len_y * len_x).clamp(min=1)
-    order = torch.argsort(area, stable=True)
-    ly_sorted, lx_sorted = len_y[order].tolist(), len_x[order].tolist()
+    order = torch.argsort(cost, stable=True)
+    sizes = cost[order].clamp(min=1).tolist()
     start = 0
-    while start < len(order):
-        ly, lx, end = max(ly_sorted[start], 1), max(lx_sorted[start], 1), start + 1
-        while end < len(order):
-            ny, nx = max(ly, ly_sorted[end]), max(lx, lx_sorted[end])
-            if (end + 1 - start) * ny * nx * channels > budget:
-                break
-            ly, lx, end = ny, nx, end + 1
-        yield order[start:end], ly, lx
+    while start < len(sizes):
+        # a group is padded to its largest member, the last one (sorted): count * largest <= budget
+        end = start + 1
+        while end < len(sizes) and (end + 1 - start) * sizes[end] <= budget:
+            end += 1
+        yield order[start:end]
         start = end
+
+
+def chunks(len_y: Tensor, len_x: Tensor, channels: int, budget: int | None = None) -> Iterator[tuple[Tensor, int, int]]:
+    """Yield ``(box_indices, Ly, Lx)``: boxes grouped by crop area, each group padded to its largest crop."""
+    area = (len_y.clamp(min=1) * len_x.clamp(min=1)) * channels
+    for idx in groups(area, budget):
+        yield idx, max(int(len_y[idx].max()), 1), max(int(len_x[idx].max()), 1)
 
 
 def crop_index(batch: Tensor, rows: Tensor, cols: Tensor, height: int, width: int) -> Tensor:
@@ -51,45 +70,69 @@ def crop_index(batch: Tensor, rows: Tensor, cols: Tensor, height: int, width: in
     return (batch[:, None, None] * height + rows[:, :, None]) * width + cols[:, None, :]
 
 
-def separable_forward(
-    feat: Tensor, shape: tuple[int, int, int, int], batch: Tensor,
-    rows: Tensor, wy: Tensor, len_y: Tensor, cols: Tensor, wx: Tensor, len_x: Tensor,
-) -> Tensor:
-    """``out[k] = Wy[k] @ F[n_k] @ Wx[k]^T`` for every box, read through crops.
+class Axis(NamedTuple):
+    """What the output rows (bins or samples) of a group of boxes read along one axis.
 
-    feat: [N * H * W, C] channels-last rows; rows: [K, Ly] and cols: [K, Lx] cell indices;
-    wy: [K, PH, Ly] and wx: [K, PW, Lx] the weights each output row / column gives to each crop row / column.
-    Returns [K, PH, PW, C].
+    cells [B, L]: the map rows (or columns) of the crop; weight [B, R, L]: each output row's weight on them;
+    taps, zero [B, R, L] (0/1, or None for "weight > 0" and "none"): see the module docstring.
     """
-    _, channels, height, width = shape
-    k, ph, pw = wy.shape[0], wy.shape[1], wx.shape[1]
-    out = feat.new_zeros((k, ph, pw, channels))
-    for idx, ly, lx in chunks(len_y, len_x, channels):
-        flat = crop_index(batch[idx], rows[idx, :ly], cols[idx, :lx], height, width)  # [B, Ly, Lx]
-        crop = feat.index_select(0, flat.reshape(-1)).reshape(*flat.shape, channels)  # [B, Ly, Lx, C]
-        b = crop.shape[0]
-        t = torch.bmm(wy[idx, :, :ly], crop.reshape(b, ly, lx * channels))  # [B, PH, Lx * C]
-        out[idx] = torch.matmul(wx[idx, None, :, :lx], t.reshape(b, ph, lx, channels))  # [B, PH, PW, C]
-    return out
+    cells: Tensor
+    weight: Tensor
+    taps: Tensor | None = None
+    zero: Tensor | None = None
 
 
-def separable_backward(
-    grad: Tensor, shape: tuple[int, int, int, int], batch: Tensor,
-    rows: Tensor, wy: Tensor, len_y: Tensor, cols: Tensor, wx: Tensor, len_x: Tensor,
-) -> Tensor:
-    """The adjoint of :func:`separable_forward`: grad [K, PH, PW, C] -> [N * H * W, C].
+def _product(values: Tensor, index: Tensor, wy: Tensor, wx: Tensor) -> Tensor:
+    """``wy @ crop @ wx^T`` for every box: values [M, C], index [B, Ly, Lx], wy [B, R, Ly], wx [B, S, Lx] ->
+    [B, R, S, C]."""
+    b, ly, lx = index.shape
+    c = values.shape[1]
+    crop = values.index_select(0, index.reshape(-1)).reshape(b, ly, lx * c)
+    t = torch.bmm(wy.to(values.dtype), crop).reshape(b, wy.shape[1], lx, c)  # [B, R, Lx, C]
+    return torch.matmul(wx.to(values.dtype)[:, None], t)  # [B, R, S, C]
 
-    Each crop's gradient ``Wy^T @ grad @ Wx`` is added back into the map with ``index_add_``, which runs in a
-    fixed order on the CPU: the result is the same bit for bit on every run.
-    """
-    n, channels, height, width = shape
-    ph, pw = wy.shape[1], wx.shape[1]
-    out = grad.new_zeros((n * height * width, channels))
-    for idx, ly, lx in chunks(len_y, len_x, channels):
-        g = grad[idx]  # [B, PH, PW, C]
-        b = g.shape[0]
-        t = torch.matmul(wx[idx, None, :, :lx].transpose(2, 3), g)  # [B, PH, Lx, C]
-        crop = torch.bmm(wy[idx, :, :ly].transpose(1, 2), t.reshape(b, ph, lx * channels))  # [B, Ly, Lx * C]
-        flat = crop_index(batch[idx], rows[idx, :ly], cols[idx, :lx], height, width)
-        out.index_add_(0, flat.reshape(-1), crop.reshape(-1, channels))
-    return out
+
+class FeatureRows:
+    """A [N, C, H, W] map as channels-last rows [N * H * W, C] in ``dtype``, its non-finite cells kept apart."""
+
+    def __init__(self, input: Tensor, dtype: torch.dtype) -> None:
+        self.shape = tuple(input.shape)
+        rows = channels_last_rows(input, dtype)
+        self.finite = bool(torch.isfinite(rows).all())
+        if not self.finite:
+            self.nan = torch.isnan(rows).to(dtype)
+            self.pos_inf = (rows == float("inf")).to(dtype)
+            self.neg_inf = (rows == float("-inf")).to(dtype)
+            rows = torch.where(torch.isfinite(rows), rows, 0.0)
+        self.rows = rows
+
+    def read(self, batch: Tensor, y: Axis, x: Axis) -> Tensor:
+        """Every box's ``Wy @ F[n] @ Wx^T``: [B, R, S, C], non-finite cells counted by the tap rules."""
+        _, _, height, width = self.shape
+        index = crop_index(batch, y.cells, x.cells, height, width)
+        out = _product(self.rows, index, y.weight, x.weight)
+        if self.finite:
+            return out
+        ty = (y.weight > 0) if y.taps is None else y.taps
+        tx = (x.weight > 0) if x.taps is None else x.taps
+        bad = _product(self.nan, index, ty, tx) > 0
+        if y.zero is not None:
+            inf = self.pos_inf + self.neg_inf
+            bad |= (_product(inf, index, y.zero, tx) + _product(inf, index, ty, x.zero)) > 0
+        pos = _product(self.pos_inf, index, y.weight > 0, x.weight > 0) > 0
+        neg = _product(self.neg_inf, index, y.weight > 0, x.weight > 0) > 0
+        out = torch.where(pos, float("inf"), torch.where(neg, float("-inf"), out))
+        return torch.where(bad | (pos & neg), float("nan"), out)
+
+
+def add_back(grad: Tensor, out: Tensor, shape: tuple[int, int, int, int], batch: Tensor, y: Axis, x: Axis) -> None:
+    """The adjoint of :meth:`FeatureRows.read` (the weights only): adds ``Wy^T @ grad @ Wx`` of every box of ``grad``
+    [B, R, S, C] into ``out`` [N * H * W, C]. ``index_add_`` runs in a fixed order on the CPU: the same bits on every
+    run."""
+    _, _, height, width = shape
+    b, r, _, c = grad.shape
+    t = torch.matmul(x.weight.to(grad.dtype).transpose(1, 2)[:, None], grad)  # [B, R, Lx, C]
+    lx = x.cells.shape[1]
+    crop = torch.bmm(y.weight.to(grad.dtype).transpose(1, 2), t.reshape(b, r, lx * c))  # [B, Ly, Lx * C]
+    index = crop_index(batch, y.cells, x.cells, height, width)
+    out.index_add_(0, index.reshape(-1), crop.reshape(-1, c))

@@ -15,97 +15,129 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ._crops import channels_last_rows, compute_dtype, chunks, crop_index, separable_backward, separable_forward
+from ._crops import Axis, FeatureRows, add_back, compute_dtype, crop_index, groups
+
+MAX_CELLS = 2.0**52  # box coordinates in cells are clamped to +-2^52
 
 
-def hat_integral(t: Tensor) -> Tensor:
-    """``HAT(t) = integral of max(0, 1 - |u|) du from -inf to t``: 0 below -1, 1 above 1, quadratic between."""
-    t = t.clamp(-1.0, 1.0)
-    return torch.where(t < 0, 0.5 * (t + 1) ** 2, 1.0 - 0.5 * (1 - t) ** 2)
+def hat(t: Tensor) -> Tensor:
+    """The bilinear "tent" of one cell: ``max(0, 1 - |t|)``."""
+    return (1.0 - t.abs()).clamp(min=0.0)
+
+
+def hat_mean(t0: Tensor, t1: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """The mean of :func:`hat` over ``[t0, t1]`` and its derivatives with respect to ``t0`` and ``t1``.
+
+    The tent is linear between its kinks (-1, 0, 1), and a linear function's mean over an interval is its value at
+    the interval's middle: so the mean is a sum of (piece length x value at the piece's middle) over the pieces
+    between the kinks, divided by ``t1 - t0``. Unlike ``(HAT(t1) - HAT(t0)) / (t1 - t0)`` with the integral
+    ``HAT``, this does not cancel for a tiny interval (a 1e-7-cell bin, or ``spatial_scale=1e-30``).
+    The derivatives: ``(hat(t1) - mean) / (t1 - t0)`` and ``(mean - hat(t0)) / (t1 - t0)``, which are
+    ``hat'(middle) / 2`` each when no kink lies inside (the form used there, stable for tiny intervals).
+    """
+    edges = [t0] + [torch.minimum(torch.maximum(torch.full_like(t0, k), t0), t1) for k in (-1.0, 0.0, 1.0)] + [t1]
+    width = t1 - t0
+    total = sum((b - a) * hat(0.5 * (a + b)) for a, b in zip(edges[:-1], edges[1:]))
+    safe = torch.where(width > 0, width, 1.0)
+    mean = torch.where(width > 0, total / safe, hat(t0))
+    middle = 0.5 * (t0 + t1)
+    half_slope = torch.where(middle.abs() < 1, -0.5 * torch.sign(middle), 0.0)
+    kink_inside = ((t0 < -1) & (t1 > -1)) | ((t0 < 0) & (t1 > 0)) | ((t0 < 1) & (t1 > 1))
+    d_t0 = torch.where(kink_inside, (mean - hat(t0)) / safe, half_slope)
+    d_t1 = torch.where(kink_inside, (hat(t1) - mean) / safe, half_slope)
+    return mean, d_t0, d_t1
 
 
 def _axis_weights(start: Tensor, end: Tensor, pooled: int, length: int, with_grad: bool = False):
-    """Weights [K, P, L] of the cells ``first + l`` of one axis, the cell indices [K, L] and used lengths [K].
+    """The :class:`Axis` of one axis (float64 weights [B, P, L] of the cells ``first + l``), and with ``with_grad``
+    the derivatives of the weights with respect to ``start`` and ``end`` ([B, P, L] each).
 
-    With ``with_grad``, also the derivatives of the weights with respect to ``start`` and ``end`` ([K, P, L] each):
-    ``W = A / b`` with ``A = HAT(hi - i) - HAT(lo - i)``, ``lo = s + p b``, ``hi = lo + b``, ``b = (e - s) / P``, and
-    ``HAT' = hat``.
+    ``W[p, i]`` is the mean of cell i's tent over bin p: ``[lo, hi]`` with ``lo = s + p b``, ``hi = lo + b`` and
+    ``b = (e - s) / P``; so ``dW/ds = dW/dlo (1 - p / P) + dW/dhi (1 - (p + 1) / P)`` and
+    ``dW/de = dW/dlo p / P + dW/dhi (p + 1) / P``.
     """
     size = (end - start).clamp(min=0.0)  # reversed boxes integrate over nothing
-    bin_size = size / pooled  # [K]
-    first = torch.floor(start).long().clamp(0, length - 1)  # the hat of cell i reaches (i - 1, i + 1)
-    last = torch.ceil(start + size).long().clamp(0, length - 1)
+    bin_size = size / pooled  # [B]
+    first = torch.floor(start).clamp(0, length - 1).long()  # the tent of cell i reaches (i - 1, i + 1)
+    last = torch.ceil(start + size).clamp(0, length - 1).long()
     lengths = (last - first + 1).clamp(min=1)
     span = int(lengths.max()) if lengths.numel() else 1
-    offsets = first[:, None] + torch.arange(span, device=start.device)  # [K, L]
+    offsets = first[:, None] + torch.arange(span, device=start.device)  # [B, L]
     cells = offsets.clamp(max=length - 1)
-    real = ((offsets <= last[:, None])[:, None, :] & (bin_size > 0)[:, None, None])  # [K, 1, L]
+    real = ((offsets <= last[:, None])[:, None, :] & (bin_size > 0)[:, None, None])  # [B, 1, L]
     p = torch.arange(pooled, dtype=start.dtype, device=start.device)[None, :, None]  # [1, P, 1]
-    b = torch.where(bin_size > 0, bin_size, torch.ones_like(bin_size))[:, None, None]  # [K, 1, 1]
-    lo = start[:, None, None] + p * b  # [K, P, 1] bin edges
-    hi = lo + b
-    i = cells.to(start.dtype)[:, None, :]  # [K, 1, L]
-    area = hat_integral(hi - i) - hat_integral(lo - i)  # [K, P, L]
-    zero = torch.zeros_like(area)
-    weight = torch.where(real, area / b, zero)
+    b = torch.where(bin_size > 0, bin_size, torch.ones_like(bin_size))[:, None, None]  # [B, 1, 1]
+    lo = start[:, None, None] + p * b  # [B, P, 1] bin edges
+    hi = torch.minimum(lo + b, torch.maximum(end[:, None, None], lo))  # the last edge exactly at the box's end
+    i = cells.to(start.dtype)[:, None, :]  # [B, 1, L]
+    mean, d_lo, d_hi = hat_mean(lo - i, hi - i)  # [B, P, L]
+    weight = torch.where(real, mean, 0.0)
+    axis = Axis(cells, weight)
     if not with_grad:
-        return cells, weight, lengths
-    hat_hi = (1 - (hi - i).abs()).clamp(min=0)
-    hat_lo = (1 - (lo - i).abs()).clamp(min=0)
-    # d lo / d s = 1 - p / P, d hi / d s = 1 - (p + 1) / P, d b / d s = -1 / P; d / d e: p / P, (p + 1) / P, 1 / P
-    d_start = (hat_hi * (1 - (p + 1) / pooled) - hat_lo * (1 - p / pooled)) / b + area / b**2 / pooled
-    d_end = (hat_hi * ((p + 1) / pooled) - hat_lo * (p / pooled)) / b - area / b**2 / pooled
-    return cells, weight, lengths, torch.where(real, d_start, zero), torch.where(real, d_end, zero)
+        return axis
+    d_start = d_lo * (1 - p / pooled) + d_hi * (1 - (p + 1) / pooled)
+    d_end = d_lo * (p / pooled) + d_hi * ((p + 1) / pooled)
+    return axis, torch.where(real, d_start, 0.0), torch.where(real, d_end, 0.0)
 
 
-def _weights(rois: Tensor, spatial_scale: float, pooled: tuple[int, int], size: tuple[int, int], aligned: bool,
-             with_grad: bool = False):
+def _box_edges(rois: Tensor, spatial_scale: float, aligned: bool) -> list[Tensor]:
+    """x1, y1, x2, y2 in cells, float64 (the float32 product of a tiny scale would round a small box away)."""
     offset = 0.5 if aligned else 0.0
-    x1, y1, x2, y2 = (rois[:, i] * spatial_scale - offset for i in range(1, 5))
-    return (_axis_weights(y1, y2, pooled[0], size[0], with_grad), _axis_weights(x1, x2, pooled[1], size[1], with_grad))
+    r = rois.to(torch.float64)
+    return [(r[:, i] * spatial_scale).clamp(-MAX_CELLS, MAX_CELLS) - offset for i in range(1, 5)]
 
+
+def _box_groups(edges: list[Tensor], pooled: tuple[int, int], size: tuple[int, int], channels: int):
+    x1, y1, x2, y2 = edges
+    ly = (torch.ceil(y2) - torch.floor(y1) + 1).clamp(1, size[0])
+    lx = (torch.ceil(x2) - torch.floor(x1) + 1).clamp(1, size[1])
+    cost = 24 * (pooled[0] * ly + pooled[1] * lx) + 4 * ly * lx * channels + 4 * pooled[0] * pooled[1] * channels
+    return groups(cost.long())
 
 
 def prroi_pool_forward(input: Tensor, rois: Tensor, spatial_scale: float, pooled_height: int, pooled_width: int,
                        aligned: bool) -> Tensor:
     n, c, h, w = input.shape
-    if rois.shape[0] == 0:
-        return input.new_zeros((0, c, pooled_height, pooled_width))
-    dtype = compute_dtype(rois)
-    r = rois.to(dtype)
-    (rows, wy, len_y), (cols, wx, len_x) = _weights(r, spatial_scale, (pooled_height, pooled_width), (h, w), aligned)
-    out = separable_forward(channels_last_rows(input, dtype), input.shape, r[:, 0].long(), rows, wy, len_y, cols, wx,
-                            len_x)  # [K, PH, PW, C]
-    return out.permute(0, 3, 1, 2).to(input.dtype).contiguous()
+    out = input.new_zeros((rois.shape[0], c, pooled_height, pooled_width))
+    if rois.shape[0] == 0 or input.numel() == 0:
+        return out
+    feat = FeatureRows(input, compute_dtype(rois))
+    x1, y1, x2, y2 = edges = _box_edges(rois, spatial_scale, aligned)
+    batch = rois[:, 0].long()
+    for idx in _box_groups(edges, (pooled_height, pooled_width), (h, w), c):
+        ay = _axis_weights(y1[idx], y2[idx], pooled_height, h)
+        ax = _axis_weights(x1[idx], x2[idx], pooled_width, w)
+        out.index_copy_(0, idx, feat.read(batch[idx], ay, ax).permute(0, 3, 1, 2).to(out.dtype))
+    return out
 
 
 def prroi_pool_backward(grad: Tensor, input: Tensor, rois: Tensor, spatial_scale: float, pooled_height: int,
                         pooled_width: int, aligned: bool) -> tuple[Tensor, Tensor]:
     """Gradients with respect to the features [N, C, H, W] and to the boxes [K, 5] (0 for the batch index)."""
     n, c, h, w = input.shape
-    if rois.shape[0] == 0:
-        return torch.zeros_like(input), torch.zeros_like(rois)
+    if rois.shape[0] == 0 or input.numel() == 0:
+        return torch.zeros_like(input, memory_format=torch.contiguous_format), torch.zeros_like(rois)
     dtype = compute_dtype(rois)
-    r = rois.to(dtype)
-    (rows, wy, len_y, dy1, dy2), (cols, wx, len_x, dx1, dx2) = _weights(
-        r, spatial_scale, (pooled_height, pooled_width), (h, w), aligned, with_grad=True)
-    batch = r[:, 0].long()
-    g = grad.permute(0, 2, 3, 1).to(dtype)  # [K, PH, PW, C]
-    feat = channels_last_rows(input, dtype)
-    grad_input = separable_backward(g, input.shape, batch, rows, wy, len_y, cols, wx, len_x)
-
-    # out[k, p, q] = sum_lj Wy[p, l] F[l, j] Wx[q, j], so d loss / d Wy[p, l] = sum_qj grad[p, q] F[l, j] Wx[q, j]
-    grad_wy, grad_wx = torch.zeros_like(wy), torch.zeros_like(wx)
-    for idx, ly, lx in chunks(len_y, len_x, c):
-        flat = crop_index(batch[idx], rows[idx, :ly], cols[idx, :lx], h, w)
-        crop = feat.index_select(0, flat.reshape(-1)).reshape(*flat.shape, c)  # [B, Ly, Lx, C]
-        gb = g[idx]  # [B, PH, PW, C]
-        gx = torch.matmul(wx[idx, None, :, :lx].transpose(2, 3), gb)  # [B, PH, Lx, C] = sum_q grad[p, q] Wx[q, j]
-        grad_wy[idx, :, :ly] = torch.einsum("bpjc,bljc->bpl", gx, crop)
-        t = torch.einsum("bpl,bljc->bpjc", wy[idx, :, :ly], crop)  # [B, PH, Lx, C] = sum_l Wy[p, l] F[l, j]
-        grad_wx[idx, :, :lx] = torch.einsum("bpqc,bpjc->bqj", gb, t)
-    grad_rois = torch.zeros_like(r)
-    for column, (gw, dw) in zip((1, 2, 3, 4), ((grad_wx, dx1), (grad_wy, dy1), (grad_wx, dx2), (grad_wy, dy2))):
-        grad_rois[:, column] = (gw * dw).sum(dim=(1, 2)) * spatial_scale
+    feat = FeatureRows(input, dtype)
+    x1, y1, x2, y2 = edges = _box_edges(rois, spatial_scale, aligned)
+    batch = rois[:, 0].long()
+    grad_input = input.new_zeros((n * h * w, c), dtype=dtype)
+    grad_rois = torch.zeros(rois.shape, dtype=torch.float64, device=rois.device)
+    for idx in _box_groups(edges, (pooled_height, pooled_width), (h, w), c):
+        ay, dy1, dy2 = _axis_weights(y1[idx], y2[idx], pooled_height, h, with_grad=True)
+        ax, dx1, dx2 = _axis_weights(x1[idx], x2[idx], pooled_width, w, with_grad=True)
+        g = grad[idx].permute(0, 2, 3, 1).to(dtype)  # [B, PH, PW, C]
+        add_back(g, grad_input, input.shape, batch[idx], ay, ax)
+        # out[p, q] = sum_lj Wy[p, l] F[l, j] Wx[q, j], so d loss / d Wy[p, l] = sum_qj grad[p, q] F[l, j] Wx[q, j]
+        b, ly, lx = idx.shape[0], ay.cells.shape[1], ax.cells.shape[1]
+        flat = crop_index(batch[idx], ay.cells, ax.cells, h, w)
+        crop = feat.rows.index_select(0, flat.reshape(-1)).reshape(b, ly, lx, c)  # [B, Ly, Lx, C]
+        wy, wx = ay.weight.to(dtype), ax.weight.to(dtype)
+        gx = torch.matmul(wx.transpose(1, 2)[:, None], g)  # [B, PH, Lx, C] = sum_q grad[p, q] Wx[q, j]
+        grad_wy = torch.einsum("bpjc,bljc->bpl", gx, crop).to(torch.float64)
+        t = torch.einsum("bpl,bljc->bpjc", wy, crop)  # [B, PH, Lx, C] = sum_l Wy[p, l] F[l, j]
+        grad_wx = torch.einsum("bpqc,bpjc->bqj", g, t).to(torch.float64)
+        for column, (gw, dw) in zip((1, 2, 3, 4), ((grad_wx, dx1), (grad_wy, dy1), (grad_wx, dx2), (grad_wy, dy2))):
+            grad_rois[idx, column] = (gw * dw).sum(dim=(1, 2)) * spatial_scale
     grad_input = grad_input.reshape(n, h, w, c).permute(0, 3, 1, 2).to(input.dtype).contiguous()
     return grad_input, grad_rois.to(rois.dtype)

@@ -11,15 +11,25 @@ one inside is clamped to the map.
 A bilinear sample's weight on cell (i, j) is ``a(y, i) * b(x, j)``: it factors into a row part and a column
 part, and so does the rule that zeroes outside samples. So every bin is ``Wy[ph] @ F @ Wx[pw]^T`` with
 ``Wy[k, ph, i] = sum_iy a(y, i) / gh``: two small matrices per box instead of 4 * gh * gw reads per bin and
-channel (see ``_crops.py``). Max pooling needs each sample's value, so it uses the per-sample rows of Wy and Wx.
+channel (see ``_crops.py``). Max pooling needs each sample's value, so it uses one row of Wy and Wx per sample.
+
+**Bounded work.** The samples of a bin are monotone in their index, so the ones inside ``[-1, H]`` form one run
+``[lo, hi)``, found by bisection; only that run is read (the others are 0). A box far larger than the map, or a
+huge ``sampling_ratio``, costs the samples that land on the map, never the box's size: with adaptive sampling a bin
+has at most about ``H + 3`` such samples per axis. Memory: the map (one channels-last copy, plus 0/1 maps of its
+non-finite cells when it has any), the output, and groups of boxes of at most ``CHUNK_BUDGET`` values.
 """
 from __future__ import annotations
+
+import math
 
 import torch
 from torch import Tensor
 
-from ._crops import channels_last_rows, compute_dtype, separable_backward, separable_forward
+from ._crops import CHUNK_BUDGET, Axis, FeatureRows, add_back, compute_dtype, groups
 
+MAX_GRID = 2**31 - 1  # samples per bin and axis, at most (torchvision counts them in an int)
+MAX_CELLS = 2.0**52  # box coordinates in cells are clamped to +-2^52 (exact integers in float64)
 
 
 def sampling_grid(rois: Tensor, spatial_scale: float, pooled: tuple[int, int], sampling_ratio: int, aligned: bool):
@@ -27,130 +37,212 @@ def sampling_grid(rois: Tensor, spatial_scale: float, pooled: tuple[int, int], s
     torchvision's order of operations. Sample ``i`` of bin ``p`` lies at ``start + p * bin + (i + 0.5) * bin / g``."""
     r = rois.to(compute_dtype(rois))
     offset = 0.5 if aligned else 0.0
-    x1, y1, x2, y2 = (r[:, i] * spatial_scale - offset for i in range(1, 5))  # [K] each
+    x1, y1, x2, y2 = ((r[:, i] * spatial_scale).clamp(-MAX_CELLS, MAX_CELLS) - offset for i in range(1, 5))
     width, height = x2 - x1, y2 - y1
     if not aligned:  # force malformed boxes to 1 x 1 (torchvision's legacy rule)
         width, height = width.clamp(min=1.0), height.clamp(min=1.0)
     bin_h, bin_w = height / pooled[0], width / pooled[1]
     if sampling_ratio > 0:
-        gh = torch.full_like(bin_h, sampling_ratio, dtype=torch.int64)
-        gw = torch.full_like(bin_w, sampling_ratio, dtype=torch.int64)
+        gh = torch.full_like(bin_h, min(sampling_ratio, MAX_GRID), dtype=torch.int64)
+        gw = torch.full_like(bin_w, min(sampling_ratio, MAX_GRID), dtype=torch.int64)
     else:
-        gh, gw = torch.ceil(bin_h).long(), torch.ceil(bin_w).long()
+        gh, gw = (torch.ceil(b).clamp(max=MAX_GRID).long() for b in (bin_h, bin_w))
     return (y1, bin_h, gh), (x1, bin_w, gw)
 
 
-def _axis_samples(start: Tensor, bin_size: Tensor, grid: Tensor, pooled: int, length: int):
-    """Bilinear taps of every sample along one axis.
+def sample_coord(start: Tensor, bin_size: Tensor, grid: Tensor, p: Tensor, i: Tensor) -> Tensor:
+    """Position of sample ``i`` of bin ``p`` (broadcast), in torchvision's order of operations."""
+    g = grid.clamp(min=1).to(start.dtype)
+    return (start + p.to(start.dtype) * bin_size) + ((i.to(start.dtype) + 0.5) * bin_size) / g
 
-    Returns ``low, high`` cell indices and ``w_low, w_high`` weights, each [K, P, G] (G = the largest grid;
-    samples past a box's own grid get weight 0), and ``valid`` [K, P, G].
-    """
-    g_max = max(int(grid.max()), 1) if grid.numel() else 1
-    p = torch.arange(pooled, dtype=start.dtype, device=start.device)
-    i = torch.arange(g_max, device=start.device)
-    g = grid.clamp(min=1).to(start.dtype)[:, None, None]
-    # torchvision: start + p * bin + ((i + 0.5) * bin) / grid, in this order
-    coord = (start[:, None, None] + p[None, :, None] * bin_size[:, None, None]) + (
-        (i.to(start.dtype) + 0.5)[None, None, :] * bin_size[:, None, None]
-    ) / g  # [K, P, G]
-    valid = (i[None, None, :] < grid[:, None, None]) & (coord >= -1.0) & (coord <= length)
-    coord = coord.clamp(min=0.0)
-    low = coord.long()  # truncation, as (int) in C; coord >= 0 here
+
+def sample_taps(coord: Tensor, valid: Tensor, length: int):
+    """torchvision's bilinear taps along one axis: ``low, high`` cells and ``w_low, w_high`` weights (0 for an
+    invalid sample). ``coord`` inside ``[-1, length]`` is clamped to the map."""
+    y = coord.clamp(min=0.0)
+    low = torch.where(valid, y, 0.0).long()  # truncation, as (int) in C; y >= 0 here
     at_end = low >= length - 1
-    low = torch.where(at_end, torch.full_like(low, length - 1), low)
+    low = torch.where(at_end, length - 1, low)
     high = torch.where(at_end, low, low + 1)
-    frac = torch.where(at_end, torch.zeros_like(coord), coord - low.to(coord.dtype))
-    w_low = torch.where(valid, 1.0 - frac, torch.zeros_like(frac))
-    w_high = torch.where(valid, frac, torch.zeros_like(frac))
-    return low, high, w_low, w_high, valid
+    frac = torch.where(at_end | ~valid, 0.0, y - low.to(y.dtype))
+    w_low = torch.where(valid, 1.0 - frac, 0.0)
+    w_high = torch.where(valid, frac, 0.0)
+    return low, high, w_low, w_high
 
 
-def _axis_taps(start, bin_size, grid, pooled: int, length: int, per_sample: bool):
-    """Cells one axis reads and the weight each output row (or each sample) gives them.
+def _first_true(cond, lo: Tensor, hi: Tensor) -> Tensor:
+    """The smallest i in [lo, hi] with ``cond(i)`` (monotone: false then true), ``hi`` if none; by bisection."""
+    steps = int(hi.max()).bit_length() + 1 if hi.numel() else 0
+    for _ in range(steps):
+        mid = (lo + hi) // 2
+        c = cond(mid) & (mid < hi)
+        hi = torch.where(c, mid, hi)
+        lo = torch.where(c | (lo >= hi), lo, mid + 1)
+    return hi
 
-    Returns ``cells`` [K, L] (valid cell indices), ``weight`` [K, R, L] with R = P (averaged over the samples of a
-    bin) or R = P * G (one row per sample, for max pooling), and ``lengths`` [K] (used part of L per box).
 
-    A box reads its contiguous span of cells or, when that is longer, the two taps of each of its samples listed
-    one after the other (a big box with few samples): whichever is shorter.
+def _sample_run(start, bin_size, grid, pooled: int, length: int, with_first_invalid: bool):
+    """The samples of every bin that can be non-zero: [B, P, M] sample indices and a mask.
+
+    They are the run ``[lo, hi)`` inside ``[-1, length]``; with ``with_first_invalid`` also the bin's first sample
+    outside it (value 0, which max pooling compares like any other sample)."""
+    b = start.shape[0]
+    p = torch.arange(pooled, device=start.device)[None, :]  # [1, P]
+    g = grid[:, None].expand(b, pooled).clamp(min=0)  # [B, P]
+    zero = torch.zeros_like(g)
+
+    def coord(i):
+        return sample_coord(start[:, None], bin_size[:, None], grid[:, None], p, i)
+
+    lo = _first_true(lambda i: coord(i) >= -1.0, zero, g)
+    hi = _first_true(lambda i: coord(i) > length, zero, g)
+    count = hi - lo
+    m = max(int(count.max()), 0) if count.numel() else 0
+    index = lo[:, :, None] + torch.arange(m, device=start.device)  # [B, P, M]
+    mask = torch.arange(m, device=start.device) < count[:, :, None]
+    if with_first_invalid:
+        first = torch.where(lo > 0, 0, hi)
+        exists = (g > 0) & ((lo > 0) | (hi < g))
+        index = torch.cat([index, first[:, :, None]], dim=2)
+        mask = torch.cat([mask, exists[:, :, None]], dim=2)
+        # slots in sample order (the first invalid sample may come before the run), empty slots last
+        index, order = torch.sort(torch.where(mask, index, torch.iinfo(torch.int64).max), dim=2, stable=True)
+        mask = torch.gather(mask, 2, order)
+        index = torch.where(mask, index, 0)
+    return index, mask
+
+
+def _axis(start, bin_size, grid, pooled: int, length: int, per_sample: bool):
+    """The :class:`Axis` of a group of boxes along one axis, and its sample slots: indices and mask [B, P, M].
+
+    Rows: the bins (``per_sample=False``: the mean over each bin's samples) or one row per sample slot ``p * M + m``.
+    A box reads its contiguous span of cells or, when that is longer, the two taps of each sample listed one after
+    the other (a big box with few samples): whichever is shorter. Either way at most ``length`` cells or ``2 P M``.
     """
-    k = start.shape[0]
-    low, high, w_low, w_high, valid = _axis_samples(start, bin_size, grid, pooled, length)  # [K, P, G]
-    g_max = low.shape[2]
-    first = torch.where(valid, low, torch.full_like(low, length)).amin(dim=(1, 2))  # [K]
-    last = torch.where(valid, high, torch.full_like(high, -1)).amax(dim=(1, 2))  # [K]
-    first = torch.where(last >= 0, first, torch.zeros_like(first))
-    span = (last - first + 1).clamp(min=1)  # [K] contiguous cells first..last
-    taps = 2 * pooled * g_max  # sample s = p * G + i has its taps at 2 * s and 2 * s + 1
-    listed = span > taps  # [K]
-    lengths = torch.where(listed, torch.full_like(span, taps), span)
-    size = int(lengths.max())
+    b = start.shape[0]
+    index, mask = _sample_run(start, bin_size, grid, pooled, length, per_sample)  # [B, P, M]
+    m = index.shape[2]
+    p = torch.arange(pooled, device=start.device)[None, :, None]
+    coord = sample_coord(start[:, None, None], bin_size[:, None, None], grid[:, None, None], p, index)
+    valid = mask & (coord >= -1.0) & (coord <= length)
+    low, high, w_low, w_high = sample_taps(coord, valid, length)
 
-    contiguous = (first[:, None] + torch.arange(size, device=start.device)).clamp(max=length - 1)  # [K, L]
-    by_sample = torch.stack([low, high], dim=-1).reshape(k, taps)  # [K, 2 * P * G]
+    first = torch.where(valid, low, length).flatten(1).amin(dim=1) if m else torch.zeros(b, dtype=torch.int64)
+    last = torch.where(valid, high, -1).flatten(1).amax(dim=1) if m else torch.full((b,), -1)
+    first = torch.where(last >= 0, first, 0)
+    span = (last - first + 1).clamp(min=1)  # [B]
+    taps = 2 * pooled * m
+    listed = span > taps
+    size = max(int(torch.where(listed, taps, span).max()), 1)
+    contiguous = (first[:, None] + torch.arange(size, device=start.device)).clamp(max=length - 1)  # [B, L]
+    by_sample = torch.stack([low, high], dim=-1).reshape(b, taps)
     cells = torch.where(listed[:, None], torch.nn.functional.pad(by_sample, (0, max(size - taps, 0)))[:, :size],
                         contiguous)
-    s = torch.arange(pooled * g_max, device=start.device).reshape(1, pooled, g_max)
-    pos_low = torch.where(listed[:, None, None], 2 * s, low - first[:, None, None])  # [K, P, G]
+    s = torch.arange(pooled * m, device=start.device).reshape(1, pooled, m)
+    pos_low = torch.where(listed[:, None, None], 2 * s, low - first[:, None, None])
     pos_high = torch.where(listed[:, None, None], 2 * s + 1, high - first[:, None, None])
-    pos_low = torch.where(valid, pos_low, 0).clamp(0, size - 1)  # invalid samples carry weight 0
+    pos_low = torch.where(valid, pos_low, 0).clamp(0, size - 1)  # invalid samples carry weight 0 and no tap
     pos_high = torch.where(valid, pos_high, 0).clamp(0, size - 1)
 
-    if per_sample:  # one row per sample: [K, P * G, L]
-        weight = start.new_zeros((k, pooled * g_max, size))
-        weight.scatter_add_(2, pos_low.reshape(k, -1, 1), w_low.reshape(k, -1, 1))
-        weight.scatter_add_(2, pos_high.reshape(k, -1, 1), w_high.reshape(k, -1, 1))
-    else:  # the mean over the bin's samples: [K, P, L]
-        g = grid.clamp(min=1).to(start.dtype)[:, None, None]
-        weight = start.new_zeros((k, pooled, size))
-        weight.scatter_add_(2, pos_low, w_low / g)
-        weight.scatter_add_(2, pos_high, w_high / g)
-    return cells, weight, lengths
+    rows = pooled * m if per_sample else pooled
+    scale = 1.0 if per_sample else 1.0 / grid.clamp(min=1).to(start.dtype)[:, None, None]
+    if per_sample:  # slot (p, m) is row p * M + m: its own column of positions
+        pos_low, pos_high = pos_low.reshape(b, rows, 1), pos_high.reshape(b, rows, 1)
+        w_low, w_high, valid = w_low.reshape(b, rows, 1), w_high.reshape(b, rows, 1), valid.reshape(b, rows, 1)
+    weight = start.new_zeros((b, rows, size))
+    weight.scatter_add_(2, pos_low, w_low * scale)
+    weight.scatter_add_(2, pos_high, w_high * scale)
+    tap = start.new_zeros((b, rows, size))
+    tap.scatter_add_(2, pos_low, valid.to(start.dtype))
+    tap.scatter_add_(2, pos_high, valid.to(start.dtype))
+    zero = start.new_zeros((b, rows, size))
+    zero.scatter_add_(2, pos_low, (valid & (w_low == 0)).to(start.dtype))
+    zero.scatter_add_(2, pos_high, (valid & (w_high == 0)).to(start.dtype))
+    return Axis(cells, weight, tap > 0, zero > 0), (index, mask)
 
 
-def _taps(input_shape, rois, spatial_scale, pooled, sampling_ratio, aligned, per_sample):
-    _, _, height, width = input_shape
-    (y1, bin_h, gh), (x1, bin_w, gw) = sampling_grid(rois, spatial_scale, pooled, sampling_ratio, aligned)
-    rows, wy, len_y = _axis_taps(y1, bin_h, gh, pooled[0], height, per_sample)
-    cols, wx, len_x = _axis_taps(x1, bin_w, gw, pooled[1], width, per_sample)
-    return (rows, wy, len_y, gh), (cols, wx, len_x, gw)
+def _box_costs(grid, bin_size, length: int, pooled: int, per_sample: bool) -> tuple[Tensor, Tensor]:
+    """Upper bounds of the sample slots M [K] and crop cells L [K] of one axis."""
+    spacing = bin_size.abs() / grid.clamp(min=1).to(bin_size.dtype)
+    on_map = torch.floor((length + 2) / spacing.clamp(min=1e-30)).clamp(max=MAX_GRID) + 2
+    m = torch.minimum(grid.clamp(min=0).to(bin_size.dtype), on_map) + 1
+    cells = torch.minimum(torch.full_like(m, float(length)), 2 * pooled * m)
+    return m, cells
+
+
+def _groups(rois, sizes, pooled, height_width, channels, per_sample):
+    (y1, bin_h, gh), (x1, bin_w, gw) = sizes
+    my, ly = _box_costs(gh, bin_h, height_width[0], pooled[0], per_sample)
+    mx, lx = _box_costs(gw, bin_w, height_width[1], pooled[1], per_sample)
+    ry, rx = (pooled[0] * my, pooled[1] * mx) if per_sample else (pooled[0], pooled[1])
+    samples = 12 * (pooled[0] * my + pooled[1] * mx) + 4 * (ry * ly + rx * lx)
+    crop = ly * lx * channels
+    values = (ry * rx * channels * torch.ones_like(my)).clamp(max=CHUNK_BUDGET)  # max pooling reads in blocks
+    return groups((samples + 6 * crop + 6 * values).clamp(max=2.0**62).long())
 
 
 def roi_align_forward(input: Tensor, rois: Tensor, spatial_scale: float, pooled_height: int, pooled_width: int,
                       sampling_ratio: int, aligned: bool, pool_max: bool) -> tuple[Tensor, Tensor]:
-    """Returns ``output`` [K, C, PH, PW] and, for max pooling, ``argmax`` [K, C, PH, PW] (the sample's
-    ``iy * gw + ix`` within its bin, -1 for a bin with no sample); an empty argmax for average pooling."""
+    """Returns ``output`` [K, C, PH, PW] and, for max pooling, ``argmax`` [K, C, PH, PW] (the winning sample's
+    ``iy * gw + ix`` within its bin, -1 when no sample beat -inf or the bin has no sample); an empty argmax for
+    average pooling."""
     n, c, h, w = input.shape
     k, pooled = rois.shape[0], (pooled_height, pooled_width)
+    out = input.new_zeros((k, c, pooled_height, pooled_width))
+    argmax = torch.full((k, c, pooled_height, pooled_width) if pool_max else (0,), -1, dtype=torch.int64,
+                        device=input.device)
+    if k == 0 or input.numel() == 0:
+        return out, argmax
     dtype = compute_dtype(rois)
-    if k == 0:
-        empty = input.new_zeros((0, c, pooled_height, pooled_width))
-        return empty, torch.zeros((0, c, pooled_height, pooled_width) if pool_max else (0,), dtype=torch.int64)
-    feat = channels_last_rows(input, dtype)  # [N * H * W, C]
+    feat = FeatureRows(input, dtype)
+    sizes = sampling_grid(rois, spatial_scale, pooled, sampling_ratio, aligned)
+    (y1, bin_h, gh), (x1, bin_w, gw) = sizes
     batch = rois[:, 0].long()
-    (rows, wy, len_y, gh), (cols, wx, len_x, gw) = _taps(input.shape, rois, spatial_scale, pooled, sampling_ratio,
-                                                          aligned, pool_max)
-    if not pool_max:
-        out = separable_forward(feat, input.shape, batch, rows, wy, len_y, cols, wx, len_x)  # [K, PH, PW, C]
-        return out.permute(0, 3, 1, 2).to(input.dtype).contiguous(), torch.zeros((0,), dtype=torch.int64)
+    for idx in _groups(rois, sizes, pooled, (h, w), c, pool_max):
+        ay, iy = _axis(y1[idx], bin_h[idx], gh[idx], pooled_height, h, pool_max)
+        ax, ix = _axis(x1[idx], bin_w[idx], gw[idx], pooled_width, w, pool_max)
+        if not pool_max:
+            value = feat.read(batch[idx], ay, ax)  # [B, PH, PW, C]
+            out.index_copy_(0, idx, value.permute(0, 3, 1, 2).to(out.dtype))
+            continue
+        value, arg = _max_over_samples(feat, batch[idx], ay, iy, ax, ix, gw[idx], c)
+        empty = ((gh[idx] <= 0) | (gw[idx] <= 0))[:, None, None, None]  # no sample at all: 0
+        out.index_copy_(0, idx, value.masked_fill(empty, 0.0).to(out.dtype))
+        argmax.index_copy_(0, idx, arg.masked_fill(empty, -1))
+    return out, argmax
 
-    # max: every sample's value, then the largest per bin (the first one on ties, iy-major)
-    samples = separable_forward(feat, input.shape, batch, rows, wy, len_y, cols, wx, len_x)  # [K, PH*Gy, PW*Gx, C]
-    g_y, g_x = wy.shape[1] // pooled_height, wx.shape[1] // pooled_width
-    iy = torch.arange(g_y, device=rois.device)[None, :] < gh[:, None]  # [K, Gy]
-    ix = torch.arange(g_x, device=rois.device)[None, :] < gw[:, None]  # [K, Gx]
-    samples = samples.reshape(k, pooled_height, g_y, pooled_width, g_x, c)
-    real = iy[:, None, :, None, None, None] & ix[:, None, None, None, :, None]
-    samples = samples.masked_fill(~real, float("-inf"))
-    samples = samples.permute(0, 5, 1, 3, 2, 4).reshape(k, c, pooled_height, pooled_width, g_y * g_x)
-    value, arg = samples.max(dim=-1)  # [K, C, PH, PW]
-    empty = ((gh <= 0) | (gw <= 0))[:, None, None, None].expand_as(value)  # no sample at all: 0
-    value = value.masked_fill(empty, 0.0)
-    # sample index within its own bin: iy * gw + ix
-    arg = (arg // g_x) * gw[:, None, None, None] + arg % g_x
-    arg = arg.masked_fill(empty, -1)
-    return value.to(input.dtype).contiguous(), arg
+
+def _max_over_samples(feat: FeatureRows, batch: Tensor, ay: Axis, slots_y, ax: Axis, slots_x, gw: Tensor,
+                      channels: int) -> tuple[Tensor, Tensor]:
+    """The largest sample of every bin, [B, C, PH, PW], and its index ``iy * gw + ix``: the first in that order on
+    ties; NaN never wins (as ``if (v > best)`` in C). Slots come in sample order, and are read in blocks (rows of
+    slots outer, columns inner) of at most CHUNK_BUDGET / 8 values, so a block's first maximum is the bin's."""
+    (iy, sy), (ix, sx) = slots_y, slots_x  # sample indices and "the slot holds a sample", [B, P, M] each
+    b, ph, my = iy.shape
+    pw, mx = ix.shape[1], ix.shape[2]
+    best = feat.rows.new_full((b, ph, pw, channels), float("-inf"))
+    best_index = torch.full((b, ph, pw, channels), -1, dtype=torch.int64, device=best.device)
+    block = max(1, math.isqrt(max(CHUNK_BUDGET // 8 // max(b * ph * pw * channels, 1), 1)))
+    wy, ty, zy = (t.reshape(b, ph, my, -1) for t in ay[1:])
+    wx, tx, zx = (t.reshape(b, pw, mx, -1) for t in ax[1:])
+    for y0 in range(0, my, block):
+        y1 = min(y0 + block, my)
+        rows = Axis(ay.cells, *(t[:, :, y0:y1].reshape(b, ph * (y1 - y0), -1) for t in (wy, ty, zy)))
+        for x0 in range(0, mx, block):
+            x1 = min(x0 + block, mx)
+            cols = Axis(ax.cells, *(t[:, :, x0:x1].reshape(b, pw * (x1 - x0), -1) for t in (wx, tx, zx)))
+            value = feat.read(batch, rows, cols).reshape(b, ph, y1 - y0, pw, x1 - x0, channels)
+            real = sy[:, :, y0:y1, None, None, None] & sx[:, None, None, :, x0:x1, None]
+            value = value.masked_fill(~real | torch.isnan(value), float("-inf"))
+            top, where = value.permute(0, 1, 3, 5, 2, 4).reshape(b, ph, pw, channels, -1).max(dim=-1)
+            index = iy[:, :, y0:y1, None, None] * gw[:, None, None, None, None] + ix[:, None, None, :, x0:x1]
+            index = index.permute(0, 1, 3, 2, 4).reshape(b, ph, pw, 1, -1).expand(b, ph, pw, channels, -1)
+            first = torch.gather(index, 4, where[..., None]).squeeze(4)
+            wins = top > best
+            best = torch.where(wins, top, best)
+            best_index = torch.where(wins, first, best_index)
+    best_index = torch.where(best > float("-inf"), best_index, -1)  # nothing beat -inf: no winner
+    return best.permute(0, 3, 1, 2), best_index.permute(0, 3, 1, 2)
 
 
 def roi_align_backward(grad: Tensor, rois: Tensor, argmax: Tensor, spatial_scale: float, pooled_height: int,
@@ -158,25 +250,48 @@ def roi_align_backward(grad: Tensor, rois: Tensor, argmax: Tensor, spatial_scale
                        sampling_ratio: int, aligned: bool, pool_max: bool) -> Tensor:
     """Gradient with respect to the features, [N, C, H, W]."""
     shape = (batch_size, channels, height, width)
-    dtype = compute_dtype(rois)
-    if rois.shape[0] == 0:
+    if rois.shape[0] == 0 or batch_size * channels * height * width == 0:
         return grad.new_zeros(shape)
+    dtype = compute_dtype(rois)
     pooled = (pooled_height, pooled_width)
+    sizes = sampling_grid(rois, spatial_scale, pooled, sampling_ratio, aligned)
     batch = rois[:, 0].long()
-    (rows, wy, len_y, gh), (cols, wx, len_x, gw) = _taps(shape, rois, spatial_scale, pooled, sampling_ratio,
-                                                          aligned, pool_max)
-    g = grad.permute(0, 2, 3, 1).to(dtype)  # [K, PH, PW, C]
+    out = grad.new_zeros((batch_size * height * width, channels), dtype=dtype)
     if pool_max:
-        # spread each bin's gradient onto its winning sample only: a one-hot over the samples of the bin
-        k = rois.shape[0]
-        g_y, g_x = wy.shape[1] // pooled_height, wx.shape[1] // pooled_width
-        arg = argmax.permute(0, 2, 3, 1)  # [K, PH, PW, C]
-        a = arg.clamp(min=0)
-        gw1 = gw.clamp(min=1)[:, None, None, None]  # a box with no sample has no winner (arg -1)
-        slot = (a // gw1) * g_x + a % gw1  # iy * Gx + ix
-        one_hot = g.new_zeros((k, pooled_height, pooled_width, channels, g_y * g_x))
-        one_hot.scatter_(4, slot.unsqueeze(-1), torch.where(arg >= 0, g, 0.0).unsqueeze(-1))
-        one_hot = one_hot.reshape(k, pooled_height, pooled_width, channels, g_y, g_x)
-        g = one_hot.permute(0, 1, 4, 2, 5, 3).reshape(k, pooled_height * g_y, pooled_width * g_x, channels)
-    out = separable_backward(g, shape, batch, rows, wy, len_y, cols, wx, len_x)  # [N * H * W, C]
+        _max_backward(grad.to(dtype), argmax, sizes, batch, shape, out)
+    else:
+        (y1, bin_h, gh), (x1, bin_w, gw) = sizes
+        for idx in _groups(rois, sizes, pooled, (height, width), channels, False):
+            ay, _ = _axis(y1[idx], bin_h[idx], gh[idx], pooled_height, height, False)
+            ax, _ = _axis(x1[idx], bin_w[idx], gw[idx], pooled_width, width, False)
+            add_back(grad[idx].permute(0, 2, 3, 1).to(dtype), out, shape, batch[idx], ay, ax)
     return out.reshape(batch_size, height, width, channels).permute(0, 3, 1, 2).to(grad.dtype).contiguous()
+
+
+def _max_backward(grad: Tensor, argmax: Tensor, sizes, batch: Tensor, shape, out: Tensor) -> None:
+    """Each bin's gradient goes to the 4 taps of its winning sample, with the sample's bilinear weights."""
+    _, channels, height, width = shape
+    (y1, bin_h, gh), (x1, bin_w, gw) = sizes
+    k, _, ph, pw = grad.shape
+    per_box = channels * ph * pw
+    for idx in groups(torch.full((k,), 16 * per_box, dtype=torch.int64)):
+        arg = argmax[idx]  # [B, C, PH, PW]
+        won = arg >= 0
+        a = arg.clamp(min=0)
+        g_w = gw[idx].clamp(min=1)[:, None, None, None]
+        i_y, i_x = a // g_w, a % g_w
+        p = torch.arange(ph, device=grad.device)[None, None, :, None]
+        q = torch.arange(pw, device=grad.device)[None, None, None, :]
+        view = (slice(None), None, None, None)
+        cy = sample_coord(y1[idx][view], bin_h[idx][view], gh[idx][view], p, i_y)
+        cx = sample_coord(x1[idx][view], bin_w[idx][view], gw[idx][view], q, i_x)
+        valid = won & (cy >= -1.0) & (cy <= height) & (cx >= -1.0) & (cx <= width)
+        ylo, yhi, wyl, wyh = sample_taps(cy, valid, height)
+        xlo, xhi, wxl, wxh = sample_taps(cx, valid, width)
+        g = torch.where(valid, grad[idx], 0.0)
+        base = batch[idx][view] * height
+        c = torch.arange(channels, device=grad.device)[None, :, None, None].expand_as(g)
+        for rows, wr in ((ylo, wyl), (yhi, wyh)):
+            for cols, wc in ((xlo, wxl), (xhi, wxh)):
+                cell = ((base + rows) * width + cols) * channels + c
+                out.view(-1).index_add_(0, cell.reshape(-1), (g * wr * wc).reshape(-1))

@@ -19,7 +19,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ._crops import channels_last_rows, chunks, compute_dtype, crop_index
+from ._crops import CHUNK_BUDGET, channels_last_rows, chunks, compute_dtype, crop_index
+
+MAX_CELLS = 2.0**52  # box coordinates in cells are clamped to +-2^52 before they become integers
 
 
 def _round_half_away(x: Tensor) -> Tensor:
@@ -37,15 +39,15 @@ def _box_cells(rois: Tensor, spatial_scale: float, pooled: tuple[int, int], roun
     for axis, (lo, hi) in enumerate(((2, 4), (1, 3))):
         p = torch.arange(pooled[axis], device=rois.device)
         if rounding == "torchvision":
-            start = _round_half_away(r[:, lo] * spatial_scale).long()
-            end = _round_half_away(r[:, hi] * spatial_scale).long()
+            start = _round_half_away((r[:, lo] * spatial_scale).clamp(-MAX_CELLS, MAX_CELLS)).long()
+            end = _round_half_away((r[:, hi] * spatial_scale).clamp(-MAX_CELLS, MAX_CELLS)).long()
             extent = (end - start + 1).clamp(min=1)  # [K]
             bin_size = extent.to(dtype) / pooled[axis]  # float bin
             b0 = torch.floor(p.to(dtype)[None, :] * bin_size[:, None]).long()  # [K, P]
             b1 = torch.ceil((p + 1).to(dtype)[None, :] * bin_size[:, None]).long()
         else:  # "integer"
-            start = torch.floor(r[:, lo] * spatial_scale).long()
-            extent = torch.floor((r[:, hi] - r[:, lo]) * spatial_scale).long()  # cells, floored
+            start = torch.floor((r[:, lo] * spatial_scale).clamp(-MAX_CELLS, MAX_CELLS)).long()
+            extent = torch.floor(((r[:, hi] - r[:, lo]) * spatial_scale).clamp(-MAX_CELLS, MAX_CELLS)).long()
             bin_size = torch.div(extent, pooled[axis], rounding_mode="floor").clamp(min=1)  # cells per bin, floored
             b0 = p[None, :] * bin_size[:, None]
             b1 = b0 + bin_size[:, None]
@@ -100,14 +102,17 @@ def roi_pool_forward(input: Tensor, rois: Tensor, spatial_scale: float, pooled_h
     n, c, height, width = input.shape
     k = rois.shape[0]
     pooled = (pooled_height, pooled_width)
+    if k == 0 or input.numel() == 0:  # no box, or a map with no cell: every bin is empty
+        return (input.new_zeros((k, c, pooled_height, pooled_width)),
+                torch.full((k, c, pooled_height, pooled_width), -1, dtype=torch.int32, device=input.device))
     out = input.new_empty((k, c, pooled_height, pooled_width))
     argmax = torch.empty((k, c, pooled_height, pooled_width), dtype=torch.int32, device=input.device)
-    if k == 0:
-        return out, argmax
     axes = _box_cells(rois, spatial_scale, pooled, rounding)
-    exact = torch.ones(k, dtype=torch.bool, device=input.device)
+    # the one-size path cuts out whole boxes: only for boxes no larger than the map (a larger box is read through
+    # its bins clipped to the map, below), so no crop is larger than the map whatever the box
+    exact = (axes[0][1] <= height) & (axes[1][1] <= width)
     for (start, extent, b0, b1), p in zip(axes, pooled):
-        a0, a1 = _adaptive_edges(extent, p)
+        a0, a1 = _adaptive_edges(extent.clamp(max=max(height, width)), p)
         exact &= ((a0 == b0) & (a1 == b1)).all(dim=1)
     feat = channels_last_rows(input, input.dtype)  # [N * H * W, C]
     lowest = torch.finfo(torch.float32).min  # torchvision starts every bin at -FLT_MAX
@@ -119,35 +124,15 @@ def roi_pool_forward(input: Tensor, rois: Tensor, spatial_scale: float, pooled_h
     empty = (hs >= he)[:, None, :, None] | (ws >= we)[:, None, None, :]  # [K, 1, PH, PW] wholly off the map
 
     fast = torch.nonzero(exact).squeeze(1)
-    size_key = len_y[fast] * (int(len_x.max()) + 1) + len_x[fast]
+    size_key = len_y[fast] * (width + 1) + len_x[fast]
     order = torch.argsort(size_key, stable=True)
     fast, size_key = fast[order], size_key[order]
     _, counts = torch.unique_consecutive(size_key, return_counts=True)
-    for idx in torch.split(fast, counts.tolist()):
-        b, ly, lx = len(idx), int(len_y[idx[0]]), int(len_x[idx[0]])
-        rows = y0[idx, None] + torch.arange(ly, device=input.device)  # [B, Ly] may leave the map
-        cols = x0[idx, None] + torch.arange(lx, device=input.device)
-        row_in, col_in = (rows >= 0) & (rows < height), (cols >= 0) & (cols < width)
-        rows, cols = rows.clamp(0, height - 1), cols.clamp(0, width - 1)
-        crop = feat.index_select(0, crop_index(batch[idx], rows, cols, height, width).reshape(-1))
-        crop = crop.view(b, ly, lx, c)  # [B, Ly, Lx, C]
-        inside = bool(row_in.all() and col_in.all())
-        if not inside:
-            crop.masked_fill_(~(row_in[:, :, None] & col_in[:, None, :])[..., None], float("-inf"))
-        if has_nan:
-            crop = torch.nan_to_num_(crop, nan=float("-inf"))  # NaN never wins, as in torchvision
-        value, where = torch.nn.functional.adaptive_max_pool2d(crop.permute(0, 3, 1, 2), pooled, return_indices=True)
-        # where = iy * Lx + ix in the crop -> the map cell h * W + w, read from a per-box table of the crop's cells
-        cells = (rows[:, :, None] * width + cols[:, None, :]).to(torch.int32).view(b, 1, ly * lx)
-        cell = torch.gather(cells.expand(b, c, ly * lx), 2, where.view(b, c, -1)).view(value.shape)
-        if inside and not has_low:  # every bin has cells and a value above -FLT_MAX: nothing to fix up
-            out.index_copy_(0, idx, value)
-            argmax.index_copy_(0, idx, cell)
-            continue
-        found = value > lowest  # something beat -FLT_MAX
-        value = torch.where(found, value, lowest).masked_fill_(empty[idx], 0.0)  # off the map: 0
-        out.index_copy_(0, idx, value.to(out.dtype))
-        argmax.index_copy_(0, idx, cell.masked_fill_(~found | empty[idx], -1))
+    for same in torch.split(fast, counts.tolist()):
+        ly, lx = int(len_y[same[0]]), int(len_x[same[0]])
+        for idx in torch.split(same, max(CHUNK_BUDGET // max(ly * lx * c, 1), 1)):
+            _pool_one_size(feat, (n, c, height, width), idx, batch, y0, x0, ly, lx, pooled, empty, has_low, has_nan,
+                           out, argmax)
 
     slow = torch.nonzero(~exact).squeeze(1)
     if len(slow):
@@ -156,6 +141,37 @@ def roi_pool_forward(input: Tensor, rois: Tensor, spatial_scale: float, pooled_h
         out.index_copy_(0, slow, o.permute(0, 3, 1, 2).to(out.dtype))
         argmax.index_copy_(0, slow, a.permute(0, 3, 1, 2).to(torch.int32))
     return out, argmax
+
+
+def _pool_one_size(feat, shape, idx, batch, y0, x0, ly: int, lx: int, pooled, empty, has_low: bool, has_nan: bool,
+                   out: Tensor, argmax: Tensor) -> None:
+    """Boxes ``idx`` of one size ``ly x lx`` cells (no larger than the map) through ``adaptive_max_pool2d``."""
+    n, c, height, width = shape
+    b = len(idx)
+    lowest = torch.finfo(torch.float32).min
+    rows = y0[idx, None] + torch.arange(ly, device=feat.device)  # [B, Ly] may leave the map
+    cols = x0[idx, None] + torch.arange(lx, device=feat.device)
+    row_in, col_in = (rows >= 0) & (rows < height), (cols >= 0) & (cols < width)
+    rows, cols = rows.clamp(0, height - 1), cols.clamp(0, width - 1)
+    crop = feat.index_select(0, crop_index(batch[idx], rows, cols, height, width).reshape(-1))
+    crop = crop.view(b, ly, lx, c)  # [B, Ly, Lx, C]
+    inside = bool(row_in.all() and col_in.all())
+    if not inside:
+        crop.masked_fill_(~(row_in[:, :, None] & col_in[:, None, :])[..., None], float("-inf"))
+    if has_nan:
+        crop = torch.nan_to_num_(crop, nan=float("-inf"))  # NaN never wins, as in torchvision
+    value, where = torch.nn.functional.adaptive_max_pool2d(crop.permute(0, 3, 1, 2), pooled, return_indices=True)
+    # where = iy * Lx + ix in the crop -> the map cell h * W + w, read from a per-box table of the crop's cells
+    cells = (rows[:, :, None] * width + cols[:, None, :]).to(torch.int32).view(b, 1, ly * lx)
+    cell = torch.gather(cells.expand(b, c, ly * lx), 2, where.view(b, c, -1)).view(value.shape)
+    if inside and not has_low:  # every bin has cells and a value above -FLT_MAX: nothing to fix up
+        out.index_copy_(0, idx, value)
+        argmax.index_copy_(0, idx, cell)
+        return
+    found = value > lowest  # something beat -FLT_MAX
+    value = torch.where(found, value, lowest).masked_fill_(empty[idx], 0.0)  # off the map: 0
+    out.index_copy_(0, idx, value.to(out.dtype))
+    argmax.index_copy_(0, idx, cell.masked_fill_(~found | empty[idx], -1))
 
 
 def _two_pass(feat: Tensor, shape, batch: Tensor, h_edges, w_edges, pooled, has_nan: bool):
