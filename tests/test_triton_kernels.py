@@ -46,6 +46,8 @@ def _load():
 
 K = _load()
 ml_op = importlib.import_module("roikit.ops.multilevel_roi_align")  # the module (its function has its name)
+ml_ref = importlib.import_module("roikit.ops.pytorch.multilevel_roi_align")
+from roikit.ops import _library  # noqa: E402
 RA, RP, PR, ML = K["roi_align"], K["roi_pool"], K["prroi_pool"], K["multilevel_roi_align"]
 
 SCALE = 0.25
@@ -281,13 +283,13 @@ def test_multilevel_kernel(dtype, channels_last, aligned, sampling_ratio):
     _, rois = make_pyramid_boxes(dtype)
     assert torch.equal(ML.pyramid_levels(rois, scales).long(), ml_op.pyramid_levels(rois, scales))
     settings = (scales, PH, PW, sampling_ratio, aligned, 224, 4)
-    expected = ml_op._reference_forward(feats, rois, *settings)
+    expected = ml_ref.multilevel_roi_align_forward(feats, rois, *settings)
     out = ML.multilevel_roi_align_forward(feats, rois, *settings)
     close(out, expected, dtype, "output")
     grad = torch.randn(out.shape).to(dtype)
     shapes = ([f.shape[2] for f in feats], [f.shape[3] for f in feats])
     bwd = (grad, rois, scales, PH, PW, 2, 3, *shapes, sampling_ratio, aligned, 224, 4)
-    expected_grads = ml_op._reference_backward(*bwd)
+    expected_grads = ml_ref.multilevel_roi_align_backward(*bwd)
     for det in (False, True):
         for got, want in zip(ML.multilevel_roi_align_backward(*bwd, det), expected_grads):
             close(got, want, dtype, f"gradient, deterministic={det}")
@@ -314,11 +316,11 @@ def test_multilevel_op_autograd_opcheck_compile():
     out = ml_op.multilevel_roi_align(leaves, rois, PH, scales, 2)
     grad = torch.randn_like(out)
     out.backward(grad)
-    expected = ml_op._reference_backward(grad, rois, scales, PH, PH, 2, 3, [16, 8, 4], [20, 10, 5], 2, False, 224, 4)
+    expected = ml_ref.multilevel_roi_align_backward(grad, rois, scales, PH, PH, 2, 3, [16, 8, 4], [20, 10, 5], 2, False, 224, 4)
     for leaf, want in zip(leaves, expected):
         torch.testing.assert_close(leaf.grad, want)
     args = ([f.double().requires_grad_() for f in feats], rois.double(), scales, 2, 2, 2, False, 224, 4)
-    torch.library.opcheck(ml_op.multilevel_roi_align_op, args, test_utils=("test_schema", "test_faketensor",
+    torch.library.opcheck(_library.multilevel_roi_align_op, args, test_utils=("test_schema", "test_faketensor",
                                                                              "test_autograd_registration"))
     compiled = torch.compile(lambda fs: ml_op.multilevel_roi_align(fs, rois, PH, scales, 2), backend="aot_eager",
                              fullgraph=True)

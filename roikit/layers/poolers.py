@@ -12,11 +12,12 @@ from typing import Sequence
 import torch
 from torch import Tensor, nn
 
-from ..ops import multilevel_roi_align, prroi_pool, roi_align, roi_pool, roi_spp
-from ..ops._utils import pair
+from ..ops import PrRoIPool, RoIAlign, RoIPool, RoISPP, multilevel_roi_align, prroi_pool, roi_align, roi_pool, roi_spp
+from ..ops._utils import autocast_to_float32, convert_boxes_to_rois, fx_leaf, pair
 from ..ops.multilevel_roi_align import pyramid_levels
 
-OPS = {"roi_align": roi_align, "roi_pool": roi_pool, "prroi_pool": prroi_pool, "roi_spp": roi_spp}
+OPS = {"roi_align": (RoIAlign, roi_align), "roi_pool": (RoIPool, roi_pool), "prroi_pool": (PrRoIPool, prroi_pool),
+       "roi_spp": (RoISPP, roi_spp)}
 
 
 def assign_boxes_to_levels(boxes: Tensor, min_level: int, max_level: int, canonical_scale: int = 224,
@@ -52,10 +53,13 @@ class RoIPooler(nn.Module):
     Args:
         featmap_names (List[str]): the feature maps to use, finest first.
         output_size (int or Tuple[int, int]): bins per box (ignored by ``roi_spp``, whose ``levels`` set its size).
-        sampling_ratio (int): for ``roi_align``.
+        sampling_ratio (int): samples per bin and axis for ``roi_align`` (the other ops take none).
         op (str): ``"roi_align"``, ``"roi_pool"``, ``"prroi_pool"`` or ``"roi_spp"``.
         canonical_scale, canonical_level (int): the FPN level rule, see :func:`assign_boxes_to_levels`.
         **op_options: the op's own settings (``aligned``, ``pool``, ``rounding``, ``levels``).
+
+    The op's module is built (and its settings checked) once, here. ``torch.fx`` traces the pooler as one call,
+    as torchvision's ``MultiScaleRoIAlign``.
     """
 
     def __init__(self, featmap_names: Sequence[str], output_size: int | tuple[int, int] = 7, sampling_ratio: int = 2,
@@ -65,6 +69,8 @@ class RoIPooler(nn.Module):
             raise ValueError(f"op must be one of {', '.join(map(repr, OPS))}, got {op!r}")
         if isinstance(featmap_names, str) or len(featmap_names) == 0:
             raise ValueError(f"featmap_names must be a non-empty list of names, got {featmap_names!r}")
+        if "sampling_ratio" in op_options:
+            raise ValueError("give sampling_ratio as RoIPooler's own argument, not as an op option")
         self.featmap_names = list(featmap_names)
         self.output_size = pair(output_size)
         self.sampling_ratio = sampling_ratio
@@ -72,22 +78,23 @@ class RoIPooler(nn.Module):
         self.op_options = dict(op_options)
         self.canonical_scale = canonical_scale
         self.canonical_level = canonical_level
-        # fail now, not at the first batch, on a setting the op does not take
-        self._pool(torch.zeros(1, 1, 2, 2), torch.zeros(0, 5), 1.0)
-
-    def _pool(self, feature: Tensor, rois: Tensor, scale: float) -> Tensor:
-        options = dict(self.op_options)
-        if self.op == "roi_align":
-            options.setdefault("sampling_ratio", self.sampling_ratio)
-        if self.op == "roi_spp":
-            return roi_spp(feature, rois, spatial_scale=scale, **options)
-        return OPS[self.op](feature, rois, self.output_size, scale, **options)
+        options = dict(op_options, sampling_ratio=sampling_ratio) if op == "roi_align" else dict(op_options)
+        if op != "roi_spp":
+            options["output_size"] = self.output_size
+        module, self._function = OPS[op]
+        module(**options)  # checks every setting now, not at the first batch (TypeError: a setting it lacks)
+        self._options = options
+        # one op for a whole pyramid (it assigns the levels itself): a single fused launch on CUDA
+        self.fused = op == "roi_align" and op_options.get("pool", "avg") == "avg"
 
     def output_shape(self, channels: int) -> tuple[int, ...]:
         """Shape of one box's pooled feature: ``(C, PH, PW)``, or ``(C * bins,)`` for ``roi_spp``."""
         if self.op == "roi_spp":
-            return (channels * sum(n * n for n in self.op_options.get("levels", (1, 2, 3, 6))),)
+            return (channels * sum(n * n for n in self._options.get("levels", (1, 2, 3, 6))),)
         return (channels, *self.output_size)
+
+    def _pool(self, feature: Tensor, rois: Tensor, scale: float) -> Tensor:
+        return self._function(feature, rois, spatial_scale=scale, **self._options)
 
     def forward(self, x: dict[str, Tensor], boxes: list[Tensor], image_shapes: list[tuple[int, int]]) -> Tensor:
         """
@@ -99,36 +106,39 @@ class RoIPooler(nn.Module):
         Returns:
             Tensor[K, C, PH, PW] (``Tensor[K, C * bins]`` for ``roi_spp``), boxes in the order given.
         """
-        missing = [name for name in self.featmap_names if name not in x]
-        if missing:
-            raise ValueError(f"feature maps {missing} not found; the features have {list(x)}")
-        features = [x[name] for name in self.featmap_names]
-        if len(image_shapes) == 0:
-            raise ValueError("image_shapes must give the size of each image")
-        max_size = (max(s[0] for s in image_shapes), max(s[1] for s in image_shapes))
-        scales = [infer_scale(f, max_size) for f in features]
-        rois = torch.cat(
-            [torch.cat([torch.full_like(b[:, :1], i), b], dim=1) for i, b in enumerate(boxes)], dim=0
-        ) if len(boxes) else features[0].new_zeros((0, 5))
-        if len(features) == 1:
-            return self._pool(features[0], rois, scales[0])
-
-        if self.op == "roi_align" and self.op_options.get("pool", "avg") == "avg":
-            # one op for the whole pyramid (it assigns the levels itself): a single fused launch on CUDA
-            return multilevel_roi_align(features, rois, self.output_size, scales,
-                                        self.op_options.get("sampling_ratio", self.sampling_ratio),
-                                        self.op_options.get("aligned", False),
-                                        canonical_scale=self.canonical_scale, canonical_level=self.canonical_level)
-        levels = pyramid_levels(rois, scales, self.canonical_scale, self.canonical_level)
-        out = None
-        for level, (feature, scale) in enumerate(zip(features, scales)):
-            idx = torch.nonzero(levels == level).squeeze(1)
-            pooled = self._pool(feature, rois[idx], scale)
-            if out is None:
-                out = pooled.new_zeros((rois.shape[0], *pooled.shape[1:]))
-            out = out.index_put((idx,), pooled)
-        return out
+        return _pool_regions(self, x, boxes, image_shapes)
 
     def extra_repr(self) -> str:
         options = "".join(f", {k}={v!r}" for k, v in self.op_options.items())
-        return f"featmap_names={self.featmap_names}, output_size={self.output_size}, op={self.op!r}{options}"
+        return (f"featmap_names={self.featmap_names}, output_size={self.output_size}, "
+                f"sampling_ratio={self.sampling_ratio}, op={self.op!r}{options}")
+
+
+@fx_leaf
+def _pool_regions(pooler: RoIPooler, x: dict[str, Tensor], boxes: list[Tensor],
+                  image_shapes: list[tuple[int, int]]) -> Tensor:
+    missing = [name for name in pooler.featmap_names if name not in x]
+    if missing:
+        raise ValueError(f"feature maps {missing} not found; the features have {list(x)}")
+    if len(image_shapes) == 0:
+        raise ValueError("image_shapes must give the size of each image")
+    features, dtype = [], None
+    for name in pooler.featmap_names:  # under autocast: float32, as the ops run
+        feature, boxes, dtype = autocast_to_float32(x[name], boxes)
+        features.append(feature)
+    max_size = (max(s[0] for s in image_shapes), max(s[1] for s in image_shapes))
+    scales = [infer_scale(f, max_size) for f in features]
+    rois = convert_boxes_to_rois(boxes, features[0])
+    if len(features) == 1:
+        out = pooler._pool(features[0], rois, scales[0])
+    elif pooler.fused:
+        out = multilevel_roi_align(features, rois, pooler.output_size, scales, pooler.sampling_ratio,
+                                   pooler.op_options.get("aligned", False), canonical_scale=pooler.canonical_scale,
+                                   canonical_level=pooler.canonical_level)
+    else:
+        levels = pyramid_levels(rois, scales, pooler.canonical_scale, pooler.canonical_level)
+        out = features[0].new_zeros((rois.shape[0], *pooler.output_shape(features[0].shape[1])))
+        for level, (feature, scale) in enumerate(zip(features, scales)):
+            idx = torch.nonzero(levels == level).squeeze(1)
+            out = out.index_put((idx,), pooler._pool(feature, rois[idx], scale))
+    return out if dtype is None else out.to(dtype)

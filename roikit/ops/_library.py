@@ -1,4 +1,4 @@
-"""The ``torch.library`` registration of every region op, with its fake kernel and its autograd, in one place.
+"""The ``torch.library`` registration of every region op, with its fake kernel, autograd and autocast, in one place.
 
 Each op is a forward custom op and a backward custom op (so torch.compile, ``opcheck`` and autograd all see
 through them). The default implementation is the plain-PyTorch one in ``roikit.ops.pytorch``, which runs on any
@@ -12,6 +12,7 @@ import threading
 import torch
 from torch import Tensor
 
+from .pytorch import multilevel_roi_align as _multilevel
 from .pytorch import prroi_pool as _prroi
 from .pytorch import roi_align as _align
 from .pytorch import roi_pool as _pool
@@ -162,3 +163,59 @@ def _prroi_backward(ctx, grad):
 
 
 prroi_pool_op.register_autograd(_prroi_backward, setup_context=_prroi_setup)
+
+
+# ---------------------------------------------------------------- multilevel_roi_align
+@torch.library.custom_op("roikit::multilevel_roi_align", mutates_args=())
+def multilevel_roi_align_op(features: list[Tensor], rois: Tensor, spatial_scales: list[float], pooled_height: int,
+                            pooled_width: int, sampling_ratio: int, aligned: bool, canonical_scale: int,
+                            canonical_level: int) -> Tensor:
+    return _multilevel.multilevel_roi_align_forward(features, rois, spatial_scales, pooled_height, pooled_width, sampling_ratio, aligned,
+                              canonical_scale, canonical_level)
+
+
+@multilevel_roi_align_op.register_fake
+def _(features, rois, spatial_scales, pooled_height, pooled_width, sampling_ratio, aligned, canonical_scale,
+      canonical_level):
+    return features[0].new_empty((rois.shape[0], features[0].shape[1], pooled_height, pooled_width))
+
+
+@torch.library.custom_op("roikit::multilevel_roi_align_backward", mutates_args=())
+def multilevel_roi_align_backward_op(grad: Tensor, rois: Tensor, spatial_scales: list[float], pooled_height: int,
+                                     pooled_width: int, batch_size: int, channels: int, heights: list[int],
+                                     widths: list[int], sampling_ratio: int, aligned: bool, canonical_scale: int,
+                                     canonical_level: int, deterministic: bool) -> list[Tensor]:
+    return _multilevel.multilevel_roi_align_backward(grad, rois, spatial_scales, pooled_height, pooled_width, batch_size, channels, heights,
+                               widths, sampling_ratio, aligned, canonical_scale, canonical_level)
+
+
+@multilevel_roi_align_backward_op.register_fake
+def _(grad, rois, spatial_scales, pooled_height, pooled_width, batch_size, channels, heights, widths, sampling_ratio,
+      aligned, canonical_scale, canonical_level, deterministic):
+    return [grad.new_empty((batch_size, channels, h, w)) for h, w in zip(heights, widths)]
+
+
+def _multilevel_setup(ctx, inputs, output):
+    features, rois, spatial_scales, pooled_height, pooled_width, sampling_ratio, aligned, cs, cl = inputs
+    ctx.save_for_backward(rois)
+    n, c = features[0].shape[:2]
+    ctx.settings = (list(spatial_scales), pooled_height, pooled_width, n, c, [f.shape[2] for f in features],
+                    [f.shape[3] for f in features], sampling_ratio, aligned, cs, cl)
+
+
+def _multilevel_backward(ctx, grad):
+    (rois,) = ctx.saved_tensors
+    grads = multilevel_roi_align_backward_op(grad.contiguous(), rois, *ctx.settings,
+                                             deterministic_backward_enabled())
+    return list(grads), None, None, None, None, None, None, None, None
+
+
+multilevel_roi_align_op.register_autograd(_multilevel_backward, setup_context=_multilevel_setup)
+
+
+# ---------------------------------------------------------------- autocast
+# As torchvision's ops: under autocast (CPU or CUDA) the forward runs in float32, whatever the features' dtype;
+# the functional forms give the result back in the features' dtype.
+for _op in (roi_pool_op, roi_align_op, prroi_pool_op, multilevel_roi_align_op):
+    for _device in ("cpu", "cuda"):
+        _op.register_autocast(_device, torch.float32)

@@ -6,11 +6,14 @@ Checks raise ``ValueError`` naming the argument and what was expected.
 """
 from __future__ import annotations
 
+import functools
 import math
-from typing import Sequence, Union
+from typing import Any, Callable, Sequence, TypeVar, Union
 
 import torch
+import torch.fx
 from torch import Tensor
+from torch.fx.node import map_aggregate
 
 BoxesType = Union[Tensor, Sequence[Tensor]]
 
@@ -20,6 +23,57 @@ FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 def _is_compiling() -> bool:
     # Value checks read tensor data (a device sync and a graph break): they run in eager mode only.
     return torch.compiler.is_compiling()
+
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def fx_leaf(fn: F) -> F:
+    """Make ``fn`` a leaf of ``torch.fx`` tracing wherever it is called from.
+
+    ``torch.fx.wrap`` patches a function's name in its own module only; an op called from a user's module (or
+    with a list of boxes) would be traced into, and its checks cannot read a Proxy. Called with a Proxy anywhere in
+    its arguments, the decorated function records itself as one ``call_function`` node instead of running, as
+    torchvision's wrapped ops do; called with tensors, it runs. torch.compile sees through it.
+    """
+    @functools.wraps(fn)
+    def leaf(*args, **kwargs):
+        proxies: list[torch.fx.Proxy] = []
+        map_aggregate((args, kwargs), lambda a: proxies.append(a) if isinstance(a, torch.fx.Proxy) else None)
+        if proxies:
+            return proxies[0].tracer.create_proxy("call_function", leaf, args, kwargs)
+        return fn(*args, **kwargs)
+
+    return leaf  # type: ignore[return-value]
+
+
+def autocast_to_float32(input: Tensor, boxes: BoxesType) -> tuple[Tensor, BoxesType, torch.dtype | None]:
+    """Under autocast, features and boxes in float32 (as torchvision's ops run), and the dtype to give the result
+    back in (the features' own); outside autocast, the inputs as they are and None."""
+    if not isinstance(input, Tensor) or not torch.is_autocast_enabled(input.device.type):
+        return input, boxes, None
+    dtype = input.dtype
+    if isinstance(boxes, Tensor):
+        boxes = boxes.float()
+    elif isinstance(boxes, (list, tuple)):
+        boxes = [b.float() if isinstance(b, Tensor) else b for b in boxes]
+    return input.float(), boxes, dtype
+
+
+def check_bool(value: Any, name: str) -> bool:
+    """``value`` if it is a bool (not ``"False"``, not 0 or 1), else a ValueError naming ``name``."""
+    if not isinstance(value, bool):
+        raise ValueError(f"{name} must be True or False, got {value!r}")
+    return value
+
+
+def check_int(value: Any, name: str, minimum: int | None = None) -> int:
+    """``value`` if it is an int (not a bool, not a float) at least ``minimum``, else a ValueError naming ``name``."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"{name} must be an int, got {value!r}")
+    if minimum is not None and value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    return value
 
 
 def check_features(input: Tensor, name: str = "input") -> None:

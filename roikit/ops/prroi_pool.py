@@ -4,9 +4,11 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 from . import _library
-from ._utils import BoxesType, check_features, check_spatial_scale, convert_boxes_to_rois, pair
+from ._utils import (BoxesType, autocast_to_float32, check_bool, check_features, check_spatial_scale,
+                     convert_boxes_to_rois, fx_leaf, pair)
 
 
+@fx_leaf
 def prroi_pool(
     input: Tensor,
     boxes: BoxesType,
@@ -28,17 +30,23 @@ def prroi_pool(
             centre (the same pixel model as ``roi_align(aligned=True)``).
 
     The surface is 0 beyond the map (it falls linearly to 0 over the half cell past the border). A box of zero or
-    negative width or height gives 0.
+    negative width or height gives 0. The weights are computed in float64 from the box as given, so a bin of 1e-7
+    cells, or ``spatial_scale=1e-30``, gives the surface's value there. Memory: the map, the output and a fixed
+    chunk, whatever the boxes. An output is NaN or infinite only if its bin gives such a cell a non-zero weight.
+    Under autocast the op runs in float32 and returns the features' dtype.
 
     Returns:
         Tensor[K, C, PH, PW], differentiable with respect to ``input`` and to the box coordinates (the batch
         index gets a zero gradient).
     """
+    input, boxes, dtype = autocast_to_float32(input, boxes)
     check_features(input)
     rois = convert_boxes_to_rois(boxes, input)
     ph, pw = pair(output_size)
     scale = check_spatial_scale(spatial_scale)
-    return _library.prroi_pool_op(input, rois, scale, ph, pw, bool(aligned))
+    check_bool(aligned, "aligned")
+    out = _library.prroi_pool_op(input, rois, scale, ph, pw, aligned)
+    return out if dtype is None else out.to(dtype)
 
 
 class PrRoIPool(nn.Module):
@@ -48,7 +56,7 @@ class PrRoIPool(nn.Module):
         super().__init__()
         self.output_size = pair(output_size)
         self.spatial_scale = check_spatial_scale(spatial_scale)
-        self.aligned = aligned
+        self.aligned = check_bool(aligned, "aligned")
 
     def forward(self, input: Tensor, boxes: BoxesType) -> Tensor:
         return prroi_pool(input, boxes, self.output_size, self.spatial_scale, self.aligned)

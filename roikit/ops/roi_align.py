@@ -4,11 +4,13 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 from . import _library
-from ._utils import BoxesType, check_choice, check_features, check_spatial_scale, convert_boxes_to_rois, pair
+from ._utils import (BoxesType, autocast_to_float32, check_bool, check_choice, check_features, check_int,
+                     check_spatial_scale, convert_boxes_to_rois, fx_leaf, pair)
 
 POOLS = ("avg", "max")
 
 
+@fx_leaf
 def roi_align(
     input: Tensor,
     boxes: BoxesType,
@@ -33,19 +35,25 @@ def roi_align(
         pool (str): ``"avg"`` (the mean of the samples, equal to ``torchvision.ops.roi_align``) or ``"max"``
             (their maximum, as in mmcv's ``pool_mode="max"``).
 
-    A sample outside ``[-1, H] x [-1, W]`` counts as 0; one inside is clamped to the map.
+    A sample outside ``[-1, H] x [-1, W]`` counts as 0; one inside is clamped to the map. Only the samples inside
+    are read, so a box far larger than the map costs no more than the map: memory is the map, the output and a
+    fixed chunk, whatever the boxes. An output is NaN or infinite only if a sample it reads (its 4 bilinear taps,
+    even one of weight 0, as in torchvision) is. Under autocast the op runs in float32 and returns the features'
+    dtype, as torchvision's.
 
     Returns:
         Tensor[K, C, PH, PW].
     """
+    input, boxes, dtype = autocast_to_float32(input, boxes)
     check_features(input)
     rois = convert_boxes_to_rois(boxes, input)
     ph, pw = pair(output_size)
     scale = check_spatial_scale(spatial_scale)
     check_choice(pool, "pool", POOLS)
-    if isinstance(sampling_ratio, bool) or not isinstance(sampling_ratio, int):
-        raise ValueError(f"sampling_ratio must be an int (<= 0 for adaptive), got {sampling_ratio!r}")
-    return _library.roi_align_op(input, rois, scale, ph, pw, sampling_ratio, bool(aligned), pool == "max")[0]
+    check_int(sampling_ratio, "sampling_ratio")
+    check_bool(aligned, "aligned")
+    out = _library.roi_align_op(input, rois, scale, ph, pw, sampling_ratio, aligned, pool == "max")[0]
+    return out if dtype is None else out.to(dtype)
 
 
 class RoIAlign(nn.Module):
@@ -56,8 +64,8 @@ class RoIAlign(nn.Module):
         super().__init__()
         self.output_size = pair(output_size)
         self.spatial_scale = check_spatial_scale(spatial_scale)
-        self.sampling_ratio = sampling_ratio
-        self.aligned = aligned
+        self.sampling_ratio = check_int(sampling_ratio, "sampling_ratio")
+        self.aligned = check_bool(aligned, "aligned")
         self.pool = check_choice(pool, "pool", POOLS)
 
     def forward(self, input: Tensor, boxes: BoxesType) -> Tensor:

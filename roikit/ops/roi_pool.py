@@ -5,11 +5,13 @@ import torch
 from torch import Tensor, nn
 
 from . import _library
-from ._utils import BoxesType, check_choice, check_features, check_spatial_scale, convert_boxes_to_rois, pair
+from ._utils import (BoxesType, autocast_to_float32, check_choice, check_features, check_spatial_scale,
+                     convert_boxes_to_rois, fx_leaf, pair)
 
 ROUNDINGS = ("torchvision", "integer")
 
 
+@fx_leaf
 def roi_pool(
     input: Tensor,
     boxes: BoxesType,
@@ -35,18 +37,23 @@ def roi_pool(
               (20.78 -> 20 cells), bin size floored (20 / 7 = 2.86 -> 2 cells, at least 1), bin ``i`` reads
               ``[start + 2 i, start + 2 i + 2)``: 14 of the box's 20.78 cells.
 
-            Bins are clipped to the map; an empty bin gives 0 and no gradient.
+            Bins are clipped to the map; an empty bin gives 0 and no gradient. Coordinates are clamped to
+            +-2^52 cells first. A box is read through its bins clipped to the map, so memory is the map, the output
+            and a fixed chunk, whatever the boxes. NaN never wins a bin (as in torchvision). Under autocast the op
+            runs in float32 and returns the features' dtype.
 
     Returns:
         Tensor[K, C, PH, PW]. The gradient of each bin goes to the cell its maximum came from (the first in
         row-major order on ties).
     """
+    input, boxes, dtype = autocast_to_float32(input, boxes)
     check_features(input)
     rois = convert_boxes_to_rois(boxes, input)
     ph, pw = pair(output_size)
     scale = check_spatial_scale(spatial_scale)
     check_choice(rounding, "rounding", ROUNDINGS)
-    return _library.roi_pool_op(input, rois, scale, ph, pw, rounding)[0]
+    out = _library.roi_pool_op(input, rois, scale, ph, pw, rounding)[0]
+    return out if dtype is None else out.to(dtype)
 
 
 class RoIPool(nn.Module):

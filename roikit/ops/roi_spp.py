@@ -7,7 +7,8 @@ import torch
 from torch import Tensor, nn
 
 from . import _library
-from ._utils import BoxesType, check_choice, check_features, check_spatial_scale, convert_boxes_to_rois
+from ._utils import (BoxesType, autocast_to_float32, check_choice, check_features, check_spatial_scale,
+                     convert_boxes_to_rois, fx_leaf)
 from .roi_pool import ROUNDINGS
 
 
@@ -19,6 +20,7 @@ def _check_levels(levels) -> tuple[int, ...]:
     return tuple(levels)
 
 
+@fx_leaf
 def roi_spp(
     input: Tensor,
     boxes: BoxesType,
@@ -38,14 +40,16 @@ def roi_spp(
     Returns:
         Tensor[K, C * sum(n * n)]: level by level, each level's ``[K, C, n, n]`` flattened (channel-major).
     """
+    input, boxes, dtype = autocast_to_float32(input, boxes)
     check_features(input)
     rois = convert_boxes_to_rois(boxes, input)
     levels = _check_levels(levels)
     scale = check_spatial_scale(spatial_scale)
     check_choice(rounding, "rounding", ROUNDINGS)
     k, c = rois.shape[0], input.shape[1]
-    return torch.cat(
+    out = torch.cat(
         [_library.roi_pool_op(input, rois, scale, n, n, rounding)[0].reshape(k, c * n * n) for n in levels], 1)
+    return out if dtype is None else out.to(dtype)
 
 
 class RoISPP(nn.Module):

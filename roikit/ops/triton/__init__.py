@@ -16,8 +16,7 @@ from types import ModuleType
 import torch
 
 from .. import _library  # noqa: F401  (defines the roikit:: ops)
-from ..multilevel_roi_align import _reference_backward as _ml_reference_backward  # (defines the op too)
-from ..multilevel_roi_align import _reference_forward as _ml_reference_forward
+from ..pytorch import multilevel_roi_align as _ref_multilevel
 from ..pytorch import prroi_pool as _ref_prroi
 from ..pytorch import roi_align as _ref_align
 from ..pytorch import roi_pool as _ref_pool
@@ -100,8 +99,9 @@ def _multilevel_roi_align(features, rois, spatial_scales, pooled_height, pooled_
                           canonical_scale, canonical_level):
     k = _usable("multilevel_roi_align", *features)
     if k is None:
-        return _ml_reference_forward(features, rois, spatial_scales, pooled_height, pooled_width,
-                                              sampling_ratio, aligned, canonical_scale, canonical_level)
+        return _ref_multilevel.multilevel_roi_align_forward(features, rois, spatial_scales, pooled_height,
+                                                            pooled_width, sampling_ratio, aligned, canonical_scale,
+                                                            canonical_level)
     return k.multilevel_roi_align_forward(features, rois, spatial_scales, pooled_height, pooled_width,
                                           sampling_ratio, aligned, canonical_scale, canonical_level)
 
@@ -113,9 +113,9 @@ def _multilevel_roi_align_backward(grad, rois, spatial_scales, pooled_height, po
     empty_map = any(h * w == 0 for h, w in zip(heights, widths)) or batch_size * channels == 0
     k = None if empty_map else _usable("multilevel_roi_align", grad)
     if k is None:
-        return _ml_reference_backward(grad, rois, spatial_scales, pooled_height, pooled_width, batch_size,
-                                               channels, heights, widths, sampling_ratio, aligned, canonical_scale,
-                                               canonical_level)
+        return _ref_multilevel.multilevel_roi_align_backward(grad, rois, spatial_scales, pooled_height, pooled_width,
+                                                             batch_size, channels, heights, widths, sampling_ratio,
+                                                             aligned, canonical_scale, canonical_level)
     return k.multilevel_roi_align_backward(grad, rois, spatial_scales, pooled_height, pooled_width, batch_size,
                                            channels, heights, widths, sampling_ratio, aligned, canonical_scale,
                                            canonical_level, deterministic)
