@@ -1,8 +1,11 @@
 """What every op shares: input checks, torch.library registration (opcheck, torch.compile), determinism."""
 import pytest
 import torch
+import torch.fx
+import torchvision
 
-from roikit.ops import deterministic_backward, prroi_pool, roi_align, roi_pool, roi_spp
+from roikit.ops import (PrRoIPool, RoIAlign, deterministic_backward, multilevel_roi_align, prroi_pool, roi_align,
+                        roi_pool, roi_spp)
 
 OPS = {
     "roi_pool": lambda x, b, **kw: roi_pool(x, b, 3, 0.5, **kw),
@@ -139,3 +142,142 @@ def test_no_boxes_gives_an_empty_result_and_a_zero_gradient(name):
     assert out.shape == expected
     out.sum().backward()
     assert x.grad is not None and not x.grad.any()
+
+
+# ---------------------------------------------------------------- hardening: maps, flags, autocast, fx, repr
+@pytest.mark.parametrize("name", list(OPS))
+@pytest.mark.parametrize("shape", [(2, 3, 0, 12), (2, 3, 10, 0), (2, 0, 10, 12)], ids=["H=0", "W=0", "C=0"])
+def test_empty_map_gives_zeros_and_a_zero_gradient(name, shape):
+    _, rois = inputs()
+    x = torch.zeros(shape, requires_grad=True)
+    out = OPS[name](x, rois)
+    c = shape[1]
+    assert out.shape == ((3, c * 50) if name == "roi_spp" else (3, c, 3, 3))
+    assert not out.any()  # every bin is empty: 0, as a bin off the map
+    out.sum().backward()
+    assert x.grad.shape == x.shape
+
+
+@pytest.mark.parametrize("call", [
+    lambda x, b: roi_align(x, b, 3, aligned="False"),
+    lambda x, b: roi_align(x, b, 3, aligned=1),
+    lambda x, b: prroi_pool(x, b, 3, aligned="nope"),
+    lambda x, b: multilevel_roi_align([x], b, 3, [1.0], aligned=0),
+    lambda x, b: RoIAlign(3, aligned="True"),
+    lambda x, b: PrRoIPool(3, aligned=None),
+])
+def test_flags_must_be_bools(call):
+    x, rois = inputs()
+    with pytest.raises(ValueError, match="aligned must be True or False"):
+        call(x, rois)
+
+
+AUTOCAST_OPS = dict(OPS, multilevel=lambda x, b: multilevel_roi_align([x, x[:, :, ::2, ::2]], b, 3, [0.5, 0.25], 2))
+
+
+@pytest.mark.parametrize("name", list(AUTOCAST_OPS))
+def test_autocast_runs_in_float32_as_torchvision(name):
+    """Under CPU autocast (bfloat16) the ops run in float32 and answer in the features' dtype (torchvision's rule),
+    also when features and boxes differ in dtype; the result equals the float32 op's."""
+    x, rois = inputs()
+    f = AUTOCAST_OPS[name]
+    expected = f(x, rois)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        same = f(x, rois)  # float32 in: float32 out
+        mixed = f(x.bfloat16(), rois)  # bfloat16 features (a conv's output under autocast), float32 boxes
+        for_tv = torchvision.ops.roi_align(x.bfloat16(), rois, 3, 0.5, 2, True)
+    assert same.dtype == torch.float32 and mixed.dtype == for_tv.dtype == torch.bfloat16
+    torch.testing.assert_close(same, expected, atol=0, rtol=0)
+    torch.testing.assert_close(mixed, f(x.bfloat16().float(), rois).bfloat16(), atol=0, rtol=0)
+
+
+def test_autocast_is_registered_for_cpu_and_cuda():
+    for op in ("roi_pool", "roi_align", "prroi_pool", "multilevel_roi_align"):
+        for key in ("AutocastCPU", "AutocastCUDA"):
+            assert torch._C._dispatch_has_kernel_for_dispatch_key(f"roikit::{op}", key), (op, key)
+    x, rois = inputs()
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # the registered op itself casts to float32
+        out, _ = torch.ops.roikit.roi_align(x.bfloat16(), rois, 0.5, 3, 3, 2, True, False)
+    assert out.dtype == torch.float32
+
+
+class _Regions(torch.nn.Module):
+    """A model holding roikit ops, called from the user's own module with a list of boxes."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 3, 1)
+        self.align = RoIAlign(3, 0.5, 2, aligned=True)
+
+    def forward(self, x, rois, boxes: list[torch.Tensor]):
+        f = self.conv(x)
+        return (self.align(f, rois).sum((2, 3)) + roi_pool(f, boxes, 3, 0.5).amax((2, 3))
+                + prroi_pool(f, rois, 2, 0.5).mean((2, 3)) + roi_spp(f, rois, (1, 2), 0.5)[:, :3]
+                + multilevel_roi_align([f, f[:, :, ::2, ::2]], rois, 2, [0.5, 0.25]).sum((2, 3)))
+
+
+def test_fx_traces_every_op_as_a_leaf():
+    model = _Regions()
+    x, rois = inputs()
+    boxes = [rois[rois[:, 0] == i, 1:] for i in range(2)]
+    traced = torch.fx.symbolic_trace(model)
+    called = {n.target.__name__ for n in traced.graph.nodes if n.op == "call_function" and hasattr(n.target, "__name__")}
+    assert {"roi_align", "roi_pool", "prroi_pool", "roi_spp", "multilevel_roi_align"} <= called
+    torch.testing.assert_close(traced(x, rois, boxes), model(x, rois, boxes), atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("op, names, options", [
+    ("roi_align", ["0"], {"aligned": True}), ("roi_align", ["0", "1"], {}), ("roi_pool", ["0", "1"], {}),
+    ("roi_spp", ["0"], {"levels": (1, 2)}), ("prroi_pool", ["0", "1"], {}),
+])
+def test_fx_traces_a_detector_region_path_with_roipooler(op, names, options):
+    """Backbone -> RoIPooler -> box head, as in the detector; traced by torch.fx (as torchvision's pooler is)."""
+    from roikit.layers import RoIPooler
+    from roikit.modeling import FastRCNNConvFCHead
+
+    class RegionPath(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.backbone = torch.nn.Conv2d(3, 4, 3, stride=4, padding=1)
+            self.pooler = RoIPooler(names, 4, 2, op, **options)
+            self.head = FastRCNNConvFCHead(input_shape=self.pooler.output_shape(4), fc_dims=(8,))
+
+        def forward(self, images, proposals: list[torch.Tensor], image_shapes: list[tuple[int, int]]):
+            f = self.backbone(images)
+            return self.head(self.pooler({"0": f, "1": f[:, :, ::2, ::2]}, proposals, image_shapes))
+
+    torch.manual_seed(0)
+    model = RegionPath().eval()
+    images = torch.randn(2, 3, 64, 64)
+    proposals = [torch.tensor([[1.0, 2, 40, 30], [0, 0, 63, 63]]), torch.tensor([[5.0, 5, 20, 50]])]
+    traced = torch.fx.symbolic_trace(model)
+    torch.testing.assert_close(traced(images, proposals, [(64, 64)] * 2), model(images, proposals, [(64, 64)] * 2),
+                               atol=0, rtol=0)
+
+
+def test_roipooler_repr_shows_sampling_ratio_and_takes_it_once():
+    import copy
+
+    from roikit.engine.config import DEFAULTS
+    from roikit.layers import RoIPooler
+    from roikit.modeling.detector import build_pooler
+
+    text = repr(RoIPooler(["0", "1"], 7, sampling_ratio=0, op="roi_align", aligned=True))
+    assert "sampling_ratio=0" in text and "aligned=True" in text
+    cfg = copy.deepcopy(DEFAULTS)
+    cfg["model"]["pooler"]["options"] = {"sampling_ratio": 0}  # a second place to set it: refused
+    with pytest.raises(ValueError, match="sampling_ratio"):
+        build_pooler(cfg, ["0"])
+
+
+def test_argmax_lands_on_the_input_device():
+    """The plain-PyTorch kernels make every tensor on the input's device (it is also the CUDA fallback)."""
+    from roikit.ops.pytorch.roi_align import roi_align_forward
+    from roikit.ops.pytorch.roi_pool import roi_pool_forward
+
+    x, rois = torch.empty(2, 3, 10, 12, device="meta"), torch.empty(0, 5, device="meta")
+    for pool_max in (False, True):
+        out, argmax = roi_align_forward(x, rois, 0.5, 3, 3, 2, True, pool_max)
+        assert out.device.type == argmax.device.type == "meta"
+    out, argmax = roi_pool_forward(x, rois, 0.5, 3, 3, "torchvision")
+    assert out.device.type == argmax.device.type == "meta"

@@ -72,3 +72,20 @@ def test_half_precision_and_module():
     ref = prroi_pool(x.half().float(), rois.half().float(), 3)
     torch.testing.assert_close(prroi_pool(x.half(), rois.half(), 3).float(), ref, atol=2e-3, rtol=2e-3)
     assert repr(PrRoIPool(7, 0.25)) == "PrRoIPool(output_size=(7, 7), spatial_scale=0.25, aligned=False)"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_tiny_bins_give_the_surface_value(dtype):
+    """A bin of 1e-7 cells, or any box at spatial_scale=1e-30, averages the surface over (almost) a point: the
+    bilinear value there. On F[i, j] = 4 i + j + 1 (linear) that is 4 y + x + 1 at the box's centre, by hand.
+    (The integral's difference HAT(hi) - HAT(lo) cancelled here: 0.204 for 0.418 in float32, 0 at 1e-30.)"""
+    x = (torch.arange(16, dtype=dtype).reshape(1, 1, 4, 4) + 1)
+    tiny = torch.tensor([[0, 1.3, 2.6, 1.3 + 1e-7, 2.6 + 1e-7]], dtype=dtype)
+    out = prroi_pool(x, tiny, 1, 1.0)
+    cx, cy = (tiny[0, 1].double() + tiny[0, 3].double()) / 2, (tiny[0, 2].double() + tiny[0, 4].double()) / 2
+    torch.testing.assert_close(out.double().flatten(), (4 * cy + cx + 1).reshape(1), rtol=1e-6, atol=0)
+    far = torch.tensor([[0, 0.0, 0.0, 10.0, 10.0], [0, 1.3e30, 2.6e30, 1.5e30, 2.7e30]], dtype=dtype)
+    out = prroi_pool(x, far, 1, 1e-30)
+    cx, cy = (far[1, 1].double() + far[1, 3].double()) / 2e30, (far[1, 2].double() + far[1, 4].double()) / 2e30
+    torch.testing.assert_close(out.double().flatten(), torch.stack([torch.tensor(1.0, dtype=torch.float64),
+                                                                    4 * cy + cx + 1]), rtol=1e-6, atol=0)

@@ -69,8 +69,6 @@ class RoIPooler(nn.Module):
             raise ValueError(f"op must be one of {', '.join(map(repr, OPS))}, got {op!r}")
         if isinstance(featmap_names, str) or len(featmap_names) == 0:
             raise ValueError(f"featmap_names must be a non-empty list of names, got {featmap_names!r}")
-        if "sampling_ratio" in op_options:
-            raise ValueError("give sampling_ratio as RoIPooler's own argument, not as an op option")
         self.featmap_names = list(featmap_names)
         self.output_size = pair(output_size)
         self.sampling_ratio = sampling_ratio

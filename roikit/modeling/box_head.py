@@ -137,7 +137,7 @@ class FastRCNNConvFCHead(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         """Tensor[K, *input_shape] -> Tensor[K, out_features]."""
-        if tuple(x.shape[1:]) != self.input_shape:
+        if isinstance(x, Tensor) and tuple(x.shape[1:]) != self.input_shape:  # (not a torch.fx Proxy)
             raise ValueError(f"FastRCNNConvFCHead: expected pooled features [K, {', '.join(map(str, self.input_shape))}"
                              f"], got {list(x.shape)}")
         return self.layers(x)

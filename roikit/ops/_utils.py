@@ -76,7 +76,14 @@ def check_int(value: Any, name: str, minimum: int | None = None) -> int:
     return value
 
 
+def _traced(value: Any) -> bool:
+    # a torch.fx Proxy stands for a tensor whose shape is not known while tracing: checked when the graph runs
+    return isinstance(value, torch.fx.Proxy)
+
+
 def check_features(input: Tensor, name: str = "input") -> None:
+    if _traced(input):
+        return
     if not isinstance(input, Tensor):
         raise ValueError(f"{name} must be a Tensor[N, C, H, W], got {type(input).__name__}")
     if input.dim() != 4:
@@ -91,6 +98,8 @@ def check_float_features(input: Tensor, name: str = "input") -> None:
     The region ops accept only ``FLOAT_DTYPES`` (their kernels' dtypes); layers that call ``F.max_pool2d``,
     ``F.unfold``, ``torch.bmm`` ... leave the rarer floating dtypes (float8) to torch, which names what it lacks.
     """
+    if _traced(input):
+        return
     if not isinstance(input, Tensor):
         raise ValueError(f"{name} must be a Tensor[N, C, H, W], got {type(input).__name__}")
     if input.dim() != 4:
@@ -101,6 +110,8 @@ def check_float_features(input: Tensor, name: str = "input") -> None:
 
 def check_nonempty_map(input: Tensor, name: str = "input") -> None:
     """A ``[N, C, H, W]`` map with at least one position (global, adaptive and bilinear pooling need one)."""
+    if _traced(input):
+        return
     if input.shape[2] == 0 or input.shape[3] == 0:
         raise ValueError(f"{name} must have H, W >= 1, got shape {tuple(input.shape)}")
 

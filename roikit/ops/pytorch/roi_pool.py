@@ -219,7 +219,7 @@ def roi_pool_backward(grad: Tensor, rois: Tensor, argmax: Tensor, batch_size: in
                       width: int) -> Tensor:
     """Each bin's gradient goes to the cell it took its value from."""
     out = grad.new_zeros((batch_size * channels * height * width,))
-    if rois.shape[0] == 0:
+    if rois.shape[0] == 0 or out.numel() == 0:
         return out.reshape(batch_size, channels, height, width)
     # int32 indices where they fit: half the memory of int64 on the largest tensor of the backward
     index_dtype = torch.int32 if out.numel() < 2**31 else torch.int64
