@@ -471,3 +471,18 @@ def test_bilinear_bad_input():
     with pytest.raises(ValueError, match=r"lie in \[0, output_dim\)"):
         compact_bilinear_pool(torch.rand(1, 2, 3, 3), output_dim=4, hashes=tensor_sketch_hashes(2, 2, 8))
     assert repr(BilinearPool()) == "BilinearPool(signed_sqrt=True, l2_normalize=True)"
+
+
+@pytest.mark.parametrize("call, flag", [
+    (lambda x: pool2d(x, 2, ceil_mode="False"), "ceil_mode"),
+    (lambda x: pool2d(x, 2, mode="avg", count_include_pad=0), "count_include_pad"),
+    (lambda x: global_pool2d(x, keepdim="no"), "keepdim"),
+    (lambda x: OverlappingMaxPool2d(3, 2, ceil_mode=1), "ceil_mode"),
+    (lambda x: bilinear_pool(x, signed_sqrt="False"), "signed_sqrt"),
+    (lambda x: BilinearPool(l2_normalize=None), "l2_normalize"),
+    (lambda x: stochastic_pool2d(x.abs(), 2, training="False"), "training"),
+])
+def test_flags_must_be_bools(call, flag):
+    """A string like "False" is truthy: every boolean setting must be a bool."""
+    with pytest.raises(ValueError, match=f"{flag} must be True or False"):
+        call(torch.randn(1, 2, 4, 4))

@@ -78,7 +78,7 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..ops._utils import check_choice, check_float_features, check_nonempty_map, pair
+from ..ops._utils import check_bool, check_choice, check_float_features, check_nonempty_map, pair
 
 POOL_MODES = ("avg", "max")
 
@@ -131,6 +131,8 @@ def pool2d(
     """
     check_float_features(input)
     check_choice(mode, "mode", POOL_MODES)
+    check_bool(ceil_mode, "ceil_mode")
+    check_bool(count_include_pad, "count_include_pad")
     kernel = pair(kernel_size, "kernel_size")
     step = kernel if stride is None else pair(stride, "stride")
     pad = _padding(padding)
@@ -154,8 +156,8 @@ class Pool2d(nn.Module):
         self.stride = self.kernel_size if stride is None else pair(stride, "stride")
         self.padding = _padding(padding)
         self.mode = check_choice(mode, "mode", POOL_MODES)
-        self.ceil_mode = bool(ceil_mode)
-        self.count_include_pad = bool(count_include_pad)
+        self.ceil_mode = check_bool(ceil_mode, "ceil_mode")
+        self.count_include_pad = check_bool(count_include_pad, "count_include_pad")
 
     def forward(self, input: Tensor) -> Tensor:
         return pool2d(input, self.kernel_size, self.stride, self.padding, self.mode, self.ceil_mode,
@@ -184,6 +186,7 @@ def global_pool2d(input: Tensor, mode: str = "avg", keepdim: bool = False) -> Te
     """
     check_float_features(input)
     check_choice(mode, "mode", POOL_MODES)
+    check_bool(keepdim, "keepdim")
     check_nonempty_map(input)
     out = F.adaptive_avg_pool2d(input, 1) if mode == "avg" else F.adaptive_max_pool2d(input, 1)
     return out if keepdim else out.flatten(1)
@@ -285,7 +288,7 @@ class OverlappingMaxPool2d(nn.MaxPool2d):
         pad = _padding(padding)
         _check_overlap(kernel, step)
         _check_padding(pad, kernel)
-        super().__init__(kernel_size, stride, padding, ceil_mode=ceil_mode)
+        super().__init__(kernel_size, stride, padding, ceil_mode=check_bool(ceil_mode, "ceil_mode"))
 
     def forward(self, input: Tensor) -> Tensor:
         check_float_features(input)

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..ops._utils import check_float_features, check_nonempty_map
+from ..ops._utils import check_bool, check_float_features, check_nonempty_map
 
 
 def _check_maps(x, y) -> Tensor:
@@ -55,6 +55,8 @@ def _check_positive_int(value, name: str) -> int:
 
 
 def _normalize(z: Tensor, signed_sqrt: bool, l2_normalize: bool, eps: float) -> Tensor:
+    check_bool(signed_sqrt, "signed_sqrt")
+    check_bool(l2_normalize, "l2_normalize")
     if signed_sqrt:
         # eps keeps the gradient finite near 0 (d sqrt(t)/dt = 1 / (2 sqrt(t))); at exactly 0 it is 0
         z = torch.sign(z) * torch.sqrt(z.abs() + eps)
@@ -98,8 +100,8 @@ class BilinearPool(nn.Module):
 
     def __init__(self, *, signed_sqrt: bool = True, l2_normalize: bool = True, eps: float = 1e-10):
         super().__init__()
-        self.signed_sqrt = bool(signed_sqrt)
-        self.l2_normalize = bool(l2_normalize)
+        self.signed_sqrt = check_bool(signed_sqrt, "signed_sqrt")
+        self.l2_normalize = check_bool(l2_normalize, "l2_normalize")
         self.eps = float(eps)
 
     def forward(self, x: Tensor, y: Optional[Tensor] = None) -> Tensor:
@@ -249,8 +251,8 @@ class CompactBilinearPool(nn.Module):
         self.in_channels2 = in_channels1 if in_channels2 is None else _check_positive_int(in_channels2, "in_channels2")
         self.output_dim = _check_positive_int(output_dim, "output_dim")
         self.seed = seed
-        self.signed_sqrt = bool(signed_sqrt)
-        self.l2_normalize = bool(l2_normalize)
+        self.signed_sqrt = check_bool(signed_sqrt, "signed_sqrt")
+        self.l2_normalize = check_bool(l2_normalize, "l2_normalize")
         self.eps = float(eps)
         h1, s1, h2, s2 = tensor_sketch_hashes(self.in_channels1, self.in_channels2, self.output_dim, seed)
         self.register_buffer("h1", h1)

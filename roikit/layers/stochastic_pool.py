@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..ops._utils import check_float_features, pair
+from ..ops._utils import check_bool, check_float_features, pair
 
 
 def stochastic_pool2d(
@@ -53,6 +53,7 @@ def stochastic_pool2d(
         tensor([[[[1.5000]]]])
     """
     check_float_features(input)
+    check_bool(training, "training")
     kh, kw = pair(kernel_size, "kernel_size")
     sh, sw = (kh, kw) if stride is None else pair(stride, "stride")
     n, c, h, w = input.shape
