@@ -161,24 +161,25 @@ def _axis(start, bin_size, grid, pooled: int, length: int, per_sample: bool):
     return Axis(cells, weight, tap > 0, zero > 0), (index, mask)
 
 
-def _box_costs(grid, bin_size, length: int, pooled: int, per_sample: bool) -> tuple[Tensor, Tensor]:
-    """Upper bounds of the sample slots M [K] and crop cells L [K] of one axis."""
+def _box_costs(grid, bin_size, pooled: int, length: int) -> tuple[Tensor, Tensor]:
+    """Upper bounds of the sample slots M [K] and the crop cells L [K] of one axis."""
     spacing = bin_size.abs() / grid.clamp(min=1).to(bin_size.dtype)
     on_map = torch.floor((length + 2) / spacing.clamp(min=1e-30)).clamp(max=MAX_GRID) + 2
     m = torch.minimum(grid.clamp(min=0).to(bin_size.dtype), on_map) + 1
-    cells = torch.minimum(torch.full_like(m, float(length)), 2 * pooled * m)
+    span = torch.ceil(bin_size.abs() * pooled).clamp(max=length) + 3  # the box's cells and the taps past it
+    cells = torch.minimum(torch.minimum(span, torch.full_like(m, float(length))), 2 * pooled * m)
     return m, cells
 
 
-def _groups(rois, sizes, pooled, height_width, channels, per_sample):
-    (y1, bin_h, gh), (x1, bin_w, gw) = sizes
-    my, ly = _box_costs(gh, bin_h, height_width[0], pooled[0], per_sample)
-    mx, lx = _box_costs(gw, bin_w, height_width[1], pooled[1], per_sample)
+def _groups(sizes, pooled, height_width, channels: int, per_sample: bool, reads: int):
+    """Groups of boxes whose samples, weights, ``reads`` crops and results fit CHUNK_BUDGET together."""
+    (_, bin_h, gh), (_, bin_w, gw) = sizes
+    my, ly = _box_costs(gh, bin_h, pooled[0], height_width[0])
+    mx, lx = _box_costs(gw, bin_w, pooled[1], height_width[1])
     ry, rx = (pooled[0] * my, pooled[1] * mx) if per_sample else (pooled[0], pooled[1])
     samples = 12 * (pooled[0] * my + pooled[1] * mx) + 4 * (ry * ly + rx * lx)
-    crop = ly * lx * channels
-    values = (ry * rx * channels * torch.ones_like(my)).clamp(max=CHUNK_BUDGET)  # max pooling reads in blocks
-    return groups((samples + 6 * crop + 6 * values).clamp(max=2.0**62).long())
+    values = (ry * rx * channels * torch.ones_like(my)).clamp(max=CHUNK_BUDGET // 8)  # max pooling reads in blocks
+    return groups((samples + reads * (ly * lx * channels + values)).clamp(max=2.0**62).long())
 
 
 def roi_align_forward(input: Tensor, rois: Tensor, spatial_scale: float, pooled_height: int, pooled_width: int,
@@ -198,7 +199,7 @@ def roi_align_forward(input: Tensor, rois: Tensor, spatial_scale: float, pooled_
     sizes = sampling_grid(rois, spatial_scale, pooled, sampling_ratio, aligned)
     (y1, bin_h, gh), (x1, bin_w, gw) = sizes
     batch = rois[:, 0].long()
-    for idx in _groups(rois, sizes, pooled, (h, w), c, pool_max):
+    for idx in _groups(sizes, pooled, (h, w), c, pool_max, reads=1 if feat.finite else 6):
         ay, iy = _axis(y1[idx], bin_h[idx], gh[idx], pooled_height, h, pool_max)
         ax, ix = _axis(x1[idx], bin_w[idx], gw[idx], pooled_width, w, pool_max)
         if not pool_max:
@@ -261,7 +262,7 @@ def roi_align_backward(grad: Tensor, rois: Tensor, argmax: Tensor, spatial_scale
         _max_backward(grad.to(dtype), argmax, sizes, batch, shape, out)
     else:
         (y1, bin_h, gh), (x1, bin_w, gw) = sizes
-        for idx in _groups(rois, sizes, pooled, (height, width), channels, False):
+        for idx in _groups(sizes, pooled, (height, width), channels, False, reads=1):
             ay, _ = _axis(y1[idx], bin_h[idx], gh[idx], pooled_height, height, False)
             ax, _ = _axis(x1[idx], bin_w[idx], gw[idx], pooled_width, width, False)
             add_back(grad[idx].permute(0, 2, 3, 1).to(dtype), out, shape, batch[idx], ay, ax)
