@@ -98,6 +98,7 @@ class FeatureRows:
     def __init__(self, input: Tensor, dtype: torch.dtype) -> None:
         self.shape = tuple(input.shape)
         rows = channels_last_rows(input, dtype)
+        self.raw = rows  # as they are, non-finite cells included
         self.finite = bool(torch.isfinite(rows).all())
         if not self.finite:
             self.nan = torch.isnan(rows).to(dtype)

@@ -112,21 +112,25 @@ def _sample_run(start, bin_size, grid, pooled: int, length: int, with_first_inva
     return index, mask
 
 
-def _axis(start, bin_size, grid, pooled: int, length: int, per_sample: bool):
-    """The :class:`Axis` of a group of boxes along one axis, and its sample slots: indices and mask [B, P, M].
+def _samples(start, bin_size, grid, pooled: int, length: int, with_first_invalid: bool):
+    """The sample slots of a group of boxes along one axis, each [B, P, M]: sample index, "the slot holds a sample",
+    "the sample is inside [-1, length]", and its taps ``low, high, w_low, w_high`` (see :func:`sample_taps`)."""
+    index, mask = _sample_run(start, bin_size, grid, pooled, length, with_first_invalid)  # [B, P, M]
+    p = torch.arange(pooled, device=start.device)[None, :, None]
+    coord = sample_coord(start[:, None, None], bin_size[:, None, None], grid[:, None, None], p, index)
+    valid = mask & (coord >= -1.0) & (coord <= length)
+    return (index, mask, valid, *sample_taps(coord, valid, length))
 
-    Rows: the bins (``per_sample=False``: the mean over each bin's samples) or one row per sample slot ``p * M + m``.
+
+def _axis(start, bin_size, grid, pooled: int, length: int) -> Axis:
+    """The :class:`Axis` of a group of boxes along one axis: each bin's mean over its samples.
+
     A box reads its contiguous span of cells or, when that is longer, the two taps of each sample listed one after
     the other (a big box with few samples): whichever is shorter. Either way at most ``length`` cells or ``2 P M``.
     """
     b = start.shape[0]
-    index, mask = _sample_run(start, bin_size, grid, pooled, length, per_sample)  # [B, P, M]
-    m = index.shape[2]
-    p = torch.arange(pooled, device=start.device)[None, :, None]
-    coord = sample_coord(start[:, None, None], bin_size[:, None, None], grid[:, None, None], p, index)
-    valid = mask & (coord >= -1.0) & (coord <= length)
-    low, high, w_low, w_high = sample_taps(coord, valid, length)
-
+    _, _, valid, low, high, w_low, w_high = _samples(start, bin_size, grid, pooled, length, False)
+    m = low.shape[2]
     first = torch.where(valid, low, length).flatten(1).amin(dim=1) if m else torch.zeros(b, dtype=torch.int64)
     last = torch.where(valid, high, -1).flatten(1).amax(dim=1) if m else torch.full((b,), -1)
     first = torch.where(last >= 0, first, 0)
@@ -144,21 +148,17 @@ def _axis(start, bin_size, grid, pooled: int, length: int, per_sample: bool):
     pos_low = torch.where(valid, pos_low, 0).clamp(0, size - 1)  # invalid samples carry weight 0 and no tap
     pos_high = torch.where(valid, pos_high, 0).clamp(0, size - 1)
 
-    rows = pooled * m if per_sample else pooled
-    scale = 1.0 if per_sample else 1.0 / grid.clamp(min=1).to(start.dtype)[:, None, None]
-    if per_sample:  # slot (p, m) is row p * M + m: its own column of positions
-        pos_low, pos_high = pos_low.reshape(b, rows, 1), pos_high.reshape(b, rows, 1)
-        w_low, w_high, valid = w_low.reshape(b, rows, 1), w_high.reshape(b, rows, 1), valid.reshape(b, rows, 1)
-    weight = start.new_zeros((b, rows, size))
+    scale = 1.0 / grid.clamp(min=1).to(start.dtype)[:, None, None]
+    weight = start.new_zeros((b, pooled, size))
     weight.scatter_add_(2, pos_low, w_low * scale)
     weight.scatter_add_(2, pos_high, w_high * scale)
-    tap = start.new_zeros((b, rows, size))
+    tap = start.new_zeros((b, pooled, size))
     tap.scatter_add_(2, pos_low, valid.to(start.dtype))
     tap.scatter_add_(2, pos_high, valid.to(start.dtype))
-    zero = start.new_zeros((b, rows, size))
+    zero = start.new_zeros((b, pooled, size))
     zero.scatter_add_(2, pos_low, (valid & (w_low == 0)).to(start.dtype))
     zero.scatter_add_(2, pos_high, (valid & (w_high == 0)).to(start.dtype))
-    return Axis(cells, weight, tap > 0, zero > 0), (index, mask)
+    return Axis(cells, weight, tap > 0, zero > 0)
 
 
 def _box_costs(grid, bin_size, pooled: int, length: int) -> tuple[Tensor, Tensor]:
@@ -178,7 +178,7 @@ def _groups(sizes, pooled, height_width, channels: int, per_sample: bool, reads:
     mx, lx = _box_costs(gw, bin_w, pooled[1], height_width[1])
     ry, rx = (pooled[0] * my, pooled[1] * mx) if per_sample else (pooled[0], pooled[1])
     samples = 12 * (pooled[0] * my + pooled[1] * mx) + 4 * (ry * ly + rx * lx)
-    values = (ry * rx * channels * torch.ones_like(my)).clamp(max=CHUNK_BUDGET // 8)  # max pooling reads in blocks
+    values = (ry * rx * channels * torch.ones_like(my)).clamp(max=CHUNK_BUDGET)  # max pooling reads in blocks
     return groups((samples + reads * (ly * lx * channels + values)).clamp(max=2.0**62).long())
 
 
@@ -200,43 +200,58 @@ def roi_align_forward(input: Tensor, rois: Tensor, spatial_scale: float, pooled_
     (y1, bin_h, gh), (x1, bin_w, gw) = sizes
     batch = rois[:, 0].long()
     for idx in _groups(sizes, pooled, (h, w), c, pool_max, reads=1 if feat.finite else 6):
-        ay, iy = _axis(y1[idx], bin_h[idx], gh[idx], pooled_height, h, pool_max)
-        ax, ix = _axis(x1[idx], bin_w[idx], gw[idx], pooled_width, w, pool_max)
         if not pool_max:
+            ay = _axis(y1[idx], bin_h[idx], gh[idx], pooled_height, h)
+            ax = _axis(x1[idx], bin_w[idx], gw[idx], pooled_width, w)
             value = feat.read(batch[idx], ay, ax)  # [B, PH, PW, C]
             out.index_copy_(0, idx, value.permute(0, 3, 1, 2).to(out.dtype))
             continue
-        value, arg = _max_over_samples(feat, batch[idx], ay, iy, ax, ix, gw[idx], c)
+        sy = _samples(y1[idx], bin_h[idx], gh[idx], pooled_height, h, True)
+        sx = _samples(x1[idx], bin_w[idx], gw[idx], pooled_width, w, True)
+        value, arg = _max_over_samples(feat.raw, (n, c, h, w), batch[idx], sy, sx, gw[idx])
         empty = ((gh[idx] <= 0) | (gw[idx] <= 0))[:, None, None, None]  # no sample at all: 0
         out.index_copy_(0, idx, value.masked_fill(empty, 0.0).to(out.dtype))
         argmax.index_copy_(0, idx, arg.masked_fill(empty, -1))
     return out, argmax
 
 
-def _max_over_samples(feat: FeatureRows, batch: Tensor, ay: Axis, slots_y, ax: Axis, slots_x, gw: Tensor,
-                      channels: int) -> tuple[Tensor, Tensor]:
+def _max_over_samples(rows: Tensor, shape, batch: Tensor, sy, sx, gw: Tensor) -> tuple[Tensor, Tensor]:
     """The largest sample of every bin, [B, C, PH, PW], and its index ``iy * gw + ix``: the first in that order on
-    ties; NaN never wins (as ``if (v > best)`` in C). Slots come in sample order, and are read in blocks (rows of
-    slots outer, columns inner) of at most CHUNK_BUDGET / 8 values, so a block's first maximum is the bin's."""
-    (iy, sy), (ix, sx) = slots_y, slots_x  # sample indices and "the slot holds a sample", [B, P, M] each
+    ties; NaN never wins (as ``if (v > best)`` in C). Each sample is read through its 4 taps (``rows`` [N H W, C],
+    non-finite cells included: a sample is NaN or infinite only if a tap is). Slots come in sample order and are
+    read in blocks (rows of slots outer, columns inner) of at most CHUNK_BUDGET values, so a block's first maximum
+    is the bin's."""
+    _, channels, height, width = shape
+    iy, my_, vy, y_lo, y_hi, wy_lo, wy_hi = sy  # [B, PH, My] each
+    ix, mx_, vx, x_lo, x_hi, wx_lo, wx_hi = sx  # [B, PW, Mx] each
     b, ph, my = iy.shape
     pw, mx = ix.shape[1], ix.shape[2]
-    best = feat.rows.new_full((b, ph, pw, channels), float("-inf"))
-    best_index = torch.full((b, ph, pw, channels), -1, dtype=torch.int64, device=best.device)
-    block = max(1, math.isqrt(max(CHUNK_BUDGET // 8 // max(b * ph * pw * channels, 1), 1)))
-    wy, ty, zy = (t.reshape(b, ph, my, -1) for t in ay[1:])
-    wx, tx, zx = (t.reshape(b, pw, mx, -1) for t in ax[1:])
+    best = rows.new_full((b, ph, pw, channels), float("-inf"))
+    best_index = torch.full((b, ph, pw, channels), -1, dtype=torch.int64, device=rows.device)
+    block = max(1, math.isqrt(max(CHUNK_BUDGET // max(4 * b * ph * pw * channels, 1), 1)))
+    base = batch[:, None, None, None, None] * height
     for y0 in range(0, my, block):
-        y1 = min(y0 + block, my)
-        rows = Axis(ay.cells, *(t[:, :, y0:y1].reshape(b, ph * (y1 - y0), -1) for t in (wy, ty, zy)))
+        ys = slice(y0, min(y0 + block, my))
         for x0 in range(0, mx, block):
-            x1 = min(x0 + block, mx)
-            cols = Axis(ax.cells, *(t[:, :, x0:x1].reshape(b, pw * (x1 - x0), -1) for t in (wx, tx, zx)))
-            value = feat.read(batch, rows, cols).reshape(b, ph, y1 - y0, pw, x1 - x0, channels)
-            real = sy[:, :, y0:y1, None, None, None] & sx[:, None, None, :, x0:x1, None]
-            value = value.masked_fill(~real | torch.isnan(value), float("-inf"))
+            xs = slice(x0, min(x0 + block, mx))
+
+            def grid(a, b_):  # [B, PH, by, 1, 1] x [B, 1, 1, PW, bx] -> [B, PH, by, PW, bx]
+                return a[:, :, ys, None, None], b_[:, None, None, :, xs]
+
+            value = 0.0
+            for rows_at, w_row in ((y_lo, wy_lo), (y_hi, wy_hi)):
+                for cols_at, w_col in ((x_lo, wx_lo), (x_hi, wx_hi)):
+                    r, q = grid(rows_at, cols_at)
+                    cell = ((base + r) * width + q).reshape(-1)
+                    wr, wq = grid(w_row, w_col)
+                    tap = rows.index_select(0, cell).reshape(*(wr * wq).shape, channels)
+                    value = value + (wr * wq).to(rows.dtype)[..., None] * tap  # [B, PH, by, PW, bx, C]
+            valid_y, valid_x = grid(vy, vx)
+            slot_y, slot_x = grid(my_, mx_)
+            value = torch.where((valid_y & valid_x)[..., None], value, 0.0)  # off the map: 0, nothing read
+            value = value.masked_fill(~(slot_y & slot_x)[..., None] | torch.isnan(value), float("-inf"))
             top, where = value.permute(0, 1, 3, 5, 2, 4).reshape(b, ph, pw, channels, -1).max(dim=-1)
-            index = iy[:, :, y0:y1, None, None] * gw[:, None, None, None, None] + ix[:, None, None, :, x0:x1]
+            index = iy[:, :, ys, None, None] * gw[:, None, None, None, None] + ix[:, None, None, :, xs]
             index = index.permute(0, 1, 3, 2, 4).reshape(b, ph, pw, 1, -1).expand(b, ph, pw, channels, -1)
             first = torch.gather(index, 4, where[..., None]).squeeze(4)
             wins = top > best
@@ -263,8 +278,8 @@ def roi_align_backward(grad: Tensor, rois: Tensor, argmax: Tensor, spatial_scale
     else:
         (y1, bin_h, gh), (x1, bin_w, gw) = sizes
         for idx in _groups(sizes, pooled, (height, width), channels, False, reads=1):
-            ay, _ = _axis(y1[idx], bin_h[idx], gh[idx], pooled_height, height, False)
-            ax, _ = _axis(x1[idx], bin_w[idx], gw[idx], pooled_width, width, False)
+            ay = _axis(y1[idx], bin_h[idx], gh[idx], pooled_height, height)
+            ax = _axis(x1[idx], bin_w[idx], gw[idx], pooled_width, width)
             add_back(grad[idx].permute(0, 2, 3, 1).to(dtype), out, shape, batch[idx], ay, ax)
     return out.reshape(batch_size, height, width, channels).permute(0, 3, 1, 2).to(grad.dtype).contiguous()
 
