@@ -15,7 +15,7 @@ from typing import Sequence
 import torch
 
 from .ops import prroi_pool, roi_align
-from .ops.pytorch.roi_pool import _round_half_away, bin_edges
+from .ops.geometry import bin_edges, round_half_away
 
 RULES = ("integer", "torchvision", "roi_align", "roi_align_unaligned", "prroi_pool")
 
@@ -83,7 +83,7 @@ def explain_axis(rule: str, lo: float, hi: float, stride: int, output_size: int 
         else:
             c_lo, c_hi = lo / s, hi / s
             # the op's own rounding (half away from zero), on the float32 coordinates it sees
-            r_lo, r_hi = (int(v) for v in _round_half_away(rois[0, [1, 3]] * (1.0 / s)))
+            r_lo, r_hi = (int(v) for v in round_half_away(rois[0, [1, 3]] * (1.0 / s)))
             cells = max(r_hi - r_lo + 1, 1)
             steps += [
                 f"start  round({_fmt(lo)} / {s} = {c_lo:.2f}) = {r_lo} cells",

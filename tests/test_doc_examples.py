@@ -6,7 +6,7 @@ import importlib
 
 import pytest
 
-MODULES = ["roikit.layers.basic_pool", "roikit.layers.stochastic_pool"]
+MODULES = ["roikit.layers.basic_pool", "roikit.layers.stochastic_pool", "roikit.ops.geometry"]
 
 
 @pytest.mark.parametrize("name", MODULES)

@@ -2,6 +2,7 @@
 
 Each is a function plus an ``nn.Module``, registered with ``torch.library`` as ``torch.ops.roikit.*``.
 """
+from . import geometry
 from ._library import deterministic_backward, deterministic_backward_enabled
 from .multilevel_roi_align import multilevel_roi_align
 from .prroi_pool import PrRoIPool, prroi_pool
@@ -12,7 +13,7 @@ from .roi_spp import RoISPP, roi_spp
 __all__ = [
     "roi_pool", "RoIPool", "ROUNDINGS", "roi_align", "RoIAlign", "prroi_pool", "PrRoIPool", "roi_spp", "RoISPP",
     "multilevel_roi_align",
-    "deterministic_backward", "deterministic_backward_enabled",
+    "deterministic_backward", "deterministic_backward_enabled", "geometry",
 ]
 
 try:  # CUDA kernels for the same ops, when Triton is installed

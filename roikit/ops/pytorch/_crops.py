@@ -29,11 +29,6 @@ from torch import Tensor
 CHUNK_BUDGET = 1 << 22  # values per group of crops and weights (16 MiB in float32)
 
 
-def compute_dtype(rois: Tensor) -> torch.dtype:
-    """Coordinates and sums are computed in float64 for float64 boxes, in float32 otherwise (also for half types)."""
-    return torch.float64 if rois.dtype == torch.float64 else torch.float32
-
-
 def channels_last_rows(input: Tensor, dtype: torch.dtype) -> Tensor:
     """[N, C, H, W] -> [N * H * W, C] in ``dtype`` (free when the input is already channels-last)."""
     n, c, h, w = input.shape

@@ -15,37 +15,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ._crops import Axis, FeatureRows, add_back, compute_dtype, crop_index, groups
-
-MAX_CELLS = 2.0**52  # box coordinates in cells are clamped to +-2^52
-
-
-def hat(t: Tensor) -> Tensor:
-    """The bilinear "tent" of one cell: ``max(0, 1 - |t|)``."""
-    return (1.0 - t.abs()).clamp(min=0.0)
-
-
-def hat_mean(t0: Tensor, t1: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """The mean of :func:`hat` over ``[t0, t1]`` and its derivatives with respect to ``t0`` and ``t1``.
-
-    The tent is linear between its kinks (-1, 0, 1), and a linear function's mean over an interval is its value at
-    the interval's middle: so the mean is a sum of (piece length x value at the piece's middle) over the pieces
-    between the kinks, divided by ``t1 - t0``. Unlike ``(HAT(t1) - HAT(t0)) / (t1 - t0)`` with the integral
-    ``HAT``, this does not cancel for a tiny interval (a 1e-7-cell bin, or ``spatial_scale=1e-30``).
-    The derivatives: ``(hat(t1) - mean) / (t1 - t0)`` and ``(mean - hat(t0)) / (t1 - t0)``, which are
-    ``hat'(middle) / 2`` each when no kink lies inside (the form used there, stable for tiny intervals).
-    """
-    edges = [t0] + [torch.minimum(torch.maximum(torch.full_like(t0, k), t0), t1) for k in (-1.0, 0.0, 1.0)] + [t1]
-    width = t1 - t0
-    total = sum((b - a) * hat(0.5 * (a + b)) for a, b in zip(edges[:-1], edges[1:]))
-    safe = torch.where(width > 0, width, 1.0)
-    mean = torch.where(width > 0, total / safe, hat(t0))
-    middle = 0.5 * (t0 + t1)
-    half_slope = torch.where(middle.abs() < 1, -0.5 * torch.sign(middle), 0.0)
-    kink_inside = ((t0 < -1) & (t1 > -1)) | ((t0 < 0) & (t1 > 0)) | ((t0 < 1) & (t1 > 1))
-    d_t0 = torch.where(kink_inside, (mean - hat(t0)) / safe, half_slope)
-    d_t1 = torch.where(kink_inside, (hat(t1) - mean) / safe, half_slope)
-    return mean, d_t0, d_t1
+from ..geometry import MAX_CELLS, compute_dtype, hat_mean
+from ._crops import Axis, FeatureRows, add_back, crop_index, groups
 
 
 def _axis_weights(start: Tensor, end: Tensor, pooled: int, length: int, with_grad: bool = False):

@@ -26,48 +26,8 @@ import math
 import torch
 from torch import Tensor
 
-from ._crops import CHUNK_BUDGET, Axis, FeatureRows, add_back, compute_dtype, groups
-
-MAX_GRID = 2**31 - 1  # samples per bin and axis, at most (torchvision counts them in an int)
-MAX_CELLS = 2.0**52  # box coordinates in cells are clamped to +-2^52 (exact integers in float64)
-
-
-def sampling_grid(rois: Tensor, spatial_scale: float, pooled: tuple[int, int], sampling_ratio: int, aligned: bool):
-    """Per box and axis (y, then x): the start, the bin size and the samples per bin, each [K], computed in
-    torchvision's order of operations. Sample ``i`` of bin ``p`` lies at ``start + p * bin + (i + 0.5) * bin / g``."""
-    r = rois.to(compute_dtype(rois))
-    offset = 0.5 if aligned else 0.0
-    x1, y1, x2, y2 = ((r[:, i] * spatial_scale).clamp(-MAX_CELLS, MAX_CELLS) - offset for i in range(1, 5))
-    width, height = x2 - x1, y2 - y1
-    if not aligned:  # force malformed boxes to 1 x 1 (torchvision's legacy rule)
-        width, height = width.clamp(min=1.0), height.clamp(min=1.0)
-    bin_h, bin_w = height / pooled[0], width / pooled[1]
-    if sampling_ratio > 0:
-        gh = torch.full_like(bin_h, min(sampling_ratio, MAX_GRID), dtype=torch.int64)
-        gw = torch.full_like(bin_w, min(sampling_ratio, MAX_GRID), dtype=torch.int64)
-    else:
-        gh, gw = (torch.ceil(b).clamp(max=MAX_GRID).long() for b in (bin_h, bin_w))
-    return (y1, bin_h, gh), (x1, bin_w, gw)
-
-
-def sample_coord(start: Tensor, bin_size: Tensor, grid: Tensor, p: Tensor, i: Tensor) -> Tensor:
-    """Position of sample ``i`` of bin ``p`` (broadcast), in torchvision's order of operations."""
-    g = grid.clamp(min=1).to(start.dtype)
-    return (start + p.to(start.dtype) * bin_size) + ((i.to(start.dtype) + 0.5) * bin_size) / g
-
-
-def sample_taps(coord: Tensor, valid: Tensor, length: int):
-    """torchvision's bilinear taps along one axis: ``low, high`` cells and ``w_low, w_high`` weights (0 for an
-    invalid sample). ``coord`` inside ``[-1, length]`` is clamped to the map."""
-    y = coord.clamp(min=0.0)
-    low = torch.where(valid, y, 0.0).long()  # truncation, as (int) in C; y >= 0 here
-    at_end = low >= length - 1
-    low = torch.where(at_end, length - 1, low)
-    high = torch.where(at_end, low, low + 1)
-    frac = torch.where(at_end | ~valid, 0.0, y - low.to(y.dtype))
-    w_low = torch.where(valid, 1.0 - frac, 0.0)
-    w_high = torch.where(valid, frac, 0.0)
-    return low, high, w_low, w_high
+from ..geometry import MAX_GRID, compute_dtype, sample_coord, sample_taps, sampling_grid
+from ._crops import CHUNK_BUDGET, Axis, FeatureRows, add_back, groups
 
 
 def _first_true(cond, lo: Tensor, hi: Tensor) -> Tensor:

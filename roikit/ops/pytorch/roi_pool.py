@@ -19,52 +19,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ._crops import CHUNK_BUDGET, channels_last_rows, chunks, compute_dtype, crop_index
-
-MAX_CELLS = 2.0**52  # box coordinates in cells are clamped to +-2^52 before they become integers
-
-
-def _round_half_away(x: Tensor) -> Tensor:
-    # C's round(): torch.round rounds half to even, and floor(x + 0.5) is wrong just below 0.5 in float32
-    t = torch.trunc(x)
-    return torch.where((x - t).abs() >= 0.5, t + torch.sign(x), t)
-
-
-def _box_cells(rois: Tensor, spatial_scale: float, pooled: tuple[int, int], rounding: str):
-    """Per axis (y, then x): the box's first cell [K], its extent in cells [K], and its bins' edges relative to
-    the first cell ``(b0, b1)`` [K, P], not yet clipped to the map."""
-    dtype = compute_dtype(rois)
-    r = rois.to(dtype)
-    axes = []
-    for axis, (lo, hi) in enumerate(((2, 4), (1, 3))):
-        p = torch.arange(pooled[axis], device=rois.device)
-        if rounding == "torchvision":
-            start = _round_half_away((r[:, lo] * spatial_scale).clamp(-MAX_CELLS, MAX_CELLS)).long()
-            end = _round_half_away((r[:, hi] * spatial_scale).clamp(-MAX_CELLS, MAX_CELLS)).long()
-            extent = (end - start + 1).clamp(min=1)  # [K]
-            bin_size = extent.to(dtype) / pooled[axis]  # float bin
-            b0 = torch.floor(p.to(dtype)[None, :] * bin_size[:, None]).long()  # [K, P]
-            b1 = torch.ceil((p + 1).to(dtype)[None, :] * bin_size[:, None]).long()
-        else:  # "integer"
-            start = torch.floor((r[:, lo] * spatial_scale).clamp(-MAX_CELLS, MAX_CELLS)).long()
-            extent = torch.floor(((r[:, hi] - r[:, lo]) * spatial_scale).clamp(-MAX_CELLS, MAX_CELLS)).long()
-            bin_size = torch.div(extent, pooled[axis], rounding_mode="floor").clamp(min=1)  # cells per bin, floored
-            b0 = p[None, :] * bin_size[:, None]
-            b1 = b0 + bin_size[:, None]
-            extent = pooled[axis] * bin_size  # the cells the bins cover
-        axes.append((start, extent, b0, b1))
-    return axes
-
-
-def _clip_edges(axes, size: tuple[int, int]):
-    """The bins of :func:`_box_cells` as absolute cell ranges, clipped to the map."""
-    return tuple(((b0 + start[:, None]).clamp(0, length), (b1 + start[:, None]).clamp(0, length))
-                 for (start, _, b0, b1), length in zip(axes, size))
-
-
-def bin_edges(rois: Tensor, spatial_scale: float, pooled: tuple[int, int], rounding: str, size: tuple[int, int]):
-    """Cell ranges of every bin: ``(hstart, hend)`` [K, PH] and ``(wstart, wend)`` [K, PW], clipped to the map."""
-    return _clip_edges(_box_cells(rois, spatial_scale, pooled, rounding), size)
+from ..geometry import bin_edges, box_cells, clip_edges
+from ._crops import CHUNK_BUDGET, channels_last_rows, chunks, crop_index
 
 
 def _adaptive_edges(extent: Tensor, pooled: int):
@@ -107,7 +63,7 @@ def roi_pool_forward(input: Tensor, rois: Tensor, spatial_scale: float, pooled_h
                 torch.full((k, c, pooled_height, pooled_width), -1, dtype=torch.int32, device=input.device))
     out = input.new_empty((k, c, pooled_height, pooled_width))
     argmax = torch.empty((k, c, pooled_height, pooled_width), dtype=torch.int32, device=input.device)
-    axes = _box_cells(rois, spatial_scale, pooled, rounding)
+    axes = box_cells(rois, spatial_scale, pooled, rounding)
     # the one-size path cuts out whole boxes: only for boxes no larger than the map (a larger box is read through
     # its bins clipped to the map, below), so no crop is larger than the map whatever the box
     exact = (axes[0][1] <= height) & (axes[1][1] <= width)
@@ -120,7 +76,7 @@ def roi_pool_forward(input: Tensor, rois: Tensor, spatial_scale: float, pooled_h
     has_nan = has_low and bool(torch.isnan(input).any())
     (y0, len_y, _, _), (x0, len_x, _, _) = axes
     batch = rois[:, 0].long()
-    (hs, he), (ws, we) = _clip_edges(axes, (height, width))
+    (hs, he), (ws, we) = clip_edges(axes, (height, width))
     empty = (hs >= he)[:, None, :, None] | (ws >= we)[:, None, None, :]  # [K, 1, PH, PW] wholly off the map
 
     fast = torch.nonzero(exact).squeeze(1)

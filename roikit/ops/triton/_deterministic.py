@@ -12,6 +12,8 @@ entries that already name one value each (roi_pool's argmax routing).
 """
 from __future__ import annotations
 
+from typing import Iterator
+
 import torch
 import triton
 import triton.language as tl
@@ -19,6 +21,36 @@ from torch import Tensor
 
 # entries generated per chunk of boxes: bounds the memory of the sort (about 40 bytes an entry)
 MAX_ENTRIES = 1 << 22
+
+
+def entry_launches(slots: Tensor, max_slots: int) -> Iterator[tuple[int, int, int, int, Tensor, int]]:
+    """Split the boxes' entry slots into launches of at most ``max_slots`` slots, in box order, then slot order.
+
+    ``slots`` [K] (CPU, int64): the slots each box needs. Yields ``(k0, kc, slot0, width, base, total)``: the launch
+    covers slots ``[slot0, slot0 + width)`` of boxes ``k0 .. k0 + kc - 1`` (each up to its own count), box ``k0 + i``
+    writing its slot ``j`` at entry ``base[i] + j - slot0``; ``total`` slots in all. Consecutive boxes share a launch
+    while their slots fit; a box with more slots than fit gets launches of its own, one slot range after another.
+    The split depends on the inputs only, so the order in which a cell's entries are added up is fixed.
+    """
+    max_slots = max(int(max_slots), 1)
+    cum = torch.cumsum(slots, 0)
+    k, start = slots.numel(), 0
+    while start < k:
+        count = int(slots[start])
+        if count > max_slots:  # one box, several launches
+            for slot0 in range(0, count, max_slots):
+                width = min(max_slots, count - slot0)
+                yield start, 1, slot0, width, torch.zeros(1, dtype=torch.int64), width
+            start += 1
+            continue
+        before = int(cum[start - 1]) if start else 0
+        end = max(int(torch.searchsorted(cum, before + max_slots, right=True)), start + 1)
+        chunk = slots[start:end]
+        total = int(chunk.sum())
+        if total:
+            base = torch.cumsum(chunk, 0) - chunk
+            yield start, end - start, 0, int(chunk.max()), base, total
+        start = end
 
 
 def sort_entries(keys: Tensor, num_keys: int) -> tuple[Tensor, Tensor]:
@@ -76,7 +108,7 @@ def gather_bins(out: Tensor, keys: Tensor, src: Tensor, weight: Tensor, tag: Ten
 
     keys [E] (int64): cell ``n * H * W + y * W + x`` of each entry, ``N * H * W`` for an unused one;
     src [E] (int64): ``k * P + p``, the bin whose gradient it carries; weight [E] (float32);
-    tag [E] (int32) with argmax: the entry counts only for channels whose ``argmax[k, c, p]`` equals it.
+    tag [E] (int64) with argmax: the entry counts only for channels whose ``argmax[k, c, p]`` equals it.
     grad and argmax: contiguous [K, C, PH, PW].
     """
     n, c, h, w = out.shape

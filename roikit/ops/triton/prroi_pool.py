@@ -22,11 +22,7 @@ from ._deterministic import MAX_ENTRIES, gather_bins
 from ._tiles import blocks, box_tile
 
 
-@triton.jit
-def _hat_integral(t):
-    # HAT(t) = integral of max(0, 1 - |u|) from -inf to t: 0 below -1, 1 above 1, quadratic between
-    t = tl.minimum(tl.maximum(t, -1.0), 1.0)
-    return tl.where(t < 0, 0.5 * ((t + 1.0) * (t + 1.0)), 1.0 - 0.5 * ((1.0 - t) * (1.0 - t)))
+_MAX_CELLS = tl.constexpr(2.0**52)  # box coordinates in cells are clamped to +-2^52 (as the reference)
 
 
 @triton.jit
@@ -35,39 +31,78 @@ def _hat(t):
 
 
 @triton.jit
-def _prroi_axis(lo_px, hi_px, p, spatial_scale, P: tl.constexpr, ALIGNED: tl.constexpr):
-    """Bins p along one axis: start s, bin size b, lo, hi [BLOCK_P], first cell, cells to visit (0 if b == 0)."""
+def _hat_mean(t0, t1):
+    """The mean of hat over [t0, t1] (t0 <= t1) and its derivatives with respect to t0 and t1.
+
+    hat is linear between its kinks -1, 0, 1, and a linear function's mean over an interval is its value at the
+    middle, so mean = sum over the pieces between the kinks of (length x hat(middle)) / (t1 - t0): no cancellation
+    for a tiny interval, unlike (HAT(t1) - HAT(t0)) / (t1 - t0). d/dt0 = (mean - hat(t0)) / (t1 - t0),
+    d/dt1 = (hat(t1) - mean) / (t1 - t0), or hat'(middle) / 2 each when no kink lies inside (stable when tiny).
+    """
+    e1 = tl.minimum(tl.maximum(t0, -1.0), t1)
+    e2 = tl.minimum(tl.maximum(t0, 0.0), t1)
+    e3 = tl.minimum(tl.maximum(t0, 1.0), t1)
+    total = ((e1 - t0) * _hat(0.5 * (t0 + e1)) + (e2 - e1) * _hat(0.5 * (e1 + e2))
+             + (e3 - e2) * _hat(0.5 * (e2 + e3)) + (t1 - e3) * _hat(0.5 * (e3 + t1)))
+    width = t1 - t0
+    safe = tl.where(width > 0, width, 1.0)
+    mean = tl.where(width > 0, tl.div_rn(total, safe), _hat(t0))
+    middle = 0.5 * (t0 + t1)
+    half_slope = tl.where(tl.abs(middle) < 1.0, tl.where(middle > 0, -0.5, tl.where(middle < 0, 0.5, 0.0)), 0.0)
+    kink = ((t0 < -1.0) & (t1 > -1.0)) | ((t0 < 0.0) & (t1 > 0.0)) | ((t0 < 1.0) & (t1 > 1.0))
+    d_t0 = tl.where(kink, tl.div_rn(mean - _hat(t0), safe), half_slope)
+    d_t1 = tl.where(kink, tl.div_rn(_hat(t1) - mean, safe), half_slope)
+    return mean, d_t0, d_t1
+
+
+@triton.jit
+def _clip_cell(v, size):
+    # a float cell index clipped to [0, size - 1] (NaN gives 0), then int32
+    v = tl.where(v > 0.0, v, 0.0)
+    return tl.where(v < size - 1.0, v, size - 1.0).to(tl.int32)
+
+
+@triton.jit
+def _prroi_axis(lo_px, hi_px, p, spatial_scale, size, P: tl.constexpr, ALIGNED: tl.constexpr):
+    """Bins p [BLOCK_P] along one axis: bin size b (scalar), bin edges lo, hi, and the cells the bins read, clipped to
+    the map: ``first`` and ``count`` (0 for an empty bin).
+
+    Edges in cells are clamped to +-2^52; ``hi`` is ``lo + b``, the last one exactly at the box's end. Cell i's tent
+    reaches (i - 1, i + 1), so a bin reads cells floor(lo) .. ceil(hi), at most ``size`` of them."""
     s = lo_px * spatial_scale
     e = hi_px * spatial_scale
+    s = tl.where(s > _MAX_CELLS, _MAX_CELLS, tl.where(s < -_MAX_CELLS, -_MAX_CELLS, s))
+    e = tl.where(e > _MAX_CELLS, _MAX_CELLS, tl.where(e < -_MAX_CELLS, -_MAX_CELLS, e))
     if ALIGNED:
         s -= 0.5
         e -= 0.5
-    b = tl.div_rn(tl.maximum(e - s, 0.0), P * 1.0)
+    b = tl.div_rn(tl.where(e - s > 0, e - s, 0.0), P * 1.0)  # reversed or NaN: an empty bin
     lo = s + p.to(tl.float32) * b
-    hi = lo + b
-    first = tl.floor(lo).to(tl.int32)
-    count = tl.where(b > 0, tl.floor(b).to(tl.int32) + 3, 0)
+    hi = tl.minimum(lo + b, tl.maximum(e, lo))
+    first = _clip_cell(tl.floor(lo), size)
+    last = _clip_cell(tl.ceil(hi), size)
+    count = tl.where(b > 0, last - first + 1, 0)
     return b, lo, hi, first, count
 
 
 @triton.jit
 def _prroi_weight(i, lo, hi, b, size):
-    # W[p, i] for cells i of the bins (lo, hi); 0 for a cell off the map
-    i_f = i.to(tl.float32)
-    w = tl.div_rn(_hat_integral(hi - i_f) - _hat_integral(lo - i_f), tl.where(b > 0, b, 1.0))
-    return tl.where((i >= 0) & (i < size), w, 0.0)
+    # W[p, i] = mean of cell i's tent over bin p = [lo, hi]; 0 for a cell off the map or an empty bin
+    w, _, _ = _hat_mean(lo - i.to(tl.float32), hi - i.to(tl.float32))
+    return tl.where((i >= 0) & (i < size) & (b > 0), w, 0.0)
 
 
 @triton.jit
-def _prroi_load_box(rois_ptr, k, spatial_scale, ph, pw, PH: tl.constexpr, PW: tl.constexpr, ALIGNED: tl.constexpr):
+def _prroi_load_box(rois_ptr, k, spatial_scale, ph, pw, H, W, PH: tl.constexpr, PW: tl.constexpr,
+                    ALIGNED: tl.constexpr):
     r = rois_ptr + k * 5
     n = tl.load(r).to(tl.float32).to(tl.int64)
     x1 = tl.load(r + 1).to(tl.float32)
     y1 = tl.load(r + 2).to(tl.float32)
     x2 = tl.load(r + 3).to(tl.float32)
     y2 = tl.load(r + 4).to(tl.float32)
-    by, y_lo, y_hi, y_first, ny = _prroi_axis(y1, y2, ph, spatial_scale, PH, ALIGNED)
-    bx, x_lo, x_hi, x_first, nx = _prroi_axis(x1, x2, pw, spatial_scale, PW, ALIGNED)
+    by, y_lo, y_hi, y_first, ny = _prroi_axis(y1, y2, ph, spatial_scale, H, PH, ALIGNED)
+    bx, x_lo, x_hi, x_first, nx = _prroi_axis(x1, x2, pw, spatial_scale, W, PW, ALIGNED)
     return n, by, y_lo, y_hi, y_first, ny, bx, x_lo, x_hi, x_first, nx
 
 

@@ -5,9 +5,16 @@ Bin (ph, pw) of box k takes ``gh * gw`` bilinear samples at
     y = y1 + ph * bin_h + (iy + 0.5) * bin_h / gh,    x = x1 + pw * bin_w + (ix + 0.5) * bin_w / gw
 
 (torchvision's conventions: ``y1 = box_y1 * scale - 0.5`` when aligned, a box at least 1 x 1 cell when not,
-``gh = sampling_ratio`` or ``ceil(bin_h)``; a sample outside ``[-1, H] x [-1, W]`` is 0, one inside is clamped to
-the map) and returns their mean, or their maximum (``argmax`` = the winning sample's ``iy * gw + ix``, -1 when the
-bin has no sample). See ``roikit/ops/pytorch/roi_align.py``, the reference.
+``gh = sampling_ratio`` or ``ceil(bin_h)``, at most MAX_GRID; box coordinates in cells clamped to +-2^52; a sample
+outside ``[-1, H] x [-1, W]`` is 0, one inside is clamped to the map) and returns their mean, or their maximum
+(``argmax`` = the winning sample's ``iy * gw + ix``: the first on ties, NaN never wins, -1 when nothing beats -inf,
+the value then -inf; a bin with no sample is 0 with argmax -1). See ``roikit/ops/pytorch/roi_align.py``, the
+reference.
+
+**Bounded work.** A bin's sample positions are monotone in the index, so the samples inside ``[-1, size]`` form one
+run ``[lo, hi)`` per axis, found by bisection on the very positions the kernel reads (``_sample_run``); only the run
+is read (max pooling also reads the bin's first sample outside it, a 0 that competes). So a 1e30 px box or a huge
+``sampling_ratio`` costs the samples that land on the map: with adaptive sampling at most about ``2 H + 6`` rows.
 
 One program pools one box for a block of channels and a block of bins: a [BLOCK_C, BLOCK_P] tile, with the box's
 geometry computed once and every sample a vector over the bins. Features are read through their strides, so
@@ -21,20 +28,34 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._deterministic import MAX_ENTRIES, gather_bins
+from ._deterministic import MAX_ENTRIES, entry_launches, gather_bins
 from ._tiles import blocks, box_tile
+
+MAX_GRID = 1 << 30  # samples per bin and axis, at most (the reference's MAX_GRID: int32 indices stay exact)
+_MAX_GRID_F = tl.constexpr(float(MAX_GRID))
+_MAX_CELLS = tl.constexpr(2.0**52)  # box coordinates in cells are clamped to +-2^52 (the reference's MAX_CELLS)
+
+
+@triton.jit
+def _clamp_cells(v):
+    # v clamped to [-2^52, 2^52]; NaN stays NaN (as torch.clamp; tl.minimum would drop it on a GPU)
+    return tl.where(v > _MAX_CELLS, _MAX_CELLS, tl.where(v < -_MAX_CELLS, -_MAX_CELLS, v))
 
 
 @triton.jit
 def _align_box(rois_ptr, k, spatial_scale, sampling_ratio, PH: tl.constexpr, PW: tl.constexpr,
                ALIGNED: tl.constexpr):
-    """Box k: batch index, start and bin size of each axis, samples per bin (torchvision's order of operations)."""
+    """Box k: batch index, start and bin size of each axis, samples per bin (torchvision's order of operations).
+
+    Coordinates in cells are clamped to +-2^52; ``gh = ceil(bin_h)`` (adaptive) is capped at MAX_GRID, 0 for an
+    empty or NaN bin; ``sampling_ratio`` comes capped from the launcher.
+    """
     r = rois_ptr + k * 5
     n = tl.load(r).to(tl.float32).to(tl.int64)
-    x1 = tl.load(r + 1).to(tl.float32) * spatial_scale
-    y1 = tl.load(r + 2).to(tl.float32) * spatial_scale
-    x2 = tl.load(r + 3).to(tl.float32) * spatial_scale
-    y2 = tl.load(r + 4).to(tl.float32) * spatial_scale
+    x1 = _clamp_cells(tl.load(r + 1).to(tl.float32) * spatial_scale)
+    y1 = _clamp_cells(tl.load(r + 2).to(tl.float32) * spatial_scale)
+    x2 = _clamp_cells(tl.load(r + 3).to(tl.float32) * spatial_scale)
+    y2 = _clamp_cells(tl.load(r + 4).to(tl.float32) * spatial_scale)
     if ALIGNED:
         x1 -= 0.5
         y1 -= 0.5
@@ -42,14 +63,74 @@ def _align_box(rois_ptr, k, spatial_scale, sampling_ratio, PH: tl.constexpr, PW:
         y2 -= 0.5
     roi_w = x2 - x1
     roi_h = y2 - y1
-    if not ALIGNED:  # malformed boxes forced to 1 x 1 cell
-        roi_w = tl.maximum(roi_w, 1.0)
-        roi_h = tl.maximum(roi_h, 1.0)
+    if not ALIGNED:  # malformed boxes forced to 1 x 1 cell (NaN stays NaN)
+        roi_w = tl.where(roi_w < 1.0, 1.0, roi_w)
+        roi_h = tl.where(roi_h < 1.0, 1.0, roi_h)
     bin_h = tl.div_rn(roi_h, PH * 1.0)
     bin_w = tl.div_rn(roi_w, PW * 1.0)
-    gh = tl.where(sampling_ratio > 0, sampling_ratio, tl.ceil(bin_h).to(tl.int32))
-    gw = tl.where(sampling_ratio > 0, sampling_ratio, tl.ceil(bin_w).to(tl.int32))
+    adaptive_h = tl.where(bin_h > 0, tl.ceil(tl.minimum(bin_h, _MAX_GRID_F)), 0.0).to(tl.int32)
+    adaptive_w = tl.where(bin_w > 0, tl.ceil(tl.minimum(bin_w, _MAX_GRID_F)), 0.0).to(tl.int32)
+    gh = tl.where(sampling_ratio > 0, sampling_ratio, adaptive_h)
+    gw = tl.where(sampling_ratio > 0, sampling_ratio, adaptive_w)
     return n, y1, x1, bin_h, bin_w, gh, gw
+
+
+@triton.jit
+def _sample_coord(start, bin_size, grid_f, i):
+    # sample i of the bin that starts at `start`: start + (i + 0.5) * bin_size / grid (torchvision's order)
+    return start + tl.div_rn((i + 0.5) * bin_size, grid_f)
+
+
+@triton.jit
+def _first_sample(start, bin_size, grid, size, steps, PAST: tl.constexpr):
+    """Per bin (``start`` [BLOCK]): the first sample index in [0, grid] whose position has reached the map
+    (``PAST=False``: >= -1, or <= size for a negative bin) or gone past it (``PAST=True``: > size, or < -1), grid when
+    none (also for NaN positions). Positions are monotone in the index, so this is a bisection of ``steps`` rounds."""
+    grid_f = tl.maximum(grid, 1).to(tl.float32)
+    lo = tl.zeros_like(start).to(tl.int32)
+    hi = lo + grid
+    for _ in range(steps):
+        mid = lo + (hi - lo) // 2
+        c = _sample_coord(start, bin_size, grid_f, mid)
+        if PAST:
+            cond = tl.where(bin_size >= 0, c > size, c < -1.0)
+        else:
+            cond = tl.where(bin_size >= 0, c >= -1.0, c <= size)
+        active = lo < hi
+        hi = tl.where(active & cond, mid, hi)
+        lo = tl.where(active, tl.where(cond, lo, mid + 1), lo)
+    return hi
+
+
+@triton.jit
+def _sample_run(start, bin_size, grid, size):
+    """The samples of every bin (``start`` [BLOCK]) inside ``[-1, size]``: the run ``[lo, hi)`` of indices.
+
+    Only these samples can be non-zero; the run is at most about ``(size + 2) / spacing + 1`` samples (``2 size + 6``
+    with adaptive sampling), whatever the box."""
+    g = tl.maximum(grid, 0)
+    steps = tl.ceil(tl.log2(g.to(tl.float32) + 1.0)).to(tl.int32) + 1  # one round to spare for log2's rounding
+    lo = _first_sample(start, bin_size, g, size, steps, False)
+    hi = _first_sample(start, bin_size, g, size, steps, True)
+    return lo, hi
+
+
+@triton.jit
+def _visits(start, bin_size, grid, size, POOL_MAX: tl.constexpr):
+    """Which samples each bin visits: slot t is sample ``first + t`` for t < count, read as sample 0 where that is
+    below ``lo`` (returns lo, first, count, each [BLOCK]).
+
+    avg: the run only (every other sample is 0). max: also the bin's first sample outside the run (value 0, it
+    competes): sample 0 when the run starts after 0, else the one just past the run. With that one, the samples
+    skipped are all 0 and come after a visited 0 in ``iy * gw + ix`` order, so the first maximum is the bin's."""
+    lo, hi = _sample_run(start, bin_size, grid, size)
+    first = lo
+    count = hi - lo
+    if POOL_MAX:
+        extra = (lo > 0) | (hi < tl.maximum(grid, 0))
+        first = tl.where(lo > 0, lo - 1, lo)
+        count = tl.where(extra, count + 1, count)
+    return lo, first, count
 
 
 @triton.jit
@@ -74,8 +155,10 @@ def _align_bins(base, C, H, W, s_c, s_h, s_w, y1, x1, bin_h, bin_w, gh, gw, cs, 
                 BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr):
     """Pool bins ``ps`` x channels ``cs`` of one box from the image at ``base``: (value, argmax) [BLOCK_C, BLOCK_P].
 
-    avg: value = (1 / max(gh * gw, 1)) * sum_{iy, ix} f(y, x);  max: value = max_{iy, ix} f(y, x) (first on ties),
-    with f(y, x) = sum of the 4 taps' weight * feature, 0 for a sample outside the map.
+    avg: value = (1 / max(gh * gw, 1)) * sum_{iy, ix} f(y, x);  max: value = max_{iy, ix} f(y, x) (the first in
+    ``iy * gw + ix`` order on ties, NaN never wins, -inf with argmax -1 when nothing beats -inf; 0 with argmax -1
+    for a bin with no sample), with f(y, x) = sum of the 4 taps' weight * feature, 0 for a sample outside the map.
+    Only the samples of ``_visits`` are read: the work is bounded by the map, not by the box.
     """
     c_ok = cs < C
     p_ok = ps < PH * PW
@@ -83,18 +166,31 @@ def _align_bins(base, C, H, W, s_c, s_h, s_w, y1, x1, bin_h, bin_w, gh, gw, cs, 
     x0 = x1 + (ps % PW).to(tl.float32) * bin_w
     gh_f = tl.maximum(gh, 1).to(tl.float32)  # a box with no sample divides nothing
     gw_f = tl.maximum(gw, 1).to(tl.float32)
+    lo_y, first_y, count_y = _visits(y0, bin_h, gh, H, POOL_MAX)
+    lo_x, first_x, count_x = _visits(x0, bin_w, gw, W, POOL_MAX)
+    count_y = tl.where(p_ok, count_y, 0)
+    count_x = tl.where(p_ok, count_x, 0)
     chan = base + cs.to(tl.int64)[:, None] * s_c
-    acc = tl.zeros([BLOCK_C, BLOCK_P], dtype=tl.float32)
+    if POOL_MAX:
+        acc = tl.full([BLOCK_C, BLOCK_P], float("-inf"), dtype=tl.float32)
+    else:
+        acc = tl.zeros([BLOCK_C, BLOCK_P], dtype=tl.float32)
     arg = tl.full([BLOCK_C, BLOCK_P], -1, dtype=tl.int64)
-    for iy in range(gh):
-        y = y0 + tl.div_rn((iy + 0.5) * bin_h, gh_f)
+    for ty in range(tl.max(count_y)):  # the tile's longest visit list; shorter ones are masked
+        iy = first_y + ty
+        iy = tl.where(iy < lo_y, 0, iy)
+        y = _sample_coord(y0, bin_h, gh_f, iy)
         y_lo, y_hi, hy, ly, y_in = _axis_taps(y, H)
+        y_ok = ty < count_y
         r_lo = y_lo * s_h
         r_hi = y_hi * s_h
-        for ix in range(gw):
-            x = x0 + tl.div_rn((ix + 0.5) * bin_w, gw_f)
+        for tx in range(tl.max(count_x)):
+            ix = first_x + tx
+            ix = tl.where(ix < lo_x, 0, ix)
+            x = _sample_coord(x0, bin_w, gw_f, ix)
             x_lo, x_hi, hx, lx, x_in = _axis_taps(x, W)
-            m = c_ok[:, None] & (y_in & x_in & p_ok)[None, :]
+            slot = y_ok & (tx < count_x)
+            m = c_ok[:, None] & (slot & y_in & x_in)[None, :]
             c_lo = x_lo * s_w
             c_hi = x_hi * s_w
             v1 = tl.load(chan + (r_lo + c_lo)[None, :], mask=m, other=0.0).to(tl.float32)
@@ -103,16 +199,17 @@ def _align_bins(base, C, H, W, s_c, s_h, s_w, y1, x1, bin_h, bin_w, gh, gw, cs, 
             v4 = tl.load(chan + (r_hi + c_hi)[None, :], mask=m, other=0.0).to(tl.float32)
             val = (hy * hx)[None, :] * v1 + (hy * lx)[None, :] * v2 + (ly * hx)[None, :] * v3 + (ly * lx)[None, :] * v4
             if POOL_MAX:
-                # the first sample always enters (even -inf); then strictly larger wins; a NaN wins once and stays
-                win = (val > acc) | (arg < 0) | ((val != val) & (acc == acc))
+                # strictly larger wins: the first maximum stays, NaN never wins, -inf never beats the start
+                win = slot[None, :] & (val > acc)
                 acc = tl.where(win, val, acc)
-                arg = tl.where(win, (iy * gw + ix).to(tl.int64), arg)
+                arg = tl.where(win, (iy.to(tl.int64) * gw + ix)[None, :], arg)
             else:
                 acc += val
     if POOL_MAX:
-        acc = tl.where(arg < 0, 0.0, acc)
+        no_sample = (gh <= 0) | (gw <= 0)
+        acc = tl.where(no_sample, 0.0, acc)
     else:
-        acc = tl.div_rn(acc, tl.maximum(gh * gw, 1).to(tl.float32))
+        acc = tl.div_rn(acc, gh_f * gw_f)
     return acc, arg
 
 
@@ -137,7 +234,8 @@ def _align_scatter(gin, C, H, W, g_sc, g_sh, g_sw, y1, x1, bin_h, bin_w, gh, gw,
                    PH: tl.constexpr, PW: tl.constexpr, POOL_MAX: tl.constexpr):
     """Atomically add the gradient tile g [BLOCK_C, BLOCK_P] of one box onto its image's taps at ``gin``.
 
-    avg: every sample's 4 taps get weight * g / count;  max: only the winning sample a (iy * gw + ix) does.
+    avg: every sample's 4 taps get weight * g / count (only the samples on the map: the others have no taps);
+    max: only the winning sample a (iy * gw + ix) does.
     """
     c_ok = cs < C
     p_ok = ps < PH * PW
@@ -149,8 +247,8 @@ def _align_scatter(gin, C, H, W, g_sc, g_sh, g_sw, y1, x1, bin_h, bin_w, gh, gw,
     if POOL_MAX:
         iy = a // tl.maximum(gw, 1)
         ix = a - iy * gw
-        y = y0[None, :] + tl.div_rn((iy + 0.5) * bin_h, gh_f)
-        x = x0[None, :] + tl.div_rn((ix + 0.5) * bin_w, gw_f)
+        y = _sample_coord(y0[None, :], bin_h, gh_f, iy)
+        x = _sample_coord(x0[None, :], bin_w, gw_f, ix)
         y_lo, y_hi, hy, ly, y_in = _axis_taps(y, H)
         x_lo, x_hi, hx, lx, x_in = _axis_taps(x, W)
         m = c_ok[:, None] & p_ok[None, :] & y_in & x_in & (a >= 0)
@@ -159,14 +257,19 @@ def _align_scatter(gin, C, H, W, g_sc, g_sh, g_sw, y1, x1, bin_h, bin_w, gh, gw,
         tl.atomic_add(chan + y_hi * g_sh + x_lo * g_sw, ly * hx * g, mask=m, sem="relaxed")
         tl.atomic_add(chan + y_hi * g_sh + x_hi * g_sw, ly * lx * g, mask=m, sem="relaxed")
     else:
-        g = tl.div_rn(g, tl.maximum(gh * gw, 1).to(tl.float32))
-        for iy in range(gh):
-            y = y0 + tl.div_rn((iy + 0.5) * bin_h, gh_f)
+        g = tl.div_rn(g, gh_f * gw_f)
+        lo_y, hi_y = _sample_run(y0, bin_h, gh, H)
+        lo_x, hi_x = _sample_run(x0, bin_w, gw, W)
+        count_y = tl.where(p_ok, hi_y - lo_y, 0)
+        count_x = tl.where(p_ok, hi_x - lo_x, 0)
+        for ty in range(tl.max(count_y)):
+            y = _sample_coord(y0, bin_h, gh_f, lo_y + ty)
             y_lo, y_hi, hy, ly, y_in = _axis_taps(y, H)
-            for ix in range(gw):
-                x = x0 + tl.div_rn((ix + 0.5) * bin_w, gw_f)
+            y_ok = y_in & (ty < count_y)
+            for tx in range(tl.max(count_x)):
+                x = _sample_coord(x0, bin_w, gw_f, lo_x + tx)
                 x_lo, x_hi, hx, lx, x_in = _axis_taps(x, W)
-                m = c_ok[:, None] & (y_in & x_in & p_ok)[None, :]
+                m = c_ok[:, None] & (y_ok & x_in & (tx < count_x))[None, :]
                 tl.atomic_add(chan + (y_lo * g_sh + x_lo * g_sw)[None, :], (hy * hx)[None, :] * g, mask=m,
                               sem="relaxed")
                 tl.atomic_add(chan + (y_lo * g_sh + x_hi * g_sw)[None, :], (hy * lx)[None, :] * g, mask=m,
@@ -195,36 +298,61 @@ def _roi_align_bwd_kernel(
 
 
 @triton.jit
+def _roi_align_runs_kernel(
+    rois_ptr, lo_y_ptr, lo_x_ptr, win_ptr, H, W, spatial_scale, sampling_ratio,
+    PH: tl.constexpr, PW: tl.constexpr, ALIGNED: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr,
+):
+    # For box k: lo_y[k, ph] (lo_x[k, pw]), where each bin's run of samples on the map starts, and the window
+    # win[k] = (max_ph (hi - lo), max_pw (hi - lo)): the sample slots the deterministic backward gives the box.
+    k = tl.program_id(0).to(tl.int64)
+    n, y1, x1, bin_h, bin_w, gh, gw = _align_box(rois_ptr, k, spatial_scale, sampling_ratio, PH, PW, ALIGNED)
+    ph = tl.arange(0, BLOCK_H)
+    pw = tl.arange(0, BLOCK_W)
+    lo_y, hi_y = _sample_run(y1 + ph.to(tl.float32) * bin_h, bin_h, gh, H)
+    lo_x, hi_x = _sample_run(x1 + pw.to(tl.float32) * bin_w, bin_w, gw, W)
+    tl.store(lo_y_ptr + k * PH + ph, lo_y, mask=ph < PH)
+    tl.store(lo_x_ptr + k * PW + pw, lo_x, mask=pw < PW)
+    tl.store(win_ptr + k * 2, tl.max(tl.where(ph < PH, hi_y - lo_y, 0)).to(tl.int64))
+    tl.store(win_ptr + k * 2 + 1, tl.max(tl.where(pw < PW, hi_x - lo_x, 0)).to(tl.int64))
+
+
+@triton.jit
 def _roi_align_entries_kernel(
-    rois_ptr, key_ptr, src_ptr, w_ptr, tag_ptr, k0, num_cells, H, W, spatial_scale, sampling_ratio, GY, GX,
+    rois_ptr, lo_y_ptr, lo_x_ptr, win_ptr, base_ptr, key_ptr, src_ptr, w_ptr, tag_ptr, k0, slot0, width,
+    num_cells, H, W, spatial_scale, sampling_ratio,
     PH: tl.constexpr, PW: tl.constexpr, ALIGNED: tl.constexpr, POOL_MAX: tl.constexpr, BLOCK: tl.constexpr,
 ):
-    # For box k0 + pid0 and sample slots j = (p * GY + iy) * GX + ix: the sample's 4 taps as entries
-    # (cell n * H * W + y * W + x, bin k * P + p, weight [/ count for avg], tag iy * gw + ix); slot 4 j + t.
-    # Unused slots (past the box's own grid, outside the map, zero weight) get the key num_cells = N * H * W.
+    # For box k = k0 + pid0 with window (WY, WX) and its slots j = (p * WY + ty) * WX + tx in [slot0, slot0 + width):
+    # sample (iy, ix) = (lo_y[p] + ty, lo_x[p] + tx)'s 4 taps as entries (cell n * H * W + y * W + x, bin k * P + p,
+    # weight [/ count for avg], tag iy * gw + ix) at 4 (base[pid0] + j - slot0) + t. A slot past the bin's own
+    # grid, a tap off the map or of weight 0 gets the key num_cells = N * H * W (unused).
     kl = tl.program_id(0).to(tl.int64)
     k = k0 + kl
-    j = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-    per_bin = GY * GX
-    p = j // per_bin
+    wy = tl.load(win_ptr + k * 2)
+    wx = tl.load(win_ptr + k * 2 + 1)
+    per_bin = wy * wx
+    j = slot0 + tl.program_id(1).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    j_ok = (j < PH * PW * per_bin) & (j < slot0 + width)
+    p = j // tl.maximum(per_bin, 1)
     s = j - p * per_bin
-    iy = s // GX
-    ix = s - iy * GX
+    ty = s // tl.maximum(wx, 1)
+    tx = s - ty * wx
+    p = tl.where(j_ok, p, 0)
     n, y1, x1, bin_h, bin_w, gh, gw = _align_box(rois_ptr, k, spatial_scale, sampling_ratio, PH, PW, ALIGNED)
-    y = y1 + (p // PW).to(tl.float32) * bin_h + tl.div_rn((iy + 0.5) * bin_h, tl.maximum(gh, 1).to(tl.float32))
-    x = x1 + (p % PW).to(tl.float32) * bin_w + tl.div_rn((ix + 0.5) * bin_w, tl.maximum(gw, 1).to(tl.float32))
+    iy = tl.load(lo_y_ptr + k * PH + p // PW, mask=j_ok, other=0) + ty
+    ix = tl.load(lo_x_ptr + k * PW + p % PW, mask=j_ok, other=0) + tx
+    y = _sample_coord(y1 + (p // PW).to(tl.float32) * bin_h, bin_h, tl.maximum(gh, 1).to(tl.float32), iy)
+    x = _sample_coord(x1 + (p % PW).to(tl.float32) * bin_w, bin_w, tl.maximum(gw, 1).to(tl.float32), ix)
     y_lo, y_hi, hy, ly, y_in = _axis_taps(y, H)
     x_lo, x_hi, hx, lx, x_in = _axis_taps(x, W)
-    slot_ok = (p < PH * PW) & (iy < gh) & (ix < gw)
-    ok = slot_ok & y_in & x_in
+    ok = j_ok & (iy < gh) & (ix < gw) & y_in & x_in
     scale = 1.0
     if not POOL_MAX:
-        scale = tl.div_rn(1.0, tl.maximum(gh * gw, 1).to(tl.float32))
+        scale = tl.div_rn(1.0, tl.maximum(gh, 1).to(tl.float32) * tl.maximum(gw, 1).to(tl.float32))
     cell0 = n * H * W
     src = k * (PH * PW) + p
-    tag = iy * gw + ix
-    slot = (kl * (PH * PW * per_bin) + j) * 4
-    j_ok = p < PH * PW
+    tag = iy * gw.to(tl.int64) + ix
+    e = (tl.load(base_ptr + kl) + j - slot0) * 4
     for t in tl.static_range(4):
         if t == 0:
             cy, cx, w = y_lo, x_lo, hy * hx
@@ -235,26 +363,10 @@ def _roi_align_entries_kernel(
         else:
             cy, cx, w = y_hi, x_hi, ly * lx
         used = ok & (w != 0.0)
-        tl.store(key_ptr + slot + t, tl.where(used, cell0 + cy * W + cx, num_cells), mask=j_ok)
-        tl.store(src_ptr + slot + t, src, mask=j_ok)
-        tl.store(w_ptr + slot + t, w * scale, mask=j_ok)
-        tl.store(tag_ptr + slot + t, tag, mask=j_ok)
-
-
-def max_sampling_grid(rois: Tensor, spatial_scale: float, pooled: tuple[int, int], sampling_ratio: int,
-                      aligned: bool) -> tuple[int, int]:
-    """The largest ``(gh, gw)`` over the boxes (a bound: one extra sample for float ties; host sync)."""
-    if sampling_ratio > 0:
-        return sampling_ratio, sampling_ratio
-    r = rois.float()
-    offset = 0.5 if aligned else 0.0
-    x1, y1, x2, y2 = (r[:, i] * spatial_scale - offset for i in range(1, 5))
-    h, w = y2 - y1, x2 - x1
-    if not aligned:
-        h, w = h.clamp(min=1.0), w.clamp(min=1.0)
-    gh = int(torch.ceil(h / pooled[0]).max().clamp(min=0).item()) + 1
-    gw = int(torch.ceil(w / pooled[1]).max().clamp(min=0).item()) + 1
-    return gh, gw
+        tl.store(key_ptr + e + t, tl.where(used, cell0 + cy * W + cx, num_cells), mask=j_ok)
+        tl.store(src_ptr + e + t, src, mask=j_ok)
+        tl.store(w_ptr + e + t, w * scale, mask=j_ok)
+        tl.store(tag_ptr + e + t, tag, mask=j_ok)
 
 
 def roi_align_forward(input: Tensor, rois: Tensor, spatial_scale: float, pooled_height: int, pooled_width: int,
@@ -271,11 +383,16 @@ def roi_align_forward(input: Tensor, rois: Tensor, spatial_scale: float, pooled_
     block_c, block_p = blocks(c, pooled_height * pooled_width)
     grid = (k, triton.cdiv(c, block_c), triton.cdiv(pooled_height * pooled_width, block_p))
     _roi_align_fwd_kernel[grid](
-        input, rois, out, argmax, c, h, w, *input.stride(), float(spatial_scale), int(sampling_ratio),
+        input, rois, out, argmax, c, h, w, *input.stride(), float(spatial_scale), _grid_arg(sampling_ratio),
         PH=pooled_height, PW=pooled_width, ALIGNED=bool(aligned), POOL_MAX=bool(pool_max),
         BLOCK_C=block_c, BLOCK_P=block_p,
     )
     return out, argmax
+
+
+def _grid_arg(sampling_ratio: int) -> int:
+    """``sampling_ratio`` capped at MAX_GRID (an int32 for the kernels; <= 0 means adaptive)."""
+    return max(min(int(sampling_ratio), MAX_GRID), 0)
 
 
 def roi_align_backward(grad: Tensor, rois: Tensor, argmax: Tensor, spatial_scale: float, pooled_height: int,
@@ -298,8 +415,8 @@ def roi_align_backward(grad: Tensor, rois: Tensor, argmax: Tensor, spatial_scale
         grid = (k, triton.cdiv(channels, block_c), triton.cdiv(pooled, block_p))
         _roi_align_bwd_kernel[grid](
             grad, argmax if pool_max else grad, rois, gin, channels, height, width, *gin.stride(),
-            float(spatial_scale), int(sampling_ratio), PH=pooled_height, PW=pooled_width, ALIGNED=bool(aligned),
-            POOL_MAX=bool(pool_max), BLOCK_C=block_c, BLOCK_P=block_p,
+            float(spatial_scale), _grid_arg(sampling_ratio), PH=pooled_height, PW=pooled_width,
+            ALIGNED=bool(aligned), POOL_MAX=bool(pool_max), BLOCK_C=block_c, BLOCK_P=block_p,
         )
         return gin.to(grad.dtype)
     deterministic_backward_into(gin, grad, rois, argmax, spatial_scale, pooled_height, pooled_width,
@@ -311,23 +428,37 @@ def deterministic_backward_into(gin: Tensor, grad: Tensor, rois: Tensor, argmax:
                                 pooled_height: int, pooled_width: int, sampling_ratio: int, aligned: bool,
                                 pool_max: bool) -> None:
     """Add the gradient of ``rois`` (contiguous grad [K, C, PH, PW]) into ``gin`` [N, C, H, W] float32, in an
-    order fixed by the boxes: chunk by chunk of boxes, each cell's entries in generation order."""
+    order fixed by the boxes: launch by launch (:func:`entry_launches`), each cell's entries in generation order.
+
+    Box k gets ``PH * PW * WY * WX`` sample slots, its window ``(WY, WX)`` the longest run of samples on the map of
+    any of its bins (one sync with the host): bounded by the map (about ``2 H + 6`` rows with adaptive sampling),
+    not by the box or ``sampling_ratio``. Memory: at most ``MAX_ENTRIES`` entries at a time.
+    """
     n, c, h, w = gin.shape
     k = rois.shape[0]
     pooled = pooled_height * pooled_width
-    gy, gx = max_sampling_grid(rois, spatial_scale, (pooled_height, pooled_width), sampling_ratio, aligned)
-    slots = pooled * gy * gx  # sample slots per box
-    chunk = max(1, MAX_ENTRIES // (4 * slots))
-    block = min(triton.next_power_of_2(slots), 256)
-    for k0 in range(0, k, chunk):
-        kc = min(chunk, k - k0)
-        keys = torch.empty((kc * slots * 4,), dtype=torch.int64, device=gin.device)
+    ratio = _grid_arg(sampling_ratio)
+    lo_y = torch.empty((k, pooled_height), dtype=torch.int32, device=gin.device)
+    lo_x = torch.empty((k, pooled_width), dtype=torch.int32, device=gin.device)
+    window = torch.empty((k, 2), dtype=torch.int64, device=gin.device)
+    _roi_align_runs_kernel[(k,)](
+        rois, lo_y, lo_x, window, h, w, float(spatial_scale), ratio, PH=pooled_height, PW=pooled_width,
+        ALIGNED=bool(aligned), BLOCK_H=triton.next_power_of_2(pooled_height),
+        BLOCK_W=triton.next_power_of_2(pooled_width),
+    )
+    slots = pooled * window.cpu().prod(dim=1)  # [K] sample slots per box
+    first = True
+    for k0, kc, slot0, width, base, total in entry_launches(slots, MAX_ENTRIES // 4):
+        keys = torch.empty((total * 4,), dtype=torch.int64, device=gin.device)
         src = torch.empty_like(keys)
         weight = torch.empty(keys.shape, dtype=torch.float32, device=gin.device)
-        tag = torch.empty(keys.shape, dtype=torch.int32, device=gin.device)
-        _roi_align_entries_kernel[(kc, triton.cdiv(slots, block))](
-            rois, keys, src, weight, tag, k0, n * h * w, h, w, float(spatial_scale), int(sampling_ratio), gy, gx,
-            PH=pooled_height, PW=pooled_width, ALIGNED=bool(aligned), POOL_MAX=bool(pool_max), BLOCK=block,
+        tag = torch.empty_like(keys)
+        block = min(triton.next_power_of_2(width), 256)
+        _roi_align_entries_kernel[(kc, triton.cdiv(width, block))](
+            rois, lo_y, lo_x, window, base.to(gin.device), keys, src, weight, tag, k0, slot0, width, n * h * w, h, w,
+            float(spatial_scale), ratio, PH=pooled_height, PW=pooled_width, ALIGNED=bool(aligned),
+            POOL_MAX=bool(pool_max), BLOCK=block,
         )
         gather_bins(gin, keys, src, weight, tag if pool_max else None, grad, argmax if pool_max else None,
-                    accumulate=k0 > 0)
+                    accumulate=not first)
+        first = False
