@@ -78,7 +78,7 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..ops._utils import check_bool, check_choice, check_float_features, check_nonempty_map, pair
+from ..utils.checks import check_bool, check_choice, check_float_features, check_nonempty_map, pair
 
 POOL_MODES = ("avg", "max")
 

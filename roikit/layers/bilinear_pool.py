@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..ops._utils import check_bool, check_float_features, check_nonempty_map
+from ..utils.checks import check_bool, check_float_features, check_nonempty_map
 
 
 def _check_maps(x, y) -> Tensor:

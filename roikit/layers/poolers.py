@@ -12,9 +12,10 @@ from typing import Sequence
 import torch
 from torch import Tensor, nn
 
-from ..ops import PrRoIPool, RoIAlign, RoIPool, RoISPP, multilevel_roi_align, prroi_pool, roi_align, roi_pool, roi_spp
-from ..ops._utils import autocast_to_float32, convert_boxes_to_rois, fx_leaf, pair
-from ..ops.multilevel_roi_align import pyramid_levels
+from ..ops import (PrRoIPool, RoIAlign, RoIPool, RoISPP, autocast_to_float32, convert_boxes_to_rois, multilevel_roi_align,
+                   prroi_pool, pyramid_levels, roi_align, roi_pool, roi_spp)
+from ..utils.checks import pair
+from ..utils.fx import fx_leaf
 
 OPS = {"roi_align": (RoIAlign, roi_align), "roi_pool": (RoIPool, roi_pool), "prroi_pool": (PrRoIPool, prroi_pool),
        "roi_spp": (RoISPP, roi_spp)}

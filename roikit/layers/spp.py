@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..ops._utils import check_choice, check_features
+from ..utils.checks import check_choice, check_features
 
 BIN_RULES = ("adaptive", "sppnet")
 

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..ops._utils import check_bool, check_float_features, pair
+from ..utils.checks import check_bool, check_float_features, pair
 
 
 def stochastic_pool2d(

@@ -4,7 +4,8 @@ Each is a function plus an ``nn.Module``, registered with ``torch.library`` as `
 """
 from . import geometry
 from ._library import deterministic_backward, deterministic_backward_enabled
-from .multilevel_roi_align import multilevel_roi_align
+from ._utils import autocast_to_float32, convert_boxes_to_rois
+from .multilevel_roi_align import level_range, multilevel_roi_align, pyramid_levels
 from .prroi_pool import PrRoIPool, prroi_pool
 from .roi_align import RoIAlign, roi_align
 from .roi_pool import ROUNDINGS, RoIPool, roi_pool
@@ -12,7 +13,7 @@ from .roi_spp import RoISPP, roi_spp
 
 __all__ = [
     "roi_pool", "RoIPool", "ROUNDINGS", "roi_align", "RoIAlign", "prroi_pool", "PrRoIPool", "roi_spp", "RoISPP",
-    "multilevel_roi_align",
+    "multilevel_roi_align", "pyramid_levels", "level_range", "convert_boxes_to_rois", "autocast_to_float32",
     "deterministic_backward", "deterministic_backward_enabled", "geometry",
 ]
 

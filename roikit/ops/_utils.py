@@ -6,45 +6,21 @@ Checks raise ``ValueError`` naming the argument and what was expected.
 """
 from __future__ import annotations
 
-import functools
-import math
-from typing import Any, Callable, Sequence, TypeVar, Union
+from typing import Sequence, Union
 
 import torch
-import torch.fx
 from torch import Tensor
-from torch.fx.node import map_aggregate
+
+from ..utils.checks import (FLOAT_DTYPES, check_bool, check_choice, check_features, check_float_features,  # noqa: F401
+                            check_int, check_nonempty_map, check_spatial_scale, pair)
+from ..utils.fx import fx_leaf  # noqa: F401
 
 BoxesType = Union[Tensor, Sequence[Tensor]]
-
-FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 def _is_compiling() -> bool:
     # Value checks read tensor data (a device sync and a graph break): they run in eager mode only.
     return torch.compiler.is_compiling()
-
-
-F = TypeVar("F", bound=Callable[..., Any])
-
-
-def fx_leaf(fn: F) -> F:
-    """Make ``fn`` a leaf of ``torch.fx`` tracing wherever it is called from.
-
-    ``torch.fx.wrap`` patches a function's name in its own module only; an op called from a user's module (or
-    with a list of boxes) would be traced into, and its checks cannot read a Proxy. Called with a Proxy anywhere in
-    its arguments, the decorated function records itself as one ``call_function`` node instead of running, as
-    torchvision's wrapped ops do; called with tensors, it runs. torch.compile sees through it.
-    """
-    @functools.wraps(fn)
-    def leaf(*args, **kwargs):
-        proxies: list[torch.fx.Proxy] = []
-        map_aggregate((args, kwargs), lambda a: proxies.append(a) if isinstance(a, torch.fx.Proxy) else None)
-        if proxies:
-            return proxies[0].tracer.create_proxy("call_function", leaf, args, kwargs)
-        return fn(*args, **kwargs)
-
-    return leaf  # type: ignore[return-value]
 
 
 def autocast_to_float32(input: Tensor, boxes: BoxesType) -> tuple[Tensor, BoxesType, torch.dtype | None]:
@@ -58,91 +34,6 @@ def autocast_to_float32(input: Tensor, boxes: BoxesType) -> tuple[Tensor, BoxesT
     elif isinstance(boxes, (list, tuple)):
         boxes = [b.float() if isinstance(b, Tensor) else b for b in boxes]
     return input.float(), boxes, dtype
-
-
-def check_bool(value: Any, name: str) -> bool:
-    """``value`` if it is a bool (not ``"False"``, not 0 or 1), else a ValueError naming ``name``."""
-    if not isinstance(value, bool):
-        raise ValueError(f"{name} must be True or False, got {value!r}")
-    return value
-
-
-def check_int(value: Any, name: str, minimum: int | None = None) -> int:
-    """``value`` if it is an int (not a bool, not a float) at least ``minimum``, else a ValueError naming ``name``."""
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise ValueError(f"{name} must be an int, got {value!r}")
-    if minimum is not None and value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}")
-    return value
-
-
-def _traced(value: Any) -> bool:
-    # a torch.fx Proxy stands for a tensor whose shape is not known while tracing: checked when the graph runs
-    return isinstance(value, torch.fx.Proxy)
-
-
-def check_features(input: Tensor, name: str = "input") -> None:
-    if _traced(input):
-        return
-    if not isinstance(input, Tensor):
-        raise ValueError(f"{name} must be a Tensor[N, C, H, W], got {type(input).__name__}")
-    if input.dim() != 4:
-        raise ValueError(f"{name} must be 4-D [N, C, H, W], got shape {tuple(input.shape)}")
-    if input.dtype not in FLOAT_DTYPES:
-        raise ValueError(f"{name} must be float16, bfloat16, float32 or float64, got {input.dtype}")
-
-
-def check_float_features(input: Tensor, name: str = "input") -> None:
-    """``check_features`` for layers built on torch's own operators (the pooling family): any floating dtype.
-
-    The region ops accept only ``FLOAT_DTYPES`` (their kernels' dtypes); layers that call ``F.max_pool2d``,
-    ``F.unfold``, ``torch.bmm`` ... leave the rarer floating dtypes (float8) to torch, which names what it lacks.
-    """
-    if _traced(input):
-        return
-    if not isinstance(input, Tensor):
-        raise ValueError(f"{name} must be a Tensor[N, C, H, W], got {type(input).__name__}")
-    if input.dim() != 4:
-        raise ValueError(f"{name} must be 4-D [N, C, H, W], got shape {tuple(input.shape)}")
-    if not input.is_floating_point():
-        raise ValueError(f"{name} must be a floating-point tensor, got {input.dtype}")
-
-
-def check_nonempty_map(input: Tensor, name: str = "input") -> None:
-    """A ``[N, C, H, W]`` map with at least one position (global, adaptive and bilinear pooling need one)."""
-    if _traced(input):
-        return
-    if input.shape[2] == 0 or input.shape[3] == 0:
-        raise ValueError(f"{name} must have H, W >= 1, got shape {tuple(input.shape)}")
-
-
-def pair(value, name: str = "output_size") -> tuple[int, int]:
-    """An int or a pair of positive ints -> (h, w)."""
-    if isinstance(value, (int,)) and not isinstance(value, bool):
-        value = (value, value)
-    if (
-        not isinstance(value, (tuple, list, torch.Size))
-        or len(value) != 2
-        or not all(isinstance(v, int) and not isinstance(v, bool) for v in value)
-    ):
-        raise ValueError(f"{name} must be a positive int or a pair of positive ints, got {value!r}")
-    if value[0] <= 0 or value[1] <= 0:
-        raise ValueError(f"{name} must be positive, got {tuple(value)}")
-    return int(value[0]), int(value[1])
-
-
-def check_spatial_scale(spatial_scale) -> float:
-    if isinstance(spatial_scale, bool) or not isinstance(spatial_scale, (int, float)):
-        raise ValueError(f"spatial_scale must be a positive number (1 / stride), got {spatial_scale!r}")
-    if not math.isfinite(spatial_scale) or spatial_scale <= 0:
-        raise ValueError(f"spatial_scale must be positive and finite (1 / stride), got {spatial_scale}")
-    return float(spatial_scale)
-
-
-def check_choice(value, name: str, choices: Sequence[str]) -> str:
-    if value not in choices:
-        raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))}, got {value!r}")
-    return value
 
 
 def convert_boxes_to_rois(boxes: BoxesType, input: Tensor) -> Tensor:
