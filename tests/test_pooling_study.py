@@ -110,7 +110,7 @@ def test_same_seed_same_study(shapes):
     from roikit.analysis.pooling_study import run_study
 
     config = StudyConfig(train_crops=6, val_crops=4, crop_size=12, epochs=1, batch_size=3, width=4, compact_dim=8,
-                         heads=("avg", "stochastic"), inference_repeats=1)
+                         heads=("global_avg", "stochastic"), inference_repeats=1)
     a, b = run_study(dataset, dataset, config, progress=False), run_study(dataset, dataset, config, progress=False)
     for name in config.heads:
         assert a["heads"][name]["train_loss_per_epoch"] == b["heads"][name]["train_loss_per_epoch"]
@@ -122,6 +122,6 @@ def test_wilson_interval_and_config_checks():
     assert 0.82 < low < 0.83 and 0.94 < high < 0.95  # the textbook 95 % interval of 90/100
     assert wilson_interval(0, 10)[0] == 0.0 and wilson_interval(10, 10)[1] == 1.0
     with pytest.raises(ValueError, match="heads"):
-        StudyConfig(heads=("max", "median"))
+        StudyConfig(heads=("global_max", "median"))
     with pytest.raises(ValueError, match="epochs"):
         StudyConfig(epochs=0)

@@ -1,12 +1,12 @@
-"""The pooling study of issue 5: which pooling head classifies ground-truth crops of the synthetic shapes best?
+"""The pooling study: which pooling head classifies ground-truth crops of the synthetic shapes best?
 
 Every ground-truth box is cut out of its image (the exact pixels inside the box, see ``crop_box``) and resized to
 ``crop_size`` x ``crop_size``. One small CNN trunk (the same architecture, the same initial weights, the same data
 order for every head) turns a crop into a ``[C, S, S]`` map, and a pooling head turns the map into a vector for a
-linear classifier:
+linear classifier (the box head's own pools, :func:`roikit.modeling.build_head_pool`):
 
-- ``max``: global max pooling, ``[C]``.
-- ``avg``: global average pooling, ``[C]``.
+- ``global_max``: global max pooling, ``[C]``.
+- ``global_avg``: global average pooling, ``[C]``.
 - ``stochastic``: global stochastic pooling, a ``StochasticPool2d`` whose window is the whole map: in training one
   position per channel drawn with probability proportional to its activation, in evaluation the
   probability-weighted average, ``[C]``.
@@ -30,14 +30,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from roikit.layers import BilinearPool, CompactBilinearPool, GlobalPool, StochasticPool2d
+from ..layers import StochasticPool2d
+from ..modeling.box_head import build_head_pool, pooled_dim
 
 __all__ = [
     "HEADS", "StudyConfig", "crop_box", "extract_crops", "Trunk", "make_head", "CropClassifier", "train_head",
     "evaluate", "run_study", "wilson_interval", "format_table", "plot_results",
 ]
 
-HEADS = ("max", "avg", "stochastic", "bilinear", "compact_bilinear")
+HEADS = ("global_max", "global_avg", "stochastic", "bilinear", "compact_bilinear")  # names of build_head_pool
 
 
 @dataclasses.dataclass
@@ -162,28 +163,16 @@ class Trunk(nn.Module):
         return self.body(x)
 
 
-class _GlobalStochasticPool(nn.Module):
-    # stochastic pooling with one window over the whole map: [N, C, H, W] -> [N, C]
-    def __init__(self, map_size: int):
-        super().__init__()
-        self.pool = StochasticPool2d(map_size)
-        self.generator: torch.Generator | None = None  # set by train_head for reproducible draws
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.pool(x, self.generator).flatten(1)
-
-
 def make_head(name: str, channels: int, map_size: int, compact_dim: int = 512, seed: int = 0) -> tuple[nn.Module, int]:
-    """The pooling head ``name`` for a ``[N, channels, map_size, map_size]`` map and its output dimension."""
-    if name == "max" or name == "avg":
-        return GlobalPool(name), channels
-    if name == "stochastic":
-        return _GlobalStochasticPool(map_size), channels
-    if name == "bilinear":
-        return BilinearPool(), channels * channels
-    if name == "compact_bilinear":
-        return CompactBilinearPool(channels, output_dim=compact_dim, seed=seed), compact_dim
-    raise ValueError(f"head must be one of {', '.join(HEADS)}, got {name!r}")
+    """The box head's pool ``name`` (:func:`roikit.modeling.build_head_pool`) over the whole
+    ``[N, channels, map_size, map_size]`` map, and its output dimension: stochastic pooling takes one window of
+    the whole map, compact bilinear pooling ``compact_dim`` outputs."""
+    if name not in HEADS:
+        raise ValueError(f"head must be one of {', '.join(HEADS)}, got {name!r}")
+    options = {"stochastic": {"kernel_size": map_size},
+               "compact_bilinear": {"output_dim": compact_dim, "seed": seed}}.get(name, {})
+    head = build_head_pool(name, channels, options)
+    return head, pooled_dim(head, (channels, map_size, map_size))
 
 
 class CropClassifier(nn.Module):
@@ -208,8 +197,9 @@ def train_head(model: CropClassifier, crops: Tensor, labels: Tensor, config: Stu
     The batch order comes from a generator seeded with ``config.seed``, so every head sees the same batches.
     """
     order_gen = torch.Generator().manual_seed(config.seed)
-    if isinstance(model.head, _GlobalStochasticPool):
-        model.head.generator = torch.Generator().manual_seed(config.seed + 1)
+    for layer in model.head.modules():
+        if isinstance(layer, StochasticPool2d):  # reproducible draws
+            layer.generator = torch.Generator().manual_seed(config.seed + 1)
     opt = torch.optim.Adam(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     steps_per_epoch = math.ceil(len(crops) / config.batch_size)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=config.epochs * steps_per_epoch)

@@ -102,9 +102,10 @@ class StochasticPool2d(nn.Module):
         super().__init__()
         self.kernel_size = pair(kernel_size, "kernel_size")
         self.stride = self.kernel_size if stride is None else pair(stride, "stride")
+        self.generator: Optional[torch.Generator] = None  # the draws' source when forward is given none
 
     def forward(self, input: Tensor, generator: Optional[torch.Generator] = None) -> Tensor:
-        return stochastic_pool2d(input, self.kernel_size, self.stride, self.training, generator)
+        return stochastic_pool2d(input, self.kernel_size, self.stride, self.training, generator or self.generator)
 
     def extra_repr(self) -> str:
         return f"kernel_size={self.kernel_size}, stride={self.stride}"

@@ -35,7 +35,7 @@ from ..layers import (
     StochasticPool2d,
 )
 
-__all__ = ["FastRCNNConvFCHead", "build_head_pool", "HEAD_POOLS"]
+__all__ = ["FastRCNNConvFCHead", "build_head_pool", "pooled_dim", "HEAD_POOLS"]
 
 HEAD_POOLS = ("none", "global_avg", "global_max", "avg", "max", "overlapping_max", "stochastic", "bilinear",
               "compact_bilinear", "spp")
@@ -82,6 +82,21 @@ def build_head_pool(name: str, channels: int, options: Mapping[str, Any] | None 
     return pool
 
 
+def pooled_dim(layers: nn.Module, input_shape: Sequence[int]) -> int:
+    """The size of one region's ``[K, D]`` output of ``layers`` for inputs of ``input_shape``, from one probe run
+    (in eval mode, without gradients; the layers' mode is restored). A ``ValueError`` when the input does not fit
+    (a pooling window larger than the grid)."""
+    was_training = layers.training
+    layers.eval()
+    try:
+        with torch.no_grad():
+            return int(layers(torch.ones(1, *input_shape)).shape[1])
+    except RuntimeError as e:
+        raise ValueError(f"does not fit pooled features {list(input_shape)}: {e}") from None
+    finally:
+        layers.train(was_training)
+
+
 class FastRCNNConvFCHead(nn.Module):
     """3x3 convolutions, a head pool, then fully connected layers, each with ReLU (see the module docstring).
 
@@ -121,14 +136,11 @@ class FastRCNNConvFCHead(nn.Module):
             layers += [nn.Conv2d(channels, width, 3, padding=1), nn.ReLU(inplace=True)]
             channels = width
         layers.append(build_head_pool(pool, channels, pool_options))
-        probe = nn.Sequential(*layers).eval()
-        try:  # the pooled size, from one region run through the layers so far
-            with torch.no_grad():
-                in_features = probe(torch.ones(1, *input_shape)).shape[1]
-        except RuntimeError as e:  # e.g. a pooling window larger than the pooled grid
-            raise ValueError(f"FastRCNNConvFCHead: head pool {pool!r} with options {dict(pool_options or {})} "
-                             f"does not fit pooled features {list(input_shape)}: {e}") from e
-        probe.train()
+        try:
+            in_features = pooled_dim(nn.Sequential(*layers), input_shape)
+        except ValueError as e:
+            raise ValueError(f"FastRCNNConvFCHead: head pool {pool!r} with options {dict(pool_options or {})}: {e}"
+                             ) from None
         for width in fc_dims:
             layers += [nn.Linear(in_features, width), nn.ReLU(inplace=True)]
             in_features = width
