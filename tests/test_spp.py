@@ -34,7 +34,7 @@ def test_spp_gives_21_bins_per_channel_for_any_size(size):
     x = torch.randn(2, 16, *size)
     spp = SpatialPyramidPooling()
     out = spp(x)
-    assert out.shape == (2, 16 * 21) == (2, spp.output_features(16))
+    assert out.shape == (2, 16 * 21) == (2, *spp.output_shape(16))
     assert torch.equal(out[:, :16], x.amax(dim=(2, 3)))  # level 1: the global max
     assert torch.equal(out[:, 16:16 + 64], F.adaptive_max_pool2d(x, 2).reshape(2, -1))
 
@@ -56,7 +56,7 @@ def test_roi_spp_is_roi_pool_at_each_level_concatenated():
     out.sum().backward()
     assert x.grad.sum() == 3 * 4 * 50  # every bin non-empty: each sends 1 to its argmax
     m = RoISPP(levels=(1, 2, 4), spatial_scale=0.25)
-    assert m(x, rois).shape == (3, m.output_channels(4)) == (3, 84)
+    assert m(x, rois).shape == (3, *m.output_shape(4)) == (3, 84)
 
 
 def test_bad_levels():

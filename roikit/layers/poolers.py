@@ -89,7 +89,7 @@ class RoIPooler(nn.Module):
     def output_shape(self, channels: int) -> tuple[int, ...]:
         """Shape of one box's pooled feature: ``(C, PH, PW)``, or ``(C * bins,)`` for ``roi_spp``."""
         if self.op == "roi_spp":
-            return (channels * sum(n * n for n in self._options.get("levels", (1, 2, 3, 6))),)
+            return RoISPP(**self._options).output_shape(channels)
         return (channels, *self.output_size)
 
     def _pool(self, feature: Tensor, rois: Tensor, scale: float) -> Tensor:

@@ -92,8 +92,9 @@ class SpatialPyramidPooling(nn.Module):
         self.mode = check_choice(mode, "mode", ("max", "avg"))
         self.bins = check_choice(bins, "bins", BIN_RULES)
 
-    def output_features(self, channels: int) -> int:
-        return channels * sum(n * n for n in self.levels)
+    def output_shape(self, channels: int) -> tuple[int]:
+        """One image's output shape for ``channels``-channel maps: ``(C * sum(n * n),)``."""
+        return (channels * sum(n * n for n in self.levels),)
 
     def forward(self, input: Tensor) -> Tensor:
         return spatial_pyramid_pool(input, self.levels, self.mode, self.bins)

@@ -61,8 +61,9 @@ class RoISPP(nn.Module):
         self.spatial_scale = check_spatial_scale(spatial_scale)
         self.rounding = check_choice(rounding, "rounding", ROUNDINGS)
 
-    def output_channels(self, channels: int) -> int:
-        return channels * sum(n * n for n in self.levels)
+    def output_shape(self, channels: int) -> tuple[int]:
+        """One box's output shape for ``channels``-channel features: ``(C * sum(n * n),)``."""
+        return (channels * sum(n * n for n in self.levels),)
 
     def forward(self, input: Tensor, boxes: BoxesType) -> Tensor:
         return roi_spp(input, boxes, self.levels, self.spatial_scale, self.rounding)
