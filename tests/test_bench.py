@@ -1,6 +1,6 @@
 """The benchmark scripts themselves: the CPU bench on a small workload, and the GPU bench's code run on the CPU.
 
-The GPU script (``roikit/bench_cuda.py``) can only give real figures on a GPU; here its correctness check and
+The GPU script (``roikit/analysis/bench_cuda.py``) can only give real figures on a GPU; here its correctness check and
 its timing loop run on CPU tensors (roikit's CPU path against torchvision's CPU ops, a wall-clock timer, few
 channels), so that a session with a GPU does not spend its minutes on a script that crashes.
 """
@@ -11,7 +11,7 @@ import time
 import pytest
 import torch
 
-from roikit import bench, bench_cuda
+from roikit.analysis import bench, bench_cuda
 
 
 def test_cpu_bench_rows():

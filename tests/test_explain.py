@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from roikit.explain import explain_axis, explain_box, format_explanation
+from roikit.analysis.explain import explain_axis, explain_box, format_explanation
 
 ROOT = Path(__file__).resolve().parents[1]
 

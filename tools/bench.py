@@ -32,10 +32,10 @@ def main(args: argparse.Namespace) -> int:
         if not torch.cuda.is_available():
             print("bench: --device cuda needs a CUDA GPU and none is visible", file=sys.stderr)
             return 2
-        from roikit.bench_cuda import main as cuda_main
+        from roikit.analysis.bench_cuda import main as cuda_main
 
         return cuda_main(args.repeat)
-    from roikit.bench import format_rows, machine, run_cpu_benchmark
+    from roikit.analysis.bench import format_rows, machine, run_cpu_benchmark
 
     print(f"CPU benchmark on {machine()}")
     print("torchvision's CPU kernels use one thread; roikit's use torch's thread pool.")

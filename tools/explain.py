@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from roikit.explain import RULES, explain_box, format_explanation
+from roikit.analysis.explain import RULES, explain_box, format_explanation
 
 
 def get_args_parser() -> argparse.ArgumentParser:

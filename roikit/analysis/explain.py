@@ -14,8 +14,8 @@ from typing import Sequence
 
 import torch
 
-from .ops import prroi_pool, roi_align
-from .ops.geometry import bin_edges, round_half_away
+from ..ops import prroi_pool, roi_align
+from ..ops.geometry import bin_edges, round_half_away
 
 RULES = ("integer", "torchvision", "roi_align", "roi_align_unaligned", "prroi_pool")
 

@@ -13,7 +13,7 @@ from typing import Callable
 import torch
 import torchvision
 
-from .ops import roi_align, roi_pool
+from ..ops import roi_align, roi_pool
 
 
 def make_workload(num_boxes: int = 512, seed: int = 0, dtype=torch.float32):

@@ -1,6 +1,6 @@
 """roikit's Triton kernels against torchvision's CUDA ops, in one run on one GPU (issue 7's benchmark).
 
-    python -m roikit.bench_cuda          (or: python tools/bench.py --device cuda)
+    python -m roikit.analysis.bench_cuda          (or: python tools/bench.py --device cuda)
 
 First a correctness check against torchvision's CUDA ops (outputs and gradients; the deterministic backward equal
 to the atomic one and the same bits twice), then timings with CUDA events after warm-up, median of ``repeat``
@@ -119,8 +119,8 @@ def check_correctness(device="cuda") -> list[str]:
     import torchvision
     from collections import OrderedDict
 
-    from .ops import deterministic_backward, roi_align, roi_pool
-    from .ops.multilevel_roi_align import multilevel_roi_align
+    from ..ops import deterministic_backward, roi_align, roi_pool
+    from ..ops import multilevel_roi_align
 
     failures = []
 
@@ -183,8 +183,8 @@ def run_cuda_benchmark(repeat: int = 20, device="cuda", channels: int = CHANNELS
     import torchvision
     from collections import OrderedDict
 
-    from .ops import deterministic_backward, roi_align, roi_pool
-    from .ops.multilevel_roi_align import multilevel_roi_align
+    from ..ops import deterministic_backward, roi_align, roi_pool
+    from ..ops import multilevel_roi_align
 
     peak = peak_bandwidth(torch.cuda.get_device_name()) if torch.device(device).type == "cuda" else None
     g = torch.Generator(device=device).manual_seed(0)
