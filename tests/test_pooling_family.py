@@ -1,4 +1,4 @@
-"""The pooling family (issue 5): backward rules of torch's pooling, stochastic pooling, bilinear pooling.
+"""The pooling family: backward rules of torch's pooling, stochastic pooling, bilinear pooling.
 
 Every expected value is computed by hand or by a plain loop, never by the code under test.
 """

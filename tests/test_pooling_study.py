@@ -1,4 +1,4 @@
-"""The pooling study (issue 5): crops are the pixels inside the boxes, and a tiny run writes what it promises."""
+"""The pooling study: crops are the pixels inside the boxes, and a tiny run writes what it promises."""
 from __future__ import annotations
 
 import importlib.util

@@ -1,7 +1,7 @@
 """Time roikit against torchvision and print the ratios.
 
-    python tools/bench.py                 # CPU: issue 2's workload (2 x 256 x 50 x 68, 512 boxes, 7 x 7)
-    python tools/bench.py --device cuda   # GPU: issue 7's workloads, with a correctness check first
+    python tools/bench.py                 # CPU: the fixed workload (2 x 256 x 50 x 68, 512 boxes, 7 x 7)
+    python tools/bench.py --device cuda   # GPU: the GPU workloads, with a correctness check first
 """
 from __future__ import annotations
 

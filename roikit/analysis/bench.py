@@ -1,4 +1,4 @@
-"""roikit against torchvision on the CPU, in one run, on a fixed workload (issue 2's benchmark).
+"""roikit against torchvision on the CPU, in one run, on a fixed workload (the fixed CPU workload of docs/benchmarks.md).
 
 Workload: 2 images of 256 x 50 x 68 features (stride 16), 512 boxes of 16 to 316 px, 7 x 7 bins,
 sampling_ratio 2, aligned=True; roi_align and roi_pool; forward alone and forward + backward.

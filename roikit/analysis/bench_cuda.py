@@ -1,10 +1,10 @@
-"""roikit's Triton kernels against torchvision's CUDA ops, in one run on one GPU (issue 7's benchmark).
+"""roikit's Triton kernels against torchvision's CUDA ops, in one run on one GPU (the GPU workloads of docs/benchmarks.md).
 
     python -m roikit.analysis.bench_cuda          (or: python tools/bench.py --device cuda)
 
 First a correctness check against torchvision's CUDA ops (outputs and gradients; the deterministic backward equal
 to the atomic one and the same bits twice), then timings with CUDA events after warm-up, median of ``repeat``
-runs, for the workloads of issue 7:
+runs, for the GPU workloads:
 
 * single level: 2 images of 256 x 200 x 272 float32 features (stride 4), 1000 and 4000 boxes, 7 x 7 bins,
   ``sampling_ratio=2``, ``aligned=True``: roi_align and roi_pool, forward and forward + backward;
@@ -174,7 +174,7 @@ def check_correctness(device="cuda") -> list[str]:
 
 def run_cuda_benchmark(repeat: int = 20, device="cuda", channels: int = CHANNELS,
                        timer: Callable[[Callable[[], object], int], float] = time_ms) -> list[dict]:
-    """Time every case of issue 7; one row per (workload, op, pass).
+    """Time every GPU case; one row per (workload, op, pass).
 
     ``device``, ``channels`` and ``timer`` are there so that the script itself can be run on the CPU with a
     wall-clock timer and few channels (the test suite does, as a smoke test); the figures mean something only on
