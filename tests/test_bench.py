@@ -70,3 +70,32 @@ def test_peak_bandwidth_by_gpu_name():
 def test_gpu_bench_without_a_gpu_says_so(capsys):
     assert bench_cuda.main(repeat=1) == 2
     assert "needs a CUDA GPU" in capsys.readouterr().err
+
+
+def test_sweep_rows_table_and_plot(tmp_path):
+    """A tiny sweep: every op and pass, both dtypes; the table says met/missed per row and the plot is a PNG."""
+    rows = bench.run_sweep(counts=(4,), sizes=("small", "large"), outputs=(2,), threads=(1,), channels=2,
+                           rounds=1, calls=1, progress=False)
+    assert len(rows) == 2 * len(bench.SWEEP_OPS) * 2 * 2  # dtypes x ops x sizes x passes
+    for r in rows:
+        assert r["roikit_ms"] > 0 and r["torchvision_ms"] > 0
+        assert r["speedup"] == pytest.approx(r["torchvision_ms"] / r["roikit_ms"])
+        assert r["threads"] == 1 and r["dtype"] in ("float32", "bfloat16")
+    table = bench.format_sweep(rows)
+    assert table.count("\n") == len(rows) + 1 and all(w in table for w in ("roi_align", "roi_pool", "pyramid"))
+    bench.plot_sweep(rows, tmp_path / "sweep.png")
+    assert (tmp_path / "sweep.png").read_bytes().startswith(b"\x89PNG")
+
+
+def test_sweep_boxes_have_their_sizes():
+    boxes = torch.cat(bench.sweep_boxes(500, "large"))
+    sides = torch.cat([boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]])
+    assert len(boxes) == 500 and sides.min() >= 256 - 1e-3 and sides.max() <= 800 + 1e-3
+    assert (boxes[:, 0] >= 0).all() and (boxes[:, 2] <= bench.IMAGE_HW[1] + 1e-3).all()
+
+
+def test_peak_memory_sees_an_allocation():
+    if bench.peak_memory(lambda: None) is None:
+        pytest.skip("the peak resident set cannot be reset here (/proc/self/clear_refs)")
+    grown = bench.peak_memory(lambda: torch.ones(64 * 2**20 // 4))  # 64 MiB, written
+    assert 56 * 2**20 < grown < 96 * 2**20

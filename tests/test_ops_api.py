@@ -33,7 +33,7 @@ def inputs(dtype=torch.float32):
         (torch.tensor([[0.5, 0, 0, 1, 1]]), "integer values"),
         (torch.tensor([[0.0, 0, float("nan"), 1, 1]]), "finite"),
         (torch.tensor([[0.0, 0, 0, float("inf"), 1]]), "finite"),
-        (torch.zeros(2, 5, dtype=torch.float64), "dtype"),
+        (torch.zeros(2, 5, dtype=torch.int64), "floating-point"),
         ([torch.zeros(1, 4)], "list of 1 tensors but input has a batch of 2"),
         ([torch.zeros(1, 4), torch.zeros(1, 5)], r"boxes\[1\] must be a Tensor\[L, 4\]"),
         ("boxes", "must be a Tensor"),

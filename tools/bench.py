@@ -2,6 +2,8 @@
 
     python tools/bench.py                 # CPU: the fixed workload (2 x 256 x 50 x 68, 512 boxes, 7 x 7)
     python tools/bench.py --device cuda   # GPU: the GPU workloads, with a correctness check first
+    python tools/bench.py --sweep         # CPU: every op x box count x box size x output x dtype x threads,
+                                          # as a table, and a plot of the speed-up (--output-dir)
 """
 from __future__ import annotations
 
@@ -14,14 +16,23 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="where to run (default: cpu)")
     parser.add_argument("--repeat", type=int, default=10, help="timed runs per case; the median is reported")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's own)")
+    parser.add_argument("--sweep", action="store_true",
+                        help="CPU: the whole sweep (64-4096 boxes, three box sizes, 7x7 and 14x14, float32 and "
+                             "bfloat16, one thread and all threads; about 10 minutes on 2 cores)")
+    parser.add_argument("--boxes", type=int, nargs="+", default=[64, 256, 1024, 4096],
+                        help="box counts of the sweep (default: 64 256 1024 4096)")
+    parser.add_argument("--channels", type=int, default=256, help="feature channels of the sweep (default: 256)")
+    parser.add_argument("--output-dir", default="outputs/bench",
+                        help="where --sweep writes sweep.md, sweep.json and sweep.png (default: outputs/bench)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     return parser
 
 
 def main(args: argparse.Namespace) -> int:
     import torch
 
-    if args.repeat <= 0:
-        print("bench: --repeat must be positive", file=sys.stderr)
+    if args.repeat <= 0 or args.channels <= 0 or min(args.boxes) <= 0:
+        print("bench: --repeat, --channels and --boxes must be positive", file=sys.stderr)
         return 2
     if args.threads is not None:
         if args.threads <= 0:
@@ -35,11 +46,32 @@ def main(args: argparse.Namespace) -> int:
         from roikit.analysis.bench_cuda import main as cuda_main
 
         return cuda_main(args.repeat)
-    from roikit.analysis.bench import format_rows, machine, run_cpu_benchmark
+    from roikit.analysis.bench import format_rows, format_sweep, machine, plot_sweep, run_cpu_benchmark, run_sweep
 
+    if args.sweep:
+        return _sweep(args, run_sweep, format_sweep, plot_sweep, machine)
     print(f"CPU benchmark on {machine()}")
     print("torchvision's CPU kernels use one thread; roikit's use torch's thread pool.")
     print(format_rows(run_cpu_benchmark(args.repeat)))
+    return 0
+
+
+def _sweep(args, run_sweep, format_sweep, plot_sweep, machine) -> int:
+    from pathlib import Path
+
+    from roikit.io import atomic_save_json, atomic_write_text
+
+    out = Path(args.output_dir)
+    if out.exists() and not out.is_dir():
+        print(f"bench: --output-dir {out} is a file, not a folder", file=sys.stderr)
+        return 2
+    rows = run_sweep(counts=args.boxes, channels=args.channels, progress=not args.no_progress)
+    table = f"CPU sweep on {machine()}\n\n{format_sweep(rows)}\n"
+    print(table)
+    atomic_write_text(out / "sweep.md", table)
+    atomic_save_json(out / "sweep.json", {"machine": machine(), "rows": rows})
+    plot_sweep(rows, out / "sweep.png")
+    print(f"wrote {out / 'sweep.md'}, {out / 'sweep.json'} and {out / 'sweep.png'}")
     return 0
 
 

@@ -1,18 +1,31 @@
-"""roikit against torchvision on the CPU, in one run, on a fixed workload (the fixed CPU workload of docs/benchmarks.md).
+"""roikit against torchvision on the CPU, in one run: a fixed workload and a sweep.
 
-Workload: 2 images of 256 x 50 x 68 features (stride 16), 512 boxes of 16 to 316 px, 7 x 7 bins,
-sampling_ratio 2, aligned=True; roi_align and roi_pool; forward alone and forward + backward.
+Fixed workload (:func:`run_cpu_benchmark`): 2 images of 256 x 50 x 68 features (stride 16), 512 boxes of 16 to
+316 px, 7 x 7 bins, sampling_ratio 2, aligned=True; roi_align and roi_pool; forward alone and forward + backward.
+
+Sweep (:func:`run_sweep`): every op with a torchvision counterpart (``roi_align``, ``roi_pool``, and
+``RoIPooler`` against ``MultiScaleRoIAlign`` on a 4-level pyramid) x box count x box size (small 16-64 px, mixed
+16-316 px, large 256-800 px) x output 7 / 14 x float32 / bfloat16 x one thread / all threads, forward and
+forward + backward, with the peak memory of each side. The two sides are timed interleaved (one round of
+roikit, one of torchvision, again), each round's median kept, and the smallest median of the rounds reported, so
+a load that comes and goes hits both. torchvision's CPU kernels have no bfloat16: its bfloat16 rows cast to
+float32 and back, as a user of torchvision would.
 """
 from __future__ import annotations
 
+import gc
+import itertools
 import platform
 import statistics
 import time
-from typing import Callable
+from collections import OrderedDict
+from typing import Callable, Iterable
 
 import torch
 import torchvision
+from tqdm import tqdm
 
+from ..layers import RoIPooler
 from ..ops import roi_align, roi_pool
 
 
@@ -82,3 +95,179 @@ def format_rows(rows: list[dict]) -> str:
         lines.append(f"| {r['op']} | {r['mode']} | {r['roikit_ms']:.1f} | {r['torchvision_ms']:.1f} | "
                      f"{r['speedup']:.2f}x |")
     return "\n".join(lines)
+
+
+# ---------------------------------------------------------------- sweep
+SIZES = {"small": (16.0, 64.0), "mixed": (16.0, 316.0), "large": (256.0, 800.0)}  # box side in pixels
+IMAGE_HW = (800, 1088)  # the pyramid's image; the single map is its stride-16 level: 50 x 68
+SWEEP_OPS = ("roi_align", "roi_pool", "pyramid")
+PASSES = ("forward", "forward+backward")
+
+
+def peak_memory(fn: Callable[[], object]) -> int | None:
+    """Bytes the process's resident set grew to above its size before ``fn()`` (Linux: the peak is reset through
+    /proc/self/clear_refs and read as VmHWM); None where that cannot be read."""
+    def status(field: str) -> int:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith(field + ":"))
+
+    gc.collect()
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        before = status("VmRSS")
+    except (OSError, StopIteration):
+        return None
+    result = fn()
+    del result
+    return max(status("VmHWM") - before, 0)
+
+
+def sweep_boxes(count: int, size: str, seed: int = 0) -> list[torch.Tensor]:
+    """``count`` boxes on 2 images of ``IMAGE_HW``, sides uniform in ``SIZES[size]``, as a list per image."""
+    g = torch.Generator().manual_seed(seed)
+    lo, hi = SIZES[size]
+    wh = torch.rand(count, 2, generator=g, dtype=torch.float64) * (hi - lo) + lo
+    room = torch.tensor([IMAGE_HW[1], IMAGE_HW[0]], dtype=torch.float64) - wh
+    xy = torch.rand(count, 2, generator=g, dtype=torch.float64) * room.clamp(min=0)
+    boxes = torch.cat([xy, xy + wh], dim=1).float()
+    image = torch.randint(0, 2, (count,), generator=g)
+    return [boxes[image == i] for i in range(2)]
+
+
+def _sweep_callables(op: str, features: OrderedDict, boxes: list[torch.Tensor], output: int, dtype: torch.dtype,
+                     backward: bool) -> tuple[Callable[[], object], Callable[[], object]]:
+    """(roikit, torchvision) closures of one case; each runs one pass (with backward into fresh leaves)."""
+    shapes = [IMAGE_HW] * 2
+    names = list(features)[:1] if op != "pyramid" else list(features)
+    if op == "pyramid":
+        ours = RoIPooler(names, output, 2, "roi_align")
+        theirs = torchvision.ops.MultiScaleRoIAlign(names, output, 2)
+    else:
+        ours = theirs = None
+
+    def run(side: str) -> Callable[[], object]:
+        def call():
+            cast = side == "torchvision" and dtype != torch.float32
+            maps = OrderedDict((k, v.detach().float() if cast else v.detach()) for k, v in features.items()
+                               if k in names)
+            if backward:
+                for v in maps.values():
+                    v.requires_grad_()
+            with torch.set_grad_enabled(backward):
+                if op == "pyramid":
+                    out = (ours if side == "roikit" else theirs)(maps, boxes, shapes)
+                else:
+                    f = {("roikit", "roi_align"): roi_align, ("torchvision", "roi_align"): torchvision.ops.roi_align,
+                         ("roikit", "roi_pool"): roi_pool, ("torchvision", "roi_pool"): torchvision.ops.roi_pool}
+                    b = [x.to(next(iter(maps.values())).dtype) for x in boxes]
+                    extra = {"sampling_ratio": 2, "aligned": False} if op == "roi_align" else {}
+                    out = f[side, op](maps[names[0]], b, output, 1 / 16, **extra)
+                if cast:
+                    out = out.to(dtype)
+                if backward:
+                    out.float().sum().backward()
+            return out
+        return call
+
+    return run("roikit"), run("torchvision")
+
+
+def _interleaved(ours: Callable, theirs: Callable, rounds: int, calls: int) -> tuple[float, float]:
+    """Min over ``rounds`` of the median of ``calls`` timed calls, roikit and torchvision alternating (ms)."""
+    best = [float("inf"), float("inf")]
+    for _ in range(rounds):
+        for i, fn in enumerate((ours, theirs)):
+            times = []
+            for _ in range(calls):
+                start = time.perf_counter()
+                fn()
+                times.append((time.perf_counter() - start) * 1000)
+            best[i] = min(best[i], statistics.median(times))
+    return best[0], best[1]
+
+
+def run_sweep(counts: Iterable[int] = (64, 256, 1024, 4096), sizes: Iterable[str] = tuple(SIZES),
+              outputs: Iterable[int] = (7, 14), dtypes: Iterable[torch.dtype] = (torch.float32, torch.bfloat16),
+              threads: Iterable[int] | None = None, ops: Iterable[str] = SWEEP_OPS, channels: int = 256,
+              rounds: int = 2, calls: int = 3, progress: bool = True) -> list[dict]:
+    """Every case of the sweep, one row each: times, speed-ups, peak memory (bytes, None off Linux), threads."""
+    all_threads = torch.get_num_threads()
+    threads = tuple(dict.fromkeys((1, all_threads))) if threads is None else tuple(threads)
+    g = torch.Generator().manual_seed(0)
+    pyramid = OrderedDict((str(i), torch.randn(2, channels, IMAGE_HW[0] // s, IMAGE_HW[1] // s, generator=g))
+                          for i, s in enumerate((4, 8, 16, 32)))
+    cases = list(itertools.product(threads, dtypes, ops, sizes, counts, outputs, PASSES))
+    rows = []
+    try:
+        for t, dtype, op, size, count, output, mode in tqdm(cases, desc="sweep", unit="case", disable=not progress):
+            torch.set_num_threads(t)
+            maps = OrderedDict((k, v.to(dtype)) for k, v in pyramid.items()) if op == "pyramid" else \
+                OrderedDict(single=pyramid["2"].to(dtype))
+            ours, theirs = _sweep_callables(op, maps, sweep_boxes(count, size), output, dtype, mode != "forward")
+            ours(), theirs()  # warm-up
+            t_ours, t_tv = _interleaved(ours, theirs, rounds, calls)
+            rows.append(dict(op=op, mode=mode, boxes=count, size=size, output=output, dtype=str(dtype)[6:],
+                             threads=t, roikit_ms=t_ours, torchvision_ms=t_tv, speedup=t_tv / t_ours,
+                             roikit_peak=peak_memory(ours), torchvision_peak=peak_memory(theirs)))
+    finally:
+        torch.set_num_threads(all_threads)
+    return rows
+
+
+SWEEP_GOALS = {"forward": 1.5, "forward+backward": 2.0}  # speed-up over torchvision; memory: at most 1.5x
+
+
+def _mib(value: int | None) -> str:
+    return "-" if value is None else f"{value / 2**20:.0f}"
+
+
+def format_sweep(rows: list[dict]) -> str:
+    """A markdown table of the sweep, one row per case, with the goal met or missed."""
+    lines = ["| op | pass | boxes | size | out | dtype | threads | roikit (ms) | torchvision (ms) | speed-up | "
+             "peak roikit / tv (MiB) | goal |", "|---|---|---:|---|---:|---|---:|---:|---:|---:|---:|---|"]
+    for r in rows:
+        memory_ok = None in (r["roikit_peak"], r["torchvision_peak"]) or \
+            r["roikit_peak"] <= 1.5 * r["torchvision_peak"] + 2**20
+        met = r["speedup"] >= SWEEP_GOALS[r["mode"]] and memory_ok
+        lines.append(f"| {r['op']} | {r['mode']} | {r['boxes']} | {r['size']} | {r['output']} | {r['dtype']} | "
+                     f"{r['threads']} | {r['roikit_ms']:.1f} | {r['torchvision_ms']:.1f} | {r['speedup']:.2f}x | "
+                     f"{_mib(r['roikit_peak'])} / {_mib(r['torchvision_peak'])} | {'met' if met else 'missed'} |")
+    return "\n".join(lines)
+
+
+def plot_sweep(rows: list[dict], path) -> None:
+    """Speed-up against box count, one panel per op and pass, one line per box size (float32, all threads)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from ..io import atomic_open
+
+    top = max(r["threads"] for r in rows)
+    ops = list(dict.fromkeys(r["op"] for r in rows))
+    styles = dict(zip(sorted({r["output"] for r in rows}), itertools.cycle(("-o", "--s", ":^"))))
+    fig, axes = plt.subplots(len(PASSES), len(ops), figsize=(4.2 * len(ops), 6.4), squeeze=False, sharex=True)
+    for j, op in enumerate(ops):
+        for i, mode in enumerate(PASSES):
+            ax = axes[i][j]
+            for size in SIZES:
+                for output, style in styles.items():
+                    sel = [r for r in rows if (r["op"], r["mode"], r["size"], r["output"], r["threads"],
+                                               r["dtype"]) == (op, mode, size, output, top, "float32")]
+                    if sel:
+                        ax.plot([r["boxes"] for r in sel], [r["speedup"] for r in sel], style,
+                                label=f"{size}, {output}x{output}")
+            ax.axhline(SWEEP_GOALS[mode], color="k", lw=0.8, ls=":")
+            ax.axhline(1.0, color="grey", lw=0.8)
+            ax.set_xscale("log", base=2)
+            ax.set_title(f"{op}: {mode}", fontsize=10)
+            ax.set_ylabel("speed-up over torchvision" if j == 0 else "")
+            ax.set_xlabel("boxes" if i == len(PASSES) - 1 else "")
+    axes[0][0].legend(fontsize=7)
+    fig.suptitle(f"roikit / torchvision time, float32, {top} threads (dotted: the goal)", fontsize=11)
+    fig.tight_layout()
+    with atomic_open(path, "wb") as f:
+        fig.savefig(f, format="png", dpi=110)
+    plt.close(fig)

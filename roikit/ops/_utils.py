@@ -39,7 +39,8 @@ def autocast_to_float32(input: Tensor, boxes: BoxesType) -> tuple[Tensor, BoxesT
 def convert_boxes_to_rois(boxes: BoxesType, input: Tensor) -> Tensor:
     """Boxes as ``Tensor[K, 5]`` or a list of ``Tensor[L_i, 4]`` (one per image) -> checked ``Tensor[K, 5]``.
 
-    The boxes must have the features' dtype and device. The batch index must be an integer value in
+    The boxes must be on the features' device, in any floating dtype (coordinates are computed in float64 for
+    float64 boxes, in float32 otherwise: float32 boxes keep pixel coordinates exact beside bfloat16 features). The batch index must be an integer value in
     ``[0, N)`` and every coordinate finite (these two value checks run in eager mode only).
     """
     if isinstance(boxes, (list, tuple)):
@@ -94,5 +95,6 @@ def check_roi_values(rois: Tensor, batch_size: int) -> None:
 def _check_same(boxes: Tensor, input: Tensor, name: str) -> None:
     if boxes.device != input.device:
         raise ValueError(f"{name} is on {boxes.device} but input is on {input.device}; put both on one device")
-    if boxes.dtype != input.dtype:
-        raise ValueError(f"{name} has dtype {boxes.dtype} but input has {input.dtype}; they must match")
+    if not boxes.is_floating_point():
+        raise ValueError(f"{name} must be a floating-point tensor, got {boxes.dtype} (float32 boxes keep pixel "
+                         "coordinates exact also for float16 / bfloat16 features)")

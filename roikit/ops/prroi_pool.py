@@ -22,7 +22,7 @@ def prroi_pool(
     Args:
         input (Tensor[N, C, H, W]): the feature map.
         boxes (Tensor[K, 5] or List[Tensor[L, 4]]): ``(batch_index, x1, y1, x2, y2)`` rows in image pixels, or
-            one ``(x1, y1, x2, y2)`` tensor per image. Same dtype and device as ``input``.
+            one ``(x1, y1, x2, y2)`` tensor per image. On ``input``'s device, any floating dtype.
         output_size (int or Tuple[int, int]): ``(PH, PW)``.
         spatial_scale (float): ``1 / stride``.
         aligned (bool): ``False`` (the original implementation's convention, as in mmcv) puts the value of cell

@@ -25,7 +25,7 @@ def roi_align(
     Args:
         input (Tensor[N, C, H, W]): the feature map.
         boxes (Tensor[K, 5] or List[Tensor[L, 4]]): ``(batch_index, x1, y1, x2, y2)`` rows in image pixels, or
-            one ``(x1, y1, x2, y2)`` tensor per image. Same dtype and device as ``input``.
+            one ``(x1, y1, x2, y2)`` tensor per image. On ``input``'s device, any floating dtype.
         output_size (int or Tuple[int, int]): ``(PH, PW)``.
         spatial_scale (float): ``1 / stride``: at stride 16, ``1 / 16`` maps a 320 px box to 20 cells.
         sampling_ratio (int): samples per bin along each axis; ``<= 0`` takes ``ceil(bin size)`` samples.

@@ -24,7 +24,7 @@ def roi_pool(
     Args:
         input (Tensor[N, C, H, W]): the feature map.
         boxes (Tensor[K, 5] or List[Tensor[L, 4]]): boxes in image pixels, ``(batch_index, x1, y1, x2, y2)`` rows,
-            or one ``(x1, y1, x2, y2)`` tensor per image. Same dtype and device as ``input``.
+            or one ``(x1, y1, x2, y2)`` tensor per image. On ``input``'s device, any floating dtype.
         output_size (int or Tuple[int, int]): ``(PH, PW)``, e.g. 7.
         spatial_scale (float): maps image pixels to cells: ``1 / stride``. At stride 32, ``1 / 32``: a box edge
             at x = 665 px lies at 665 / 32 = 20.78 cells.
