@@ -14,6 +14,7 @@ from torch import Tensor
 
 from .pytorch import multilevel_roi_align as _multilevel
 from .pytorch import prroi_pool as _prroi
+from .pytorch import ps_roi as _ps
 from .pytorch import roi_align as _align
 from .pytorch import roi_pool as _pool
 
@@ -213,9 +214,90 @@ def _multilevel_backward(ctx, grad):
 multilevel_roi_align_op.register_autograd(_multilevel_backward, setup_context=_multilevel_setup)
 
 
+# ---------------------------------------------------------------- ps_roi_align, ps_roi_pool
+@torch.library.custom_op("roikit::ps_roi_align", mutates_args=())
+def ps_roi_align_op(input: Tensor, rois: Tensor, spatial_scale: float, pooled_height: int, pooled_width: int,
+                    sampling_ratio: int) -> Tensor:
+    return _ps.ps_roi_align_forward(input, rois, spatial_scale, pooled_height, pooled_width, sampling_ratio)
+
+
+@ps_roi_align_op.register_fake
+def _(input, rois, spatial_scale, pooled_height, pooled_width, sampling_ratio):
+    channels = input.shape[1] // (pooled_height * pooled_width)
+    return input.new_empty((rois.shape[0], channels, pooled_height, pooled_width))
+
+
+@torch.library.custom_op("roikit::ps_roi_align_backward", mutates_args=())
+def ps_roi_align_backward_op(grad: Tensor, rois: Tensor, spatial_scale: float, pooled_height: int,
+                             pooled_width: int, sampling_ratio: int, batch_size: int, channels: int, height: int,
+                             width: int, deterministic: bool) -> Tensor:
+    return _ps.ps_roi_align_backward(grad, rois, spatial_scale, pooled_height, pooled_width, sampling_ratio,
+                                     batch_size, channels, height, width)
+
+
+@ps_roi_align_backward_op.register_fake
+def _(grad, rois, spatial_scale, pooled_height, pooled_width, sampling_ratio, batch_size, channels, height, width,
+      deterministic):
+    return grad.new_empty((batch_size, channels, height, width))
+
+
+def _ps_roi_align_setup(ctx, inputs, output):
+    input, rois, spatial_scale, pooled_height, pooled_width, sampling_ratio = inputs
+    ctx.save_for_backward(rois)
+    ctx.settings = (spatial_scale, pooled_height, pooled_width, sampling_ratio, *input.shape)
+
+
+def _ps_roi_align_backward(ctx, grad):
+    (rois,) = ctx.saved_tensors
+    grad_input = ps_roi_align_backward_op(grad.contiguous(), rois, *ctx.settings, deterministic_backward_enabled())
+    return grad_input, None, None, None, None, None
+
+
+ps_roi_align_op.register_autograd(_ps_roi_align_backward, setup_context=_ps_roi_align_setup)
+
+
+@torch.library.custom_op("roikit::ps_roi_pool", mutates_args=())
+def ps_roi_pool_op(input: Tensor, rois: Tensor, spatial_scale: float, pooled_height: int,
+                   pooled_width: int) -> Tensor:
+    return _ps.ps_roi_pool_forward(input, rois, spatial_scale, pooled_height, pooled_width)
+
+
+@ps_roi_pool_op.register_fake
+def _(input, rois, spatial_scale, pooled_height, pooled_width):
+    channels = input.shape[1] // (pooled_height * pooled_width)
+    return input.new_empty((rois.shape[0], channels, pooled_height, pooled_width))
+
+
+@torch.library.custom_op("roikit::ps_roi_pool_backward", mutates_args=())
+def ps_roi_pool_backward_op(grad: Tensor, rois: Tensor, spatial_scale: float, pooled_height: int, pooled_width: int,
+                            batch_size: int, channels: int, height: int, width: int, deterministic: bool) -> Tensor:
+    return _ps.ps_roi_pool_backward(grad, rois, spatial_scale, pooled_height, pooled_width, batch_size, channels,
+                                    height, width)
+
+
+@ps_roi_pool_backward_op.register_fake
+def _(grad, rois, spatial_scale, pooled_height, pooled_width, batch_size, channels, height, width, deterministic):
+    return grad.new_empty((batch_size, channels, height, width))
+
+
+def _ps_roi_pool_setup(ctx, inputs, output):
+    input, rois, spatial_scale, pooled_height, pooled_width = inputs
+    ctx.save_for_backward(rois)
+    ctx.settings = (spatial_scale, pooled_height, pooled_width, *input.shape)
+
+
+def _ps_roi_pool_backward(ctx, grad):
+    (rois,) = ctx.saved_tensors
+    grad_input = ps_roi_pool_backward_op(grad.contiguous(), rois, *ctx.settings, deterministic_backward_enabled())
+    return grad_input, None, None, None, None
+
+
+ps_roi_pool_op.register_autograd(_ps_roi_pool_backward, setup_context=_ps_roi_pool_setup)
+
+
 # ---------------------------------------------------------------- autocast
 # As torchvision's ops: under autocast (CPU or CUDA) the forward runs in float32, whatever the features' dtype;
 # the functional forms give the result back in the features' dtype.
-for _op in (roi_pool_op, roi_align_op, prroi_pool_op, multilevel_roi_align_op):
+for _op in (roi_pool_op, roi_align_op, prroi_pool_op, multilevel_roi_align_op, ps_roi_align_op, ps_roi_pool_op):
     for _device in ("cpu", "cuda"):
         _op.register_autocast(_device, torch.float32)

@@ -30,6 +30,7 @@ MAX_CELLS = 2.0**52  # box coordinates in cells are clamped to +-2^52 (exact int
 MAX_GRID = 2**31 - 1  # samples per bin and axis, at most (torchvision counts them in an int)
 
 __all__ = ["MAX_CELLS", "MAX_GRID", "compute_dtype", "round_half_away", "box_cells", "clip_edges", "bin_edges",
+           "ps_roi_pool_edges",
            "sampling_grid", "sample_coord", "sample_taps", "hat", "hat_mean"]
 
 
@@ -81,6 +82,26 @@ def clip_edges(axes, size: tuple[int, int]):
 def bin_edges(rois: Tensor, spatial_scale: float, pooled: tuple[int, int], rounding: str, size: tuple[int, int]):
     """Cell ranges of every bin: ``(hstart, hend)`` [K, PH] and ``(wstart, wend)`` [K, PW], clipped to the map."""
     return clip_edges(box_cells(rois, spatial_scale, pooled, rounding), size)
+
+
+def ps_roi_pool_edges(rois: Tensor, spatial_scale: float, pooled: tuple[int, int], size: tuple[int, int]):
+    """PSRoIPool's bins as torchvision computes them: corners rounded half away from zero, extent
+    ``max(end - start, 1)`` cells (no ``+ 1``, unlike RoIPool), float bin ``b``, bin ``p`` reads
+    ``[floor(p b), ceil((p + 1) b))`` from the start, clipped to ``[0, size - 1]``: torchvision's forward never reads
+    the map's last row and column (its backward clips to ``size``; roikit's backward follows its forward).
+    Returns ``(hstart, hend)`` [K, PH] and ``(wstart, wend)`` [K, PW]."""
+    r = rois.to(compute_dtype(rois))
+    edges = []
+    for axis, (lo, hi) in enumerate(((2, 4), (1, 3))):
+        start = round_half_away((r[:, lo] * spatial_scale).clamp(-MAX_CELLS, MAX_CELLS)).long()
+        end = round_half_away((r[:, hi] * spatial_scale).clamp(-MAX_CELLS, MAX_CELLS)).long()
+        bin_size = (end - start).clamp(min=1).to(r.dtype) / pooled[axis]
+        p = torch.arange(pooled[axis], device=rois.device).to(r.dtype)[None, :]
+        b0 = torch.floor(p * bin_size[:, None]).long() + start[:, None]
+        b1 = torch.ceil((p + 1) * bin_size[:, None]).long() + start[:, None]
+        last = max(size[axis] - 1, 0)
+        edges.append((b0.clamp(0, last), b1.clamp(0, last)))
+    return tuple(edges)
 
 
 # ---------------------------------------------------------------- RoIAlign

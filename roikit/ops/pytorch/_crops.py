@@ -21,6 +21,7 @@ reads that infinity with a positive weight; else its finite value. For an exact 
 """
 from __future__ import annotations
 
+import functools
 from typing import Iterator, NamedTuple
 
 import torch
@@ -77,14 +78,22 @@ class Axis(NamedTuple):
     zero: Tensor | None = None
 
 
-def _product(values: Tensor, index: Tensor, wy: Tensor, wx: Tensor) -> Tensor:
+def _product(values: Tensor, index: Tensor, wy: Tensor, wx: Tensor, ps: tuple[int, int] | None = None) -> Tensor:
     """``wy @ crop @ wx^T`` for every box: values [M, C], index [B, Ly, Lx], wy [B, R, Ly], wx [B, S, Lx] ->
-    [B, R, S, C]."""
+    [B, R, S, C].
+
+    Position-sensitive (``ps = (PH, PW)``, R = PH, S = PW): channel ``(c, p, q)`` of ``C = C' PH PW`` feeds only bin
+    (p, q): -> [B, PH, PW, C']."""
     b, ly, lx = index.shape
     c = values.shape[1]
     crop = values.index_select(0, index.reshape(-1)).reshape(b, ly, lx * c)
-    t = torch.bmm(wy.to(values.dtype), crop).reshape(b, wy.shape[1], lx, c)  # [B, R, Lx, C]
-    return torch.matmul(wx.to(values.dtype)[:, None], t)  # [B, R, S, C]
+    wy, wx = wy.to(values.dtype), wx.to(values.dtype)
+    if ps is not None:
+        crop = crop.reshape(b, ly, lx, c // (ps[0] * ps[1]), ps[0], ps[1])
+        t = torch.einsum("bpl,blmcpq->bpmcq", wy, crop)  # [B, PH, Lx, C', PW]
+        return torch.einsum("bqm,bpmcq->bpqc", wx, t)  # [B, PH, PW, C']
+    t = torch.bmm(wy, crop).reshape(b, wy.shape[1], lx, c)  # [B, R, Lx, C]
+    return torch.matmul(wx[:, None], t)  # [B, R, S, C]
 
 
 class FeatureRows:
@@ -102,33 +111,40 @@ class FeatureRows:
             rows = torch.where(torch.isfinite(rows), rows, 0.0)
         self.rows = rows
 
-    def read(self, batch: Tensor, y: Axis, x: Axis) -> Tensor:
-        """Every box's ``Wy @ F[n] @ Wx^T``: [B, R, S, C], non-finite cells counted by the tap rules."""
+    def read(self, batch: Tensor, y: Axis, x: Axis, ps: tuple[int, int] | None = None) -> Tensor:
+        """Every box's ``Wy @ F[n] @ Wx^T``: [B, R, S, C] (position-sensitive: see :func:`_product`), non-finite
+        cells counted by the tap rules."""
         _, _, height, width = self.shape
         index = crop_index(batch, y.cells, x.cells, height, width)
-        out = _product(self.rows, index, y.weight, x.weight)
+        product = functools.partial(_product, index=index, ps=ps)
+        out = product(self.rows, wy=y.weight, wx=x.weight)
         if self.finite:
             return out
         ty = (y.weight > 0) if y.taps is None else y.taps
         tx = (x.weight > 0) if x.taps is None else x.taps
-        bad = _product(self.nan, index, ty, tx) > 0
+        bad = product(self.nan, wy=ty, wx=tx) > 0
         if y.zero is not None:
             inf = self.pos_inf + self.neg_inf
-            bad |= (_product(inf, index, y.zero, tx) + _product(inf, index, ty, x.zero)) > 0
-        pos = _product(self.pos_inf, index, y.weight > 0, x.weight > 0) > 0
-        neg = _product(self.neg_inf, index, y.weight > 0, x.weight > 0) > 0
+            bad |= (product(inf, wy=y.zero, wx=tx) + product(inf, wy=ty, wx=x.zero)) > 0
+        pos = product(self.pos_inf, wy=y.weight > 0, wx=x.weight > 0) > 0
+        neg = product(self.neg_inf, wy=y.weight > 0, wx=x.weight > 0) > 0
         out = torch.where(pos, float("inf"), torch.where(neg, float("-inf"), out))
         return torch.where(bad | (pos & neg), float("nan"), out)
 
 
-def add_back(grad: Tensor, out: Tensor, shape: tuple[int, int, int, int], batch: Tensor, y: Axis, x: Axis) -> None:
+def add_back(grad: Tensor, out: Tensor, shape: tuple[int, int, int, int], batch: Tensor, y: Axis, x: Axis,
+             ps: tuple[int, int] | None = None) -> None:
     """The adjoint of :meth:`FeatureRows.read` (the weights only): adds ``Wy^T @ grad @ Wx`` of every box of ``grad``
-    [B, R, S, C] into ``out`` [N * H * W, C]. ``index_add_`` runs in a fixed order on the CPU: the same bits on every
-    run."""
-    _, _, height, width = shape
-    b, r, _, c = grad.shape
-    t = torch.matmul(x.weight.to(grad.dtype).transpose(1, 2)[:, None], grad)  # [B, R, Lx, C]
-    lx = x.cells.shape[1]
-    crop = torch.bmm(y.weight.to(grad.dtype).transpose(1, 2), t.reshape(b, r, lx * c))  # [B, Ly, Lx * C]
+    [B, R, S, C] (position-sensitive: [B, PH, PW, C']) into ``out`` [N * H * W, C]. ``index_add_`` runs in a fixed
+    order on the CPU: the same bits on every run."""
+    _, channels, height, width = shape
+    b, r = grad.shape[:2]
+    wy, wx = y.weight.to(grad.dtype), x.weight.to(grad.dtype)
+    ly, lx = y.cells.shape[1], x.cells.shape[1]
+    if ps is not None:
+        crop = torch.einsum("bpl,bqm,bpqc->blmcpq", wy, wx, grad).reshape(b, ly, lx, channels)
+    else:
+        t = torch.matmul(wx.transpose(1, 2)[:, None], grad)  # [B, R, Lx, C]
+        crop = torch.bmm(wy.transpose(1, 2), t.reshape(b, r, lx * channels))  # [B, Ly, Lx * C]
     index = crop_index(batch, y.cells, x.cells, height, width)
-    out.index_add_(0, index.reshape(-1), crop.reshape(-1, c))
+    out.index_add_(0, index.reshape(-1), crop.reshape(-1, channels))
