@@ -115,3 +115,24 @@ def test_module_repr_and_bad_settings():
         PSRoIAlign(7, 1 / 16, 2.0)
     with pytest.raises(ValueError, match="spatial_scale"):
         PSRoIPool(7, 0.0)
+
+
+@pytest.mark.parametrize("op", ["ps_roi_align", "ps_roi_pool"])
+def test_roipooler_takes_position_sensitive_ops(op):
+    """One map and a pyramid: the pooler gives the op's own output on each box's level."""
+    from roikit.layers import RoIPooler
+    from roikit.ops import pyramid_levels
+
+    torch.manual_seed(0)
+    maps = {"0": torch.randn(2, 3 * 4, 32, 32), "1": torch.randn(2, 3 * 4, 16, 16)}
+    proposals = [torch.tensor([[1.0, 2, 40, 30], [0, 0, 127, 127]]), torch.tensor([[5.0, 5, 20, 50]])]
+    pooler = RoIPooler(["0", "1"], 2, 2, op)
+    out = pooler(maps, proposals, [(128, 128)] * 2)
+    assert out.shape == (3, *pooler.output_shape(12)) == (3, 3, 2, 2)
+    rois = torch.cat([torch.cat([torch.full((len(b), 1), float(i)), b], 1) for i, b in enumerate(proposals)])
+    levels = pyramid_levels(rois, [0.25, 0.125])
+    f = ps_roi_align if op == "ps_roi_align" else ps_roi_pool
+    extra = {"sampling_ratio": 2} if op == "ps_roi_align" else {}
+    for k in range(3):
+        name, scale = ("0", 0.25) if levels[k] == 0 else ("1", 0.125)
+        torch.testing.assert_close(out[k:k + 1], f(maps[name], rois[k:k + 1], 2, scale, **extra))

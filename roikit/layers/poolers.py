@@ -2,7 +2,8 @@
 
 :class:`RoIPooler` has the call signature of ``torchvision.ops.MultiScaleRoIAlign`` (features dict, list of
 proposals, image sizes), so it drops into torchvision's detection models, and takes the op by name:
-``"roi_align"``, ``"roi_pool"``, ``"prroi_pool"`` or ``"roi_spp"``, with that op's own settings.
+``"roi_align"``, ``"roi_pool"``, ``"prroi_pool"``, ``"roi_spp"``, ``"ps_roi_align"`` or ``"ps_roi_pool"``, with that op's own
+settings.
 """
 from __future__ import annotations
 
@@ -12,13 +13,15 @@ from typing import Sequence
 import torch
 from torch import Tensor, nn
 
-from ..ops import (PrRoIPool, RoIAlign, RoIPool, RoISPP, autocast_to_float32, convert_boxes_to_rois, multilevel_roi_align,
-                   prroi_pool, pyramid_levels, roi_align, roi_pool, roi_spp)
+from ..ops import (PrRoIPool, PSRoIAlign, PSRoIPool, RoIAlign, RoIPool, RoISPP, autocast_to_float32,
+                   convert_boxes_to_rois, multilevel_roi_align, prroi_pool, ps_roi_align, ps_roi_pool, pyramid_levels,
+                   roi_align, roi_pool, roi_spp)
 from ..utils.checks import pair
 from ..utils.fx import fx_leaf
 
 OPS = {"roi_align": (RoIAlign, roi_align), "roi_pool": (RoIPool, roi_pool), "prroi_pool": (PrRoIPool, prroi_pool),
-       "roi_spp": (RoISPP, roi_spp)}
+       "roi_spp": (RoISPP, roi_spp), "ps_roi_align": (PSRoIAlign, ps_roi_align), "ps_roi_pool": (PSRoIPool, ps_roi_pool)}
+SAMPLED = ("roi_align", "ps_roi_align")  # the ops that take sampling_ratio
 
 
 def assign_boxes_to_levels(boxes: Tensor, min_level: int, max_level: int, canonical_scale: int = 224,
@@ -54,8 +57,9 @@ class RoIPooler(nn.Module):
     Args:
         featmap_names (List[str]): the feature maps to use, finest first.
         output_size (int or Tuple[int, int]): bins per box (ignored by ``roi_spp``, whose ``levels`` set its size).
-        sampling_ratio (int): samples per bin and axis for ``roi_align`` (the other ops take none).
-        op (str): ``"roi_align"``, ``"roi_pool"``, ``"prroi_pool"`` or ``"roi_spp"``.
+        sampling_ratio (int): samples per bin and axis for ``roi_align`` and ``ps_roi_align`` (the others take none).
+        op (str): ``"roi_align"``, ``"roi_pool"``, ``"prroi_pool"``, ``"roi_spp"``, or the position-sensitive
+            ``"ps_roi_align"`` / ``"ps_roi_pool"`` (R-FCN: ``C' * PH * PW`` channels in, ``C'`` out).
         canonical_scale, canonical_level (int): the FPN level rule, see :func:`assign_boxes_to_levels`.
         **op_options: the op's own settings (``aligned``, ``pool``, ``rounding``, ``levels``).
 
@@ -77,7 +81,7 @@ class RoIPooler(nn.Module):
         self.op_options = dict(op_options)
         self.canonical_scale = canonical_scale
         self.canonical_level = canonical_level
-        options = dict(op_options, sampling_ratio=sampling_ratio) if op == "roi_align" else dict(op_options)
+        options = dict(op_options, sampling_ratio=sampling_ratio) if op in SAMPLED else dict(op_options)
         if op != "roi_spp":
             options["output_size"] = self.output_size
         module, self._function = OPS[op]
@@ -90,6 +94,8 @@ class RoIPooler(nn.Module):
         """Shape of one box's pooled feature: ``(C, PH, PW)``, or ``(C * bins,)`` for ``roi_spp``."""
         if self.op == "roi_spp":
             return RoISPP(**self._options).output_shape(channels)
+        if self.op.startswith("ps_"):
+            return (channels // (self.output_size[0] * self.output_size[1]), *self.output_size)
         return (channels, *self.output_size)
 
     def _pool(self, feature: Tensor, rois: Tensor, scale: float) -> Tensor:
