@@ -10,7 +10,12 @@ Annotated images keep their file names; a video or camera becomes ``<name>.mp4``
 ``--explain-pooling`` each image also gets ``<name>_explain.png`` (a video ``<name>_explain.mp4``): for one
 detection, the feature-grid cells that ``roi_pool`` reads with integer and with torchvision rounding and the sample
 points of ``roi_align``, each over the picture as the network sees it, and below them the 7x7 crop each rule makes
-of the picture itself (area-averaged to the stride, so a 3-channel "feature map" whose cells one can see).
+of the picture itself (area-averaged to the stride, so a 3-channel "feature map" whose cells one can see). Where
+two inputs would share an output name (``a.png`` and ``a.jpg`` both ``a.json``) the stem takes the suffix
+(``a_png.json``).
+
+An image of a folder that cannot be read or run is reported and skipped; the exit status is then 1 (2: bad
+arguments, nothing done). A JPEG file cut short is run, with a warning.
 """
 from __future__ import annotations
 
@@ -22,9 +27,11 @@ os.environ.setdefault("OPENCV_FFMPEG_LOGLEVEL", "-8")  # FFmpeg quiet ("moov ato
 import argparse
 import json
 import math
+import shutil
 import subprocess
 import sys
 import time
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
@@ -37,7 +44,7 @@ from roikit.analysis.drawing import (draw_cell_grid, draw_detections, draw_point
                                      pad_to, put_text_lines, resize_to_fit, tile_images)
 from roikit.data import SHAPE_CLASSES
 from roikit.engine.config import apply_overrides, load_config, merge_config
-from roikit.io import atomic_torch_save, atomic_write_bytes, atomic_save_json
+from roikit.io import atomic_save_json, atomic_torch_save, atomic_write_bytes, output_dir as make_output_dir
 from roikit.layers.poolers import assign_boxes_to_levels
 from roikit.modeling.detector import build_detector
 from roikit.ops import roi_align
@@ -102,6 +109,7 @@ def quick_checkpoint(cfg: dict, path: Path, iters: int) -> Path:
     from roikit.engine.trainer import train
 
     run_dir = path.parent / f"{path.stem}_train"
+    shutil.rmtree(run_dir, ignore_errors=True)  # the last quick training's, whose result is replaced
     say(f"no --checkpoint: training a quick model ({iters} iterations on the synthetic shapes, a few minutes on "
         f"a CPU, {torch.get_num_threads()} thread(s)) in {run_dir}; it is cached as {path} for the next runs")
     train(quick, run_dir, progress=sys.stderr.isatty())
@@ -406,13 +414,55 @@ class Source:
     fps: float = 30.0
 
 
-def read_image(path: Path) -> np.ndarray:
+def read_image(path: Path, *, warn: bool = True) -> np.ndarray:
+    """The BGR image in ``path``; ValueError when it cannot be decoded. A JPEG file that ends before its image
+    does decodes with its missing part filled in: ``warn`` says so."""
     if not path.is_file():
         raise ValueError(f"image not found: {path}")
     image = cv2.imread(str(path), cv2.IMREAD_COLOR)
     if image is None:
         raise ValueError(f"cannot read image {path}: not an image file OpenCV can decode, or damaged")
+    problem = jpeg_truncation(path) if warn else None
+    if problem:
+        say(f"warning: {path} is incomplete ({problem}): its missing part is drawn grey")
     return image
+
+
+def jpeg_truncation(path: Path) -> str | None:
+    """Why the JPEG file ``path`` is cut short (its data ends before its image does), or None (complete, or not a
+    JPEG). OpenCV decodes such a file without an error; Pillow, reading it at 1/8 scale, stops at the gap."""
+    from PIL import Image
+
+    with open(path, "rb") as f:
+        if f.read(3) != b"\xff\xd8\xff":
+            return None
+    try:
+        with Image.open(path) as im:
+            im.draft("RGB", (max(im.width // 8, 1), max(im.height // 8, 1)))  # libjpeg's scaled decode
+            im.load()
+    except OSError as e:  # "image file is truncated (279 bytes not processed)"
+        return str(e)
+    return None
+
+
+def output_names(paths: list[Path]) -> dict[Path, dict[str, str]]:
+    """The files each input image's results go to, no two the same: ``image`` (the annotated image, under the
+    input's own file name), ``explain`` (``<stem>_explain.png``) and ``json`` (``<stem>.json``). Inputs sharing a
+    stem (``a.png``, ``a.jpg``) use stems with the suffix (``a_png``, ``a_jpg``); a stem whose names are still
+    taken (by ``x.png`` and an input ``x_explain.png``) gets a number (``x_2``)."""
+    annotated = {p: p.name if p.suffix.lower() in IMAGE_SUFFIXES else f"{p.stem}.png" for p in paths}
+    taken = set(annotated.values())
+    stems = Counter(p.stem for p in paths)
+    names = {}
+    for p in paths:
+        base = p.stem if stems[p.stem] == 1 else f"{p.stem}_{p.suffix.lstrip('.').lower()}"
+        stem, n = base, 1
+        while {f"{stem}_explain.png", f"{stem}.json"} & taken:
+            n += 1
+            stem = f"{base}_{n}"
+        taken |= {f"{stem}_explain.png", f"{stem}.json"}
+        names[p] = {"image": annotated[p], "explain": f"{stem}_explain.png", "json": f"{stem}.json"}
+    return names
 
 
 def open_source(text: str) -> Source:
@@ -438,7 +488,7 @@ def open_source(text: str) -> Source:
             raise ValueError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) in folder {path}")
         return Source("folder", path.name, images)
     if path.suffix.lower() in IMAGE_SUFFIXES:
-        read_image(path)  # fail now, before loading a model
+        read_image(path, warn=False)  # fail now, before loading a model (and warn once, when it is run)
         return Source("image", path.stem, [path])
     cap = cv2.VideoCapture(str(path))
     ok = cap.isOpened() and cap.grab()
@@ -608,34 +658,48 @@ class Runner:
                           for i in dets["labels"].tolist()],
                 "scores": dets["scores"].tolist()}
 
-    def run_images(self, paths: list[Path]) -> None:
+    def run_images(self, paths: list[Path]) -> int:
+        """Each image in turn; one that cannot be read or run is reported and skipped. Returns how many were."""
+        names, failed = output_names(paths), 0
         for path in paths:
-            image = read_image(path)
-            dets, drawn, (t_model, t_draw) = self.annotate(image)
-            view, info = self.explain(image, dets, path.name) if self.args.explain_pooling else (None, None)
-            written = []
-            if self.output_dir is not None:
-                suffix = path.suffix if path.suffix.lower() in IMAGE_SUFFIXES else ".png"
-                written.append(_write_image(self.output_dir / f"{path.stem}{suffix}", drawn))
-                if view is not None and info is not None:
-                    written.append(_write_image(self.output_dir / f"{path.stem}_explain.png", view))
-                if self.args.save_detections:
-                    record = {"image": path.name, "size": [image.shape[1], image.shape[0]], **self.record(dets)}
-                    if info is not None:
-                        record["explain"] = info
-                    atomic_save_json(self.output_dir / f"{path.stem}.json", record)
-                    written.append(self.output_dir / f"{path.stem}.json")
-            print(f"{path.name}: {len(dets['scores'])} detection(s), {1000 * t_model:.0f} ms model + "
-                  f"{1000 * t_draw:.0f} ms drawing" + (f" -> {', '.join(map(str, written))}" if written else ""),
-                  flush=True)
-            if info is not None:
-                box = " ".join(f"{v:.1f}" for v in info["box_net_px"])
-                print(f"  pooling of detection {info['detection']} (box {box} at the network's input, stride "
-                      f"{info['stride']}); its arithmetic: python tools/explain.py --box {box} --stride "
-                      f"{info['stride']}", flush=True)
-            self.display(drawn, view, 0)
+            try:
+                self.run_image(path, names[path])
+            except ValueError as e:
+                failed += 1
+                say(f"error: {e}" + ("; skipped" if len(paths) > 1 else ""))
             if self.quit:
                 break
+        if failed and len(paths) > 1:
+            say(f"error: {failed} of {len(paths)} images could not be read or run (above); the others are done")
+        return failed
+
+    def run_image(self, path: Path, names: dict[str, str]) -> None:
+        image = read_image(path)
+        try:
+            dets, drawn, (t_model, t_draw) = self.annotate(image)
+            view, info = self.explain(image, dets, path.name) if self.args.explain_pooling else (None, None)
+        except ValueError as e:
+            raise ValueError(f"{path}: {e}") from None
+        written = []
+        if self.output_dir is not None:
+            written.append(_write_image(self.output_dir / names["image"], drawn))
+            if view is not None and info is not None:
+                written.append(_write_image(self.output_dir / names["explain"], view))
+            if self.args.save_detections:
+                record = {"image": path.name, "size": [image.shape[1], image.shape[0]], **self.record(dets)}
+                if info is not None:
+                    record["explain"] = info
+                atomic_save_json(self.output_dir / names["json"], record)
+                written.append(self.output_dir / names["json"])
+        print(f"{path.name}: {len(dets['scores'])} detection(s), {1000 * t_model:.0f} ms model + "
+              f"{1000 * t_draw:.0f} ms drawing" + (f" -> {', '.join(map(str, written))}" if written else ""),
+              flush=True)
+        if info is not None:
+            box = " ".join(f"{v:.1f}" for v in info["box_net_px"])
+            print(f"  pooling of detection {info['detection']} (box {box} at the network's input, stride "
+                  f"{info['stride']}); its arithmetic: python tools/explain.py --box {box} --stride "
+                  f"{info['stride']}", flush=True)
+        self.display(drawn, view, 0)
 
     def run_video(self, source: Source) -> None:
         out = VideoOut(self.output_dir, source.name, source.fps) if self.output_dir is not None else None
@@ -716,6 +780,7 @@ def main(args: argparse.Namespace) -> int:
         output_dir = Path(args.output_dir) if args.output_dir else (None if show else DEFAULT_OUTPUT)
         if output_dir is not None:
             _check_output_dir(output_dir, source, args.input)
+            output_dir = make_output_dir(output_dir, "--output-dir")
         cfg = load_config(args.config, args.opts)
         torch.set_num_threads(args.threads)
         if args.checkpoint:
@@ -726,7 +791,8 @@ def main(args: argparse.Namespace) -> int:
         model, cfg, class_names = load_detector(cfg, checkpoint, torch.device(args.device))
         runner = Runner(args, model, cfg, class_names, output_dir, show)
         if source.kind in ("image", "folder"):
-            runner.run_images(source.paths)
+            if runner.run_images(source.paths):
+                return 1
         else:
             runner.run_video(source)
     except (ValueError, FloatingPointError) as e:

@@ -68,6 +68,30 @@ def test_broken_metrics_line_names_the_line(tmp_path):
         load_run(folder)
 
 
+def test_a_last_line_cut_short_by_a_kill_is_skipped(tmp_path):
+    folder = _write_run(tmp_path / "d", [{"type": "train", "iter": 10, "sec_per_iter": 2.0},
+                                          {"type": "train", "iter": 20, "sec_per_iter": 1.0}], _scores(0.3))
+    with open(folder / "metrics.jsonl", "a") as f:
+        f.write('{"type": "train", "iter": 30, "sec_')  # what append_jsonl promises readers skip
+    run = load_run(folder)
+    assert run["iterations"] == 20 and run["train_s"] == pytest.approx(30.0) and run["AP"] == pytest.approx(0.3)
+
+
+@pytest.mark.parametrize("metrics, final, message", [
+    ('{"type": "train", "sec_per_iter": 1}\n', None, r"metrics.jsonl: a train record needs a number 'iter'"),
+    ('[1, 2]\n', None, r"metrics.jsonl: a record is not a JSON object: \[1, 2\]"),
+    ("", "{not json", r"cannot read .*eval_final.json: "),
+    ("", '{"AP": "high"}', r"the evaluation lacks AP, AP50"),
+])
+def test_malformed_records_are_one_line_errors_naming_the_file(tmp_path, metrics, final, message):
+    folder = _write_run(tmp_path / "d", [], _scores(0.1))
+    (folder / "metrics.jsonl").write_text(metrics)
+    if final is not None:
+        (folder / "eval_final.json").write_text(final)
+    with pytest.raises(ValueError, match=message):
+        load_run(folder)
+
+
 def test_tool_prints_the_table_and_writes_the_chart(tmp_path, capsys):
     spec = importlib.util.spec_from_file_location("compare_runs_tool", REPO / "tools" / "compare_runs.py")
     tool = importlib.util.module_from_spec(spec)
@@ -83,3 +107,6 @@ def test_tool_prints_the_table_and_writes_the_chart(tmp_path, capsys):
     assert chart.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and list(chart.parent.iterdir()) == [chart]
     assert tool.main(argparse.Namespace(runs=runs, labels=["one"], plot=None, title="")) == 2
     assert "1 label(s) for 2 run(s)" in capsys.readouterr().err
+    assert tool.main(argparse.Namespace(runs=runs, labels=None, plot=str(chart.parent), title="")) == 2
+    err = capsys.readouterr().err.strip()  # the chart's path is a folder: one line, no traceback
+    assert len(err.splitlines()) == 1 and err.startswith("compare_runs: error: ") and str(chart.parent) in err

@@ -311,13 +311,6 @@ def test_errors(setup, capsys, tmp_path):
     assert e.startswith(f"demo.py: error: cannot open video {bad_video}")
     e = _error_of(setup, capsys, "--input", "99", "--output-dir", out)
     assert e == "demo.py: error: cannot open camera 99"
-    folder = tmp_path / "folder"
-    folder.mkdir()
-    (folder / "a.png").write_bytes((setup["images"] / "img0.png").read_bytes())
-    (folder / "b.png").write_bytes(bad_png.read_bytes())
-    e = _error_of(setup, capsys, "--input", folder, "--output-dir", out)
-    assert e.startswith(f"demo.py: error: cannot read image {folder / 'b.png'}")
-    assert (out / "a.png").is_file() and not (out / "b.png").exists()  # the images before it are done
     e = _error_of(setup, capsys, "--input", tmp_path / "missing", "--output-dir", out)  # no such folder either
     assert e == f"demo.py: error: input not found: {tmp_path / 'missing'}"
     e = _error_of(setup, capsys, "--input", setup["images"], "--output-dir", setup["images"])
@@ -325,7 +318,56 @@ def test_errors(setup, capsys, tmp_path):
     e = _error_of(setup, capsys, "--input", setup["images"] / "img0.png", "--output-dir", out,
                   "--score-threshold", 2)
     assert "--score-threshold must be in [0, 1]" in e
-    assert sorted(p.name for p in out.iterdir()) == ["a.png"]  # nothing else written on a refusal
+    e = _error_of(setup, capsys, "--input", setup["images"] / "img0.png", "--output-dir", bad_png)
+    assert e == f"demo.py: error: --output-dir {bad_png} is a file, not a folder"
+    assert not out.exists() or not list(out.iterdir())  # nothing written on a refusal
+
+
+def test_output_names_never_collide():
+    paths = [Path(n) for n in ("d/a.jpg", "d/a.png", "d/x.png", "d/x_explain.png", "d/y.gif")]
+    names = demo.output_names(paths)
+    assert names[paths[0]] == {"image": "a.jpg", "explain": "a_jpg_explain.png", "json": "a_jpg.json"}
+    assert names[paths[1]] == {"image": "a.png", "explain": "a_png_explain.png", "json": "a_png.json"}
+    assert names[paths[2]] == {"image": "x.png", "explain": "x_2_explain.png", "json": "x_2.json"}
+    assert names[paths[3]] == {"image": "x_explain.png", "explain": "x_explain_explain.png", "json": "x_explain.json"}
+    assert names[paths[4]]["image"] == "y.png"
+    every = [name for n in names.values() for name in n.values()]
+    assert len(every) == len(set(every))
+
+
+def test_a_folder_with_bad_images_runs_the_good_ones_then_fails(setup, capsys, tmp_path):
+    """A corrupt file and an image too thin for the model are reported, one line each, and skipped; every other
+    image is done, none overwrites another's results (a.png / a.jpg, x.png / x_explain.png); a JPEG cut short
+    is run with a warning; the exit status says that something failed."""
+    folder, out = tmp_path / "folder", tmp_path / "out"
+    folder.mkdir()
+    good = cv2.imread(str(setup["images"] / "img0.png"))
+    for name in ("a.png", "a.jpg", "x.png", "x_explain.png", "z.png"):
+        cv2.imwrite(str(folder / name), good)
+    (folder / "b.png").write_bytes(b"not a png" * 10)
+    cv2.imwrite(str(folder / "thin.png"), np.zeros((2, 20000, 3), np.uint8))
+    cv2.imwrite(str(folder / "cut.jpg"), good)
+    data = (folder / "cut.jpg").read_bytes()
+    (folder / "cut.jpg").write_bytes(data[: len(data) // 2])
+    capsys.readouterr()
+    assert run(setup, "--input", folder, "--output-dir", out, "--score-threshold", 0.0, "--explain-pooling",
+               "--save-detections") == 1
+    captured = capsys.readouterr()
+    err = [line for line in captured.err.splitlines() if line.startswith("demo.py: ")]  # libjpeg adds its own
+    assert err[0].startswith(f"demo.py: error: cannot read image {folder / 'b.png'}: ") and err[0].endswith("; skipped")
+    assert err[1].startswith(f"demo.py: warning: {folder / 'cut.jpg'} is incomplete (image file is truncated")
+    assert err[2] == (f"demo.py: error: {folder / 'thin.png'}: an image of 20000x2 px cannot be resized by "
+                      f"model.transform (min_size [160], max_size 256): its short side would be under 1 px; sides "
+                      f"at most 256:1 are taken; skipped")
+    assert err[3] == "demo.py: error: 2 of 8 images could not be read or run (above); the others are done"
+    assert len(err) == 4
+    for image, stem in (("a.jpg", "a_jpg"), ("a.png", "a_png"), ("x.png", "x_2"), ("x_explain.png", "x_explain"),
+                        ("z.png", "z"), ("cut.jpg", "cut")):
+        record = json.loads((out / f"{stem}.json").read_text())
+        assert record["image"] == image and f"{image}: {len(record['scores'])} detection(s)" in captured.out
+        assert cv2.imread(str(out / image)).shape == good.shape  # the annotated image, not an explain view
+        assert cv2.imread(str(out / f"{stem}_explain.png")).shape == demo.blank_explain(256, "").shape
+    assert not (out / "b.png").exists() and not (out / "thin.png").exists()
 
 
 def test_checkpoint_errors(setup, capsys, tmp_path):

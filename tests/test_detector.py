@@ -5,6 +5,7 @@ import copy
 import importlib.util
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -15,9 +16,10 @@ import yaml
 
 from roikit.data import make_shapes_dataset
 from roikit.engine import coco_evaluate, load_config, save_checkpoint
+from roikit.io import atomic_torch_save, read_jsonl
 from roikit.engine import trainer as trainer_module
-from roikit.engine.config import DEFAULTS, apply_overrides
-from roikit.engine.trainer import CHECKPOINT_NAME, METRICS_NAME, build_datasets
+from roikit.engine.config import DEFAULTS, RANGES, apply_overrides, check_config, pooler_override
+from roikit.engine.trainer import CHECKPOINT_NAME, METRICS_NAME, build_datasets, first_non_finite, load_checkpoint
 from roikit.layers.poolers import RoIPooler
 from roikit.modeling import FastRCNNConvFCHead, FastRCNNPredictor, SmallConvNet, build_detector, swap_roi_pooler
 
@@ -73,7 +75,7 @@ def tiny_config(tiny_data, tmp_path):
 
 
 def _metrics(run_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / METRICS_NAME).read_text().splitlines()]
+    return read_jsonl(run_dir / METRICS_NAME)
 
 
 # ------------------------------------------------------------------------------------------------------------ config
@@ -114,6 +116,49 @@ def test_config_errors(tmp_path, file_text, overrides, message):
     path.write_text(file_text)
     with pytest.raises(ValueError, match=message):
         load_config(path, overrides)
+
+
+@pytest.mark.parametrize("override, message", [
+    ("model.rpn.nms_thresh=-1", "model.rpn.nms_thresh must be in [0, 1], got -1"),
+    ("data.batch_size=0", "data.batch_size must be an int >= 1, got 0"),
+    ("model.transform.min_size=0", "model.transform.min_size must be an int >= 1, got 0"),
+    ("model.backbone.channels=[8,0,8,8]", "each element of model.backbone.channels must be an int >= 1, got 0"),
+    ("solver.lr=0", "solver.lr must be > 0, got 0"),
+    ("solver.clip_grad_norm=fast", "solver.clip_grad_norm must be > 0, got 'fast'"),
+    ("model.num_classes=2.5", "model.num_classes must be an int >= 1, got 2.5"),
+    ("data.hflip=1.5", "data.hflip must be in [0, 1], got 1.5"),
+])
+def test_config_values_out_of_range(override, message):
+    with pytest.raises(ValueError) as error:
+        load_config(REPO / "configs" / "base_shapes.yaml", [override])
+    assert str(error.value) == f"override {override!r}: {message}"
+
+
+def test_config_ranges_name_real_keys_and_hold_for_hand_made_configs():
+    for path in RANGES:
+        node = DEFAULTS
+        for key in path:
+            node = node[key]  # KeyError: a range for a key that does not exist
+    cfg = load_config(REPO / "configs" / "base_shapes.yaml")
+    assert check_config(cfg) == cfg
+    cfg["model"]["roi_heads"]["score_thresh"] = -0.5  # edited by hand, past load_config
+    with pytest.raises(ValueError, match=r"the config: model.roi_heads.score_thresh must be in \[0, 1\], got -0.5"):
+        trainer_module.train(cfg, "unused")
+
+
+def test_pooler_override_lays_options_over_the_configured_ones():
+    cfg = load_config(REPO / "configs" / "base_shapes.yaml")  # roi_align, sampling_ratio 2, aligned true
+    pooler = pooler_override(cfg, "roi_align:sampling_ratio=0")["model"]["pooler"]
+    assert pooler == {"op": "roi_align", "output_size": 7, "sampling_ratio": 0, "options": {"aligned": True}}
+    pooler = pooler_override(cfg, "roi_align:aligned=false,pool=max")["model"]["pooler"]
+    assert pooler["options"] == {"aligned": False, "pool": "max"} and pooler["sampling_ratio"] == 2
+    pooler = pooler_override(cfg, "roi_pool:rounding=integer")["model"]["pooler"]  # another op: its own options
+    assert pooler == {"op": "roi_pool", "output_size": 7, "sampling_ratio": 2, "options": {"rounding": "integer"}}
+    assert cfg["model"]["pooler"]["options"] == {"aligned": True}  # not changed in place
+    with pytest.raises(ValueError, match=r"--pooler 'roi_align:aligned=\[', aligned: malformed value '\['"):
+        pooler_override(cfg, "roi_align:aligned=[")
+    with pytest.raises(ValueError, match=r"--pooler 'roi_align:output_size=0': model.pooler.output_size must be"):
+        pooler_override(cfg, "roi_align:output_size=0")
 
 
 def test_config_cycle_and_missing_file(tmp_path):
@@ -174,6 +219,18 @@ def test_detector_trains_and_predicts_with_each_pooler(op, options):
     with torch.no_grad():
         out = model(images)
     assert len(out) == 2 and out[1]["boxes"].shape[1] == 4
+
+
+def test_detector_refuses_an_image_it_would_resize_to_nothing():
+    cfg = load_config(REPO / "configs" / "base_shapes.yaml", ["model.num_classes=3", "model.box_head.fc_dims=[8]",
+                                                              "model.backbone.channels=[4,4,4,4]"])
+    model = build_detector(cfg).eval()  # min_size = max_size = 320: sides up to 320:1
+    with torch.no_grad():
+        assert model([torch.rand(3, 1, 320)])[0]["boxes"].shape[1] == 4  # resized to 1 x 320
+        for h, w in ((20000, 2), (1, 321), (0, 5)):
+            with pytest.raises(ValueError, match=rf"an image of {w}x{h} px cannot be resized by model.transform "
+                                                 r"\(min_size \[320\], max_size 320\): its short side would be"):
+                model([torch.rand(3, h, w)])
 
 
 def test_build_detector_errors():
@@ -257,6 +314,14 @@ def test_train_then_eval_end_to_end(tiny_config, tmp_path, capsys):
                                 "--pooler", "roi_pool:rounding=integer"]) == 0
     saved = json.loads((run / "eval_roi_pool_rounding=integer_metrics.json").read_text())
     assert saved["pooler"]["op"] == "roi_pool" and saved["pooler"]["options"] == {"rounding": "integer"}
+    capsys.readouterr()
+    # options of the configured op are laid over the configured ones (aligned=True stays), and printed in full
+    assert run_tool(eval_tool, ["--config", str(tiny_config), "--checkpoint", ckpt, "--no-progress",
+                                "--pooler", "roi_align:sampling_ratio=0"]) == 0
+    assert ("with RoIPooler(featmap_names=['0'], output_size=(7, 7), sampling_ratio=0, op='roi_align', "
+            "aligned=True)") in capsys.readouterr().out
+    saved = json.loads((run / "eval_roi_align_sampling_ratio=0_metrics.json").read_text())
+    assert saved["pooler"] == {"op": "roi_align", "output_size": 7, "sampling_ratio": 0, "options": {"aligned": True}}
 
 
 def _interrupt_after(monkeypatch, batches: int) -> None:
@@ -282,7 +347,13 @@ def test_resume_continues_with_identical_state(tiny_config, tmp_path, monkeypatc
         with pytest.raises(KeyboardInterrupt):
             trainer_module.train(cfg, resumed, progress=False)
     assert torch.load(resumed / CHECKPOINT_NAME, weights_only=True)["iteration"] == 2
-    trainer_module.train(cfg, resumed, resume=True, progress=False)
+    # what a kill during a checkpoint write leaves, and files of others that a start must not touch
+    stale = [resumed / ".checkpoint.pth.k2j4x8_a.tmp", resumed / ".config_resume_2.yaml.ab12cd34.tmp"]
+    others = [resumed / ".eval_metrics.json.ab12cd34.tmp", resumed / "notes.tmp", resumed / ".checkpoint.pth"]
+    for path in stale + others:
+        path.write_bytes(b"x" * 1000)
+    trainer_module.resume(resumed, progress=False)
+    assert not any(path.exists() for path in stale) and all(path.exists() for path in others)
 
     a = torch.load(straight / CHECKPOINT_NAME, weights_only=True)
     b = torch.load(resumed / CHECKPOINT_NAME, weights_only=True)
@@ -326,7 +397,96 @@ def test_non_finite_loss_stops_with_a_clear_message(tiny_config, tmp_path, capsy
     err = capsys.readouterr().err.strip()
     assert code == 1
     assert len(err.splitlines()) == 1
-    assert err.startswith("train.py: error: loss is ") and "training stopped; lower solver.lr" in err
+    assert err.startswith("train.py: error: loss is ")
+    assert "training stopped, no checkpoint written yet; lower solver.lr" in err
+
+
+def test_non_finite_weights_stop_training_and_keep_the_last_good_checkpoint(tiny_config, tmp_path, capsys):
+    """SGD at lr 50: the loss stays finite, but BatchNorm's running_var overflows during iteration 5. The run must
+    stop there, non-zero, naming the tensor and the checkpoint of iteration 4, which stays whole and finite."""
+    run = tmp_path / "run"
+    code = run_tool(train_tool, ["--config", str(tiny_config), "--output-dir", str(run), "--no-progress",
+                                 "solver.optimizer=sgd", "solver.lr=50.0", "solver.warmup_iters=0",
+                                 "train.checkpoint_period=1", "solver.max_iter=6"])
+    err = capsys.readouterr().err.strip()
+    assert code == 1 and len(err.splitlines()) == 1
+    assert err == (f"train.py: error: backbone.body.1.1.running_var is not finite after the step at iteration 5: "
+                   f"training stopped, the last good checkpoint is {run / CHECKPOINT_NAME} (iteration 4); lower "
+                   f"solver.lr, raise solver.warmup_iters or set solver.clip_grad_norm")
+    ckpt = torch.load(run / CHECKPOINT_NAME, weights_only=True)
+    assert ckpt["iteration"] == 4 and first_non_finite(ckpt["model"]) is None
+    assert first_non_finite(ckpt["optimizer"]) is None
+    assert not (run / "eval_final.json").exists()  # the spoilt model is not evaluated
+
+
+def test_checkpoints_with_non_finite_values_are_neither_written_nor_loaded(tmp_path):
+    model = torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.BatchNorm1d(2))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda it: 1.0)
+    scaler = torch.amp.GradScaler("cuda", enabled=False)
+    path = tmp_path / CHECKPOINT_NAME
+    kwargs = dict(model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler, cfg={"model": {}})
+    save_checkpoint(path, iteration=1, **kwargs)
+    before = path.read_bytes()
+    assert first_non_finite(model.state_dict()) is None
+    with torch.no_grad():
+        model[1].running_var[1] = float("inf")  # a buffer
+    assert first_non_finite(model.state_dict()) == "1.running_var"
+    with pytest.raises(FloatingPointError,
+                       match=f"not writing checkpoint {path} of iteration 2: model.1.running_var is not finite"):
+        save_checkpoint(path, iteration=2, **kwargs)
+    assert path.read_bytes() == before and [p.name for p in tmp_path.iterdir()] == [CHECKPOINT_NAME]
+    assert first_non_finite({"state": {0: {"momentum_buffer": torch.tensor([0.0, float("nan")])}}}) == \
+        "state.0.momentum_buffer"
+    # a checkpoint spoilt elsewhere (by an older version) is refused, not evaluated to AP 0
+    state = model.state_dict()
+    atomic_torch_save(tmp_path / "spoilt.pth", {"model": state})
+    with pytest.raises(ValueError, match=r"spoilt.pth holds non-finite values in 1.running_var"):
+        load_checkpoint(tmp_path / "spoilt.pth", model=model)
+
+
+def test_resume_keeps_the_runs_own_config(tiny_config, tmp_path, capsys):
+    """The run was made with solver.max_iter=2; resuming it without that override must not take the config file's
+    4, and config.yaml must stay the run's own. An override given on resume is applied, printed and recorded."""
+    run = tmp_path / "run"
+    assert run_tool(train_tool, ["--config", str(tiny_config), "--output-dir", str(run), "--no-progress",
+                                 "solver.max_iter=2"]) == 0
+    original = (run / "config.yaml").read_bytes()
+    capsys.readouterr()
+    assert run_tool(train_tool, ["--config", str(tiny_config), "--output-dir", str(run), "--resume",
+                                 "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert f"resumed from {run / CHECKPOINT_NAME} at iteration 2, with the config saved in it\n" in out
+    assert "training 0 iterations (2 -> 2)" in out
+    assert (run / "config.yaml").read_bytes() == original and not list(run.glob("config_resume_*"))
+
+    assert run_tool(train_tool, ["--output-dir", str(run), "--resume", "--no-progress", "solver.max_iter=3",
+                                 "solver.lr=0.01"]) == 0  # no --config needed; lr 0.01 is no change
+    out = capsys.readouterr().out
+    assert ("at iteration 2, with the config saved in it, changed: solver.max_iter 2 -> 3 (recorded in "
+            "config_resume_2.yaml)") in out and "training 1 iterations (2 -> 3)" in out
+    assert (run / "config.yaml").read_bytes() == original
+    record = (run / "config_resume_2.yaml").read_text()
+    assert record.startswith("# resumed at iteration 2, changed: solver.max_iter 2 -> 3\n")
+    assert yaml.safe_load(record)["solver"]["max_iter"] == 3 and yaml.safe_load(original)["solver"]["max_iter"] == 2
+    assert torch.load(run / CHECKPOINT_NAME, weights_only=True)["config"]["solver"]["max_iter"] == 3
+
+    assert run_tool(train_tool, ["--output-dir", str(run), "--resume", "model.box_head.fc_dims=[8]"]) == 2
+    assert "was trained with another model config (model.box_head.fc_dims: checkpoint [32, 32], config [8])" in \
+        capsys.readouterr().err
+
+
+def test_a_file_no_worker_can_decode_is_one_line_naming_it(tiny_config, tiny_data, tmp_path, capsys):
+    images = tmp_path / "images"
+    images.mkdir()
+    for path in Path(tiny_data["train_images"]).iterdir():
+        (images / path.name).write_bytes(b"not a png")
+    code = run_tool(train_tool, ["--config", str(tiny_config), "--output-dir", str(tmp_path / "run"),
+                                 "--no-progress", f"data.train_images={images}", "data.num_workers=2"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1, err
+    assert re.fullmatch(rf"train.py: error: {re.escape(tiny_data['train_annotations'])}: cannot decode the image "
+                        rf"file of image id \d+: {re.escape(str(images))}/\d+\.png", err), err
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -335,12 +495,21 @@ def test_non_finite_loss_stops_with_a_clear_message(tiny_config, tmp_path, capsy
     (["--config", "{cfg}", "--resume", "--output-dir", "{tmp}/empty"], "train.py: error: --resume: no checkpoint in "),
     (["--config", "{cfg}", "data.train_annotations={tmp}/none.json"], "train.py: error: annotation file not found"),
     (["--config", "{cfg}", "model.pooler.options={{spacing: 2}}"], "train.py: error: model.pooler.options {{'spacing': 2}} for roi_align: "),
+    (["--config", "{cfg}", "model.transform.min_size=0"], "train.py: error: override 'model.transform.min_size=0': model.transform.min_size must be an int >= 1, got 0"),
+    (["--config", "{cfg}", "data.batch_size=0"], "train.py: error: override 'data.batch_size=0': data.batch_size must be an int >= 1, got 0"),
+    (["--config", "{cfg}", "model.rpn.nms_thresh=-1"], "train.py: error: override 'model.rpn.nms_thresh=-1': model.rpn.nms_thresh must be in [0, 1], got -1"),
+    (["--config", "{cfg}", "--output-dir", "{cfg}"], "train.py: error: --output-dir {cfg} is a file, not a folder"),
+    (["--resume"], "train.py: error: --config is needed (or --resume with --output-dir)"),
+    (["--config", "{cfg}", "--output-dir", "{tmp}/old"], "train.py: error: {tmp}/old holds a run already "
+                                                         "(metrics.jsonl): --resume continues it; to start again,"),
 ])
 def test_train_tool_bad_input(tiny_config, tmp_path, capsys, argv, message):
     argv = [a.format(cfg=tiny_config, tmp=tmp_path, missing=tmp_path / "missing.yaml") for a in argv]
+    (tmp_path / "old").mkdir()
+    (tmp_path / "old" / METRICS_NAME).write_text('{"type": "train", "iter": 1}\n')  # a run killed before its checkpoint
     assert run_tool(train_tool, argv + ["--no-progress"]) == 2
     err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and err.startswith(message.format(tmp=tmp_path)), err
+    assert len(err.splitlines()) == 1 and err.startswith(message.format(tmp=tmp_path, cfg=tiny_config)), err
 
 
 def test_eval_tool_bad_input(tiny_config, tmp_path, capsys):
@@ -362,11 +531,17 @@ def test_eval_tool_bad_input(tiny_config, tmp_path, capsys):
         (["--checkpoint", ckpt, "--pooler", "roi_pool:rounding"], "eval.py: error: --pooler 'roi_pool:rounding': "
                                                                   "'rounding' is not key=value"),
         (["--checkpoint", ckpt, "--pooler", "roi_pool:rounding=floor"], "eval.py: error: rounding must be one of"),
+        (["--checkpoint", ckpt, "--pooler", "roi_align:aligned=[1"],
+         "eval.py: error: --pooler 'roi_align:aligned=[1', aligned: malformed value '[1': "),
+        (["--checkpoint", ckpt, "--name", "../../x"],
+         f"eval.py: error: --name '../../x' must be a plain file name (no folder, not hidden), to stay in {run}"),
+        (["--checkpoint", ckpt, "--output-dir", ckpt], f"eval.py: error: --output-dir {ckpt} is a file, not a folder"),
     ]
     for argv, message in cases:
         assert run_tool(eval_tool, ["--config", str(tiny_config), "--no-progress"] + argv) == 2
         err = capsys.readouterr().err.strip()
         assert len(err.splitlines()) == 1 and err.startswith(message), err
+    assert not (tmp_path.parent / "x_metrics.json").exists() and not (tmp_path.parent / "x_results.json").exists()
 
 
 def _first_image_only(tmp_path: Path, config: Path) -> Path:

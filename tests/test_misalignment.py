@@ -306,6 +306,19 @@ def test_cli_missing_or_malformed_file(tmp_path, capsys):
     assert code == 2 and "malformed JSON" in out.err and len(out.err.strip().splitlines()) == 1
 
 
+def test_cli_bounds_the_output_size_and_refuses_a_file_as_output_folder(tmp_path, capsys):
+    path = write_coco(tmp_path / "a.json", [ann(1, [4, 4, 20, 20])])
+    code, out = run_tool(capsys, "--annotations", str(path), "--output-dir", str(tmp_path / "o"), "--output-size",
+                         "100000")  # would have asked for 960 GB
+    assert code == 2 and out.err.strip() == (
+        f"misalignment: error: --output-size must be an int from 1 to {mis.MAX_OUTPUT_SIZE} (bins per side; the "
+        f"pictures' weight maps grow as its 4th power), got 100000")
+    with pytest.raises(ValueError, match="output_size must be an int from 1 to 64"):
+        mis.bin_weights(mis.make_rules(["roi_align_aligned"])[0], [[0, 0, 8, 8]], (16, 16), 4, 65)
+    code, out = run_tool(capsys, "--annotations", str(path), "--output-dir", str(path))
+    assert code == 2 and out.err.strip() == f"misalignment: error: --output-dir {path} is a file, not a folder"
+
+
 def test_cli_end_to_end_with_images(tmp_path, capsys):
     rng = np.random.default_rng(0)
     cv2.imwrite(str(tmp_path / "a.png"), rng.integers(0, 256, (48, 64, 3), dtype=np.uint8))

@@ -28,13 +28,13 @@ def main(args: argparse.Namespace) -> int:
             raise ValueError(f"--labels: {len(args.labels)} label(s) for {len(args.runs)} run(s)")
         labels = args.labels or [None] * len(args.runs)
         runs = [load_run(path, label) for path, label in zip(args.runs, labels)]
-    except ValueError as e:
-        print(f"compare_runs: {e}", file=sys.stderr)
+        print(format_runs(runs), end="")
+        if args.plot:
+            plot_runs(runs, args.plot, args.title)
+            print(f"chart: {args.plot}")
+    except (ValueError, OSError) as e:
+        print(f"compare_runs: error: {e}", file=sys.stderr)
         return 2
-    print(format_runs(runs), end="")
-    if args.plot:
-        plot_runs(runs, args.plot, args.title)
-        print(f"chart: {args.plot}")
     return 0
 
 

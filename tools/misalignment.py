@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from roikit.analysis import misalignment as mis
-from roikit.io import atomic_save_json, atomic_write_text
+from roikit.io import atomic_save_json, atomic_write_text, output_dir
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -47,9 +47,11 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 def _check_args(args: argparse.Namespace) -> None:
-    for name in ("output_size", "picture_boxes", "threads"):
-        if getattr(args, name) is None or getattr(args, name) < (0 if name == "picture_boxes" else 1):
-            raise ValueError(f"--{name.replace('_', '-')} must be a positive int, got {getattr(args, name)}")
+    mis.check_output_size(args.output_size, "--output-size")
+    if args.picture_boxes < 0:
+        raise ValueError(f"--picture-boxes must be >= 0, got {args.picture_boxes}")
+    if args.threads < 1:
+        raise ValueError(f"--threads must be a positive int, got {args.threads}")
     if any(s <= 0 for s in args.strides):
         raise ValueError(f"--strides must be positive ints, got {args.strides}")
     if len(set(args.strides)) != len(args.strides):
@@ -61,6 +63,7 @@ def _check_args(args: argparse.Namespace) -> None:
 def run(args: argparse.Namespace) -> list[Path]:
     """Measure, print the tables and write the outputs; returns the files written. Raises ValueError/OSError."""
     _check_args(args)
+    out = output_dir(args.output_dir, "--output-dir")
     torch.set_num_threads(args.threads)
     rules = mis.make_rules(args.rules, args.sampling_ratio)
     annotations, images = args.annotations, args.images
@@ -86,7 +89,6 @@ def run(args: argparse.Namespace) -> list[Path]:
               f"image; {counts['clipped']} clipped to their image; {counts['subsampled']} left out by "
               f"--max-boxes. Measured in {seconds:.1f} s.\n\n")
     tables = header + mis.format_tables(summary)
-    out = Path(args.output_dir)
     written = [out / "tables.md", out / "results.json"]
     atomic_write_text(written[0], tables)
     atomic_save_json(written[1], {

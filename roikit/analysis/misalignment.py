@@ -54,8 +54,8 @@ from torch import Tensor
 from roikit.ops import prroi_pool, roi_align, roi_pool
 
 __all__ = [
-    "Rule", "RULES", "DEFAULT_RULES", "make_rules", "BUCKETS", "METRICS", "BoxSet", "load_coco_boxes",
-    "measure_boxes", "measure_dataset", "crop_errors", "bin_weights", "stride_map", "exact_bin_means", "summarize",
+    "Rule", "RULES", "DEFAULT_RULES", "make_rules", "BUCKETS", "METRICS", "MAX_OUTPUT_SIZE", "check_output_size",
+    "BoxSet", "load_coco_boxes", "measure_boxes", "measure_dataset", "crop_errors", "bin_weights", "stride_map", "exact_bin_means", "summarize",
     "format_tables", "plot_error_vs_size", "draw_examples", "pick_examples",
 ]
 
@@ -65,6 +65,8 @@ MARGIN = 2
 CHUNK_CELLS = 1 << 21  # window cells per chunk (x channels x 4 bytes: ~24 MiB for a 3-channel crop)
 CHUNK_BOXES = 4096
 READ_THRESHOLD = 1e-5  # a cell weight under this fraction of the box's largest is float noise, not a read
+# Bins per side: bin_weights holds P^4 weights a box (64: 16 M, 128 MiB in float64; 128 would be 2 GiB)
+MAX_OUTPUT_SIZE = 64
 
 BUCKETS = (("small", 0.0, 32.0**2), ("medium", 32.0**2, 96.0**2), ("large", 96.0**2, math.inf))
 METRICS = {  # key: (title, unit)
@@ -141,9 +143,12 @@ def _check_stride(stride) -> int:
     return int(stride)
 
 
-def _check_output_size(output_size) -> int:
-    if isinstance(output_size, bool) or not isinstance(output_size, (int, np.integer)) or output_size <= 0:
-        raise ValueError(f"output_size must be a positive int (bins per side), got {output_size!r}")
+def check_output_size(output_size, name: str = "output_size") -> int:
+    """``output_size`` as an int in [1, MAX_OUTPUT_SIZE]; ValueError naming ``name`` otherwise."""
+    if isinstance(output_size, bool) or not isinstance(output_size, (int, np.integer)) \
+            or not 1 <= output_size <= MAX_OUTPUT_SIZE:
+        raise ValueError(f"{name} must be an int from 1 to {MAX_OUTPUT_SIZE} (bins per side; the pictures' "
+                         f"weight maps grow as its 4th power), got {output_size!r}")
     return int(output_size)
 
 
@@ -395,7 +400,7 @@ def exact_bin_means(images: Sequence[np.ndarray], image_index: np.ndarray, boxes
     integral is ``I`` at its four corners, with fractional pixels weighted by the area they cover. Exact up to
     float64 rounding.
     """
-    p = _check_output_size(output_size)
+    p = check_output_size(output_size)
     tables, bases, sizes, base = [], [], [], 0
     for img in images:
         t = torch.from_numpy(np.ascontiguousarray(img)).double()  # [H, W, C]
@@ -454,7 +459,7 @@ def crop_errors(maps: Tensor, image_index: np.ndarray, boxes: np.ndarray, rules:
 
     Each rule pools the images' whole maps, as a detector would; ``roi_pool`` in its average-pooling form.
     """
-    stride, p = _check_stride(stride), _check_output_size(output_size)
+    stride, p = _check_stride(stride), check_output_size(output_size)
     h, w = maps.shape[2:]
     idx = torch.as_tensor(np.asarray(image_index), dtype=torch.long)
     b = torch.as_tensor(np.asarray(boxes, dtype=np.float64)).reshape(-1, 4)
@@ -495,7 +500,7 @@ def measure_boxes(boxes: np.ndarray, image_hw: np.ndarray, rules: Sequence[Rule]
         area read), ``empty_bins`` (share of bins that read nothing; they have no centre and are left out of the
         centre error).
     """
-    stride, p = _check_stride(stride), _check_output_size(output_size)
+    stride, p = _check_stride(stride), check_output_size(output_size)
     boxes = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
     image_hw = np.asarray(image_hw, dtype=np.int64).reshape(-1, 2)
     k = len(boxes)
@@ -572,7 +577,7 @@ def measure_dataset(boxset: BoxSet, rules: Sequence[Rule], strides: Sequence[int
     strides = [_check_stride(s) for s in strides]
     if not strides:
         raise ValueError("strides must not be empty")
-    p = _check_output_size(output_size)
+    p = check_output_size(output_size)
     if images_dir is not None and not Path(images_dir).is_dir():
         raise ValueError(f"images folder not found: {images_dir}")
     k = len(boxset)
@@ -618,7 +623,7 @@ def bin_weights(rule: Rule, boxes: np.ndarray, image_hw: tuple[int, int], stride
     ``roi_align`` / ``prroi_pool``: the gradient of the op with respect to the map, bin ``b`` on channel ``b`` (one
     backward pass). ``roi_pool``: its bin's rectangle (from the op, as in ``measure_boxes``), uniformly.
     """
-    stride, p = _check_stride(stride), _check_output_size(output_size)
+    stride, p = _check_stride(stride), check_output_size(output_size)
     boxes = torch.as_tensor(np.asarray(boxes, dtype=np.float64)).reshape(-1, 4)
     k = boxes.shape[0]
     h, w = -(-int(image_hw[0]) // stride), -(-int(image_hw[1]) // stride)
@@ -763,7 +768,7 @@ def draw_examples(boxset: BoxSet, picks: np.ndarray, rules: Sequence[Rule], stri
 
     from roikit.io import atomic_open
 
-    p = _check_output_size(output_size)
+    p = check_output_size(output_size)
     stride = _check_stride(stride)
     fig, axes = plt.subplots(len(picks), len(rules), figsize=(2.3 * len(rules), 2.4 * len(picks)), squeeze=False)
     grid = (np.arange(p) + 0.5) / p

@@ -10,6 +10,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from ..io import read_jsonl
+
 __all__ = ["SCORES", "load_run", "format_runs", "plot_runs"]
 
 SCORES = ("AP", "AP50", "AP75", "APs", "APm", "APl")
@@ -25,29 +27,32 @@ def load_run(path: str | Path, label: str | None = None) -> dict:
     if not metrics_file.is_file():
         raise ValueError(f"{path} is not a training run folder (no metrics.jsonl)")
     train_s, last_iter, iterations, evals = 0.0, 0, 0, []
-    for number, line in enumerate(metrics_file.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{metrics_file}, line {number}: not JSON ({e.msg})") from e
+    for record in read_jsonl(metrics_file):  # a last line a kill cut short is skipped
+        if not isinstance(record, dict):
+            raise ValueError(f"{metrics_file}: a record is not a JSON object: {record!r}")
         if record.get("type") == "train":
-            it = int(record["iter"])
+            try:
+                it, sec_per_iter = int(record["iter"]), float(record["sec_per_iter"])
+            except (KeyError, TypeError, ValueError):
+                raise ValueError(f"{metrics_file}: a train record needs a number 'iter' and 'sec_per_iter', "
+                                 f"got {record!r}") from None
             if it > last_iter:  # a resumed run logs again from its checkpoint: count each window once
-                train_s += float(record["sec_per_iter"]) * (it - last_iter)
+                train_s += sec_per_iter * (it - last_iter)
                 last_iter = it
             iterations = max(iterations, it)
         elif record.get("type") == "eval":
             evals.append(record)
     final = path / "eval_final.json"
     if final.is_file():
-        scores = json.loads(final.read_text())
+        try:
+            scores = json.loads(final.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise ValueError(f"cannot read {final}: {e}") from e
     elif evals:
         scores = evals[-1]
     else:
         raise ValueError(f"{path}: the run has no evaluation yet (no eval_final.json, no eval line in metrics.jsonl)")
-    missing = [s for s in SCORES if s not in scores]
+    missing = [s for s in SCORES if not isinstance(scores, dict) or not isinstance(scores.get(s), (int, float))]
     if missing:
         raise ValueError(f"{path}: the evaluation lacks {', '.join(missing)}")
     return {"label": label or path.name, "path": str(path), "iterations": iterations, "train_s": train_s,

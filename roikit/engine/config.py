@@ -7,18 +7,23 @@ of one op make no sense for another. Command-line overrides ``model.pooler.op=ro
 read with ``yaml.safe_load``, so ``8`` is an int, ``[16, 32]`` a list and ``null`` None (and, where the default
 is a float, ``1e-4`` is the float PyYAML would have left a string).
 
-Each unknown key, wrong type or unreadable file is a ``ValueError`` that names the file and the key.
+Numbers are checked against :data:`RANGES` (each element of a list of numbers too), wherever they come from.
+Each unknown key, wrong type, value out of range or unreadable file is a ``ValueError`` that names the file and
+the key.
 """
 from __future__ import annotations
 
 import copy
 import difflib
+import math
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
 
 import yaml
 
-__all__ = ["DEFAULTS", "FREEFORM", "load_config", "merge_config", "apply_overrides", "parse_override"]
+__all__ = ["DEFAULTS", "FREEFORM", "RANGES", "Range", "load_config", "merge_config", "check_config", "apply_overrides",
+           "parse_override", "parse_value", "pooler_override", "config_difference"]
 
 DEFAULTS: dict[str, Any] = {
     "model": {
@@ -115,6 +120,87 @@ DEFAULTS: dict[str, Any] = {
 FREEFORM = {("model", "pooler", "options"), ("model", "box_head", "pool_options")}
 
 
+@dataclass(frozen=True)
+class Range:
+    """The values a number may take: ``lo <= v`` (``lo < v`` when ``lo_open``) and ``v <= hi``; ``integer`` where
+    the default (None) gives no type to check."""
+
+    lo: float | None = None
+    hi: float | None = None
+    lo_open: bool = False
+    integer: bool = False
+
+    def __contains__(self, v: Any) -> bool:
+        if isinstance(v, bool) or not isinstance(v, int if self.integer else (int, float)) or not math.isfinite(v):
+            return False
+        above = self.lo is None or (v > self.lo if self.lo_open else v >= self.lo)
+        return above and (self.hi is None or v <= self.hi)
+
+    def __str__(self) -> str:
+        kind = "an int " if self.integer else ""
+        if self.hi is None:
+            return f"{kind}{'>' if self.lo_open else '>='} {self.lo}"
+        return f"{kind}in {'(' if self.lo_open else '['}{self.lo}, {self.hi}]"
+
+
+POSITIVE, FRACTION = Range(0, lo_open=True), Range(0, 1)
+COUNT, NON_NEGATIVE = Range(1, integer=True), Range(0, integer=True)
+
+# What each number may be (for a list, each of its elements); keys not listed take any value of their type.
+# Settings with a fixed set of values (names, strides) are checked where they are used, against what exists.
+RANGES: dict[tuple[str, ...], Range] = {tuple(key.split(".")): r for key, r in {
+    "model.num_classes": COUNT,
+    "model.backbone.channels": COUNT,
+    "model.backbone.depth": COUNT,
+    "model.backbone.trainable_layers": Range(0, 5, integer=True),
+    "model.transform.min_size": COUNT,
+    "model.transform.max_size": COUNT,
+    "model.transform.image_std": POSITIVE,
+    "model.rpn.anchor_sizes": POSITIVE,
+    "model.rpn.aspect_ratios": POSITIVE,
+    "model.rpn.pre_nms_top_n_train": COUNT,
+    "model.rpn.post_nms_top_n_train": COUNT,
+    "model.rpn.pre_nms_top_n_test": COUNT,
+    "model.rpn.post_nms_top_n_test": COUNT,
+    "model.rpn.nms_thresh": FRACTION,
+    "model.rpn.fg_iou_thresh": FRACTION,
+    "model.rpn.bg_iou_thresh": FRACTION,
+    "model.rpn.batch_size_per_image": COUNT,
+    "model.rpn.positive_fraction": FRACTION,
+    "model.pooler.output_size": COUNT,
+    "model.box_head.conv_dims": COUNT,
+    "model.box_head.fc_dims": COUNT,
+    "model.roi_heads.fg_iou_thresh": FRACTION,
+    "model.roi_heads.bg_iou_thresh": FRACTION,
+    "model.roi_heads.batch_size_per_image": COUNT,
+    "model.roi_heads.positive_fraction": FRACTION,
+    "model.roi_heads.bbox_reg_weights": POSITIVE,
+    "model.roi_heads.score_thresh": FRACTION,
+    "model.roi_heads.nms_thresh": FRACTION,
+    "model.roi_heads.detections_per_img": COUNT,
+    "data.shapes.num_train": COUNT,
+    "data.shapes.num_val": COUNT,
+    "data.shapes.seed": NON_NEGATIVE,
+    "data.hflip": FRACTION,
+    "data.batch_size": COUNT,
+    "data.eval_batch_size": COUNT,
+    "data.num_workers": NON_NEGATIVE,
+    "solver.lr": POSITIVE,
+    "solver.momentum": FRACTION,
+    "solver.weight_decay": Range(0),
+    "solver.max_iter": COUNT,
+    "solver.warmup_iters": NON_NEGATIVE,
+    "solver.warmup_factor": FRACTION,
+    "solver.steps": COUNT,
+    "solver.gamma": POSITIVE,
+    "solver.clip_grad_norm": POSITIVE,
+    "train.seed": NON_NEGATIVE,
+    "train.eval_period": NON_NEGATIVE,
+    "train.checkpoint_period": NON_NEGATIVE,
+    "train.log_period": COUNT,
+}.items()}
+
+
 def _dotted(path: tuple[str, ...]) -> str:
     return ".".join(path)
 
@@ -134,6 +220,17 @@ def _check_type(value: Any, default: Any, path: tuple[str, ...], where: str) -> 
     if not isinstance(value, expected) or (isinstance(value, bool) and not isinstance(default, bool)):
         raise ValueError(f"{where}: {_dotted(path)} must be a {expected[-1].__name__} "
                          f"(like the default {default!r}), got {value!r}")
+
+
+def _check_range(value: Any, path: tuple[str, ...], where: str) -> None:
+    allowed = RANGES.get(path)
+    if allowed is None or value is None:
+        return
+    values = value if isinstance(value, list) else [value]
+    bad = [v for v in values if v not in allowed]
+    if bad:
+        each = "each element of " if isinstance(value, list) else ""
+        raise ValueError(f"{where}: {each}{_dotted(path)} must be {allowed}, got {bad[0]!r}")
 
 
 def _yaml11_float(text: str) -> float | str:
@@ -171,8 +268,26 @@ def merge_config(base: dict, update: dict, where: str, schema: dict | None = Non
             if isinstance(schema[key], float) and isinstance(value, str):
                 value = _yaml11_float(value)
             _check_type(value, schema[key], sub, where)
+            _check_range(value, sub, where)
             out[key] = copy.deepcopy(value)
     return out
+
+
+def check_config(cfg: dict, where: str = "the config") -> dict:
+    """``cfg`` checked as a whole (keys, types, ranges) and completed with :data:`DEFAULTS`: for a config that
+    did not come from :func:`load_config`."""
+    return merge_config(DEFAULTS, cfg, where)
+
+
+def config_difference(a: Any, b: Any, path: str = "", names: tuple[str, str] = ("was", "now")) -> str | None:
+    """The first key where two configs differ, as ``"path: was 1, now 2"``; None when they are equal."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        for key in sorted(set(a) | set(b), key=str):
+            diff = config_difference(a.get(key), b.get(key), f"{path}.{key}" if path else str(key), names)
+            if diff:
+                return diff
+        return None
+    return None if a == b else f"{path}: {names[0]} {a!r}, {names[1]} {b!r}"
 
 
 def _read_yaml(path: Path, where: str) -> dict:
@@ -206,16 +321,20 @@ def _load_file(path: Path, chain: tuple[Path, ...] = ()) -> dict:
     return merge_config(cfg, data, str(path))
 
 
+def parse_value(text: str, where: str) -> Any:
+    """A setting's value from the command line, read as YAML (``8`` an int, ``[16, 32]`` a list, empty None)."""
+    try:
+        return yaml.safe_load(text) if text.strip() else None
+    except yaml.YAMLError as e:
+        raise ValueError(f"{where}: malformed value {text!r}: {' '.join(str(e).split())}") from e
+
+
 def parse_override(text: str) -> tuple[tuple[str, ...], Any]:
     """``"solver.lr=0.01"`` -> ``(("solver", "lr"), 0.01)``; the value is read as YAML."""
     key, sep, value = text.partition("=")
     if not sep or not key or any(not part for part in key.split(".")):
         raise ValueError(f"override {text!r} is not of the form key.sub=value")
-    try:
-        parsed = yaml.safe_load(value) if value.strip() else None
-    except yaml.YAMLError as e:
-        raise ValueError(f"override {text!r}: malformed value: {' '.join(str(e).split())}") from e
-    return tuple(key.strip().split(".")), parsed
+    return tuple(key.strip().split(".")), parse_value(value, f"override {text!r}")
 
 
 def apply_overrides(cfg: dict, overrides: Iterable[str]) -> dict:
@@ -227,6 +346,31 @@ def apply_overrides(cfg: dict, overrides: Iterable[str]) -> dict:
             update = {key: update}
         cfg = merge_config(cfg, update, f"override {text!r}")
     return cfg
+
+
+def pooler_override(cfg: dict, spec: str, flag: str = "--pooler") -> dict:
+    """``cfg`` with the pooler ``spec`` (``"op[:key=value,...]"``, e.g. ``"roi_pool:rounding=integer"``) laid over
+    ``model.pooler``: ``output_size`` and ``sampling_ratio`` set the pooler's own keys, the other keys the op's
+    options. For the configured op the options given are laid over the configured ones (``roi_align:
+    sampling_ratio=0`` keeps ``aligned``); another op starts from its own defaults, since one op's options mean
+    nothing to another."""
+    op, _, settings = spec.partition(":")
+    op = op.strip()
+    if not op:
+        raise ValueError(f"{flag} {spec!r}: expected op[:key=value,...], e.g. roi_pool:rounding=integer")
+    pooler = cfg["model"]["pooler"]
+    update: dict[str, Any] = {"op": op, "options": dict(pooler["options"]) if op == pooler["op"] else {}}
+    for item in filter(None, (s.strip() for s in settings.split(","))):
+        key, sep, value = item.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise ValueError(f"{flag} {spec!r}: {item!r} is not key=value")
+        parsed = parse_value(value, f"{flag} {spec!r}, {key}")
+        if key in ("output_size", "sampling_ratio"):
+            update[key] = parsed
+        else:
+            update["options"][key] = parsed
+    return merge_config(cfg, {"model": {"pooler": update}}, f"{flag} {spec!r}")
 
 
 def load_config(path: str | Path, overrides: Iterable[str] = ()) -> dict:

@@ -3,14 +3,21 @@
 Training counts iterations, not epochs. The order of the training images is a function of (seed, epoch) and the
 random flips of (seed, epoch, image), so a run resumed from a checkpoint sees the very batches the uninterrupted
 run would have seen, whatever the number of data workers; with the optimizer, schedule, gradient scaler and every
-rank's random state restored, it continues with identical state.
+rank's random state restored, it continues with identical state. A run resumes with its own config, the one saved
+in its checkpoint; settings changed on resume are applied on top, printed, and recorded in
+``config_resume_<iteration>.yaml`` beside the original ``config.yaml``, which stays as it was.
+
+On faults: every parameter and buffer is checked after each optimizer step, and a checkpoint is never written with
+a non-finite value, so the last one written stays good; training stops with ``FloatingPointError`` naming the first
+bad tensor and that checkpoint. Temporary files that a killed run left in its folder are removed when it starts.
 """
 from __future__ import annotations
 
 import math
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterable, Iterator
 
 import numpy as np
 import torch
@@ -19,18 +26,25 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from tqdm import tqdm
 
 from ..data import CocoDetection, Compose, RandomHorizontalFlip, collate_fn, ensure_shapes_dataset
-from ..io import append_jsonl, atomic_save_json, atomic_torch_save, atomic_write_text
+from ..io import (append_jsonl, atomic_save_json, atomic_torch_save, atomic_write_text, output_dir as make_output_dir,
+                  remove_stale_temporaries)
 from ..modeling import build_detector
 from .coco_eval import evaluate, format_metrics, format_per_class
-from .config import DEFAULTS, merge_config
+from .config import DEFAULTS, apply_overrides, check_config, config_difference, merge_config, parse_override
 from .distributed import (DistInfo, all_gather_object, all_reduce_mean, barrier, cleanup, init_distributed,
                           is_main_process, log, unwrap, wrap_ddp)
 
 __all__ = ["build_datasets", "make_train_loader", "make_eval_loader", "build_optimizer", "build_lr_scheduler",
-           "save_checkpoint", "load_checkpoint", "check_state_dict", "train", "CHECKPOINT_NAME", "METRICS_NAME"]
+           "save_checkpoint", "load_checkpoint", "read_checkpoint", "check_state_dict", "first_non_finite", "train",
+           "resume", "CHECKPOINT_NAME", "METRICS_NAME", "CONFIG_NAME"]
 
 CHECKPOINT_NAME = "checkpoint.pth"
 METRICS_NAME = "metrics.jsonl"
+CONFIG_NAME = "config.yaml"
+RESUME_CONFIG_NAME = "config_resume_{iteration}.yaml"
+# every file a run writes atomically (glob patterns), whose temporaries a killed run may have left
+RUN_FILES = (CHECKPOINT_NAME, CONFIG_NAME, RESUME_CONFIG_NAME.format(iteration="*"), "eval_final.json",
+             "results_val.json")
 
 
 # ------------------------------------------------------------------------------------------------------------ data
@@ -53,6 +67,46 @@ def build_datasets(cfg: dict, *, train: bool = True) -> tuple[CocoDetection | No
         train_set = CocoDetection(paths["train_images"], paths["train_annotations"],
                                   transforms=Compose([RandomHorizontalFlip(flip)]) if flip else None)
     return train_set, CocoDetection(paths["val_images"], paths["val_annotations"])
+
+
+@dataclass(frozen=True)
+class _LoadError:
+    message: str
+
+
+class _Loader:
+    """A DataLoader (with :func:`collate_fn`) that raises a sample's ValueError as itself, one line naming the file:
+    from a worker process the exception itself would come back as a traceback inside a message. So a sample's
+    ValueError travels as a value, ``(_LoadError, None)``, and is raised here."""
+
+    def __init__(self, dataset: Dataset, **kwargs) -> None:
+        self.loader = DataLoader(_ErrorsAsValues(dataset), collate_fn=collate_fn, **kwargs)
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self) -> Iterator:
+        for images, targets in self.loader:
+            for image in images:
+                if isinstance(image, _LoadError):
+                    raise ValueError(image.message)
+            yield images, targets
+
+
+class _ErrorsAsValues(Dataset):
+    """``dataset[key]``, or ``(_LoadError(message), None)`` where it raises a ValueError."""
+
+    def __init__(self, dataset: Dataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key):
+        try:
+            return self.dataset[key]
+        except ValueError as e:
+            return _LoadError(str(e)), None
 
 
 class _SeededSamples(Dataset):
@@ -92,24 +146,21 @@ def make_train_loader(dataset: Dataset, cfg: dict, info: DistInfo, start_iter: i
     while True:
         batches = _epoch_batches(dataset, batch_size, seed, epoch, info)[skip:]
         # an own generator: the loader must not draw from the global random state, which resume restores
-        yield from DataLoader(seeded, batch_sampler=batches, collate_fn=collate_fn,
-                              num_workers=cfg["data"]["num_workers"], generator=torch.Generator())
+        yield from _Loader(seeded, batch_sampler=batches, num_workers=cfg["data"]["num_workers"],
+                           generator=torch.Generator())
         epoch, skip = epoch + 1, 0
 
 
-def make_eval_loader(dataset: Dataset, cfg: dict, info: DistInfo) -> DataLoader:
+def make_eval_loader(dataset: Dataset, cfg: dict, info: DistInfo) -> _Loader:
     """Each image goes to exactly one rank (no padding, so no image is counted twice)."""
-    return DataLoader(dataset, batch_size=cfg["data"]["eval_batch_size"],
-                      sampler=list(range(info.rank, len(dataset), info.world_size)), collate_fn=collate_fn,
-                      num_workers=cfg["data"]["num_workers"])
+    return _Loader(dataset, batch_size=cfg["data"]["eval_batch_size"], num_workers=cfg["data"]["num_workers"],
+                   sampler=list(range(info.rank, len(dataset), info.world_size)))
 
 
 # ---------------------------------------------------------------------------------------------- optimizer, schedule
 def build_optimizer(cfg: dict, model: torch.nn.Module) -> torch.optim.Optimizer:
     s = cfg["solver"]
     params = [p for p in model.parameters() if p.requires_grad]
-    if not s["lr"] > 0:
-        raise ValueError(f"solver.lr must be > 0, got {s['lr']!r}")
     if s["optimizer"] == "sgd":
         return torch.optim.SGD(params, lr=s["lr"], momentum=s["momentum"], weight_decay=s["weight_decay"])
     if s["optimizer"] == "adamw":
@@ -122,8 +173,6 @@ def build_lr_scheduler(cfg: dict, optimizer: torch.optim.Optimizer) -> torch.opt
     ``step`` (times ``gamma`` at each of ``steps``) or ``constant``; stepped once per iteration."""
     s = cfg["solver"]
     max_iter, warmup, schedule, steps = s["max_iter"], s["warmup_iters"], s["schedule"], s["steps"]
-    if max_iter < 1 or warmup < 0:
-        raise ValueError(f"solver.max_iter must be >= 1 and solver.warmup_iters >= 0, got {max_iter}, {warmup}")
     if schedule not in ("cosine", "step", "constant"):
         raise ValueError(f"solver.schedule must be 'cosine', 'step' or 'constant', got {schedule!r}")
     if not all(isinstance(x, int) for x in steps) or list(steps) != sorted(steps):
@@ -151,15 +200,45 @@ def _rng_state() -> dict[str, torch.Tensor]:
     return state
 
 
+def first_non_finite(tensors: dict[str, Any]) -> str | None:
+    """The name of the first tensor in ``tensors`` (nested dicts and lists, e.g. an optimizer's state) holding a
+    NaN or an infinity, as ``"a.b"``; None when all are finite. One copy to the CPU per device, however many."""
+    named: list[tuple[str, torch.Tensor]] = []
+
+    def walk(obj: Any, name: str) -> None:
+        if torch.is_tensor(obj):
+            if obj.is_floating_point() or obj.is_complex():
+                named.append((name, obj))
+        elif isinstance(obj, dict):
+            for key, value in obj.items():
+                walk(value, f"{name}.{key}" if name else str(key))
+        elif isinstance(obj, (list, tuple)):
+            for i, value in enumerate(obj):
+                walk(value, f"{name}.{i}" if name else str(i))
+
+    walk(tensors, "")
+    flags = [torch.isfinite(t.detach()).all() for _, t in named]
+    finite = torch.ones(len(flags), dtype=torch.bool)
+    for device in {f.device for f in flags}:  # one copy to the CPU per device
+        index = [i for i, f in enumerate(flags) if f.device == device]
+        finite[index] = torch.stack([flags[i] for i in index]).cpu()
+    bad = (~finite).nonzero()
+    return named[int(bad[0])][0] if len(bad) else None
+
+
 def save_checkpoint(path: str | Path, *, model, optimizer, scheduler, scaler, iteration: int, cfg: dict) -> None:
     """Write a checkpoint atomically (a kill leaves the previous one); a collective call in several processes:
-    every rank's random state is gathered, rank 0 writes."""
+    every rank's random state is gathered, rank 0 writes. FloatingPointError, and the previous checkpoint left as
+    it is, when a parameter, buffer or optimizer state holds a non-finite value."""
     rng = all_gather_object(_rng_state())
     if not is_main_process():
         return
+    state = {"model": unwrap(model).state_dict(), "optimizer": optimizer.state_dict()}
+    bad = first_non_finite(state)
+    if bad:
+        raise FloatingPointError(f"not writing checkpoint {path} of iteration {iteration}: {bad} is not finite")
     atomic_torch_save(path, {
-        "model": unwrap(model).state_dict(), "optimizer": optimizer.state_dict(),
-        "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "iteration": iteration,
+        **state, "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "iteration": iteration,
         "config": cfg, "rng": rng,
     })
 
@@ -202,16 +281,6 @@ def check_state_dict(model: torch.nn.Module, state: dict[str, torch.Tensor], whe
         raise ValueError(f"{where} does not match the model of the config: {'; '.join(parts)}")
 
 
-def _first_difference(a: Any, b: Any, path: str) -> str | None:
-    if isinstance(a, dict) and isinstance(b, dict):
-        for key in sorted(set(a) | set(b)):
-            diff = _first_difference(a.get(key), b.get(key), f"{path}.{key}")
-            if diff:
-                return diff
-        return None
-    return None if a == b else f"{path}: checkpoint {a!r}, config {b!r}"
-
-
 def load_checkpoint(path: str | Path, *, model, optimizer=None, scheduler=None, scaler=None, cfg: dict | None = None,
                     info: DistInfo | None = None) -> int:
     """Load what ``path`` holds into the given objects; returns the iteration it was saved at.
@@ -221,10 +290,13 @@ def load_checkpoint(path: str | Path, *, model, optimizer=None, scheduler=None, 
     """
     ckpt = read_checkpoint(path)
     if cfg is not None and isinstance(ckpt.get("config"), dict):
-        diff = _first_difference(ckpt["config"].get("model"), cfg["model"], "model")
+        diff = config_difference(ckpt["config"].get("model"), cfg["model"], "model", ("checkpoint", "config"))
         if diff:
             raise ValueError(f"checkpoint {path} was trained with another model config ({diff})")
     check_state_dict(model, ckpt["model"], f"checkpoint {path}")
+    bad = first_non_finite(ckpt["model"])
+    if bad:
+        raise ValueError(f"checkpoint {path} holds non-finite values in {bad}: the weights are spoilt")
     model.load_state_dict(ckpt["model"])
     for obj, key in ((optimizer, "optimizer"), (scheduler, "scheduler"), (scaler, "scaler")):
         if obj is not None:
@@ -247,26 +319,70 @@ def _to_device(images, targets, device):
     return images, targets
 
 
-def train(cfg: dict, output_dir: str | Path, *, resume: bool = False, progress: bool = True) -> dict | None:
-    """Train the detector ``cfg`` describes; checkpoints and ``metrics.jsonl`` go to ``output_dir``.
+def train(cfg: dict, output_dir: str | Path, *, progress: bool = True) -> dict | None:
+    """Train the detector ``cfg`` describes, from the start; checkpoints, ``config.yaml`` and ``metrics.jsonl``
+    go to ``output_dir``.
 
     Runs in one process or under torchrun (DDP). Returns the final COCO metrics on rank 0, None on the others.
-    Raises ValueError for a bad setting or file, FloatingPointError when the loss stops being finite.
+    Raises ValueError for a bad setting or file, or a folder that holds a run already (which :func:`resume`
+    continues), FloatingPointError when the loss or the weights stop being finite.
     """
+    cfg = check_config(cfg)
+    held = [name for name in (CHECKPOINT_NAME, METRICS_NAME) if (Path(output_dir) / name).exists()]
+    if held:
+        raise ValueError(f"{output_dir} holds a run already ({held[0]}): --resume continues it; to start again, "
+                         f"delete it or choose another output folder")
     info = init_distributed(cfg["train"]["device"])
     try:
-        return _train(cfg, Path(output_dir), info, resume, progress)
+        return _train(cfg, make_output_dir(output_dir, "output folder"), info, progress)
     finally:
         cleanup()
 
 
-def _train(cfg, output_dir: Path, info: DistInfo, resume: bool, progress: bool) -> dict | None:
-    t = cfg["train"]
-    if t["log_period"] < 1 or t["checkpoint_period"] < 0 or t["eval_period"] < 0:
-        raise ValueError("train.log_period must be >= 1, train.checkpoint_period and train.eval_period >= 0")
-    ckpt_path, metrics_path = output_dir / CHECKPOINT_NAME, output_dir / METRICS_NAME
-    if resume and not ckpt_path.is_file():
+def resume(output_dir: str | Path, overrides: Iterable[str] = (), *, progress: bool = True) -> dict | None:
+    """Continue the run in ``output_dir`` from its checkpoint, with the config saved in that checkpoint.
+
+    ``overrides`` (``key.sub=value``, e.g. ``solver.max_iter=3000``) change that config; each change is printed and
+    the config resumed with is written to ``config_resume_<iteration>.yaml``; ``config.yaml`` stays the run's
+    original. Returns and raises as :func:`train`.
+    """
+    ckpt_path = Path(output_dir) / CHECKPOINT_NAME
+    if not ckpt_path.is_file():
         raise ValueError(f"--resume: no checkpoint in {output_dir} (expected {ckpt_path})")
+    saved = read_checkpoint(ckpt_path).get("config")
+    if saved is None:
+        raise ValueError(f"--resume: checkpoint {ckpt_path} holds no config to resume with")
+    overrides = list(overrides)
+    cfg = apply_overrides(saved, overrides)
+    changes = []
+    for text in overrides:
+        path, _ = parse_override(text)
+        old, new = _lookup(saved, path), _lookup(cfg, path)
+        if old != new:
+            changes.append(f"{'.'.join(path)} {old!r} -> {new!r}")
+    info = init_distributed(cfg["train"]["device"])
+    try:
+        return _train(cfg, Path(output_dir), info, progress, resumed_with=changes)
+    finally:
+        cleanup()
+
+
+def _lookup(cfg: dict, path: tuple[str, ...]) -> Any:
+    for key in path:
+        cfg = cfg[key]
+    return cfg
+
+
+def _train(cfg, output_dir: Path, info: DistInfo, progress: bool, resumed_with: list[str] | None = None) -> dict | None:
+    """The run; ``resumed_with`` (the changes made to the saved config, maybe none) when it resumes."""
+    t = cfg["train"]
+    resuming = resumed_with is not None
+    ckpt_path, metrics_path = output_dir / CHECKPOINT_NAME, output_dir / METRICS_NAME
+    if is_main_process():
+        files, size = remove_stale_temporaries(output_dir, RUN_FILES)
+        if files:
+            log(f"removed {files} temporary file(s) ({size / 2**20:.1f} MiB) that an interrupted run left in "
+                f"{output_dir}")
     train_set, val_set = build_datasets(cfg)
     if cfg["model"]["num_classes"] is None:
         cfg = {**cfg, "model": {**cfg["model"], "num_classes": train_set.num_classes}}
@@ -283,18 +399,31 @@ def _train(cfg, output_dir: Path, info: DistInfo, resume: bool, progress: bool) 
     torch.manual_seed(t["seed"] + info.rank)  # each rank samples its own anchors and RoIs
 
     start_iter = 0
-    if resume:
+    if resuming:
         start_iter = load_checkpoint(ckpt_path, model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler,
                                      cfg=cfg, info=info)
-        log(f"resumed from {ckpt_path} at iteration {start_iter}")
-    if is_main_process():
-        atomic_write_text(output_dir / "config.yaml", yaml.safe_dump(cfg, sort_keys=False))
+        note = "with the config saved in it"
+        if resumed_with:
+            record = output_dir / RESUME_CONFIG_NAME.format(iteration=start_iter)
+            note += f", changed: {'; '.join(resumed_with)} (recorded in {record.name})"
+            if is_main_process():
+                atomic_write_text(record, f"# resumed at iteration {start_iter}, changed: {'; '.join(resumed_with)}\n"
+                                  + yaml.safe_dump(cfg, sort_keys=False))
+        log(f"resumed from {ckpt_path} at iteration {start_iter}, {note}")
+    elif is_main_process():
+        atomic_write_text(output_dir / CONFIG_NAME, yaml.safe_dump(cfg, sort_keys=False))
+    last_good = f"the last good checkpoint is {ckpt_path} (iteration {start_iter})" if resuming \
+        else "no checkpoint written yet"
     ddp_model = wrap_ddp(model, info)
 
     max_iter = cfg["solver"]["max_iter"]
     clip = cfg["solver"]["clip_grad_norm"]
     log(f"training {max_iter - start_iter} iterations ({start_iter} -> {max_iter}) on {info.world_size} x "
         f"{info.device.type}, {len(train_set)} images, output in {output_dir}")
+
+    def stop(what: str, iteration: int) -> FloatingPointError:
+        return FloatingPointError(f"{what} at iteration {iteration}: training stopped, {last_good}; lower solver.lr, "
+                                  f"raise solver.warmup_iters or set solver.clip_grad_norm")
 
     def run_eval(iteration: int) -> dict | None:
         metrics = evaluate(model, make_eval_loader(val_set, cfg, info), val_set, info.device, amp=amp,
@@ -317,10 +446,7 @@ def _train(cfg, output_dir: Path, info: DistInfo, resume: bool, progress: bool) 
         reduced = {k: v.item() for k, v in all_reduce_mean(loss_dict).items()}
         total = sum(reduced.values())
         if not math.isfinite(total):
-            raise FloatingPointError(
-                f"loss is {total} at iteration {it + 1} ("
-                + ", ".join(f"{k} {v:.4g}" for k, v in reduced.items())
-                + "): training stopped; lower solver.lr, raise solver.warmup_iters or set solver.clip_grad_norm")
+            raise stop(f"loss is {total} (" + ", ".join(f"{k} {v:.4g}" for k, v in reduced.items()) + ")", it + 1)
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         if clip:
@@ -331,6 +457,10 @@ def _train(cfg, output_dir: Path, info: DistInfo, resume: bool, progress: bool) 
         scheduler.step()
 
         done = it + 1
+        # parameters and buffers (BatchNorm's statistics); every rank stops, though a buffer may go bad on one only
+        bad = next(filter(None, all_gather_object(first_non_finite(unwrap(model).state_dict()))), None)
+        if bad:
+            raise stop(f"{bad} is not finite after the step", done)
         window_iters += 1
         lr = optimizer.param_groups[0]["lr"]
         bar.update(1)
@@ -344,6 +474,7 @@ def _train(cfg, output_dir: Path, info: DistInfo, resume: bool, progress: bool) 
         if done == max_iter or (t["checkpoint_period"] and done % t["checkpoint_period"] == 0):
             save_checkpoint(ckpt_path, model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler,
                             iteration=done, cfg=cfg)
+            last_good = f"the last good checkpoint is {ckpt_path} (iteration {done})"
         if t["eval_period"] and done % t["eval_period"] == 0 and done != max_iter:
             run_eval(done)
             window_start = time.perf_counter()

@@ -20,9 +20,24 @@ from .backbones import SmallConvNet, resnet_fpn
 from .box_head import FastRCNNConvFCHead
 from .predictor import FastRCNNPredictor
 
-__all__ = ["build_backbone", "build_pooler", "build_box_head", "build_detector", "BACKBONES"]
+__all__ = ["build_backbone", "build_pooler", "build_box_head", "build_detector", "DetectionTransform", "BACKBONES"]
 
 BACKBONES = ("small_cnn", "resnet_fpn")
+
+
+class DetectionTransform(GeneralizedRCNNTransform):
+    """torchvision's transform (normalise, resize, batch) that refuses, with a ValueError, an image it would
+    resize to nothing: an empty one, or one so thin that scaling its long side to ``max_size`` leaves its short
+    side under a pixel (sides more than ``max_size`` : 1)."""
+
+    def resize(self, image, target=None):
+        h, w = (int(v) for v in image.shape[-2:])
+        short, long = min(h, w), max(h, w)
+        if short == 0 or short * min(min(self.min_size) / short, self.max_size / long) < 1.0:
+            raise ValueError(f"an image of {w}x{h} px cannot be resized by model.transform (min_size "
+                             f"{list(self.min_size)}, max_size {self.max_size}): its short side would be under "
+                             f"1 px; sides at most {self.max_size}:1 are taken")
+        return super().resize(image, target)
 
 
 def build_backbone(cfg: dict) -> tuple[nn.Module, list[str], list[str]]:
@@ -109,5 +124,5 @@ def build_detector(cfg: dict) -> GeneralizedRCNN:
     )
 
     t = m["transform"]
-    transform = GeneralizedRCNNTransform(t["min_size"], t["max_size"], t["image_mean"], t["image_std"])
+    transform = DetectionTransform(t["min_size"], t["max_size"], t["image_mean"], t["image_std"])
     return GeneralizedRCNN(backbone, rpn, roi_heads, transform)
