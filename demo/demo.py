@@ -795,7 +795,7 @@ def main(args: argparse.Namespace) -> int:
                 return 1
         else:
             runner.run_video(source)
-    except (ValueError, FloatingPointError) as e:
+    except (ValueError, FloatingPointError, OSError) as e:  # OSError: an output that cannot be written
         say(f"error: {e}")
         return 2
     finally:

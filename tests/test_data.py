@@ -169,6 +169,9 @@ def test_cli(tmp_path, capsys):
     assert make_shapes.main(args) == 2
     err = capsys.readouterr().err
     assert err.startswith("make_shapes: error: image_size must be between") and err.count("\n") == 1
+    args.image_size, args.root = 96, str(tmp_path / "cli" / "DONE")  # a file
+    assert make_shapes.main(args) == 2
+    assert capsys.readouterr().err == f"make_shapes: error: --root {args.root} is a file, not a folder\n"
 
 
 # ---------------------------------------------------------------- CocoDetection

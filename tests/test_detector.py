@@ -233,6 +233,19 @@ def test_detector_refuses_an_image_it_would_resize_to_nothing():
                 model([torch.rand(3, h, w)])
 
 
+def test_swap_roi_pooler_keeps_the_options_of_the_same_op():
+    cfg = load_config(REPO / "configs" / "base_shapes.yaml", ["model.num_classes=3", "model.box_head.fc_dims=[8]",
+                                                              "model.backbone.channels=[4,4,4,4]"])
+    model = build_detector(cfg)  # roi_align, aligned=True
+    swap_roi_pooler(model, op="roi_align", pool="max")
+    assert model.roi_heads.box_roi_pool.op_options == {"aligned": True, "pool": "max"}
+    swap_roi_pooler(model, op="roi_pool")  # another op: its own options only
+    assert model.roi_heads.box_roi_pool.op_options == {}
+    swap_roi_pooler(model, op="roi_pool", rounding="integer")
+    swap_roi_pooler(model, op="roi_pool")
+    assert model.roi_heads.box_roi_pool.op_options == {"rounding": "integer"}
+
+
 def test_build_detector_errors():
     cfg = load_config(REPO / "configs" / "base_shapes.yaml")
     with pytest.raises(ValueError, match="model.num_classes must be a positive int"):
@@ -500,6 +513,8 @@ def test_a_file_no_worker_can_decode_is_one_line_naming_it(tiny_config, tiny_dat
     (["--config", "{cfg}", "model.rpn.nms_thresh=-1"], "train.py: error: override 'model.rpn.nms_thresh=-1': model.rpn.nms_thresh must be in [0, 1], got -1"),
     (["--config", "{cfg}", "--output-dir", "{cfg}"], "train.py: error: --output-dir {cfg} is a file, not a folder"),
     (["--resume"], "train.py: error: --config is needed (or --resume with --output-dir)"),
+    (["--config", "{cfg}", "data.shapes.root={cfg}", "data.train_images=null"],
+     "train.py: error: data.shapes.root {cfg} is a file, not a folder"),
     (["--config", "{cfg}", "--output-dir", "{tmp}/old"], "train.py: error: {tmp}/old holds a run already "
                                                          "(metrics.jsonl): --resume continues it; to start again,"),
 ])

@@ -63,7 +63,7 @@ def main(args: argparse.Namespace) -> int:
             log(format_per_class(metrics))
             log(format_metrics(metrics))
             log(f"results: {results_file}")
-    except ValueError as e:
+    except (ValueError, OSError) as e:  # OSError: a file that cannot be written (disk full, no permission)
         print(f"eval.py: error: {e}", file=sys.stderr)
         return 2
     finally:

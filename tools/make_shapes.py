@@ -8,6 +8,7 @@ import argparse
 import sys
 
 from roikit.data.shapes import make_shapes_dataset
+from roikit.io import output_dir
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -24,7 +25,7 @@ def get_args_parser() -> argparse.ArgumentParser:
 def main(args: argparse.Namespace) -> int:
     try:
         paths = make_shapes_dataset(
-            args.root,
+            output_dir(args.root, "--root"),
             num_train=args.num_train,
             num_val=args.num_val,
             image_size=args.image_size,

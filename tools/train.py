@@ -41,7 +41,7 @@ def main(args: argparse.Namespace) -> int:
             resume(folder, args.opts, progress=not args.no_progress)
         else:
             train(cfg, folder, progress=not args.no_progress)
-    except ValueError as e:
+    except (ValueError, OSError) as e:  # OSError: a file that cannot be written (disk full, no permission)
         print(f"train.py: error: {e}", file=sys.stderr)
         return 2
     except FloatingPointError as e:

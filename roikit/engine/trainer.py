@@ -54,7 +54,7 @@ def build_datasets(cfg: dict, *, train: bool = True) -> tuple[CocoDetection | No
     paths = {key: d[key] for key in ("train_images", "train_annotations", "val_images", "val_annotations")}
     if any(v is None for v in paths.values()):
         s = dict(d["shapes"])
-        root = s.pop("root")
+        root = make_output_dir(s.pop("root"), "data.shapes.root")
         if is_main_process():  # one process generates, the others wait and then find it complete
             shapes = ensure_shapes_dataset(root, progress=False, **s)
         barrier()
