@@ -1,10 +1,10 @@
 """prroi_pool against a dense numerical integral of the bilinear surface; gradients by gradcheck."""
+import naive
 import pytest
 import torch
-
-import naive
-from roikit.ops import PrRoIPool, prroi_pool
 from test_roi_align import layouts, make_rois
+
+from roikit.ops import PrRoIPool, prroi_pool
 
 
 @pytest.mark.parametrize("aligned", [False, True])

@@ -1,9 +1,9 @@
 """roi_align against torchvision (the oracle for pool="avg") and against a naive loop (pool="max")."""
+import naive
 import pytest
 import torch
 import torchvision
 
-import naive
 from roikit.ops import RoIAlign, roi_align
 
 

@@ -1,11 +1,11 @@
 """roi_pool: the "torchvision" rule against torchvision exactly, the "integer" rule against a naive loop and by hand."""
+import naive
 import pytest
 import torch
 import torchvision
-
-import naive
-from roikit.ops import RoIPool, roi_pool
 from test_roi_align import layouts, make_rois
+
+from roikit.ops import RoIPool, roi_pool
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
@@ -101,10 +101,9 @@ def test_gradient_goes_to_the_argmax_and_keeps_the_sum(rounding):
     grad = torch.rand_like(out)
     out.backward(grad)
     torch.testing.assert_close(x.grad.sum(), grad.sum())  # no empty bin here
-    for k in range(2):  # each bin's gradient sits where its output value sits
-        for c in range(2):
-            hits = x.grad[0, c] != 0
-            assert set(x.detach()[0, c][hits].tolist()) <= set(out.detach()[:, c].flatten().tolist())
+    for c in range(2):  # each bin's gradient sits where its output value sits
+        hits = x.grad[0, c] != 0
+        assert set(x.detach()[0, c][hits].tolist()) <= set(out.detach()[:, c].flatten().tolist())
 
 
 @pytest.mark.parametrize("rounding", ["torchvision", "integer"])
@@ -134,4 +133,5 @@ def test_half_and_bfloat16():
 
 
 def test_module_repr():
-    assert repr(RoIPool(7, 1 / 32, "integer")) == "RoIPool(output_size=(7, 7), spatial_scale=0.03125, rounding='integer')"
+    expected = "RoIPool(output_size=(7, 7), spatial_scale=0.03125, rounding='integer')"
+    assert repr(RoIPool(7, 1 / 32, "integer")) == expected

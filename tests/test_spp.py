@@ -43,7 +43,8 @@ def test_sppnet_rule_pools_its_windows():
     x = torch.randn(1, 3, 13, 13)
     out = spatial_pyramid_pool(x, levels=(3,), mode="avg", bins="sppnet").reshape(1, 3, 3, 3)
     torch.testing.assert_close(out[0, :, 1, 2], x[0, :, 4:9, 8:13].mean(dim=(1, 2)))
-    assert repr(SpatialPyramidPooling(bins="sppnet")) == "SpatialPyramidPooling(levels=(1, 2, 4), mode='max', bins='sppnet')"
+    expected = "SpatialPyramidPooling(levels=(1, 2, 4), mode='max', bins='sppnet')"
+    assert repr(SpatialPyramidPooling(bins="sppnet")) == expected
 
 
 def test_roi_spp_is_roi_pool_at_each_level_concatenated():

@@ -19,7 +19,7 @@ import platform
 import statistics
 import time
 from collections import OrderedDict
-from typing import Callable, Iterable
+from collections.abc import Callable, Iterable
 
 import torch
 import torchvision
@@ -85,7 +85,8 @@ def run_cpu_benchmark(repeat: int = 10, num_boxes: int = 512) -> list[dict]:
 
 
 def machine() -> str:
-    return (f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}, "
+    return (f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
+            f"torch {torch.__version__}, "
             f"torchvision {torchvision.__version__}")
 
 

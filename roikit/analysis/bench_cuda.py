@@ -1,4 +1,5 @@
-"""roikit's Triton kernels against torchvision's CUDA ops, in one run on one GPU (the GPU workloads of docs/benchmarks.md).
+"""roikit's Triton kernels against torchvision's CUDA ops, in one run on one GPU (the GPU workloads of
+docs/benchmarks.md).
 
     python -m roikit.analysis.bench_cuda          (or: python tools/bench.py --device cuda)
 
@@ -24,7 +25,7 @@ import datetime
 import math
 import statistics
 import sys
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
@@ -116,11 +117,11 @@ def _fwd_bwd(fn, leaves, grad):
 
 def check_correctness(device="cuda") -> list[str]:
     """Differences from torchvision's CUDA ops on a small workload: a list of failures (empty when all pass)."""
-    import torchvision
     from collections import OrderedDict
 
-    from ..ops import deterministic_backward, roi_align, roi_pool
-    from ..ops import multilevel_roi_align
+    import torchvision
+
+    from ..ops import deterministic_backward, multilevel_roi_align, roi_align, roi_pool
 
     failures = []
 
@@ -180,11 +181,11 @@ def run_cuda_benchmark(repeat: int = 20, device="cuda", channels: int = CHANNELS
     wall-clock timer and few channels (the test suite does, as a smoke test); the figures mean something only on
     a GPU with the defaults.
     """
-    import torchvision
     from collections import OrderedDict
 
-    from ..ops import deterministic_backward, roi_align, roi_pool
-    from ..ops import multilevel_roi_align
+    import torchvision
+
+    from ..ops import deterministic_backward, multilevel_roi_align, roi_align, roi_pool
 
     peak = peak_bandwidth(torch.cuda.get_device_name()) if torch.device(device).type == "cuda" else None
     g = torch.Generator(device=device).manual_seed(0)

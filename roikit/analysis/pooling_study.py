@@ -24,7 +24,7 @@ import math
 import os
 import platform
 import time
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F

@@ -3,7 +3,13 @@
 Region ops themselves live in :mod:`roikit.ops`; these layers import from it (never the other way round).
 """
 from .basic_pool import (
-    AdaptivePool2d, GlobalPool, OverlappingMaxPool2d, Pool2d, adaptive_pool2d, global_pool2d, overlapping_max_pool2d,
+    AdaptivePool2d,
+    GlobalPool,
+    OverlappingMaxPool2d,
+    Pool2d,
+    adaptive_pool2d,
+    global_pool2d,
+    overlapping_max_pool2d,
     pool2d,
 )
 from .bilinear_pool import BilinearPool, CompactBilinearPool, bilinear_pool, compact_bilinear_pool, tensor_sketch_hashes

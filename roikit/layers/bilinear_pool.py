@@ -22,7 +22,6 @@ over positions sketches ``B``, and ``E<phi(X), phi(X')> = <B(X), B(X')>`` (Frobe
 from __future__ import annotations
 
 import math
-from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -67,7 +66,7 @@ def _normalize(z: Tensor, signed_sqrt: bool, l2_normalize: bool, eps: float) -> 
 
 def bilinear_pool(
     x: Tensor,
-    y: Optional[Tensor] = None,
+    y: Tensor | None = None,
     *,
     signed_sqrt: bool = True,
     l2_normalize: bool = True,
@@ -104,7 +103,7 @@ class BilinearPool(nn.Module):
         self.l2_normalize = check_bool(l2_normalize, "l2_normalize")
         self.eps = float(eps)
 
-    def forward(self, x: Tensor, y: Optional[Tensor] = None) -> Tensor:
+    def forward(self, x: Tensor, y: Tensor | None = None) -> Tensor:
         return bilinear_pool(x, y, signed_sqrt=self.signed_sqrt, l2_normalize=self.l2_normalize, eps=self.eps)
 
     def extra_repr(self) -> str:
@@ -163,7 +162,7 @@ def _sketch_direct(xp: Tensor, yp: Tensor, hashes, d: int) -> Tensor:
 
 def compact_bilinear_pool(
     x: Tensor,
-    y: Optional[Tensor] = None,
+    y: Tensor | None = None,
     output_dim: int = 8192,
     seed: int = 0,
     *,
@@ -240,7 +239,7 @@ class CompactBilinearPool(nn.Module):
     ``forward(x, y=None)``: [N, C1, H, W] (and [N, C2, H, W]) -> [N, output_dim].
     """
 
-    def __init__(self, in_channels1: int, in_channels2: Optional[int] = None, output_dim: int = 8192,
+    def __init__(self, in_channels1: int, in_channels2: int | None = None, output_dim: int = 8192,
                  seed: int = 0, *, signed_sqrt: bool = True, l2_normalize: bool = True, eps: float = 1e-10,
                  method: str = "auto"):
         super().__init__()
@@ -260,7 +259,7 @@ class CompactBilinearPool(nn.Module):
         self.register_buffer("h2", h2)
         self.register_buffer("s2", s2)
 
-    def forward(self, x: Tensor, y: Optional[Tensor] = None) -> Tensor:
+    def forward(self, x: Tensor, y: Tensor | None = None) -> Tensor:
         if not isinstance(x, Tensor) or x.dim() != 4 or x.shape[1] != self.in_channels1:
             shape = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
             raise ValueError(f"x must be a Tensor[N, {self.in_channels1}, H, W], got {shape}")

@@ -2,25 +2,41 @@
 
 :class:`RoIPooler` has the call signature of ``torchvision.ops.MultiScaleRoIAlign`` (features dict, list of
 proposals, image sizes), so it drops into torchvision's detection models, and takes the op by name:
-``"roi_align"``, ``"roi_pool"``, ``"prroi_pool"``, ``"roi_spp"``, ``"ps_roi_align"`` or ``"ps_roi_pool"``, with that op's own
-settings.
+``"roi_align"``, ``"roi_pool"``, ``"prroi_pool"``, ``"roi_spp"``, ``"ps_roi_align"`` or ``"ps_roi_pool"``, with
+that op's own settings.
 """
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor, nn
 
-from ..ops import (PrRoIPool, PSRoIAlign, PSRoIPool, RoIAlign, RoIPool, RoISPP, autocast_to_float32,
-                   convert_boxes_to_rois, multilevel_roi_align, prroi_pool, ps_roi_align, ps_roi_pool, pyramid_levels,
-                   roi_align, roi_pool, roi_spp)
+from ..ops import (
+    PrRoIPool,
+    PSRoIAlign,
+    PSRoIPool,
+    RoIAlign,
+    RoIPool,
+    RoISPP,
+    autocast_to_float32,
+    convert_boxes_to_rois,
+    multilevel_roi_align,
+    prroi_pool,
+    ps_roi_align,
+    ps_roi_pool,
+    pyramid_levels,
+    roi_align,
+    roi_pool,
+    roi_spp,
+)
 from ..utils.checks import pair
 from ..utils.fx import fx_leaf
 
 OPS = {"roi_align": (RoIAlign, roi_align), "roi_pool": (RoIPool, roi_pool), "prroi_pool": (PrRoIPool, prroi_pool),
-       "roi_spp": (RoISPP, roi_spp), "ps_roi_align": (PSRoIAlign, ps_roi_align), "ps_roi_pool": (PSRoIPool, ps_roi_pool)}
+       "roi_spp": (RoISPP, roi_spp), "ps_roi_align": (PSRoIAlign, ps_roi_align),
+       "ps_roi_pool": (PSRoIPool, ps_roi_pool)}
 SAMPLED = ("roi_align", "ps_roi_align")  # the ops that take sampling_ratio
 
 

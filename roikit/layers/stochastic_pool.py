@@ -16,8 +16,6 @@ input's device.
 """
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -30,7 +28,7 @@ def stochastic_pool2d(
     kernel_size,
     stride=None,
     training: bool = True,
-    generator: Optional[torch.Generator] = None,
+    generator: torch.Generator | None = None,
 ) -> Tensor:
     """Stochastic pooling over sliding windows (no padding).
 
@@ -102,9 +100,9 @@ class StochasticPool2d(nn.Module):
         super().__init__()
         self.kernel_size = pair(kernel_size, "kernel_size")
         self.stride = self.kernel_size if stride is None else pair(stride, "stride")
-        self.generator: Optional[torch.Generator] = None  # the draws' source when forward is given none
+        self.generator: torch.Generator | None = None  # the draws' source when forward is given none
 
-    def forward(self, input: Tensor, generator: Optional[torch.Generator] = None) -> Tensor:
+    def forward(self, input: Tensor, generator: torch.Generator | None = None) -> Tensor:
         return stochastic_pool2d(input, self.kernel_size, self.stride, self.training, generator or self.generator)
 
     def extra_repr(self) -> str:

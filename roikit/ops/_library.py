@@ -171,8 +171,8 @@ prroi_pool_op.register_autograd(_prroi_backward, setup_context=_prroi_setup)
 def multilevel_roi_align_op(features: list[Tensor], rois: Tensor, spatial_scales: list[float], pooled_height: int,
                             pooled_width: int, sampling_ratio: int, aligned: bool, canonical_scale: int,
                             canonical_level: int) -> Tensor:
-    return _multilevel.multilevel_roi_align_forward(features, rois, spatial_scales, pooled_height, pooled_width, sampling_ratio, aligned,
-                              canonical_scale, canonical_level)
+    return _multilevel.multilevel_roi_align_forward(features, rois, spatial_scales, pooled_height, pooled_width,
+                                                    sampling_ratio, aligned, canonical_scale, canonical_level)
 
 
 @multilevel_roi_align_op.register_fake
@@ -186,8 +186,9 @@ def multilevel_roi_align_backward_op(grad: Tensor, rois: Tensor, spatial_scales:
                                      pooled_width: int, batch_size: int, channels: int, heights: list[int],
                                      widths: list[int], sampling_ratio: int, aligned: bool, canonical_scale: int,
                                      canonical_level: int, deterministic: bool) -> list[Tensor]:
-    return _multilevel.multilevel_roi_align_backward(grad, rois, spatial_scales, pooled_height, pooled_width, batch_size, channels, heights,
-                               widths, sampling_ratio, aligned, canonical_scale, canonical_level)
+    return _multilevel.multilevel_roi_align_backward(grad, rois, spatial_scales, pooled_height, pooled_width,
+                                                     batch_size, channels, heights, widths, sampling_ratio, aligned,
+                                                     canonical_scale, canonical_level)
 
 
 @multilevel_roi_align_backward_op.register_fake

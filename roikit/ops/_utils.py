@@ -6,16 +6,25 @@ Checks raise ``ValueError`` naming the argument and what was expected.
 """
 from __future__ import annotations
 
-from typing import Sequence, Union
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor
 
-from ..utils.checks import (FLOAT_DTYPES, check_bool, check_choice, check_features, check_float_features,  # noqa: F401
-                            check_int, check_nonempty_map, check_spatial_scale, pair)
+from ..utils.checks import (  # noqa: F401
+    FLOAT_DTYPES,
+    check_bool,
+    check_choice,
+    check_features,
+    check_float_features,
+    check_int,
+    check_nonempty_map,
+    check_spatial_scale,
+    pair,
+)
 from ..utils.fx import fx_leaf  # noqa: F401
 
-BoxesType = Union[Tensor, Sequence[Tensor]]
+BoxesType = Tensor | Sequence[Tensor]
 
 
 def _is_compiling() -> bool:
@@ -40,8 +49,9 @@ def convert_boxes_to_rois(boxes: BoxesType, input: Tensor) -> Tensor:
     """Boxes as ``Tensor[K, 5]`` or a list of ``Tensor[L_i, 4]`` (one per image) -> checked ``Tensor[K, 5]``.
 
     The boxes must be on the features' device, in any floating dtype (coordinates are computed in float64 for
-    float64 boxes, in float32 otherwise: float32 boxes keep pixel coordinates exact beside bfloat16 features). The batch index must be an integer value in
-    ``[0, N)`` and every coordinate finite (these two value checks run in eager mode only).
+    float64 boxes, in float32 otherwise: float32 boxes keep pixel coordinates exact beside bfloat16 features).
+    The batch index must be an integer value in ``[0, N)`` and every coordinate finite (these two value checks run
+    in eager mode only).
     """
     if isinstance(boxes, (list, tuple)):
         if len(boxes) != input.shape[0]:
@@ -84,7 +94,8 @@ def check_roi_values(rois: Tensor, batch_size: int) -> None:
     index = rois[:, 0]
     if not bool((index == index.round()).all()):
         bad = (index != index.round()).nonzero()[0].item()
-        raise ValueError(f"boxes[:, 0] is the batch index and must hold integer values; row {bad} has {index[bad].item()}")
+        raise ValueError(f"boxes[:, 0] is the batch index and must hold integer values; row {bad} has "
+                         f"{index[bad].item()}")
     if bool((index < 0).any()) or bool((index >= batch_size).any()):
         bad = ((index < 0) | (index >= batch_size)).nonzero()[0].item()
         raise ValueError(

@@ -7,13 +7,22 @@ the level rule, then the plain-PyTorch RoIAlign per level.
 """
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 from torch import Tensor
 
 from . import _library
-from ._utils import (BoxesType, autocast_to_float32, check_bool, check_features, check_int, check_spatial_scale,
-                     convert_boxes_to_rois, fx_leaf, pair)
+from ._utils import (
+    BoxesType,
+    autocast_to_float32,
+    check_bool,
+    check_features,
+    check_int,
+    check_spatial_scale,
+    convert_boxes_to_rois,
+    fx_leaf,
+    pair,
+)
 from .pytorch.multilevel_roi_align import level_range, pyramid_levels
 
 __all__ = ["multilevel_roi_align", "pyramid_levels", "level_range"]
@@ -62,7 +71,8 @@ def multilevel_roi_align(
             raise ValueError(f"features[{i}] has N, C = {tuple(f.shape[:2])} but features[0] has "
                              f"{tuple(features[0].shape[:2])}; every level must have the same batch and channels")
     if isinstance(spatial_scales, (int, float)) or len(spatial_scales) != len(features):
-        raise ValueError(f"spatial_scales must give one scale per feature map ({len(features)}), got {spatial_scales!r}")
+        raise ValueError(f"spatial_scales must give one scale per feature map ({len(features)}), got "
+                         f"{spatial_scales!r}")
     scales = [check_spatial_scale(s) for s in spatial_scales]
     boxes = convert_boxes_to_rois(rois, features[0])
     ph, pw = pair(output_size)

@@ -4,8 +4,16 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 from . import _library
-from ._utils import (BoxesType, autocast_to_float32, check_bool, check_features, check_spatial_scale,
-                     convert_boxes_to_rois, fx_leaf, pair)
+from ._utils import (
+    BoxesType,
+    autocast_to_float32,
+    check_bool,
+    check_features,
+    check_spatial_scale,
+    convert_boxes_to_rois,
+    fx_leaf,
+    pair,
+)
 
 
 @fx_leaf

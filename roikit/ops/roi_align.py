@@ -4,8 +4,18 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 from . import _library
-from ._utils import (BoxesType, autocast_to_float32, check_bool, check_choice, check_features, check_int,
-                     check_spatial_scale, convert_boxes_to_rois, fx_leaf, pair)
+from ._utils import (
+    BoxesType,
+    autocast_to_float32,
+    check_bool,
+    check_choice,
+    check_features,
+    check_int,
+    check_spatial_scale,
+    convert_boxes_to_rois,
+    fx_leaf,
+    pair,
+)
 
 POOLS = ("avg", "max")
 

@@ -1,12 +1,19 @@
 """Quantized RoI max pooling (Fast R-CNN), with its rounding rule made explicit."""
 from __future__ import annotations
 
-import torch
 from torch import Tensor, nn
 
 from . import _library
-from ._utils import (BoxesType, autocast_to_float32, check_choice, check_features, check_spatial_scale,
-                     convert_boxes_to_rois, fx_leaf, pair)
+from ._utils import (
+    BoxesType,
+    autocast_to_float32,
+    check_choice,
+    check_features,
+    check_spatial_scale,
+    convert_boxes_to_rois,
+    fx_leaf,
+    pair,
+)
 
 ROUNDINGS = ("torchvision", "integer")
 

@@ -1,14 +1,21 @@
 """Spatial pyramid pooling of each RoI (SPPnet detection): several grids of one box, concatenated."""
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor, nn
 
 from . import _library
-from ._utils import (BoxesType, autocast_to_float32, check_choice, check_features, check_spatial_scale,
-                     convert_boxes_to_rois, fx_leaf)
+from ._utils import (
+    BoxesType,
+    autocast_to_float32,
+    check_choice,
+    check_features,
+    check_spatial_scale,
+    convert_boxes_to_rois,
+    fx_leaf,
+)
 from .roi_pool import ROUNDINGS
 
 

@@ -6,7 +6,8 @@ let a ``torch.fx`` Proxy through (its shape is unknown while tracing and is chec
 from __future__ import annotations
 
 import math
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.fx

@@ -22,7 +22,8 @@ reads that infinity with a positive weight; else its finite value. For an exact 
 from __future__ import annotations
 
 import functools
-from typing import Iterator, NamedTuple
+from collections.abc import Iterator
+from typing import NamedTuple
 
 import torch
 from torch import Tensor

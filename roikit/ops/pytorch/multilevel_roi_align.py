@@ -4,7 +4,7 @@ The reference for the fused Triton kernel and the CPU path of ``roikit::multilev
 """
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor

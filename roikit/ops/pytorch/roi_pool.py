@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ..geometry import bin_edges, box_cells, clip_edges
+from ..geometry import box_cells, clip_edges
 from ._crops import CHUNK_BUDGET, channels_last_rows, chunks, crop_index
 
 
@@ -67,7 +67,7 @@ def roi_pool_forward(input: Tensor, rois: Tensor, spatial_scale: float, pooled_h
     # the one-size path cuts out whole boxes: only for boxes no larger than the map (a larger box is read through
     # its bins clipped to the map, below), so no crop is larger than the map whatever the box
     exact = (axes[0][1] <= height) & (axes[1][1] <= width)
-    for (start, extent, b0, b1), p in zip(axes, pooled):
+    for (_, extent, b0, b1), p in zip(axes, pooled):
         a0, a1 = _adaptive_edges(extent.clamp(max=max(height, width)), p)
         exact &= ((a0 == b0) & (a1 == b1)).all(dim=1)
     feat = channels_last_rows(input, input.dtype)  # [N * H * W, C]
@@ -159,7 +159,8 @@ def _two_pass(feat: Tensor, shape, batch: Tensor, h_edges, w_edges, pooled, has_
 
         def row(j):  # pass 2: the j-th row of every bin: [B, PH, PW, C]
             sel = (base + torch.minimum(h0 + j, h1 - 1).clamp(0, ly - 1)).reshape(-1)
-            return row_max.reshape(b * ly, pooled_width * c).index_select(0, sel).reshape(b, pooled_height, pooled_width, c)
+            rows_of = row_max.reshape(b * ly, pooled_width * c).index_select(0, sel)
+            return rows_of.reshape(b, pooled_height, pooled_width, c)
 
         best, best_j = _running_max(row, max(int(bin_h[idx].max()), 1), False)
         best_row = (h0[:, :, None, None] + best_j).long()  # [B, PH, PW, C]
