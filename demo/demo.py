@@ -48,8 +48,7 @@ from roikit.io import atomic_save_json, atomic_torch_save, atomic_write_bytes, o
 from roikit.layers.poolers import assign_boxes_to_levels
 from roikit.modeling.detector import build_detector
 from roikit.ops import roi_align
-from roikit.ops.pytorch.roi_align import sampling_grid as roi_align_grid
-from roikit.ops.pytorch.roi_pool import bin_edges
+from roikit.ops.geometry import bin_edges, sampling_grid as roi_align_grid
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_CONFIG = ROOT / "configs" / "base_shapes.yaml"

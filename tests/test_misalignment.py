@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from roikit.analysis import misalignment as mis
-from roikit.ops.pytorch.roi_pool import bin_edges
+from roikit.ops.geometry import bin_edges
 
 ALL = mis.make_rules(list(mis.RULES))
 NAMES = [r.name for r in ALL]
