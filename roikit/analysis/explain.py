@@ -4,20 +4,23 @@ each bin's centre lands from where it should be::
     print(format_explanation(explain_box((0, 0, 665, 665), stride=32)))   # or: python tools/explain.py
 
 The cells come from the ops' own rule function (``bin_edges``) and the bin centres from the ops themselves (the
-gradient of each output bin with respect to the feature map), so what is printed is what the ops do.
+gradient of each output bin with respect to the feature map), so what is printed is what the ops do. The rules, their
+titles and how each is run come from :mod:`roikit.analysis.rules`; they are named here by their short names.
 """
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
-from typing import Sequence
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
 
 import torch
 
-from ..ops import prroi_pool, roi_align
 from ..ops.geometry import bin_edges, round_half_away
+from .rules import get_rule
 
-RULES = ("integer", "torchvision", "roi_align", "roi_align_unaligned", "prroi_pool")
+# the rules explained, by their short names in roikit.analysis.rules, in the order they are printed
+RULES = tuple(get_rule(name).short for name in (
+    "roi_pool_integer", "roi_pool_torchvision", "roi_align_aligned", "roi_align_unaligned", "prroi_pool"))
 
 
 @dataclass
@@ -41,15 +44,10 @@ def _weights_1d(rule: str, lo: float, hi: float, stride: int, output_size: int, 
     scale = 1.0 / stride
     feat = torch.zeros(1, 1, 1, length, dtype=torch.float64, requires_grad=True)
     box = torch.tensor([[0.0, lo, 0.0, hi, 1.0]], dtype=torch.float64)
-    if rule in ("roi_align", "roi_align_unaligned"):
-        aligned = rule == "roi_align"
-        # a 1-row map: the rows of every sample clamp to row 0, so the x weights come out alone
-        f = lambda x: roi_align(x, box, (1, output_size), scale, sampling_ratio, aligned)  # noqa: E731
-    else:
-        f = lambda x: prroi_pool(x, box, (1, output_size), scale, aligned=False)  # noqa: E731
-    jac = torch.autograd.functional.jacobian(f, feat)  # [1, 1, 1, P, 1, 1, 1, L]
-    jac = jac.reshape(output_size, length)
-    return jac
+    op = replace(get_rule(rule), sampling_ratio=sampling_ratio)
+    # a 1-row map: the rows of every sample clamp to row 0, so the x weights come out alone
+    jac = torch.autograd.functional.jacobian(lambda x: op.pool(x, box, (1, output_size), scale), feat)
+    return jac.reshape(output_size, length)  # from [1, 1, 1, P, 1, 1, 1, L]
 
 
 def explain_axis(rule: str, lo: float, hi: float, stride: int, output_size: int = 7, sampling_ratio: int = 2,
@@ -67,12 +65,13 @@ def explain_axis(rule: str, lo: float, hi: float, stride: int, output_size: int 
     size = (hi - lo) / s
     ideal = [lo + (i + 0.5) * (hi - lo) / p for i in range(p)]  # centre of each exact bin, px
     steps: list[str] = []
-    if rule in ("integer", "torchvision"):
+    op = get_rule(rule)
+    if op.quantized:
         length = int(math.ceil(hi / s)) + 3
         rois = torch.tensor([[0.0, lo, 0.0, hi, 1.0]], dtype=torch.float32)
-        _, (w0, w1) = bin_edges(rois, 1.0 / s, (1, p), rule, (1, length))
+        _, (w0, w1) = bin_edges(rois, 1.0 / s, (1, p), op.rounding, (1, length))
         bins = [(float(a), float(b)) for a, b in zip(w0[0].tolist(), w1[0].tolist())]
-        if rule == "integer":
+        if op.rounding == "integer":
             start, cells = math.floor(lo / s), math.floor(size)
             bin_cells = max(cells // p, 1)
             steps += [
@@ -103,18 +102,17 @@ def explain_axis(rule: str, lo: float, hi: float, stride: int, output_size: int 
         nz = [torch.nonzero(weights[i] > 0).flatten().tolist() for i in range(p)]
         bins = [(float(min(c)), float(max(c) + 1)) if c else (0.0, 0.0) for c in nz]
         read = len(set(c for cs in nz for c in cs))
-        offset = 0.5 if rule == "roi_align" else 0.0
         steps += [f"size   {_fmt(hi - lo)} / {s} = {size:.2f} cells, no rounding: bin = {size / p:.2f} cells"]
-        if rule == "prroi_pool":
+        if op.op == "prroi_pool":
             steps += ["each bin is the exact integral of the bilinear surface over it (no samples)",
                       "cell (v) sits at x = v in feature units: a shift of half a cell against pixel centres"]
         else:
-            shift = "-0.5 cell (aligned: cell v is centred on pixel (v + 0.5) s)" if offset else \
+            shift = "-0.5 cell (aligned: cell v is centred on pixel (v + 0.5) s)" if op.aligned else \
                 "no -0.5 cell shift (aligned=False): every sample lands half a cell (s / 2 px) too far right"
             steps += [f"samples {sampling_ratio} per bin and axis, {shift}"]
     errors = [c - t for c, t in zip(centres, ideal)]
     steps.append(f"read   {read} cells = {read * s} px of the box's {_fmt(hi - lo)} px"
-                 + (f" ({100 * read * s / (hi - lo):.1f}%)" if rule in ("integer", "torchvision") else ""))
+                 + (f" ({100 * read * s / (hi - lo):.1f}%)" if op.quantized else ""))
     return AxisExplanation(rule, axis, steps, bins, float(read), size, errors)
 
 
@@ -132,17 +130,10 @@ def explain_box(box: Sequence[float], stride: int, output_size: int = 7, samplin
     return out
 
 
-TITLES = {
-    "integer": 'roi_pool, rounding="integer" (the double rounding as usually taught)',
-    "torchvision": 'roi_pool, rounding="torchvision" (Fast R-CNN / Caffe, torchvision.ops.roi_pool)',
-    "roi_align": "roi_align, aligned=True",
-    "roi_align_unaligned": "roi_align, aligned=False",
-    "prroi_pool": "prroi_pool (exact integral)",
-}
-
-
 def format_explanation(items: list[AxisExplanation], box: Sequence[float] | None = None, stride: int | None = None,
                        output_size: int | None = None) -> str:
+    """The explanation as text: a header for the box (when given), then per rule and axis its title, the
+    arithmetic, the cells each bin reads and the bin-centre errors."""
     lines = []
     if box is not None:
         x1, y1, x2, y2 = box
@@ -150,7 +141,7 @@ def format_explanation(items: list[AxisExplanation], box: Sequence[float] | None
                      f"stride {stride} (spatial_scale = 1/{stride}), {output_size} x {output_size} bins")
         lines.append("")
     for item in items:
-        lines.append(f"{TITLES[item.rule]}  [{item.axis} axis]")
+        lines.append(f"{get_rule(item.rule).title}  [{item.axis} axis]")
         lines += [f"  {step}" for step in item.steps]
         bins = " ".join(f"[{_fmt(a)},{_fmt(b)})" for a, b in item.bins)
         lines.append(f"  cells  {bins}")
