@@ -20,7 +20,7 @@ import cv2
 import numpy as np
 import torch
 
-__all__ = ["CocoDetection", "collate_fn"]
+__all__ = ["CocoDetection", "collate_fn", "read_annotation_file"]
 
 BOX_TOLERANCE = 1.0  # pixels a box may stick out of its image (rounding in other tools' exports)
 
@@ -39,10 +39,11 @@ def _is_int(v) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
 
-def _check_annotation_file(data: Any, where: str) -> None:
+def _check_annotation_file(data: Any, where: str, boxes_in_image: bool = True) -> None:
     """Raise ValueError for anything pycocotools or the training code would trip on later.
 
-    Fills in a missing ``iscrowd`` (0) and ``area`` (the box area) in place.
+    ``boxes_in_image=False`` lets boxes with no area or outside their image through (for a reader that counts and
+    skips or clips them itself). Fills in a missing ``iscrowd`` (0) and ``area`` (the box area) in place.
     """
     if not isinstance(data, dict):
         raise ValueError(f"{where}: expected a JSON object at the top level, got {type(data).__name__}")
@@ -96,11 +97,11 @@ def _check_annotation_file(data: Any, where: str) -> None:
         if not isinstance(box, list) or len(box) != 4 or not all(_is_number(v) for v in box):
             raise ValueError(f"{where}: annotation id {aid} needs 'bbox' as 4 finite numbers [x, y, w, h], got {box!r}")
         x, y, w, h = box
-        if w <= 0 or h <= 0:
-            raise ValueError(f"{where}: annotation id {aid} has a box with no area: bbox {box} (w and h must be > 0)")
         width, height = sizes[ann["image_id"]]
         tol = BOX_TOLERANCE
-        if x < -tol or y < -tol or x + w > width + tol or y + h > height + tol:
+        if boxes_in_image and (w <= 0 or h <= 0):
+            raise ValueError(f"{where}: annotation id {aid} has a box with no area: bbox {box} (w and h must be > 0)")
+        if boxes_in_image and (x < -tol or y < -tol or x + w > width + tol or y + h > height + tol):
             raise ValueError(
                 f"{where}: annotation id {aid} has bbox {box} outside its image id {ann['image_id']} "
                 f"({width}x{height})"
@@ -108,6 +109,24 @@ def _check_annotation_file(data: Any, where: str) -> None:
         # COCOeval reads both keys; fill them in as COCO's own tools would.
         ann.setdefault("iscrowd", 0)
         ann.setdefault("area", float(w * h))
+
+
+def read_annotation_file(path: str | Path, *, boxes_in_image: bool = True) -> dict[str, Any]:
+    """The contents of a COCO instances JSON, checked: ValueError, one line naming the file and the image or
+    annotation id, for a missing or unreadable file, malformed JSON, or anything pycocotools or the training code
+    would trip on later. ``boxes_in_image=False`` lets boxes with no area or outside their image through, for a
+    reader that counts them and skips or clips them itself."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"annotation file not found: {path}")
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: cannot read the annotation file: {e}") from e
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: malformed JSON: {e}") from e
+    _check_annotation_file(data, str(path), boxes_in_image)
+    return data
 
 
 class CocoDetection(torch.utils.data.Dataset):
@@ -144,13 +163,7 @@ class CocoDetection(torch.utils.data.Dataset):
             raise ValueError(f"annotation file not found: {self.ann_file}")
         if not self.images_dir.is_dir():
             raise ValueError(f"images folder not found: {self.images_dir} (for {self.ann_file})")
-        try:
-            data = json.loads(self.ann_file.read_text())
-        except (OSError, UnicodeDecodeError) as e:
-            raise ValueError(f"{self.ann_file}: cannot read the annotation file: {e}") from e
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{self.ann_file}: malformed JSON: {e}") from e
-        _check_annotation_file(data, str(self.ann_file))
+        data = read_annotation_file(self.ann_file)
 
         coco = COCO()
         coco.dataset = data
