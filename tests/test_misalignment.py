@@ -11,9 +11,12 @@ import pytest
 import torch
 
 from roikit.analysis import misalignment as mis
+from roikit.analysis.misalignment_report import bin_weights
+from roikit.analysis.reference import exact_bin_means, stride_map
+from roikit.analysis.rules import DEFAULT_RULES, RULES, Rule, make_rules
 from roikit.ops.geometry import bin_edges
 
-ALL = mis.make_rules(list(mis.RULES))
+ALL = make_rules(list(RULES))
 NAMES = [r.name for r in ALL]
 
 
@@ -67,7 +70,7 @@ def test_665px_box_at_stride_32_by_hand():
     r = measure([[0, 0, 665, 665]], (1024, 1024), 32)
     exact = 47.5 + 95 * np.arange(7)
     # integer: floor(20.78) = 20 cells, floor(20 / 7) = 2 cells per bin: bins [2p, 2p + 2) cover 14 cells = 448 px.
-    w = mis.bin_weights(ALL[NAMES.index("roi_pool_integer")], [[0, 0, 665, 665]], (1024, 1024), 32)[0]
+    w = bin_weights(ALL[NAMES.index("roi_pool_integer")], [[0, 0, 665, 665]], (1024, 1024), 32)[0]
     cols_read = torch.nonzero(w.sum(dim=(0, 1, 2)) > 0).squeeze(1).tolist()
     assert cols_read == list(range(14))
     assert [int((w[0, q].sum(0) > 0).sum()) for q in range(7)] == [2] * 7  # each bin 2 cells wide
@@ -77,7 +80,7 @@ def test_665px_box_at_stride_32_by_hand():
     assert integer["iou"][0] == pytest.approx(448**2 / 665**2)  # 0.454: the cells lie inside the box
     # torchvision: round(20.78) = 21, 21 - 0 + 1 = 22 cells = 704 px, bin 22 / 7 = 3.14:
     # [0,4) [3,7) [6,10) [9,13) [12,16) [15,19) [18,22): centres 1.5 + 3p cells = 64 + 96 p px.
-    w = mis.bin_weights(ALL[NAMES.index("roi_pool_torchvision")], [[0, 0, 665, 665]], (1024, 1024), 32)[0]
+    w = bin_weights(ALL[NAMES.index("roi_pool_torchvision")], [[0, 0, 665, 665]], (1024, 1024), 32)[0]
     assert int((w.sum(dim=(0, 1, 2)) > 0).sum()) == 22
     tv = r["roi_pool_torchvision"]
     e = 64 + 96 * np.arange(7) - exact  # 16.5 ... 22.5
@@ -132,7 +135,7 @@ def test_empty_bins_at_the_far_edge():
 
 def whole_map_reference(rule, boxes, image_hw, stride, p):
     """The measures from bin_weights on the image's whole map: the explicit per-bin gradient, no windows."""
-    w = mis.bin_weights(rule, boxes, image_hw, stride, p)  # [K, P, P, h, w]
+    w = bin_weights(rule, boxes, image_hw, stride, p)  # [K, P, P, h, w]
     b = torch.as_tensor(boxes, dtype=torch.float64)
     mass = w.sum(dim=(3, 4))
     u = torch.arange(w.shape[3], dtype=torch.float64)
@@ -192,8 +195,8 @@ def test_roi_pool_bins_read_from_the_op_are_bin_edges():
     boxes = random_boxes(rng, 20, 90, 70)
     rois = torch.cat([torch.zeros(len(boxes), 1, dtype=torch.float64), torch.from_numpy(boxes)], 1)
     for rounding in ("torchvision", "integer"):
-        rule = mis.Rule("r", "roi_pool", rounding=rounding)
-        w = mis.bin_weights(rule, boxes, (90, 70), 8, 5)  # [K, 5, 5, 12, 9]
+        rule = Rule("r", "roi_pool", rounding=rounding)
+        w = bin_weights(rule, boxes, (90, 70), 8, 5)  # [K, 5, 5, 12, 9]
         (hs, he), (ws, we) = bin_edges(rois, 1 / 8, (5, 5), rounding, (12, 9))
         rows = torch.arange(12)
         cols = torch.arange(9)
@@ -203,11 +206,19 @@ def test_roi_pool_bins_read_from_the_op_are_bin_edges():
         assert torch.equal(w > 0, expected), rounding
 
 
+def test_stride_map_averages_the_pixels_of_each_cell():
+    picture = torch.from_numpy(np.random.default_rng(0).random((37, 50, 3))).permute(2, 0, 1)[None]
+    fmap = stride_map(picture, 16)
+    assert fmap.shape == (1, 3, 3, 4) and fmap.dtype == torch.float64
+    assert torch.allclose(fmap[0, :, 1, 2], picture[0, :, 16:32, 32:48].mean((1, 2)))
+    assert torch.allclose(fmap[0, :, 2, 3], picture[0, :, 32:37, 48:50].mean((1, 2)))  # a partial cell
+
+
 def test_exact_bin_means_against_pixel_overlaps():
     rng = np.random.default_rng(0)
     img = rng.integers(0, 256, (23, 17, 3)).astype(np.uint8)
     boxes = np.array([[3.3, 5.7, 16.2, 21.9], [0, 0, 17, 23], [10, 10, 11.5, 10.25]])
-    got = mis.exact_bin_means([img], np.zeros(3, int), boxes, 3).numpy()
+    got = exact_bin_means([img], np.zeros(3, int), boxes, 3).numpy()
     for k, (x1, y1, x2, y2) in enumerate(boxes):
         for i in range(3):
             for j in range(3):
@@ -227,8 +238,8 @@ def test_crop_error_on_a_ramp_by_hand():
     # the unaligned samplers are half a cell (+4 px) late, integer rounding and aligned RoIAlign are exact.
     img = np.repeat(np.repeat(np.arange(256, dtype=np.uint8)[None, :, None], 256, 0), 3, 2)
     boxes = np.array([[16.0, 16.0, 128.0, 128.0]])
-    exact = mis.exact_bin_means([img], np.zeros(1, int), boxes, 7)
-    maps = mis.stride_map(torch.from_numpy(img).permute(2, 0, 1)[None], 8)
+    exact = exact_bin_means([img], np.zeros(1, int), boxes, 7)
+    maps = stride_map(torch.from_numpy(img).permute(2, 0, 1)[None], 8)
     assert maps.shape == (1, 3, 32, 32) and maps[0, 0, 0, :3].tolist() == [3.5, 11.5, 19.5]
     errors = mis.crop_errors(maps, np.zeros(1, int), boxes, ALL, 8, exact, 7, dtype=torch.float64)[:, 0]
     expected = {"roi_pool_torchvision": 4, "roi_pool_integer": 0, "roi_align_aligned": 0, "roi_align_unaligned": 4,
@@ -262,13 +273,17 @@ def test_crowd_zero_area_and_outside_boxes_are_counted(tmp_path):
     assert mis.load_coco_boxes(path, max_boxes=1).counts["subsampled"] == 1
 
 
-@pytest.mark.parametrize("content,message", [
+CATS = [{"id": 1, "name": "thing"}]
+
+
+@pytest.mark.parametrize("content,message", [  # the data set's own checks (roikit.data.coco.read_annotation_file)
     ("{not json", "malformed JSON"),
-    ("[]", "not a COCO instances file"),
-    (json.dumps({"images": [{"id": 1}], "annotations": []}), "needs int 'id', 'width' and 'height'"),
-    (json.dumps({"images": [], "annotations": [ann(1, [0, 0, 1, 1])]}), "unknown image id"),
-    (json.dumps({"images": [{"id": 1, "width": 9, "height": 9}], "annotations": [ann(1, [0, 0, 1])]}),
-     "4 finite numbers"),
+    ("[]", "expected a JSON object at the top level"),
+    (json.dumps({"images": [], "annotations": []}), "missing or non-list key 'categories'"),
+    (json.dumps({"images": [{"id": 1}], "annotations": [], "categories": CATS}), r"image #0 \(id 1\) needs an int"),
+    (json.dumps({"images": [], "annotations": [ann(1, [0, 0, 1, 1])], "categories": CATS}), "unknown image id"),
+    (json.dumps({"images": [{"id": 1, "file_name": "a.png", "width": 9, "height": 9}],
+                 "annotations": [ann(1, [0, 0, 1])], "categories": CATS}), "4 finite numbers"),
 ])
 def test_malformed_file_is_a_clear_error(tmp_path, content, message):
     path = tmp_path / "bad.json"
@@ -279,7 +294,7 @@ def test_malformed_file_is_a_clear_error(tmp_path, content, message):
 
 def test_bad_settings():
     with pytest.raises(ValueError, match="unknown rule"):
-        mis.make_rules(["roi_pool"])
+        make_rules(["roi_pool"])
     with pytest.raises(ValueError, match="stride"):
         mis.measure_boxes(np.zeros((0, 4)), np.zeros((0, 2)), ALL, 0)
     with pytest.raises(ValueError, match="x2 > x1"):
@@ -314,7 +329,7 @@ def test_cli_bounds_the_output_size_and_refuses_a_file_as_output_folder(tmp_path
         f"misalignment: error: --output-size must be an int from 1 to {mis.MAX_OUTPUT_SIZE} (bins per side; the "
         f"pictures' weight maps grow as its 4th power), got 100000")
     with pytest.raises(ValueError, match="output_size must be an int from 1 to 64"):
-        mis.bin_weights(mis.make_rules(["roi_align_aligned"])[0], [[0, 0, 8, 8]], (16, 16), 4, 65)
+        bin_weights(make_rules(["roi_align_aligned"])[0], [[0, 0, 8, 8]], (16, 16), 4, 65)
     code, out = run_tool(capsys, "--annotations", str(path), "--output-dir", str(path))
     assert code == 2 and out.err.strip() == f"misalignment: error: --output-dir {path} is a file, not a folder"
 
@@ -335,7 +350,7 @@ def test_cli_end_to_end_with_images(tmp_path, capsys):
                                 "clipped": 1, "subsampled": 0}
     all_16 = result["summary"]["16"]["roi_align_aligned"]["all"]
     assert all_16["boxes"] == 5 and 0 <= all_16["iou"] <= 1 and all_16["crop_error"] >= 0
-    assert set(result["summary"]["8"]) == set(mis.DEFAULT_RULES)
+    assert set(result["summary"]["8"]) == set(DEFAULT_RULES)
     table = (out_dir / "tables.md").read_text()
     assert "### Stride 16" in table and "| roi_pool_integer |" in table and "1 crowd, 1 zero-area" in table
     assert "region IoU" in out.out

@@ -17,6 +17,8 @@ from pathlib import Path
 import torch
 
 from roikit.analysis import misalignment as mis
+from roikit.analysis import misalignment_report as report
+from roikit.analysis.rules import DEFAULT_RULES, RULES, make_rules
 from roikit.io import atomic_save_json, atomic_write_text, output_dir
 
 
@@ -29,8 +31,8 @@ def get_args_parser() -> argparse.ArgumentParser:
                              "--annotations is not given; none otherwise)")
     parser.add_argument("--no-images", action="store_true", help="skip the crop error even for the default set")
     parser.add_argument("--data-root", default="data/shapes", help="synthetic data set folder (default: %(default)s)")
-    parser.add_argument("--rules", nargs="+", default=list(mis.DEFAULT_RULES), metavar="RULE",
-                        help=f"rules to compare, from: {', '.join(mis.RULES)} (default: %(default)s)")
+    parser.add_argument("--rules", nargs="+", default=list(DEFAULT_RULES), metavar="RULE",
+                        help=f"rules to compare, from: {', '.join(RULES)} (default: %(default)s)")
     parser.add_argument("--sampling-ratio", type=int, default=2,
                         help="roi_align samples per bin and axis, <= 0 adaptive (default: %(default)s)")
     parser.add_argument("--strides", type=int, nargs="+", default=[4, 8, 16, 32], help="(default: %(default)s)")
@@ -65,7 +67,7 @@ def run(args: argparse.Namespace) -> list[Path]:
     _check_args(args)
     out = output_dir(args.output_dir, "--output-dir")
     torch.set_num_threads(args.threads)
-    rules = mis.make_rules(args.rules, args.sampling_ratio)
+    rules = make_rules(args.rules, args.sampling_ratio)
     annotations, images = args.annotations, args.images
     if annotations is None:
         from roikit.data import ensure_shapes_dataset
@@ -88,7 +90,7 @@ def run(args: argparse.Namespace) -> list[Path]:
               f"{counts['crowd']} crowd, {counts['zero_area']} zero-area, {counts['outside']} outside their "
               f"image; {counts['clipped']} clipped to their image; {counts['subsampled']} left out by "
               f"--max-boxes. Measured in {seconds:.1f} s.\n\n")
-    tables = header + mis.format_tables(summary)
+    tables = header + report.format_tables(summary)
     written = [out / "tables.md", out / "results.json"]
     atomic_write_text(written[0], tables)
     atomic_save_json(written[1], {
@@ -107,11 +109,11 @@ def run(args: argparse.Namespace) -> list[Path]:
         for metric in next(iter(results.values())):
             if metric in mis.METRICS:
                 written.append(out / f"{metric}_vs_size.png")
-                mis.plot_error_vs_size(results, rules, boxset.areas, metric, written[-1])
-        picks = mis.pick_examples(boxset, args.picture_boxes)
+                report.plot_error_vs_size(results, rules, boxset.areas, metric, written[-1])
+        picks = report.pick_examples(boxset, args.picture_boxes)
         for stride in args.strides if len(picks) else []:
             written.append(out / f"boxes_stride{stride}.png")
-            mis.draw_examples(boxset, picks, rules, stride, args.output_size, written[-1], images)
+            report.draw_examples(boxset, picks, rules, stride, args.output_size, written[-1], images)
     print(tables)
     print("wrote " + ", ".join(str(p) for p in written))
     return written

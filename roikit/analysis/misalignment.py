@@ -38,25 +38,29 @@ crop error pools whole stride maps, images of one size batched together.
 Conventions: a feature map has ``ceil(H / s) x ceil(W / s)`` cells, a partial last cell averaging the pixels it
 covers; pixel ``(x, y)`` is the unit square ``[x, x + 1) x [y, y + 1)``; COCO buckets go by the (clipped) box
 area ``w * h``: small < 32^2, medium < 96^2, large.
+
+Rules: :mod:`roikit.analysis.rules`; stride maps and exact bin means: :mod:`roikit.analysis.reference`; a run's
+tables, plots, pictures and ``bin_weights``: :mod:`roikit.analysis.misalignment_report`.
 """
 from __future__ import annotations
 
-import json
 import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from roikit.ops import prroi_pool, roi_align, roi_pool
+from roikit.data.coco import read_annotation_file
+
+from .reference import exact_bin_means, stride_map
+from .rules import Rule
 
 __all__ = [
-    "Rule", "RULES", "DEFAULT_RULES", "make_rules", "BUCKETS", "METRICS", "MAX_OUTPUT_SIZE", "check_output_size",
-    "BoxSet", "load_coco_boxes", "measure_boxes", "measure_dataset", "crop_errors", "bin_weights", "stride_map", "exact_bin_means", "summarize",
-    "format_tables", "plot_error_vs_size", "draw_examples", "pick_examples",
+    "BUCKETS", "METRICS", "MAX_OUTPUT_SIZE", "READ_THRESHOLD", "check_output_size", "check_stride", "BoxSet",
+    "load_coco_boxes", "load_image", "measure_boxes", "measure_dataset", "crop_errors", "roi_pool_bins", "summarize",
 ]
 
 # Cells of context around a box's window. Every rule reads within [floor(x1 s) - 1, ceil(x2 s) + 2), except that
@@ -77,73 +81,15 @@ METRICS = {  # key: (title, unit)
 }
 
 
-# ------------------------------------------------------------------------------------------------ rules
-@dataclass(frozen=True)
-class Rule:
-    """A named pooling rule: an op and its settings.
-
-    ``op`` is ``"roi_pool"`` (with ``rounding``), ``"roi_align"`` (``aligned``, ``sampling_ratio``, average
-    pooling) or ``"prroi_pool"`` (``aligned``).
-    """
-
-    name: str
-    op: str
-    rounding: str = "torchvision"
-    aligned: bool = False
-    sampling_ratio: int = 2
-
-    @property
-    def quantized(self) -> bool:
-        return self.op == "roi_pool"
-
-    def pool(self, features: Tensor, rois: Tensor, output_size: int, spatial_scale: float) -> Tensor:
-        """The op itself: ``Tensor[K, C, P, P]``."""
-        if self.op == "roi_pool":
-            return roi_pool(features, rois, output_size, spatial_scale, rounding=self.rounding)
-        if self.op == "roi_align":
-            return roi_align(features, rois, output_size, spatial_scale, self.sampling_ratio, self.aligned, "avg")
-        return prroi_pool(features, rois, output_size, spatial_scale, self.aligned)
-
-    def settings(self) -> dict:
-        if self.op == "roi_pool":
-            return {"op": self.op, "rounding": self.rounding}
-        if self.op == "roi_align":
-            return {"op": self.op, "aligned": self.aligned, "sampling_ratio": self.sampling_ratio}
-        return {"op": self.op, "aligned": self.aligned}
-
-
-RULES = {
-    "roi_pool_torchvision": dict(op="roi_pool", rounding="torchvision"),
-    "roi_pool_integer": dict(op="roi_pool", rounding="integer"),
-    "roi_align_aligned": dict(op="roi_align", aligned=True),
-    "roi_align_unaligned": dict(op="roi_align", aligned=False),
-    "prroi_pool": dict(op="prroi_pool", aligned=False),  # the op's default, as in the original code
-    "prroi_pool_aligned": dict(op="prroi_pool", aligned=True),
-}
-DEFAULT_RULES = ("roi_pool_torchvision", "roi_pool_integer", "roi_align_aligned", "roi_align_unaligned", "prroi_pool")
-
-
-def make_rules(names: Sequence[str] = DEFAULT_RULES, sampling_ratio: int = 2) -> list[Rule]:
-    """Rules by name (see ``RULES``); ``sampling_ratio`` applies to the ``roi_align`` ones (<= 0: adaptive)."""
-    if isinstance(names, str) or not names:
-        raise ValueError(f"rules must be a non-empty list of names from {', '.join(RULES)}, got {names!r}")
-    if isinstance(sampling_ratio, bool) or not isinstance(sampling_ratio, int):
-        raise ValueError(f"sampling_ratio must be an int (<= 0 for adaptive), got {sampling_ratio!r}")
-    unknown = [n for n in names if n not in RULES]
-    if unknown:
-        raise ValueError(f"unknown rule(s) {', '.join(map(repr, unknown))}; choose from {', '.join(RULES)}")
-    if len(set(names)) != len(names):
-        raise ValueError(f"rules are listed twice: {list(names)}")
-    return [Rule(name, sampling_ratio=sampling_ratio, **RULES[name]) for name in names]
-
-
-def _check_stride(stride) -> int:
+# ------------------------------------------------------------------------------------------------ checks
+def check_stride(stride: int) -> int:
+    """``stride`` as a positive int (pixels per feature cell); ValueError otherwise."""
     if isinstance(stride, bool) or not isinstance(stride, (int, np.integer)) or stride <= 0:
         raise ValueError(f"stride must be a positive int (pixels per feature cell), got {stride!r}")
     return int(stride)
 
 
-def check_output_size(output_size, name: str = "output_size") -> int:
+def check_output_size(output_size: int, name: str = "output_size") -> int:
     """``output_size`` as an int in [1, MAX_OUTPUT_SIZE]; ValueError naming ``name`` otherwise."""
     if isinstance(output_size, bool) or not isinstance(output_size, (int, np.integer)) \
             or not 1 <= output_size <= MAX_OUTPUT_SIZE:
@@ -169,7 +115,7 @@ class BoxSet:
     def __len__(self) -> int:
         return len(self.boxes)
 
-    def subset(self, index: np.ndarray) -> "BoxSet":
+    def subset(self, index: np.ndarray) -> BoxSet:
         return BoxSet(self.boxes[index], self.image_hw[index], self.image_ids[index], self.ann_ids[index],
                       self.images, dict(self.counts))
 
@@ -178,18 +124,13 @@ class BoxSet:
         return (self.boxes[:, 2] - self.boxes[:, 0]) * (self.boxes[:, 3] - self.boxes[:, 1])
 
 
-def _number(v) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-
-
-def _int(v) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
 def load_coco_boxes(path: str | Path, max_boxes: int | None = None) -> BoxSet:
     """Read the ground-truth boxes of a COCO instances JSON.
 
-    Every annotation is either measured or counted in ``counts`` under the reason it was left out:
+    The file is checked as the detector's data set checks it (``roikit.data.coco.read_annotation_file``: a missing
+    file, bad JSON, or an image or annotation without the fields used is a one-line ValueError naming the file and
+    the id), except that boxes with no area or outside their image are counted here, not refused. Every annotation
+    is either measured or counted in ``counts`` under the reason it was left out:
 
     * ``crowd``: ``iscrowd: 1`` (a box around many objects, not one object's region): skipped;
     * ``zero_area``: ``w <= 0`` or ``h <= 0``: skipped;
@@ -197,46 +138,18 @@ def load_coco_boxes(path: str | Path, max_boxes: int | None = None) -> BoxSet:
     * ``clipped``: partly outside its image: clipped to the image, then measured.
 
     ``max_boxes`` keeps that many of the remaining boxes, evenly spread over the file (``subsampled`` counts the
-    rest). A missing file, bad JSON, or an image or annotation without the fields used here raises ValueError.
+    rest).
     """
-    path = Path(path)
-    if not path.is_file():
-        raise ValueError(f"annotation file not found: {path}")
-    try:
-        data = json.loads(path.read_bytes())
-    except (OSError, UnicodeDecodeError) as e:
-        raise ValueError(f"{path}: cannot read the annotation file: {e}") from e
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: malformed JSON: {e}") from e
-    if not isinstance(data, dict) or not isinstance(data.get("images"), list) or not isinstance(
-            data.get("annotations"), list):
-        raise ValueError(f"{path}: not a COCO instances file (needs lists 'images' and 'annotations')")
-    images = {}
-    for i, img in enumerate(data["images"]):
-        if not isinstance(img, dict) or not all(_int(img.get(k)) for k in ("id", "width", "height")):
-            raise ValueError(f"{path}: image #{i} needs int 'id', 'width' and 'height', got {img!r:.200}")
-        if img["width"] <= 0 or img["height"] <= 0:
-            raise ValueError(f"{path}: image id {img['id']} has size {img['width']}x{img['height']}")
-        images[img["id"]] = (str(img.get("file_name", "")), img["height"], img["width"])
+    data = read_annotation_file(path, boxes_in_image=False)
+    images = {img["id"]: (img["file_name"], img["height"], img["width"]) for img in data["images"]}
     counts = {"annotations": len(data["annotations"]), "measured": 0, "crowd": 0, "zero_area": 0, "outside": 0,
               "clipped": 0, "subsampled": 0}
     boxes, hw, image_ids, ann_ids = [], [], [], []
-    for i, ann in enumerate(data["annotations"]):
-        if not isinstance(ann, dict):
-            raise ValueError(f"{path}: annotation #{i} is not an object")
-        aid = ann.get("id", i)
-        box = ann.get("bbox")
-        if not isinstance(box, list) or len(box) != 4 or not all(_number(v) for v in box):
-            raise ValueError(f"{path}: annotation id {aid} needs 'bbox' as 4 finite numbers [x, y, w, h], got {box!r}")
-        if ann.get("image_id") not in images:
-            raise ValueError(f"{path}: annotation id {aid} refers to unknown image id {ann.get('image_id')!r}")
-        crowd = ann.get("iscrowd", 0)
-        if crowd not in (0, 1) or isinstance(crowd, bool):
-            raise ValueError(f"{path}: annotation id {aid} has iscrowd {crowd!r}, expected 0 or 1")
-        if crowd:
+    for ann in data["annotations"]:
+        if ann["iscrowd"]:
             counts["crowd"] += 1
             continue
-        x, y, w, h = box
+        x, y, w, h = ann["bbox"]
         if w <= 0 or h <= 0:
             counts["zero_area"] += 1
             continue
@@ -249,7 +162,7 @@ def load_coco_boxes(path: str | Path, max_boxes: int | None = None) -> BoxSet:
         boxes.append((x1, y1, x2, y2))
         hw.append((height, width))
         image_ids.append(ann["image_id"])
-        ann_ids.append(aid if _int(aid) else i)
+        ann_ids.append(ann["id"])
     result = BoxSet(np.asarray(boxes, dtype=np.float64).reshape(-1, 4), np.asarray(hw, dtype=np.int64).reshape(-1, 2),
                     np.asarray(image_ids, dtype=np.int64), np.asarray(ann_ids, dtype=np.int64), images, counts)
     if max_boxes is not None:
@@ -314,7 +227,8 @@ def _plan_windows(boxes: np.ndarray, image_hw: np.ndarray, stride: int, pooled: 
 
 
 # ------------------------------------------------------------------------------------------------ reading a rule
-def _quantized_bins(rule: Rule, rois: Tensor, hm: int, wm: int, output_size: int, scale: float, dtype):
+def roi_pool_bins(rule: Rule, rois: Tensor, hm: int, wm: int, output_size: int, scale: float,
+                  dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """The rectangle of cells each bin of ``roi_pool`` reads, from the op's own output on two ramps.
 
     Returns ``hs, he, ws, we`` [B, P, P] (long) and ``nonempty`` [B, P, P]. ``rois`` hold batch index 0.
@@ -360,7 +274,7 @@ def _read_rule(rule: Rule, rois0: Tensor, rois_own: Tensor, hm: int, wm: int, ou
     ``rois0`` put every box on image 0, ``rois_own`` box b on image b.
     """
     if rule.quantized:
-        hs, he, ws, we, nonempty = _quantized_bins(rule, rois0, hm, wm, output_size, scale, dtype)
+        hs, he, ws, we, nonempty = roi_pool_bins(rule, rois0, hm, wm, output_size, scale, dtype)
         cy = (hs + he - 1).double() / 2  # mean row index of [hs, he)
         cx = (ws + we - 1).double() / 2
         return cy, cx, nonempty, _rect_mask(hs, he, ws, we, nonempty, hm, wm)
@@ -382,58 +296,6 @@ def _read_rule(rule: Rule, rois0: Tensor, rois_own: Tensor, hm: int, wm: int, ou
 
 
 # ------------------------------------------------------------------------------------------------ images
-def stride_map(images: Tensor, stride: int) -> Tensor:
-    """[N, C, H, W] -> [N, C, ceil(H / s), ceil(W / s)]: each cell the mean of the pixels it covers.
-
-    Integer images are averaged in float32, which holds the sum of a cell's 8-bit pixels exactly for strides up to
-    256 px."""
-    images = images if images.is_floating_point() else images.float()
-    return torch.nn.functional.avg_pool2d(images, stride, stride, ceil_mode=True)
-
-
-def exact_bin_means(images: Sequence[np.ndarray], image_index: np.ndarray, boxes: np.ndarray,
-                    output_size: int) -> Tensor:
-    """Exact mean colour of every bin of every box at full resolution: [K, P, P, C] float64.
-
-    Pixels are constant unit squares, so ``I(x, y) = integral of the image over [0, x] x [0, y]`` is bilinear
-    inside each pixel and equals the bilinear interpolation of the summed-area table at ``(x, y)``: a bin's
-    integral is ``I`` at its four corners, with fractional pixels weighted by the area they cover. Exact up to
-    float64 rounding.
-    """
-    p = check_output_size(output_size)
-    tables, bases, sizes, base = [], [], [], 0
-    for img in images:
-        t = torch.from_numpy(np.ascontiguousarray(img)).double()  # [H, W, C]
-        h, w, c = t.shape
-        sat = torch.zeros((h + 1, w + 1, c), dtype=torch.float64)
-        sat[1:, 1:] = t.cumsum(0).cumsum(1)
-        tables.append(sat.reshape(-1, c))
-        bases.append(base)
-        sizes.append((h, w))
-        base += (h + 1) * (w + 1)
-    flat = torch.cat(tables)
-    idx = torch.as_tensor(image_index, dtype=torch.long)
-    hw = torch.as_tensor(sizes, dtype=torch.long)[idx]  # [K, 2]
-    b = torch.as_tensor(boxes, dtype=torch.float64)
-    t = torch.arange(p + 1, dtype=torch.float64) / p
-    ys = b[:, 1:2] + t * (b[:, 3:4] - b[:, 1:2])  # [K, P + 1] bin edges
-    xs = b[:, 0:1] + t * (b[:, 2:3] - b[:, 0:1])
-    y0 = ys.floor().long().clamp(min=0).minimum(hw[:, :1] - 1)
-    x0 = xs.floor().long().clamp(min=0).minimum(hw[:, 1:] - 1)
-    fy, fx = (ys - y0)[:, :, None, None], (xs - x0)[:, None, :, None]
-    row = hw[:, 1:] + 1  # [K, 1] table row length
-
-    def at(dy, dx):  # [K, P + 1, P + 1, C]
-        i = torch.as_tensor(bases)[idx][:, None, None] + (y0 + dy)[:, :, None] * row[:, :, None] + (x0 + dx)[:, None, :]
-        return flat[i]
-
-    integral = (at(0, 0) * (1 - fy) * (1 - fx) + at(0, 1) * (1 - fy) * fx + at(1, 0) * fy * (1 - fx)
-                + at(1, 1) * fy * fx)
-    sums = integral[:, 1:, 1:] - integral[:, :-1, 1:] - integral[:, 1:, :-1] + integral[:, :-1, :-1]
-    area = ((b[:, 3] - b[:, 1]) * (b[:, 2] - b[:, 0]) / (p * p))[:, None, None, None]
-    return sums / area
-
-
 def _rect_means(maps: Tensor, image_index: Tensor, rects) -> Tensor:
     """The average-pooling form of ``roi_pool``: the mean of each bin's rectangle of its image's map,
     [K, P, P, C] (0 for an empty bin)."""
@@ -459,7 +321,7 @@ def crop_errors(maps: Tensor, image_index: np.ndarray, boxes: np.ndarray, rules:
 
     Each rule pools the images' whole maps, as a detector would; ``roi_pool`` in its average-pooling form.
     """
-    stride, p = _check_stride(stride), check_output_size(output_size)
+    stride, p = check_stride(stride), check_output_size(output_size)
     h, w = maps.shape[2:]
     idx = torch.as_tensor(np.asarray(image_index), dtype=torch.long)
     b = torch.as_tensor(np.asarray(boxes, dtype=np.float64)).reshape(-1, 4)
@@ -473,7 +335,7 @@ def crop_errors(maps: Tensor, image_index: np.ndarray, boxes: np.ndarray, rules:
     for r, rule in enumerate(rules):
         if rule.quantized:
             rois0 = torch.cat([torch.zeros_like(rois[:, :1]), b], dim=1)
-            pooled = _rect_means(maps, idx, _quantized_bins(rule, rois0, h, w, p, 1.0 / stride, dtype))
+            pooled = _rect_means(maps, idx, roi_pool_bins(rule, rois0, h, w, p, 1.0 / stride, dtype))
         else:
             with torch.no_grad():
                 pooled = rule.pool(maps.to(dtype), rois.to(dtype), p, 1.0 / stride).permute(0, 2, 3, 1).double()
@@ -500,7 +362,7 @@ def measure_boxes(boxes: np.ndarray, image_hw: np.ndarray, rules: Sequence[Rule]
         area read), ``empty_bins`` (share of bins that read nothing; they have no centre and are left out of the
         centre error).
     """
-    stride, p = _check_stride(stride), check_output_size(output_size)
+    stride, p = check_stride(stride), check_output_size(output_size)
     boxes = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
     image_hw = np.asarray(image_hw, dtype=np.int64).reshape(-1, 2)
     k = len(boxes)
@@ -548,7 +410,7 @@ def measure_boxes(boxes: np.ndarray, image_hw: np.ndarray, rules: Sequence[Rule]
     return out
 
 
-def _load_image(images_dir: Path, info: tuple[str, int, int], image_id: int) -> np.ndarray:
+def load_image(images_dir: Path, info: tuple[str, int, int], image_id: int) -> np.ndarray:
     import cv2
 
     file_name, height, width = info
@@ -574,7 +436,7 @@ def measure_dataset(boxset: BoxSet, rules: Sequence[Rule], strides: Sequence[int
     """
     from tqdm import tqdm
 
-    strides = [_check_stride(s) for s in strides]
+    strides = [check_stride(s) for s in strides]
     if not strides:
         raise ValueError("strides must not be empty")
     p = check_output_size(output_size)
@@ -604,7 +466,7 @@ def measure_dataset(boxset: BoxSet, rules: Sequence[Rule], strides: Sequence[int
             start = end
             sel = np.nonzero(np.isin(boxset.image_ids, members))[0]
             index = np.searchsorted(members, boxset.image_ids[sel])
-            images = [_load_image(images_dir, boxset.images[i], i) for i in members.tolist()]
+            images = [load_image(images_dir, boxset.images[i], i) for i in members.tolist()]
             exact = exact_bin_means(images, index, boxset.boxes[sel], p)
             pixels = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2)  # [N, 3, H, W] uint8
             for s in strides:
@@ -612,37 +474,6 @@ def measure_dataset(boxset: BoxSet, rules: Sequence[Rule], strides: Sequence[int
                 results[s]["crop_error"][:, sel] = crop_errors(maps, index, boxset.boxes[sel], rules, s, exact, p)
                 bar.update(len(sel))
         return results
-
-
-# ------------------------------------------------------------------------------------------------ explicit weights
-def bin_weights(rule: Rule, boxes: np.ndarray, image_hw: tuple[int, int], stride: int, output_size: int = 7,
-                dtype: torch.dtype = torch.float64) -> Tensor:
-    """The weight each bin gives to each cell of the whole map, box by box: [K, P, P, h, w] with
-    ``(h, w) = ceil(image_hw / stride)``. For few boxes (pictures, checks): one map of ``P * P`` channels per box.
-
-    ``roi_align`` / ``prroi_pool``: the gradient of the op with respect to the map, bin ``b`` on channel ``b`` (one
-    backward pass). ``roi_pool``: its bin's rectangle (from the op, as in ``measure_boxes``), uniformly.
-    """
-    stride, p = _check_stride(stride), check_output_size(output_size)
-    boxes = torch.as_tensor(np.asarray(boxes, dtype=np.float64)).reshape(-1, 4)
-    k = boxes.shape[0]
-    h, w = -(-int(image_hw[0]) // stride), -(-int(image_hw[1]) // stride)
-    scale = 1.0 / stride
-    if rule.quantized:
-        rois0 = torch.cat([torch.zeros(k, 1, dtype=torch.float64), boxes], dim=1)
-        hs, he, ws, we, nonempty = _quantized_bins(rule, rois0, h, w, p, scale, dtype)
-        u = torch.arange(h)[None, None, None, :]
-        v = torch.arange(w)[None, None, None, :]
-        rows = ((u >= hs[..., None]) & (u < he[..., None])).to(dtype)  # [K, P, P, h]
-        cols = ((v >= ws[..., None]) & (v < we[..., None])).to(dtype)
-        count = ((he - hs) * (we - ws)).clamp(min=1).to(dtype)
-        return rows[..., :, None] * cols[..., None, :] / count[..., None, None] * nonempty[..., None, None]
-    feats = torch.zeros((k, p * p, h, w), dtype=dtype, requires_grad=True)
-    rois = torch.cat([torch.arange(k, dtype=torch.float64)[:, None], boxes], dim=1).to(dtype)
-    out = rule.pool(feats, rois, p, scale)  # [K, P * P, P, P]
-    one_hot = torch.eye(p * p, dtype=dtype).reshape(1, p * p, p, p).expand(k, -1, -1, -1)
-    (grad,) = torch.autograd.grad(out, feats, one_hot)
-    return grad.reshape(k, p, p, h, w)
 
 
 # ------------------------------------------------------------------------------------------------ summaries
@@ -667,164 +498,3 @@ def summarize(results: dict[int, dict[str, np.ndarray]], rules: Sequence[Rule], 
     return summary
 
 
-def _fmt(value, metric: str) -> str:
-    if value is None:
-        return "-"
-    if metric in ("centre_rel", "iou", "coverage", "empty_bins"):
-        return f"{value:.3f}"
-    return f"{value:.2f}"
-
-
-def format_tables(summary: dict, metrics: Sequence[str] = ("centre_px", "centre_rel", "iou", "crop_error"),
-                  strides: Sequence[int] | None = None) -> str:
-    """Markdown: for each stride, one table per metric, rules as rows and size buckets as columns."""
-    lines = []
-    bucket_names = [b[0] for b in BUCKETS] + ["all"]
-    for stride, per_rule in summary.items():
-        if strides is not None and int(stride) not in strides:
-            continue
-        first = next(iter(per_rule.values()))
-        counts = ", ".join(f"{b} {first[b]['boxes']}" for b in bucket_names)
-        lines.append(f"### Stride {stride}\n\nBoxes: {counts}.\n")
-        for metric in metrics:
-            if first["all"].get(metric, "absent") == "absent":
-                continue
-            title, unit = METRICS[metric]
-            lines.append(f"{title} ({unit}), stride {stride}:\n")
-            lines.append("| rule | " + " | ".join(bucket_names) + " |")
-            lines.append("|---|" + "---:|" * len(bucket_names))
-            for name, per_bucket in per_rule.items():
-                cells = [_fmt(per_bucket[b][metric], metric) for b in bucket_names]
-                lines.append(f"| {name} | " + " | ".join(cells) + " |")
-            lines.append("")
-    return "\n".join(lines)
-
-
-# ------------------------------------------------------------------------------------------------ pictures
-def plot_error_vs_size(results: dict[int, dict[str, np.ndarray]], rules: Sequence[Rule], areas: np.ndarray,
-                       metric: str, path: str | Path, bins: int = 16) -> None:
-    """One panel per stride: the mean of ``metric`` against box size (sqrt of area, log scale), a line per rule."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import matplotlib.ticker
-
-    from roikit.io import atomic_open
-
-    side = np.sqrt(areas)
-    edges = np.geomspace(max(side.min(), 1.0), side.max() * 1.0001, bins + 1) if len(side) else np.array([1, 2])
-    centres = np.sqrt(edges[:-1] * edges[1:])
-    which = np.clip(np.searchsorted(edges, side, side="right") - 1, 0, bins - 1)
-    strides = list(results)
-    fig, axes = plt.subplots(1, len(strides), figsize=(3.3 * len(strides), 3.0), squeeze=False, sharey=True)
-    title, unit = METRICS[metric]
-    ticks = [t for t in (2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048) if edges[0] <= t <= edges[-1]]
-    for ax, stride in zip(axes[0], strides):
-        values = results[stride][metric]
-        for r, rule in enumerate(rules):
-            means = np.array([np.nanmean(values[r, which == i]) if np.any((which == i) & ~np.isnan(values[r]))
-                              else np.nan for i in range(bins)])
-            ax.plot(centres, means, marker=".", label=rule.name)
-        for _, lo, _ in BUCKETS[1:]:
-            ax.axvline(math.sqrt(lo), color="0.8", lw=0.8, zorder=0)
-        ax.set_xscale("log")
-        ax.set_xticks(ticks, [str(t) for t in ticks])
-        ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
-        ax.set_title(f"stride {stride}", fontsize=9)
-        ax.set_xlabel("box side sqrt(w h) (px)", fontsize=8)
-        ax.tick_params(labelsize=7)
-        ax.grid(True, which="major", alpha=0.3)
-    axes[0][0].set_ylabel(f"{title}\n({unit})", fontsize=8)
-    handles, labels = axes[0][0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="lower center", ncol=min(len(rules), 6), fontsize=7, frameon=False)
-    fig.tight_layout(rect=(0, 0.08, 1, 1))
-    with atomic_open(path, "wb") as f:
-        fig.savefig(f, format="png", dpi=80)
-    plt.close(fig)
-
-
-def pick_examples(boxset: BoxSet, count: int = 3) -> np.ndarray:
-    """Indices of a few boxes for the pictures: the median-sized box of each size bucket that has one."""
-    areas = boxset.areas
-    picks = []
-    for _, lo, hi in BUCKETS:
-        members = np.nonzero((areas >= lo) & (areas < hi))[0]
-        if len(members):
-            picks.append(members[np.argsort(areas[members], kind="stable")[len(members) // 2]])
-    return np.asarray(picks[:count], dtype=np.int64)
-
-
-def draw_examples(boxset: BoxSet, picks: np.ndarray, rules: Sequence[Rule], stride: int, output_size: int,
-                  path: str | Path, images_dir: str | Path | None = None) -> None:
-    """A row per box, a panel per rule: the cells the rule reads (blue, darker for more weight, from
-    ``bin_weights``), the true box (red), the rule's bin centres (dark dots) joined (orange) to the exact ones
-    (red crosses); the image in grey underneath when ``images_dir`` is given."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from matplotlib.patches import Rectangle
-
-    from roikit.io import atomic_open
-
-    p = check_output_size(output_size)
-    stride = _check_stride(stride)
-    fig, axes = plt.subplots(len(picks), len(rules), figsize=(2.3 * len(rules), 2.4 * len(picks)), squeeze=False)
-    grid = (np.arange(p) + 0.5) / p
-    for row, i in enumerate(np.asarray(picks).tolist()):
-        box = boxset.boxes[i]
-        hw = tuple(int(v) for v in boxset.image_hw[i])
-        x1, y1, x2, y2 = box
-        true_y, true_x = np.meshgrid(y1 + grid * (y2 - y1), x1 + grid * (x2 - x1), indexing="ij")
-        grey = None
-        if images_dir is not None:
-            image = _load_image(Path(images_dir), boxset.images[int(boxset.image_ids[i])], int(boxset.image_ids[i]))
-            grey = 0.55 + 0.45 * image.mean(axis=2) / 255.0  # light grey: the blue reads stay visible
-        panels, view = [], [x1, x2, y1, y2]
-        for rule in rules:
-            weights = bin_weights(rule, box[None], hw, stride, p)[0].numpy()  # [P, P, h, w]
-            total = weights.sum(axis=(0, 1))
-            read = total > READ_THRESHOLD * max(total.max(), 1e-30)
-            mass = weights.sum(axis=(2, 3))
-            safe = np.where(mass > 0, mass, 1.0)
-            cy = np.einsum("pquv,u->pq", weights, np.arange(total.shape[0])) / safe
-            cx = np.einsum("pquv,v->pq", weights, np.arange(total.shape[1])) / safe
-            rows, cols = np.nonzero(read.any(axis=1))[0], np.nonzero(read.any(axis=0))[0]
-            if len(rows):
-                view = [min(view[0], cols[0] * stride), max(view[1], (cols[-1] + 1) * stride),
-                        min(view[2], rows[0] * stride), max(view[3], (rows[-1] + 1) * stride)]
-            panels.append((total, read, mass > 0, (cx + 0.5) * stride, (cy + 0.5) * stride))
-        pad = 0.75 * stride
-        view = [max(view[0] - pad, 0), min(view[1] + pad, hw[1]), max(view[2] - pad, 0), min(view[3] + pad, hw[0])]
-        for col, (rule, (total, read, ok, px, py)) in enumerate(zip(rules, panels)):
-            ax = axes[row][col]
-            if grey is not None:
-                ax.imshow(grey, extent=(0, hw[1], hw[0], 0), cmap="gray", vmin=0, vmax=1, interpolation="nearest")
-            shade = np.ma.masked_where(~read, 0.35 + 0.65 * total / max(total.max(), 1e-30))
-            ax.imshow(shade, extent=(0, total.shape[1] * stride, total.shape[0] * stride, 0), cmap="Blues", vmin=0,
-                      vmax=1.0, alpha=0.7, interpolation="nearest")
-            for g in range(int(view[0] // stride), int(view[1] // stride) + 2):
-                ax.axvline(g * stride, color="0.6", lw=0.3)
-            for g in range(int(view[2] // stride), int(view[3] // stride) + 2):
-                ax.axhline(g * stride, color="0.6", lw=0.3)
-            ax.add_patch(Rectangle((x1, y1), x2 - x1, y2 - y1, fill=False, ec="red", lw=1.2))
-            for a, b, c, d in zip(true_x[ok], true_y[ok], px[ok], py[ok]):
-                ax.plot([a, c], [b, d], color="orange", lw=0.7)
-            ax.plot(true_x.ravel(), true_y.ravel(), "x", color="red", ms=2.5, mew=0.7)
-            ax.plot(px[ok], py[ok], ".", color="black", ms=2.5)
-            ax.set_xlim(view[0], view[1])
-            ax.set_ylim(view[3], view[2])
-            ax.set_aspect("equal")
-            ax.set_xticks([])
-            ax.set_yticks([])
-            if row == 0:
-                ax.set_title(rule.name, fontsize=8)
-            if col == 0:
-                ax.set_ylabel(f"{x2 - x1:.0f}x{y2 - y1:.0f} px box", fontsize=8)
-    fig.suptitle(f"stride {stride}, {p}x{p} bins: cells read (blue), true box (red), exact bin centres (x), "
-                 f"the rule's (dots)", fontsize=8)
-    fig.tight_layout()
-    with atomic_open(path, "wb") as f:
-        fig.savefig(f, format="png", dpi=72)
-    plt.close(fig)
