@@ -14,12 +14,13 @@ import pytest
 import torch
 import yaml
 
-from roikit.data import make_shapes_dataset
+from roikit.data import build_datasets, make_shapes_dataset
 from roikit.engine import coco_evaluate, load_config, save_checkpoint
-from roikit.io import atomic_torch_save, read_jsonl
 from roikit.engine import trainer as trainer_module
+from roikit.engine.checkpoint import CHECKPOINT_NAME, first_non_finite, load_checkpoint
 from roikit.engine.config import DEFAULTS, RANGES, apply_overrides, check_config, pooler_override
-from roikit.engine.trainer import CHECKPOINT_NAME, METRICS_NAME, build_datasets, first_non_finite, load_checkpoint
+from roikit.engine.trainer import METRICS_NAME
+from roikit.io import atomic_torch_save, read_jsonl
 from roikit.layers.poolers import RoIPooler
 from roikit.modeling import FastRCNNConvFCHead, FastRCNNPredictor, SmallConvNet, build_detector, swap_roi_pooler
 

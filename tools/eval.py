@@ -13,12 +13,13 @@ import re
 import sys
 from pathlib import Path
 
+from roikit.data.build import build_datasets, make_eval_loader
 from roikit.engine.coco_eval import evaluate, format_metrics, format_per_class
 from roikit.engine.config import load_config, pooler_override
 from roikit.engine.distributed import cleanup, init_distributed, is_main_process, log
-from roikit.engine.trainer import build_datasets, load_checkpoint, make_eval_loader
-from roikit.io import atomic_save_json, file_in, output_dir as check_output_dir
-from roikit.modeling import build_detector
+from roikit.engine.inference import load_detector
+from roikit.io import atomic_save_json, file_in
+from roikit.io import output_dir as check_output_dir
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -49,8 +50,8 @@ def main(args: argparse.Namespace) -> int:
         _, val_set = build_datasets(cfg, train=False)
         if cfg["model"]["num_classes"] is None:
             cfg["model"]["num_classes"] = val_set.num_classes
-        model = build_detector(cfg).to(info.device)
-        iteration = load_checkpoint(checkpoint, model=model)
+        # the model config may differ from the checkpoint's in its pooler (--pooler): only the tensors must fit
+        model, cfg, iteration = load_detector(cfg, checkpoint, info.device, same_model_config=False)
         log(f"evaluating {checkpoint} (iteration {iteration}) on {len(val_set)} images with "
             f"{model.roi_heads.box_roi_pool}")
         metrics = evaluate(model, make_eval_loader(val_set, cfg, info), val_set, info.device, results_file=results_file,

@@ -1,10 +1,11 @@
-"""The training loop: data, optimizer and schedule, checkpoints, resume, periodic COCO evaluation.
+"""The training loop: optimizer and schedule, the loop itself, resume, periodic COCO evaluation.
 
 Training counts iterations, not epochs. The order of the training images is a function of (seed, epoch) and the
-random flips of (seed, epoch, image), so a run resumed from a checkpoint sees the very batches the uninterrupted
-run would have seen, whatever the number of data workers; with the optimizer, schedule, gradient scaler and every
-rank's random state restored, it continues with identical state. A run resumes with its own config, the one saved
-in its checkpoint; settings changed on resume are applied on top, printed, and recorded in
+random flips of (seed, epoch, image) (:func:`roikit.data.build.make_train_loader`), so a run resumed from a
+checkpoint sees the very batches the uninterrupted run would have seen, whatever the number of data workers; with
+the optimizer, schedule, gradient scaler and every rank's random state restored
+(:func:`roikit.engine.checkpoint.load_checkpoint`), it continues with identical state. A run resumes with its own
+config, the one saved in its checkpoint; settings changed on resume are applied on top, printed, and recorded in
 ``config_resume_<iteration>.yaml`` beside the original ``config.yaml``, which stays as it was.
 
 On faults: every parameter and buffer is checked after each optimizer step, and a checkpoint is never written with
@@ -15,146 +16,42 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any
 
-import numpy as np
 import torch
 import yaml
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from tqdm import tqdm
 
-from ..data import CocoDetection, Compose, RandomHorizontalFlip, collate_fn, ensure_shapes_dataset
-from ..io import (append_jsonl, atomic_save_json, atomic_torch_save, atomic_write_text, output_dir as make_output_dir,
-                  remove_stale_temporaries)
+from ..data.build import build_datasets, make_eval_loader, make_train_loader
+from ..io import append_jsonl, atomic_save_json, atomic_write_text, remove_stale_temporaries
+from ..io import output_dir as make_output_dir
 from ..modeling import build_detector
+from ..utils.checks import check_int
+from .checkpoint import CHECKPOINT_NAME, first_non_finite, load_checkpoint, read_checkpoint, save_checkpoint
 from .coco_eval import evaluate, format_metrics, format_per_class
-from .config import DEFAULTS, apply_overrides, check_config, config_difference, merge_config, parse_override
-from .distributed import (DistInfo, all_gather_object, all_reduce_mean, barrier, cleanup, init_distributed,
-                          is_main_process, log, unwrap, wrap_ddp)
+from .config import apply_overrides, check_config, parse_override
+from .distributed import (
+    DistInfo,
+    all_gather_object,
+    all_reduce_mean,
+    cleanup,
+    init_distributed,
+    is_main_process,
+    log,
+    unwrap,
+    wrap_ddp,
+)
 
-__all__ = ["build_datasets", "make_train_loader", "make_eval_loader", "build_optimizer", "build_lr_scheduler",
-           "save_checkpoint", "load_checkpoint", "read_checkpoint", "check_state_dict", "first_non_finite", "train",
-           "resume", "CHECKPOINT_NAME", "METRICS_NAME", "CONFIG_NAME"]
+__all__ = ["build_optimizer", "build_lr_scheduler", "train", "resume", "METRICS_NAME", "CONFIG_NAME"]
 
-CHECKPOINT_NAME = "checkpoint.pth"
 METRICS_NAME = "metrics.jsonl"
 CONFIG_NAME = "config.yaml"
 RESUME_CONFIG_NAME = "config_resume_{iteration}.yaml"
 # every file a run writes atomically (glob patterns), whose temporaries a killed run may have left
 RUN_FILES = (CHECKPOINT_NAME, CONFIG_NAME, RESUME_CONFIG_NAME.format(iteration="*"), "eval_final.json",
              "results_val.json")
-
-
-# ------------------------------------------------------------------------------------------------------------ data
-def build_datasets(cfg: dict, *, train: bool = True) -> tuple[CocoDetection | None, CocoDetection]:
-    """(training set or None, validation set) from ``cfg["data"]``; the shapes set is generated on first use."""
-    d = cfg["data"]
-    paths = {key: d[key] for key in ("train_images", "train_annotations", "val_images", "val_annotations")}
-    if any(v is None for v in paths.values()):
-        s = dict(d["shapes"])
-        root = make_output_dir(s.pop("root"), "data.shapes.root")
-        if is_main_process():  # one process generates, the others wait and then find it complete
-            shapes = ensure_shapes_dataset(root, progress=False, **s)
-        barrier()
-        if not is_main_process():
-            shapes = ensure_shapes_dataset(root, progress=False, **s)
-        paths = {key: shapes[key] if value is None else value for key, value in paths.items()}
-    train_set = None
-    if train:
-        flip = d["hflip"]
-        train_set = CocoDetection(paths["train_images"], paths["train_annotations"],
-                                  transforms=Compose([RandomHorizontalFlip(flip)]) if flip else None)
-    return train_set, CocoDetection(paths["val_images"], paths["val_annotations"])
-
-
-@dataclass(frozen=True)
-class _LoadError:
-    message: str
-
-
-class _Loader:
-    """A DataLoader (with :func:`collate_fn`) that raises a sample's ValueError as itself, one line naming the file:
-    from a worker process the exception itself would come back as a traceback inside a message. So a sample's
-    ValueError travels as a value, ``(_LoadError, None)``, and is raised here."""
-
-    def __init__(self, dataset: Dataset, **kwargs) -> None:
-        self.loader = DataLoader(_ErrorsAsValues(dataset), collate_fn=collate_fn, **kwargs)
-
-    def __len__(self) -> int:
-        return len(self.loader)
-
-    def __iter__(self) -> Iterator:
-        for images, targets in self.loader:
-            for image in images:
-                if isinstance(image, _LoadError):
-                    raise ValueError(image.message)
-            yield images, targets
-
-
-class _ErrorsAsValues(Dataset):
-    """``dataset[key]``, or ``(_LoadError(message), None)`` where it raises a ValueError."""
-
-    def __init__(self, dataset: Dataset) -> None:
-        self.dataset = dataset
-
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-    def __getitem__(self, key):
-        try:
-            return self.dataset[key]
-        except ValueError as e:
-            return _LoadError(str(e)), None
-
-
-class _SeededSamples(Dataset):
-    """``dataset[index]`` with the random transforms seeded by (seed, epoch, index); keys are (epoch, index)."""
-
-    def __init__(self, dataset: Dataset, seed: int) -> None:
-        self.dataset, self.seed = dataset, seed
-
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-    def __getitem__(self, key: tuple[int, int]):
-        epoch, index = key
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(int(np.random.SeedSequence([self.seed, epoch, index]).generate_state(1)[0]))
-            return self.dataset[index]
-
-
-def _epoch_batches(dataset: Dataset, batch_size: int, seed: int, epoch: int, info: DistInfo) -> list[list]:
-    """This rank's batches of one epoch, as lists of (epoch, index); the last partial batch is dropped."""
-    sampler = DistributedSampler(dataset, num_replicas=info.world_size, rank=info.rank, shuffle=True, seed=seed,
-                                 drop_last=True)
-    sampler.set_epoch(epoch)
-    indices = [(epoch, i) for i in sampler]
-    return [indices[i:i + batch_size] for i in range(0, len(indices) - batch_size + 1, batch_size)]
-
-
-def make_train_loader(dataset: Dataset, cfg: dict, info: DistInfo, start_iter: int) -> Iterator:
-    """An endless iterator of training batches, starting at iteration ``start_iter``."""
-    batch_size, seed = cfg["data"]["batch_size"], cfg["train"]["seed"]
-    per_epoch = len(_epoch_batches(dataset, batch_size, seed, 0, info))
-    if per_epoch == 0:
-        raise ValueError(f"data.batch_size {batch_size} x {info.world_size} process(es) is more than the "
-                         f"{len(dataset)} training images")
-    seeded = _SeededSamples(dataset, seed)
-    epoch, skip = divmod(start_iter, per_epoch)
-    while True:
-        batches = _epoch_batches(dataset, batch_size, seed, epoch, info)[skip:]
-        # an own generator: the loader must not draw from the global random state, which resume restores
-        yield from _Loader(seeded, batch_sampler=batches, num_workers=cfg["data"]["num_workers"],
-                           generator=torch.Generator())
-        epoch, skip = epoch + 1, 0
-
-
-def make_eval_loader(dataset: Dataset, cfg: dict, info: DistInfo) -> _Loader:
-    """Each image goes to exactly one rank (no padding, so no image is counted twice)."""
-    return _Loader(dataset, batch_size=cfg["data"]["eval_batch_size"], num_workers=cfg["data"]["num_workers"],
-                   sampler=list(range(info.rank, len(dataset), info.world_size)))
 
 
 # ---------------------------------------------------------------------------------------------- optimizer, schedule
@@ -175,7 +72,9 @@ def build_lr_scheduler(cfg: dict, optimizer: torch.optim.Optimizer) -> torch.opt
     max_iter, warmup, schedule, steps = s["max_iter"], s["warmup_iters"], s["schedule"], s["steps"]
     if schedule not in ("cosine", "step", "constant"):
         raise ValueError(f"solver.schedule must be 'cosine', 'step' or 'constant', got {schedule!r}")
-    if not all(isinstance(x, int) for x in steps) or list(steps) != sorted(steps):
+    for x in steps:
+        check_int(x, "each element of solver.steps")
+    if list(steps) != sorted(steps):
         raise ValueError(f"solver.steps must be increasing iteration numbers, got {steps!r}")
 
     def factor(it: int) -> float:
@@ -190,125 +89,6 @@ def build_lr_scheduler(cfg: dict, optimizer: torch.optim.Optimizer) -> torch.opt
         return f
 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
-
-
-# ------------------------------------------------------------------------------------------------------ checkpoints
-def _rng_state() -> dict[str, torch.Tensor]:
-    state = {"cpu": torch.get_rng_state()}
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = torch.cuda.get_rng_state()
-    return state
-
-
-def first_non_finite(tensors: dict[str, Any]) -> str | None:
-    """The name of the first tensor in ``tensors`` (nested dicts and lists, e.g. an optimizer's state) holding a
-    NaN or an infinity, as ``"a.b"``; None when all are finite. One copy to the CPU per device, however many."""
-    named: list[tuple[str, torch.Tensor]] = []
-
-    def walk(obj: Any, name: str) -> None:
-        if torch.is_tensor(obj):
-            if obj.is_floating_point() or obj.is_complex():
-                named.append((name, obj))
-        elif isinstance(obj, dict):
-            for key, value in obj.items():
-                walk(value, f"{name}.{key}" if name else str(key))
-        elif isinstance(obj, (list, tuple)):
-            for i, value in enumerate(obj):
-                walk(value, f"{name}.{i}" if name else str(i))
-
-    walk(tensors, "")
-    flags = [torch.isfinite(t.detach()).all() for _, t in named]
-    finite = torch.ones(len(flags), dtype=torch.bool)
-    for device in {f.device for f in flags}:  # one copy to the CPU per device
-        index = [i for i, f in enumerate(flags) if f.device == device]
-        finite[index] = torch.stack([flags[i] for i in index]).cpu()
-    bad = (~finite).nonzero()
-    return named[int(bad[0])][0] if len(bad) else None
-
-
-def save_checkpoint(path: str | Path, *, model, optimizer, scheduler, scaler, iteration: int, cfg: dict) -> None:
-    """Write a checkpoint atomically (a kill leaves the previous one); a collective call in several processes:
-    every rank's random state is gathered, rank 0 writes. FloatingPointError, and the previous checkpoint left as
-    it is, when a parameter, buffer or optimizer state holds a non-finite value."""
-    rng = all_gather_object(_rng_state())
-    if not is_main_process():
-        return
-    state = {"model": unwrap(model).state_dict(), "optimizer": optimizer.state_dict()}
-    bad = first_non_finite(state)
-    if bad:
-        raise FloatingPointError(f"not writing checkpoint {path} of iteration {iteration}: {bad} is not finite")
-    atomic_torch_save(path, {
-        **state, "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "iteration": iteration,
-        "config": cfg, "rng": rng,
-    })
-
-
-def read_checkpoint(path: str | Path) -> dict[str, Any]:
-    """The dict a checkpoint holds (on the CPU), checked; its ``config`` (when it has one) laid over today's
-    :data:`~roikit.engine.config.DEFAULTS`, so that settings added since it was saved read as their defaults."""
-    path = Path(path)
-    if not path.is_file():
-        raise ValueError(f"checkpoint not found: {path}")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # torch raises several types for a damaged file
-        raise ValueError(f"cannot read checkpoint {path}: {' '.join(str(e).split())[:200]}") from e
-    if not isinstance(ckpt, dict) or not isinstance(ckpt.get("model"), dict):
-        raise ValueError(f"{path} is not a roikit checkpoint (no 'model' state dict)")
-    if isinstance(ckpt.get("config"), dict):
-        ckpt["config"] = merge_config(DEFAULTS, ckpt["config"], f"the config saved in checkpoint {path}")
-    else:
-        ckpt.pop("config", None)
-    return ckpt
-
-
-def check_state_dict(model: torch.nn.Module, state: dict[str, torch.Tensor], where: str) -> None:
-    """ValueError naming the first difference when ``state`` does not fit ``model``."""
-    own = model.state_dict()
-    missing = [k for k in own if k not in state]
-    unexpected = [k for k in state if k not in own]
-    resized = [k for k in own if k in state and tuple(own[k].shape) != tuple(state[k].shape)]
-    if missing or unexpected or resized:
-        parts = []
-        if resized:
-            k = resized[0]
-            parts.append(f"{len(resized)} tensor(s) of another shape (e.g. {k}: checkpoint "
-                         f"{list(state[k].shape)}, model {list(own[k].shape)})")
-        if missing:
-            parts.append(f"{len(missing)} missing (e.g. {missing[0]})")
-        if unexpected:
-            parts.append(f"{len(unexpected)} unexpected (e.g. {unexpected[0]})")
-        raise ValueError(f"{where} does not match the model of the config: {'; '.join(parts)}")
-
-
-def load_checkpoint(path: str | Path, *, model, optimizer=None, scheduler=None, scaler=None, cfg: dict | None = None,
-                    info: DistInfo | None = None) -> int:
-    """Load what ``path`` holds into the given objects; returns the iteration it was saved at.
-
-    With ``cfg``, the checkpoint's model config must be the same (another model is an error, not a warm start).
-    With ``info``, this rank's random state is restored when the world size is the one it was saved with.
-    """
-    ckpt = read_checkpoint(path)
-    if cfg is not None and isinstance(ckpt.get("config"), dict):
-        diff = config_difference(ckpt["config"].get("model"), cfg["model"], "model", ("checkpoint", "config"))
-        if diff:
-            raise ValueError(f"checkpoint {path} was trained with another model config ({diff})")
-    check_state_dict(model, ckpt["model"], f"checkpoint {path}")
-    bad = first_non_finite(ckpt["model"])
-    if bad:
-        raise ValueError(f"checkpoint {path} holds non-finite values in {bad}: the weights are spoilt")
-    model.load_state_dict(ckpt["model"])
-    for obj, key in ((optimizer, "optimizer"), (scheduler, "scheduler"), (scaler, "scaler")):
-        if obj is not None:
-            if key not in ckpt:
-                raise ValueError(f"checkpoint {path} has no {key} state to resume from")
-            obj.load_state_dict(ckpt[key])
-    rng = ckpt.get("rng")
-    if info is not None and isinstance(rng, list) and len(rng) == info.world_size:
-        torch.set_rng_state(rng[info.rank]["cpu"])
-        if "cuda" in rng[info.rank] and info.device.type == "cuda":
-            torch.cuda.set_rng_state(rng[info.rank]["cuda"])
-    return int(ckpt.get("iteration", 0))
 
 
 # -------------------------------------------------------------------------------------------------------- the loop
