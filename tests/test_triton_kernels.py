@@ -12,7 +12,9 @@ import os
 # while it launches (restoring it makes triton's lazy imports fail)
 os.environ["TRITON_INTERPRET"] = "1"
 
+import contextlib  # noqa: E402
 import importlib  # noqa: E402
+import signal  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
 
@@ -331,6 +333,246 @@ def test_multilevel_op_autograd_opcheck_compile():
         ml_op.multilevel_roi_align([], rois, 2, [])
 
 
+# ---------------------------------------------------------------- hostile inputs: bounded work, max rule, precision
+# Each compares the kernels with the reference on the same inputs. The work tests run under a time limit: before the
+# kernels were bounded by the map, these boxes looped over every sample of the box (a 10,000 px box: 1429^2 samples
+# a bin, hours in the interpreter) or overflowed an int32 cast.
+@contextlib.contextmanager
+def time_limit(seconds: float):
+    """Raise TimeoutError (inside the interpreted kernel, which reports it as an InterpreterError) after ``seconds``."""
+    def expire(signum, frame):
+        raise TimeoutError(f"over {seconds} s: the kernel's work is not bounded by the map")
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def small_map(seed=0, size=10):
+    return torch.randn(1, 2, size, size, generator=torch.Generator().manual_seed(seed))
+
+
+HOSTILE_ALIGN = [  # (box in px on a 10 x 10 map at scale 1, sampling_ratio)
+    ([0, 0, 0, 1e4, 1e4], -1),  # 10,000 px, adaptive: 1429 samples a bin and axis, about 11 on the map
+    ([0, 0, 0, 1e30, 1e30], -1),  # ceil(bin) overflowed int32; clamped to 2^52 cells, MAX_GRID samples
+    ([0, -1e30, -1e30, 1e30, 1e30], 1000),  # the deterministic backward sized 4 P 1000^2 entries for it
+    ([0, -3e4, -50, 1e4, 3e4], 1000),  # a few of 1000 samples on the map, the others skipped
+    ([0, -6, 2.5, 4, 17], 7),  # ordinary: partly off the map on both sides
+]
+
+
+@pytest.mark.parametrize("pool_max", [False, True], ids=["avg", "max"])
+@pytest.mark.parametrize("box,sampling_ratio", HOSTILE_ALIGN, ids=["10k_px", "1e30_px", "sr1000_huge", "sr1000",
+                                                                   "ordinary"])
+def test_roi_align_work_bounded_by_the_map(box, sampling_ratio, pool_max, monkeypatch):
+    x, rois = small_map(), torch.tensor([box])
+    settings = (1.0, 7, 7, sampling_ratio, False, pool_max)
+    launches = []
+
+    def spy(gin, keys, *args, **kwargs):  # the deterministic backward's entries, launch by launch
+        launches.append(keys.numel())
+        return gather(gin, keys, *args, **kwargs)
+
+    gather = RA.gather_bins
+    monkeypatch.setattr(RA, "gather_bins", spy)
+    with time_limit(60):
+        out, arg = RA.roi_align_forward(x, rois, *settings)
+        grad = torch.randn(out.shape, generator=torch.Generator().manual_seed(1))
+        got = [RA.roi_align_backward(grad, rois, arg, 1.0, 7, 7, 1, 2, 10, 10, sampling_ratio, False, pool_max, det)
+               for det in (False, True)]
+    out_ref, arg_ref = ref_align.roi_align_forward(x, rois, *settings)
+    close(out, out_ref, torch.float32, "output")
+    if pool_max:
+        assert torch.equal(arg, arg_ref)
+    expected = ref_align.roi_align_backward(grad, rois, arg_ref, 1.0, 7, 7, 1, 2, 10, 10, sampling_ratio, False,
+                                            pool_max)
+    for det, g in zip((False, True), got):
+        close(g, expected, torch.float32, f"gradient, deterministic={det}")
+    # entries: a window of the samples on the map (adaptive: at most about 2 H + 6 a bin and axis), never the grid
+    assert max(launches, default=0) <= RA.MAX_ENTRIES
+    assert sum(launches) <= 4 * 49 * (2 * 10 + 6) ** 2
+
+
+def test_roi_align_deterministic_splits_a_box_into_launches(monkeypatch):
+    """A box with more entries than MAX_ENTRIES is done in several launches (a slot offset), in a fixed order."""
+    x, rois = make_input(), make_rois()
+    out, arg = RA.roi_align_forward(x, rois, SCALE, PH, PW, 6, True, True)
+    grad = torch.randn_like(out)
+    args = (grad, rois, arg, SCALE, PH, PW, 2, 3, 7, 13, 6, True, True, True)
+    whole = RA.roi_align_backward(*args)
+    sizes = []
+    gather = RA.gather_bins
+    monkeypatch.setattr(RA, "gather_bins", lambda gin, keys, *a, **k: (sizes.append(keys.numel()),
+                                                                       gather(gin, keys, *a, **k)))
+    monkeypatch.setattr(RA, "MAX_ENTRIES", 4 * 37)  # a box has up to 6 bins x 6 x 6 slots: split in 37s
+    split = RA.roi_align_backward(*args)
+    assert max(sizes) <= 4 * 37 and len(sizes) > rois.shape[0]
+    assert torch.equal(split, RA.roi_align_backward(*args))  # the same bits again
+    close(split, whole, torch.float32, "split")
+    expected = ref_align.roi_align_backward(grad, rois, arg, SCALE, PH, PW, 2, 3, 7, 13, 6, True, True)
+    close(split, expected, torch.float32, "vs reference")
+
+
+@pytest.mark.parametrize("aligned", [False, True])
+def test_roi_align_max_rule(aligned):
+    """0 for a sample off the map, which competes; NaN never wins; the first of equal samples (iy * gw + ix);
+    -inf and argmax -1 when nothing beats -inf; 0 and argmax -1 for a bin without samples."""
+    g = torch.Generator().manual_seed(2)
+    x = -1.0 - torch.rand(1, 2, 6, 6, generator=g)  # all negative: an off-map sample's 0 wins
+    x[0, 0, 2, 2] = float("nan")
+    x[0, 0, 1:4, 3:5] = -0.25  # equal values: the first sample wins
+    x[0, 1] = float("-inf")
+    x[0, 1, 4:, 4:] = float("nan")
+    rois = torch.tensor([
+        [0, -8.0, -8.0, 3.0, 3.0],  # starts off the map: its first invalid sample is sample 0, skipped
+        [0, 2.0, 2.0, 12.0, 12.0],  # ends off the map: the first invalid sample is the one past the run
+        [0, 1.0, 1.0, 3.5, 3.5],  # over the NaN cell
+        [0, 2.5, 0.5, 4.5, 3.5],  # over the equal cells
+        [0, 3.0, 3.0, 3.0, 3.0],  # zero size: no sample when aligned (adaptive)
+        [0, -1e4, 1.0, 2.0, 1e4],  # huge, partly on the map
+    ])
+    for sampling_ratio in (3, -1):
+        settings = (1.0, 2, 2, sampling_ratio, aligned, True)
+        out, arg = RA.roi_align_forward(x, rois, *settings)
+        out_ref, arg_ref = ref_align.roi_align_forward(x, rois, *settings)
+        torch.testing.assert_close(out, out_ref, equal_nan=True, msg=f"sampling_ratio={sampling_ratio}")
+        assert torch.equal(arg, arg_ref), (sampling_ratio, arg, arg_ref)
+        assert not out.isnan().any()  # NaN never wins
+        assert (out[:, 1] == float("-inf")).any() and (arg[out == float("-inf")] == -1).all()
+    if aligned:  # the zero-size box has no sample
+        assert not out[4].any() and (arg[4] == -1).all()
+
+
+def _assert_same_non_finite(out, expected, msg):
+    assert torch.equal(out.isnan(), expected.isnan()), f"{msg}: NaN where the reference has none, or not"
+    assert torch.equal(out == float("inf"), expected == float("inf")), f"{msg}: +inf"
+    assert torch.equal(out == float("-inf"), expected == float("-inf")), f"{msg}: -inf"
+    finite = expected.isfinite()
+    torch.testing.assert_close(out[finite], expected[finite], atol=1e-5, rtol=1e-5, msg=msg)
+
+
+NON_FINITE_ROIS = torch.tensor([
+    [0, -6.0, -6.0, 1.5, 1.5],  # partly off the map at the NaN corner cell (0, 0)
+    [0, -5.0, 2.0, 0.4, 6.0],  # off-map samples next to the corner: they read nothing
+    [0, 2.0, 1.0, 6.0, 5.0],  # over the +inf and the -inf cell
+    [0, 4.0, 3.0, 4.0, 3.0],  # zero size on the +inf cell: a sample exactly on it (weight 0 on a neighbour)
+    [0, 3.0, 2.0, 5.0, 4.0],  # samples on whole cells next to the +inf cell
+    [0, 6.5, 6.5, 9.0, 9.0],  # far from every non-finite cell
+    [0, 0.0, 0.0, 9.0, 9.0],  # the whole map
+])
+
+
+def non_finite_map():
+    x = small_map(seed=3)
+    x[0, 0, 0, 0] = float("nan")
+    x[0, 1, 3, 4] = float("inf")  # (y, x) = (3, 4)
+    x[0, 0, 3, 4] = float("inf")
+    x[0, 0, 2, 3] = float("-inf")
+    return x
+
+
+@pytest.mark.parametrize("pool_max", [False, True], ids=["avg", "max"])
+@pytest.mark.parametrize("aligned", [False, True])
+def test_roi_align_non_finite_cells(aligned, pool_max):
+    """An output is non-finite only if a tap it reads is (0 * inf = NaN on a weight-0 tap): the reference's rule."""
+    x = non_finite_map()
+    for sampling_ratio in (2, -1):
+        settings = (1.0, 2, 3, sampling_ratio, aligned, pool_max)
+        out, arg = RA.roi_align_forward(x, NON_FINITE_ROIS, *settings)
+        out_ref, arg_ref = ref_align.roi_align_forward(x, NON_FINITE_ROIS, *settings)
+        _assert_same_non_finite(out, out_ref, f"sampling_ratio={sampling_ratio}")
+        if pool_max:
+            assert torch.equal(arg, arg_ref)
+    assert out.isfinite().any() and not out.isfinite().all()
+
+
+@pytest.mark.parametrize("aligned", [False, True])
+def test_prroi_pool_non_finite_cells(aligned):
+    """A bin is non-finite only if it weighs a non-finite cell (a non-zero weight): the reference's rule."""
+    x = non_finite_map()
+    out = PR.prroi_pool_forward(x, NON_FINITE_ROIS, 1.0, 2, 3, aligned)
+    expected = ref_prroi.prroi_pool_forward(x, NON_FINITE_ROIS, 1.0, 2, 3, aligned)
+    _assert_same_non_finite(out, expected, "prroi_pool")
+    assert out.isfinite().any() and not out.isfinite().all()
+
+
+def test_prroi_pool_tiny_bins():
+    """The weights as the mean of the tent by pieces: no cancellation for a 1e-7-cell box or spatial_scale=1e-30
+    (the integral difference gave 0.204 for 0.418, and 0)."""
+    x = small_map(seed=4)
+    a = torch.tensor(1.3)
+    b = torch.nextafter(a, torch.tensor(2.0))  # 1.2e-7 px wide
+    tiny = torch.stack([torch.tensor(0.0), a, a, b, b])[None]
+    for rois, scale in ((tiny, 1.0), (torch.tensor([[0.0, 10, 20, 30, 40]]), 1e-30),
+                        (torch.tensor([[0.0, 2.25, 3.5, 2.25, 7.5]]), 1.0)):  # and zero width: 0
+        for aligned in (False, True):
+            out = PR.prroi_pool_forward(x, rois, scale, 2, 2, aligned)
+            expected = ref_prroi.prroi_pool_forward(x, rois, scale, 2, 2, aligned)
+            close(out, expected, torch.float32, f"scale={scale}, aligned={aligned}")
+            grad = torch.randn(out.shape, generator=torch.Generator().manual_seed(5))
+            gi_ref, gr_ref = ref_prroi.prroi_pool_backward(grad, x, rois, scale, 2, 2, aligned)
+            for det in (False, True):
+                gi, gr = PR.prroi_pool_backward(grad, x, rois, scale, 2, 2, aligned, det)
+                close(gi, gi_ref, torch.float32, f"feature gradient, scale={scale}")
+                torch.testing.assert_close(gr, gr_ref, atol=2e-4, rtol=1e-4, msg=f"box gradient, scale={scale}")
+    # a tiny box averages the surface at its point: the bilinear interpolation at (1.3, 1.3)
+    at = x[0, :, 1:3, 1:3].double()
+    w = torch.tensor([0.7, 0.3], dtype=torch.float64)
+    torch.testing.assert_close(PR.prroi_pool_forward(x, tiny, 1.0, 1, 1, False).double().flatten(),
+                               torch.einsum("i,cij,j->c", w, at, w), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(PR.prroi_pool_forward(x, torch.tensor([[0.0, 10, 20, 30, 40]]), 1e-30, 1, 1, False),
+                               x[:, :, :1, :1])  # every bin at cell (0, 0)
+
+
+@pytest.mark.parametrize("box", [[0, 0, 0, 1e4, 1e4], [0, -5e3, -5e3, 4.5, 10], [0, -1e30, 2, 1e30, 1e30]],
+                         ids=["10k_px", "partly", "1e30_px"])
+def test_prroi_pool_work_bounded_by_the_map(box):
+    """Each bin reads the cells of the map its tent reaches, not floor(bin) + 3 of them."""
+    x, rois = small_map(seed=6), torch.tensor([box])
+    with time_limit(60):
+        out = PR.prroi_pool_forward(x, rois, 1.0, 7, 7, False)
+        grad = torch.ones_like(out)
+        got = [PR.prroi_pool_backward(grad, x, rois, 1.0, 7, 7, False, det) for det in (False, True)]
+    expected = ref_prroi.prroi_pool_forward(x, rois, 1.0, 7, 7, False)
+    torch.testing.assert_close(out, expected, atol=1e-9, rtol=1e-4)
+    gi_ref, gr_ref = ref_prroi.prroi_pool_backward(grad, x, rois, 1.0, 7, 7, False)
+    for gi, gr in got:
+        torch.testing.assert_close(gi, gi_ref, atol=1e-9, rtol=1e-4)
+        torch.testing.assert_close(gr, gr_ref, atol=1e-9, rtol=1e-3)
+
+
+@pytest.mark.parametrize("rounding", ["torchvision", "integer"])
+def test_roi_pool_huge_coordinates(rounding):
+    """Coordinates in cells clamped to +-2^52 before they become integers (they overflowed int64), bins clipped to
+    the map: the reference's bins, values and argmax."""
+    x = small_map(seed=7)
+    rois = torch.tensor([[0, 0, 0, 1e30, 1e30], [0, -1e30, -1e30, 5, 5], [0, -1e30, 3, 1e30, 1e20],
+                         [0, 1e4, 1e4, 2e4, 2e4], [0, -2e4, -3e4, 1e4, 8]])
+    with time_limit(60):
+        out, arg = RP.roi_pool_forward(x, rois, 0.5, 3, 3, rounding)
+    out_ref, arg_ref = ref_pool.roi_pool_forward(x, rois, 0.5, 3, 3, rounding)
+    assert torch.equal(out, out_ref) and torch.equal(arg, arg_ref)
+
+
+def test_multilevel_work_bounded_by_the_map():
+    """The fused kernel pools with the same bounded loops (a 100,000 px box goes to the coarsest map)."""
+    feats, scales = make_pyramid()
+    rois = torch.tensor([[0, 0, 0, 1e5, 1e5], [1, 0, 0, 1e30, 1e30], [0, 5, 5, 20, 70]])
+    settings = (scales, PH, PW, -1, True, 224, 4)
+    with time_limit(60):
+        out = ML.multilevel_roi_align_forward(feats, rois, *settings)
+        grad = torch.randn(out.shape, generator=torch.Generator().manual_seed(8))
+        bwd = (grad, rois, scales, PH, PW, 2, 3, [16, 8, 4], [20, 10, 5], -1, True, 224, 4)
+        got = [ML.multilevel_roi_align_backward(*bwd, det) for det in (False, True)]
+    close(out, ml_ref.multilevel_roi_align_forward(feats, rois, *settings), torch.float32, "output")
+    for grads in got:
+        for g, want in zip(grads, ml_ref.multilevel_roi_align_backward(*bwd)):
+            close(g, want, torch.float32, "gradient")
+
+
 # ---------------------------------------------------------------- registration
 def test_cuda_kernels_registered():
     for op in ("roi_pool", "roi_pool_backward", "roi_align", "roi_align_backward", "prroi_pool",
@@ -390,6 +632,10 @@ def compile_instead(self, *args, grid, warmup, **kwargs):
     consts = {path: get_iterable_path(values, path)
               for path in find_paths_if(sigvals, lambda _, val: val == "constexpr")}
     key = (self.__name__, repr(sigvals), repr(sorted(consts.items())))
+    if self.__name__ == "_roi_align_runs_kernel":  # the launcher reads its windows back: a plausible 1 x 1 each
+        bound["win_ptr"].fill_(1)
+        bound["lo_y_ptr"].zero_()
+        bound["lo_x_ptr"].zero_()
     if key not in seen:
         t = time.time()
         triton.compile(ASTSource(fn=self, signature=dict(zip(self.arg_names, sigvals)), constexprs=consts),

@@ -2,13 +2,17 @@
 
 The map is the surface ``f(y, x) = sum_ij F[i, j] hat(y - i) hat(x - j)``, ``hat(t) = max(0, 1 - |t|)``, 0 beyond
 the map; bin (ph, pw) of a box is its exact integral over the bin divided by the bin's area. Per axis, with
-``lo = s + p b``, ``hi = lo + b``, ``b = max(e - s, 0) / P`` (box edges s, e in cells, minus 0.5 when aligned):
+``lo = s + p b``, ``hi = min(lo + b, e)``, ``b = max(e - s, 0) / P`` (box edges s, e in cells, clamped to +-2^52,
+minus 0.5 when aligned):
 
-    out[c, ph, pw] = sum_ij F[c, i, j] Wy[ph, i] Wx[pw, j],     W[p, i] = (HAT(hi - i) - HAT(lo - i)) / b
+    out[c, ph, pw] = sum_ij F[c, i, j] Wy[ph, i] Wx[pw, j],     W[p, i] = mean of hat(t - i) over t in [lo, hi]
 
-where HAT is the integral of hat. Only cells ``floor(lo) <= i <= ceil(hi)`` have weight: at most floor(b) + 3 per
-bin and axis. The box gradient differentiates W in s and e (``HAT' = hat``, ``d lo / d s = 1 - p / P``,
-``d hi / d s = 1 - (p + 1) / P``, ``d b / d s = -1 / P``, and the mirror for e), then multiplies by the scale.
+computed by pieces between the tent's kinks (``_hat_mean``, as the reference's ``hat_mean``): no cancellation for a
+tiny bin. Only cells ``floor(lo) <= i <= ceil(hi)`` have weight; each bin reads those on the map, at most
+``min(floor(b) + 3, size)`` per axis, whatever the box. A cell is read only where both its weights are non-zero, so a
+non-finite cell spreads only to the bins that weigh it. The box gradient differentiates W in lo and hi
+(``(mean - hat(lo - i)) / b`` and ``(hat(hi - i) - mean) / b``), then through ``d lo / d s = 1 - p / P``,
+``d hi / d s = 1 - (p + 1) / P`` and the mirror for e, times the scale.
 See ``roikit/ops/pytorch/prroi_pool.py``, the reference.
 """
 from __future__ import annotations
@@ -18,9 +22,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._deterministic import MAX_ENTRIES, gather_bins
+from ._deterministic import MAX_ENTRIES, entry_launches, gather_bins
 from ._tiles import blocks, box_tile
-
 
 _MAX_CELLS = tl.constexpr(2.0**52)  # box coordinates in cells are clamped to +-2^52 (as the reference)
 
@@ -89,7 +92,7 @@ def _prroi_axis(lo_px, hi_px, p, spatial_scale, size, P: tl.constexpr, ALIGNED: 
 def _prroi_weight(i, lo, hi, b, size):
     # W[p, i] = mean of cell i's tent over bin p = [lo, hi]; 0 for a cell off the map or an empty bin
     w, _, _ = _hat_mean(lo - i.to(tl.float32), hi - i.to(tl.float32))
-    return tl.where((i >= 0) & (i < size) & (b > 0), w, 0.0)
+    return tl.where(b > 0, tl.where((i >= 0) & (i < size), w, 0.0), 0.0)  # (scalar test apart: see below)
 
 
 @triton.jit
@@ -111,23 +114,26 @@ def _prroi_fwd_kernel(
     feat_ptr, rois_ptr, out_ptr, C, H, W, s_n, s_c, s_h, s_w, spatial_scale,
     PH: tl.constexpr, PW: tl.constexpr, ALIGNED: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
 ):
-    # out[k, c, ph, pw] = sum_ij F[n_k, c, i, j] Wy[ph, i] Wx[pw, j]
+    # out[k, c, ph, pw] = sum_ij F[n_k, c, i, j] Wy[ph, i] Wx[pw, j] over the cells each bin reads (clipped to the
+    # map); a cell is read only where both weights are non-zero (a non-finite cell spreads only there)
     k, cs, ps, offs, m = box_tile(C, PH, PW, BLOCK_C, BLOCK_P)
     c_ok = cs < C
     p_ok = ps < PH * PW
     n, by, y_lo, y_hi, y_first, ny, bx, x_lo, x_hi, x_first, nx = _prroi_load_box(
-        rois_ptr, k, spatial_scale, ps // PW, ps % PW, PH, PW, ALIGNED)
+        rois_ptr, k, spatial_scale, ps // PW, ps % PW, H, W, PH, PW, ALIGNED)
+    ny = tl.where(p_ok, ny, 0)
+    nx = tl.where(p_ok, nx, 0)
     chan = feat_ptr + n * s_n + cs.to(tl.int64)[:, None] * s_c
     acc = tl.zeros([BLOCK_C, BLOCK_P], dtype=tl.float32)
-    for fy in range(ny):
+    for fy in range(tl.max(ny)):  # the tile's most cells; fewer for a bin are masked
         i = y_first + fy
-        wy = _prroi_weight(i, y_lo, y_hi, by, H)
-        for fx in range(nx):
+        wy = tl.where(fy < ny, _prroi_weight(i, y_lo, y_hi, by, H), 0.0)
+        for fx in range(tl.max(nx)):
             j = x_first + fx
-            w = wy * _prroi_weight(j, x_lo, x_hi, bx, W)
-            tap = c_ok[:, None] & ((w != 0.0) & p_ok)[None, :]
+            wx = tl.where(fx < nx, _prroi_weight(j, x_lo, x_hi, bx, W), 0.0)
+            tap = c_ok[:, None] & ((wy != 0.0) & (wx != 0.0))[None, :]
             v = tl.load(chan + (i.to(tl.int64) * s_h + j.to(tl.int64) * s_w)[None, :], mask=tap, other=0.0)
-            acc += v.to(tl.float32) * w[None, :]
+            acc += v.to(tl.float32) * wy[None, :] * wx[None, :]
     tl.store(out_ptr + offs, acc, mask=m)
 
 
@@ -141,32 +147,32 @@ def _prroi_bwd_input_kernel(
     c_ok = cs < C
     p_ok = ps < PH * PW
     n, by, y_lo, y_hi, y_first, ny, bx, x_lo, x_hi, x_first, nx = _prroi_load_box(
-        rois_ptr, k, spatial_scale, ps // PW, ps % PW, PH, PW, ALIGNED)
+        rois_ptr, k, spatial_scale, ps // PW, ps % PW, H, W, PH, PW, ALIGNED)
+    ny = tl.where(p_ok, ny, 0)
+    nx = tl.where(p_ok, nx, 0)
     g = tl.load(grad_ptr + offs, mask=m, other=0.0).to(tl.float32)
     chan = gin_ptr + n * g_sn + cs.to(tl.int64)[:, None] * g_sc
-    for fy in range(ny):
+    for fy in range(tl.max(ny)):
         i = y_first + fy
-        wy = _prroi_weight(i, y_lo, y_hi, by, H)
-        for fx in range(nx):
+        wy = tl.where(fy < ny, _prroi_weight(i, y_lo, y_hi, by, H), 0.0)
+        for fx in range(tl.max(nx)):
             j = x_first + fx
-            w = wy * _prroi_weight(j, x_lo, x_hi, bx, W)
-            tap = c_ok[:, None] & ((w != 0.0) & p_ok)[None, :]
-            tl.atomic_add(chan + (i.to(tl.int64) * g_sh + j.to(tl.int64) * g_sw)[None, :], g * w[None, :], mask=tap,
-                          sem="relaxed")
+            wx = tl.where(fx < nx, _prroi_weight(j, x_lo, x_hi, bx, W), 0.0)
+            tap = c_ok[:, None] & ((wy != 0.0) & (wx != 0.0))[None, :]
+            tl.atomic_add(chan + (i.to(tl.int64) * g_sh + j.to(tl.int64) * g_sw)[None, :],
+                          g * wy[None, :] * wx[None, :], mask=tap, sem="relaxed")
 
 
 @triton.jit
 def _prroi_derivatives(i, lo, hi, b, p, size, P: tl.constexpr):
-    # d W[p, i] / d s and d W[p, i] / d e (see the module docstring); 0 off the map or for an empty bin
+    # d W[p, i] / d s and d W[p, i] / d e through lo = s + p b, hi = lo + b, b = (e - s) / P:
+    # dW/ds = dW/dlo (1 - p / P) + dW/dhi (1 - (p + 1) / P), dW/de = dW/dlo p / P + dW/dhi (p + 1) / P;
+    # 0 off the map or for an empty bin
     i_f = i.to(tl.float32)
     p_f = p.to(tl.float32)
-    b1 = tl.where(b > 0, b, 1.0)
-    area = _hat_integral(hi - i_f) - _hat_integral(lo - i_f)
-    h_hi = _hat(hi - i_f)
-    h_lo = _hat(lo - i_f)
-    tail = tl.div_rn(tl.div_rn(area, b1 * b1), P * 1.0)
-    d_s = tl.div_rn(h_hi * (1.0 - (p_f + 1.0) / P) - h_lo * (1.0 - p_f / P), b1) + tail
-    d_e = tl.div_rn(h_hi * ((p_f + 1.0) / P) - h_lo * (p_f / P), b1) - tail
+    _, d_lo, d_hi = _hat_mean(lo - i_f, hi - i_f)
+    d_s = d_lo * (1.0 - p_f / P) + d_hi * (1.0 - (p_f + 1.0) / P)
+    d_e = d_lo * (p_f / P) + d_hi * ((p_f + 1.0) / P)
     real = (i >= 0) & (i < size)
     # (a block mask & a scalar comparison trips Triton's interpreter: the scalar test goes through tl.where)
     return tl.where(b > 0, tl.where(real, d_s, 0.0), 0.0), tl.where(b > 0, tl.where(real, d_e, 0.0), 0.0)
@@ -191,7 +197,9 @@ def _prroi_bwd_rois_kernel(
         ph = ps // PW
         pw = ps % PW
         n, by, y_lo, y_hi, y_first, ny, bx, x_lo, x_hi, x_first, nx = _prroi_load_box(
-            rois_ptr, k, spatial_scale, ph, pw, PH, PW, ALIGNED)
+            rois_ptr, k, spatial_scale, ph, pw, H, W, PH, PW, ALIGNED)
+        ny = tl.where(p_ok, ny, 0)
+        nx = tl.where(p_ok, nx, 0)
         for c0 in range(0, C, BLOCK_C):
             cs = c0 + tl.arange(0, BLOCK_C)
             c_ok = cs < C
@@ -200,16 +208,22 @@ def _prroi_bwd_rois_kernel(
             a_y1 = tl.zeros([BLOCK_C, BLOCK_P], dtype=tl.float32)
             a_x2 = tl.zeros([BLOCK_C, BLOCK_P], dtype=tl.float32)
             a_y2 = tl.zeros([BLOCK_C, BLOCK_P], dtype=tl.float32)
-            for fy in range(ny):
+            for fy in range(tl.max(ny)):
                 i = y_first + fy
-                wy = _prroi_weight(i, y_lo, y_hi, by, H)
+                y_ok = fy < ny
+                wy = tl.where(y_ok, _prroi_weight(i, y_lo, y_hi, by, H), 0.0)
                 dys, dye = _prroi_derivatives(i, y_lo, y_hi, by, ph, H, PH)
-                for fx in range(nx):
+                dys = tl.where(y_ok, dys, 0.0)
+                dye = tl.where(y_ok, dye, 0.0)
+                for fx in range(tl.max(nx)):
                     j = x_first + fx
-                    wx = _prroi_weight(j, x_lo, x_hi, bx, W)
+                    x_ok = fx < nx
+                    wx = tl.where(x_ok, _prroi_weight(j, x_lo, x_hi, bx, W), 0.0)
                     dxs, dxe = _prroi_derivatives(j, x_lo, x_hi, bx, pw, W, PW)
+                    dxs = tl.where(x_ok, dxs, 0.0)
+                    dxe = tl.where(x_ok, dxe, 0.0)
                     used = ((wy != 0.0) | (dys != 0.0) | (dye != 0.0)) & ((wx != 0.0) | (dxs != 0.0) | (dxe != 0.0))
-                    m = c_ok[:, None] & (used & p_ok)[None, :]
+                    m = c_ok[:, None] & used[None, :]
                     v = tl.load(chan + (i.to(tl.int64) * s_h + j.to(tl.int64) * s_w)[None, :], mask=m, other=0.0)
                     v = v.to(tl.float32)
                     a_y1 += v * (dys * wx)[None, :]
@@ -232,30 +246,35 @@ def _prroi_bwd_rois_kernel(
 
 @triton.jit
 def _prroi_entries_kernel(
-    rois_ptr, key_ptr, src_ptr, w_ptr, k0, num_cells, H, W, spatial_scale, FY, FX,
+    rois_ptr, win_ptr, base_ptr, key_ptr, src_ptr, w_ptr, k0, slot0, width, num_cells, H, W, spatial_scale,
     PH: tl.constexpr, PW: tl.constexpr, ALIGNED: tl.constexpr, BLOCK: tl.constexpr,
 ):
-    # For box k0 + pid0 and slots j = (p * FY + fy) * FX + fx: the entry (cell, bin k * P + p, Wy[ph, i] Wx[pw, j])
-    # for cell i = first_y + fy, j = first_x + fx; key num_cells when the weight is 0 or the cell is off the map.
+    # For box k = k0 + pid0 with window (FY, FX) and its slots j = (p * FY + fy) * FX + fx in [slot0, slot0 + width):
+    # the entry (cell, bin k * P + p, Wy[ph, i] Wx[pw, j]) for cell i = first_y + fy, j = first_x + fx, at
+    # base[pid0] + j - slot0; key num_cells when the weight is 0, the cell is off the map or past the bin's cells.
     kl = tl.program_id(0).to(tl.int64)
     k = k0 + kl
-    slot = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-    per_bin = FY * FX
-    p = slot // per_bin
+    fy_n = tl.load(win_ptr + k * 2)
+    fx_n = tl.load(win_ptr + k * 2 + 1)
+    per_bin = fy_n * fx_n
+    slot = slot0 + tl.program_id(1).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    ok = (slot < PH * PW * per_bin) & (slot < slot0 + width)
+    p = slot // tl.maximum(per_bin, 1)
     f = slot - p * per_bin
-    fy = f // FX
-    fx = f - fy * FX
+    fy = f // tl.maximum(fx_n, 1)
+    fx = f - fy * fx_n
+    p = tl.where(ok, p, 0)
     n, by, y_lo, y_hi, y_first, ny, bx, x_lo, x_hi, x_first, nx = _prroi_load_box(
-        rois_ptr, k, spatial_scale, p // PW, p % PW, PH, PW, ALIGNED)
+        rois_ptr, k, spatial_scale, p // PW, p % PW, H, W, PH, PW, ALIGNED)
     i = y_first + fy
     j = x_first + fx
-    w = _prroi_weight(i, y_lo, y_hi, by, H) * _prroi_weight(j, x_lo, x_hi, bx, W)
-    used = (fy < ny) & (fx < nx) & (w != 0.0)
-    ok = p < PH * PW
-    e = kl * (PH * PW * per_bin) + slot
+    wy = _prroi_weight(i, y_lo, y_hi, by, H)
+    wx = _prroi_weight(j, x_lo, x_hi, bx, W)
+    used = (fy < ny) & (fx < nx) & (wy != 0.0) & (wx != 0.0)
+    e = tl.load(base_ptr + kl) + slot - slot0
     tl.store(key_ptr + e, tl.where(used, (n * H + i) * W + j, num_cells), mask=ok)
     tl.store(src_ptr + e, k * (PH * PW) + p, mask=ok)
-    tl.store(w_ptr + e, w, mask=ok)
+    tl.store(w_ptr + e, wy * wx, mask=ok)
 
 
 def prroi_pool_forward(input: Tensor, rois: Tensor, spatial_scale: float, pooled_height: int, pooled_width: int,
@@ -274,10 +293,18 @@ def prroi_pool_forward(input: Tensor, rois: Tensor, spatial_scale: float, pooled
     return out
 
 
-def _max_footprint(rois: Tensor, spatial_scale: float, pooled: int, column: int) -> int:
-    """A bound on the cells one bin reads along an axis: floor(b) + 3, plus one for float ties (host sync)."""
-    size = ((rois[:, column + 2].float() - rois[:, column].float()) * spatial_scale).clamp(min=0.0)
-    return int(torch.floor(size / pooled).max().item()) + 4
+def _windows(rois: Tensor, spatial_scale: float, pooled: tuple[int, int], size: tuple[int, int],
+             aligned: bool) -> Tensor:
+    """[K, 2] (CPU, int64): a bound on the cells one bin of box k reads along y and x, as the kernels compute them in
+    float32: at most ``floor(b) + 3`` (plus 2 for rounding), and never more than the map's side."""
+    r = rois.float()
+    windows = []
+    for (c1, c2), p, length in (((2, 4), pooled[0], size[0]), ((1, 3), pooled[1], size[1])):
+        s = (r[:, c1] * spatial_scale).clamp(-2.0**52, 2.0**52)
+        e = (r[:, c2] * spatial_scale).clamp(-2.0**52, 2.0**52)
+        b = torch.nan_to_num((e - s).clamp(min=0.0) / p, nan=0.0)  # the offset of aligned cancels
+        windows.append(torch.where(b > 0, (torch.floor(b) + 5).clamp(max=length), 0.0))
+    return torch.stack(windows, dim=1).long().cpu()
 
 
 def prroi_pool_backward(grad: Tensor, input: Tensor, rois: Tensor, spatial_scale: float, pooled_height: int,
@@ -306,19 +333,19 @@ def prroi_pool_backward(grad: Tensor, input: Tensor, rois: Tensor, spatial_scale
                                       PH=pooled_height, PW=pooled_width, ALIGNED=bool(aligned), BLOCK_C=block_c,
                                       BLOCK_P=block_p)
         return gin.to(input.dtype), grois.to(rois.dtype)
-    fy = _max_footprint(rois, spatial_scale, pooled_height, 2)
-    fx = _max_footprint(rois, spatial_scale, pooled_width, 1)
-    slots = pooled * fy * fx
-    chunk = max(1, MAX_ENTRIES // slots)
-    block = min(triton.next_power_of_2(slots), 256)
-    for k0 in range(0, k, chunk):
-        kc = min(chunk, k - k0)
-        keys = torch.empty((kc * slots,), dtype=torch.int64, device=grad.device)
+    window = _windows(rois, spatial_scale, (pooled_height, pooled_width), (h, w), aligned)
+    slots = pooled * window.prod(dim=1)  # [K] entry slots per box
+    window = window.to(grad.device)
+    first = True
+    for k0, kc, slot0, width, base, total in entry_launches(slots, MAX_ENTRIES):
+        keys = torch.empty((total,), dtype=torch.int64, device=grad.device)
         src = torch.empty_like(keys)
         weight = torch.empty(keys.shape, dtype=torch.float32, device=grad.device)
-        _prroi_entries_kernel[(kc, triton.cdiv(slots, block))](
-            rois, keys, src, weight, k0, n * h * w, h, w, float(spatial_scale), fy, fx,
-            PH=pooled_height, PW=pooled_width, ALIGNED=bool(aligned), BLOCK=block,
+        block = min(triton.next_power_of_2(width), 256)
+        _prroi_entries_kernel[(kc, triton.cdiv(width, block))](
+            rois, window, base.to(grad.device), keys, src, weight, k0, slot0, width, n * h * w, h, w,
+            float(spatial_scale), PH=pooled_height, PW=pooled_width, ALIGNED=bool(aligned), BLOCK=block,
         )
-        gather_bins(gin, keys, src, weight, None, grad, None, accumulate=k0 > 0)
+        gather_bins(gin, keys, src, weight, None, grad, None, accumulate=not first)
+        first = False
     return gin.to(input.dtype), grois.to(rois.dtype)

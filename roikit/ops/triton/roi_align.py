@@ -5,11 +5,11 @@ Bin (ph, pw) of box k takes ``gh * gw`` bilinear samples at
     y = y1 + ph * bin_h + (iy + 0.5) * bin_h / gh,    x = x1 + pw * bin_w + (ix + 0.5) * bin_w / gw
 
 (torchvision's conventions: ``y1 = box_y1 * scale - 0.5`` when aligned, a box at least 1 x 1 cell when not,
-``gh = sampling_ratio`` or ``ceil(bin_h)``, at most MAX_GRID; box coordinates in cells clamped to +-2^52; a sample
-outside ``[-1, H] x [-1, W]`` is 0, one inside is clamped to the map) and returns their mean, or their maximum
-(``argmax`` = the winning sample's ``iy * gw + ix``: the first on ties, NaN never wins, -1 when nothing beats -inf,
-the value then -inf; a bin with no sample is 0 with argmax -1). See ``roikit/ops/pytorch/roi_align.py``, the
-reference.
+``gh = sampling_ratio`` or ``ceil(bin_h)``, at most ``geometry.MAX_GRID``; box coordinates in cells clamped to
++-2^52; a sample outside ``[-1, H] x [-1, W]`` is 0, one inside is clamped to the map) and returns their mean, or
+their maximum (``argmax`` = the winning sample's ``iy * gw + ix``: the first on ties, NaN never wins, -1 when
+nothing beats -inf, the value then -inf; a bin with no sample is 0 with argmax -1). See
+``roikit/ops/pytorch/roi_align.py``, the reference.
 
 **Bounded work.** A bin's sample positions are monotone in the index, so the samples inside ``[-1, size]`` form one
 run ``[lo, hi)`` per axis, found by bisection on the very positions the kernel reads (``_sample_run``); only the run
@@ -28,12 +28,14 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from ..geometry import MAX_CELLS, MAX_GRID
 from ._deterministic import MAX_ENTRIES, entry_launches, gather_bins
 from ._tiles import blocks, box_tile
 
-MAX_GRID = 1 << 30  # samples per bin and axis, at most (the reference's MAX_GRID: int32 indices stay exact)
+# the reference's bounds (roikit.ops.geometry): box coordinates in cells clamped to +-2^52, at most MAX_GRID samples
+# per bin and axis (as a float32 cap, as the reference computes it for float32 boxes); sample indices are int64
+_MAX_CELLS = tl.constexpr(float(MAX_CELLS))
 _MAX_GRID_F = tl.constexpr(float(MAX_GRID))
-_MAX_CELLS = tl.constexpr(2.0**52)  # box coordinates in cells are clamped to +-2^52 (the reference's MAX_CELLS)
 
 
 @triton.jit
@@ -68,8 +70,8 @@ def _align_box(rois_ptr, k, spatial_scale, sampling_ratio, PH: tl.constexpr, PW:
         roi_h = tl.where(roi_h < 1.0, 1.0, roi_h)
     bin_h = tl.div_rn(roi_h, PH * 1.0)
     bin_w = tl.div_rn(roi_w, PW * 1.0)
-    adaptive_h = tl.where(bin_h > 0, tl.ceil(tl.minimum(bin_h, _MAX_GRID_F)), 0.0).to(tl.int32)
-    adaptive_w = tl.where(bin_w > 0, tl.ceil(tl.minimum(bin_w, _MAX_GRID_F)), 0.0).to(tl.int32)
+    adaptive_h = tl.where(bin_h > 0, tl.ceil(tl.minimum(bin_h, _MAX_GRID_F)), 0.0).to(tl.int64)
+    adaptive_w = tl.where(bin_w > 0, tl.ceil(tl.minimum(bin_w, _MAX_GRID_F)), 0.0).to(tl.int64)
     gh = tl.where(sampling_ratio > 0, sampling_ratio, adaptive_h)
     gw = tl.where(sampling_ratio > 0, sampling_ratio, adaptive_w)
     return n, y1, x1, bin_h, bin_w, gh, gw
@@ -87,7 +89,7 @@ def _first_sample(start, bin_size, grid, size, steps, PAST: tl.constexpr):
     (``PAST=False``: >= -1, or <= size for a negative bin) or gone past it (``PAST=True``: > size, or < -1), grid when
     none (also for NaN positions). Positions are monotone in the index, so this is a bisection of ``steps`` rounds."""
     grid_f = tl.maximum(grid, 1).to(tl.float32)
-    lo = tl.zeros_like(start).to(tl.int32)
+    lo = tl.zeros_like(start).to(tl.int64)
     hi = lo + grid
     for _ in range(steps):
         mid = lo + (hi - lo) // 2
@@ -202,7 +204,7 @@ def _align_bins(base, C, H, W, s_c, s_h, s_w, y1, x1, bin_h, bin_w, gh, gw, cs, 
                 # strictly larger wins: the first maximum stays, NaN never wins, -inf never beats the start
                 win = slot[None, :] & (val > acc)
                 acc = tl.where(win, val, acc)
-                arg = tl.where(win, (iy.to(tl.int64) * gw + ix)[None, :], arg)
+                arg = tl.where(win, (iy * gw + ix)[None, :], arg)
             else:
                 acc += val
     if POOL_MAX:
@@ -312,8 +314,8 @@ def _roi_align_runs_kernel(
     lo_x, hi_x = _sample_run(x1 + pw.to(tl.float32) * bin_w, bin_w, gw, W)
     tl.store(lo_y_ptr + k * PH + ph, lo_y, mask=ph < PH)
     tl.store(lo_x_ptr + k * PW + pw, lo_x, mask=pw < PW)
-    tl.store(win_ptr + k * 2, tl.max(tl.where(ph < PH, hi_y - lo_y, 0)).to(tl.int64))
-    tl.store(win_ptr + k * 2 + 1, tl.max(tl.where(pw < PW, hi_x - lo_x, 0)).to(tl.int64))
+    tl.store(win_ptr + k * 2, tl.max(tl.where(ph < PH, hi_y - lo_y, 0)))
+    tl.store(win_ptr + k * 2 + 1, tl.max(tl.where(pw < PW, hi_x - lo_x, 0)))
 
 
 @triton.jit
@@ -391,7 +393,7 @@ def roi_align_forward(input: Tensor, rois: Tensor, spatial_scale: float, pooled_
 
 
 def _grid_arg(sampling_ratio: int) -> int:
-    """``sampling_ratio`` capped at MAX_GRID (an int32 for the kernels; <= 0 means adaptive)."""
+    """``sampling_ratio`` capped at MAX_GRID, as the reference (<= 0 means adaptive)."""
     return max(min(int(sampling_ratio), MAX_GRID), 0)
 
 
@@ -438,8 +440,8 @@ def deterministic_backward_into(gin: Tensor, grad: Tensor, rois: Tensor, argmax:
     k = rois.shape[0]
     pooled = pooled_height * pooled_width
     ratio = _grid_arg(sampling_ratio)
-    lo_y = torch.empty((k, pooled_height), dtype=torch.int32, device=gin.device)
-    lo_x = torch.empty((k, pooled_width), dtype=torch.int32, device=gin.device)
+    lo_y = torch.empty((k, pooled_height), dtype=torch.int64, device=gin.device)
+    lo_x = torch.empty((k, pooled_width), dtype=torch.int64, device=gin.device)
     window = torch.empty((k, 2), dtype=torch.int64, device=gin.device)
     _roi_align_runs_kernel[(k,)](
         rois, lo_y, lo_x, window, h, w, float(spatial_scale), ratio, PH=pooled_height, PW=pooled_width,

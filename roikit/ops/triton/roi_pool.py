@@ -26,6 +26,7 @@ from ._deterministic import MAX_ENTRIES, segment_sum
 from ._tiles import blocks, box_tile
 
 _LOWEST = tl.constexpr(-3.4028234663852886e38)  # -FLT_MAX: torchvision's starting maximum
+_MAX_CELLS = tl.constexpr(2.0**52)  # box coordinates in cells are clamped to +-2^52 (the reference's MAX_CELLS)
 
 
 @triton.jit
@@ -37,23 +38,36 @@ def _round_half_away(v):
 
 
 @triton.jit
+def _clamp_cells(v):
+    # v in cells clamped to [-2^52, 2^52] (as the reference, before any integer conversion); NaN gives 0
+    return tl.where(v > _MAX_CELLS, _MAX_CELLS, tl.where(v < -_MAX_CELLS, -_MAX_CELLS, tl.where(v == v, v, 0.0)))
+
+
+@triton.jit
 def _pool_axis(lo, hi, p, spatial_scale, size, P: tl.constexpr, INTEGER: tl.constexpr):
-    """Cells [b0, b1) of bins p along one axis, for box edges lo, hi in image pixels; clipped to [0, size]."""
+    """Cells [b0, b1) of bins p along one axis, for box edges lo, hi in image pixels; clipped to [0, size], so a bin
+    spans at most the map whatever the box. Coordinates in cells are clamped to +-2^52 first (int64 math stays
+    exact); a NaN edge gives empty bins."""
+    s_lo = lo * spatial_scale
+    s_hi = hi * spatial_scale
     if INTEGER:
-        start = tl.floor(lo * spatial_scale).to(tl.int64)
-        extent = tl.floor((hi - lo) * spatial_scale).to(tl.int64)
+        s_ext = (hi - lo) * spatial_scale
+        nan = (s_lo != s_lo) | (s_ext != s_ext)
+        start = tl.floor(_clamp_cells(s_lo)).to(tl.int64)
+        extent = tl.floor(_clamp_cells(s_ext)).to(tl.int64)
         # the bin is at least one cell: negative sizes give 1 whatever the integer division rounds to
         step = tl.maximum(extent // P, 1)
         b0 = start + p * step
         b1 = b0 + step
     else:
-        start = _round_half_away(lo * spatial_scale)
-        extent = tl.maximum(_round_half_away(hi * spatial_scale) - start + 1, 1)
+        nan = (s_lo != s_lo) | (s_hi != s_hi)
+        start = _round_half_away(_clamp_cells(s_lo))
+        extent = tl.maximum(_round_half_away(_clamp_cells(s_hi)) - start + 1, 1)
         step = tl.div_rn(extent.to(tl.float32), P * 1.0)
         b0 = start + tl.floor(p.to(tl.float32) * step).to(tl.int64)
         b1 = start + tl.ceil((p + 1).to(tl.float32) * step).to(tl.int64)
-    b0 = tl.minimum(tl.maximum(b0, 0), size)
-    b1 = tl.minimum(tl.maximum(b1, 0), size)
+    b0 = tl.where(nan, 0, tl.minimum(tl.maximum(b0, 0), size))
+    b1 = tl.where(nan, 0, tl.minimum(tl.maximum(b1, 0), size))
     return b0, b1
 
 
@@ -74,7 +88,7 @@ def _roi_pool_fwd_kernel(
     y2 = tl.load(r + 4).to(tl.float32)
     hs, he = _pool_axis(y1, y2, (ps // PW).to(tl.int64), spatial_scale, H, PH, INTEGER)
     ws, we = _pool_axis(x1, x2, (ps % PW).to(tl.int64), spatial_scale, W, PW, INTEGER)
-    rows = tl.max(tl.where(p_ok, he - hs, 0))  # tallest / widest bin of the tile
+    rows = tl.max(tl.where(p_ok, he - hs, 0))  # tallest / widest bin of the tile: at most H / W (clipped)
     cols = tl.max(tl.where(p_ok, we - ws, 0))
     chan = feat_ptr + n * s_n + cs.to(tl.int64)[:, None] * s_c
     best = tl.full([BLOCK_C, BLOCK_P], _LOWEST, dtype=tl.float32)
