@@ -1,6 +1,6 @@
-"""demo/demo.py and roikit.analysis.drawing: headless runs on generated images and a generated video, with a tiny
-detector of random weights saved in the trainer's checkpoint format (no training, except the 2-iteration quick
-model)."""
+"""demo/demo.py, roikit.analysis.pooling_view and roikit.analysis.drawing: headless runs on generated images and a
+generated video, with a tiny detector of random weights saved in the trainer's checkpoint format (no training,
+except the 2-iteration quick model)."""
 from __future__ import annotations
 
 import importlib.util
@@ -14,8 +14,8 @@ import pytest
 import torch
 import yaml
 
-from roikit.analysis.drawing import (box_pixels, class_colour, draw_cell_grid, draw_detections, draw_rects,
-                                     tile_images)
+from roikit.analysis.drawing import box_pixels, class_colour, draw_cell_grid, draw_detections, draw_rects, tile_images
+from roikit.analysis.pooling_view import blank_explain, quantized_view, roi_align_view
 from roikit.data import render_image
 from roikit.engine.config import load_config
 from roikit.io import atomic_torch_save
@@ -27,7 +27,8 @@ _DEMO = ROOT / "demo" / "demo.py"
 
 
 def _load_demo():
-    # in-process (no second torch start-up per run); the demo is a script, not a package module
+    # in-process (no second torch start-up per run); the demo is a script, not a package module. It puts its own
+    # folder on sys.path for the modules beside it (sources.py, detector.py)
     spec = importlib.util.spec_from_file_location("roikit_demo", _DEMO)
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # dataclasses look their module up there
@@ -36,6 +37,8 @@ def _load_demo():
 
 
 demo = _load_demo()
+sources = importlib.import_module("sources")
+detector = importlib.import_module("detector")
 
 TINY = {
     "_base_": str(ROOT / "configs" / "base_shapes.yaml"),
@@ -150,28 +153,12 @@ def test_tile_images_places_every_image():
         tile_images([a], ["x", "y"])
 
 
-# -------------------------------------------------------------------------------------------------- explain maths
-def test_stride_map_averages_the_pixels_of_each_cell():
-    picture = np.random.default_rng(0).random((37, 50, 3))
-    fmap = demo.stride_map(picture, 16)
-    assert fmap.shape == (1, 3, 3, 4)
-    assert torch.allclose(fmap[0, :, 1, 2], torch.from_numpy(picture[16:32, 32:48].mean((0, 1))))
-    assert torch.allclose(fmap[0, :, 2, 3], torch.from_numpy(picture[32:37, 48:50].mean((0, 1))))  # partial cell
-
-
-def test_exact_bin_means():
-    picture = np.random.default_rng(1).random((40, 40, 3))
-    means = demo.exact_bin_means(picture, np.array([5.0, 3.0, 19.0, 31.0]), 7)  # bins of 2 x 4 pixels
-    assert np.allclose(means[2, 3], picture[11:15, 11:13].mean((0, 1)))
-    half = demo.exact_bin_means(picture, np.array([0.5, 0.0, 1.5, 1.0]), 1)[0, 0]  # half of two pixels
-    assert np.allclose(half, picture[0, 0:2].mean(0))
-
-
+# ------------------------------------------------------------------------------------------------- pooling view
 @pytest.mark.parametrize("rule", ["integer", "torchvision"])
 def test_quantized_view_cells_are_the_ones_roi_pool_reads(rule):
     fmap = torch.rand(1, 3, 20, 24, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
     box = np.array([37.3, 21.9, 250.2, 181.0])
-    view = demo.quantized_view(rule, fmap, box, 16, 7)
+    view = quantized_view(rule, fmap, box, 16, 7)
     op = roi_pool(fmap.float(), torch.tensor([[0.0, *box]], dtype=torch.float32), 7, 1 / 16, rule)[0]
     for p in range(7):
         for q in range(7):
@@ -186,7 +173,7 @@ def test_quantized_view_cells_are_the_ones_roi_pool_reads(rule):
 def test_roi_align_view_samples_are_where_the_op_reads(aligned, sampling_ratio):
     fmap = torch.rand(1, 3, 20, 24, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
     box, stride = np.array([37.3, 21.9, 250.2, 181.0]), 16
-    view = demo.roi_align_view(fmap, box, stride, 7, sampling_ratio, aligned)
+    view = roi_align_view(fmap, box, stride, 7, sampling_ratio, aligned)
     expected = roi_align(fmap, torch.tensor([[0.0, *box]], dtype=torch.float64), 7, 1 / stride, sampling_ratio,
                          aligned)[0].permute(1, 2, 0).numpy()
     assert np.allclose(view.crop, expected)
@@ -237,7 +224,7 @@ def test_explain_pooling_picture(setup, capsys):
     assert run(setup, "--input", image, "--output-dir", out, "--score-threshold", 0.0, "--explain-pooling",
                "--detection", 1, "--save-detections") == 0
     view = cv2.imread(str(out / "img0_explain.png"))
-    assert view is not None and view.shape == demo.blank_explain(256, "").shape
+    assert view is not None and view.shape == blank_explain(256, "").shape
     record = json.loads((out / "img0.json").read_text())
     assert record["explain"]["detection"] == 1 and record["explain"]["stride"] == 16
     assert set(record["explain"]["crop_error"]) == {"integer", "torchvision", "roi_align"}
@@ -251,7 +238,7 @@ def test_video(setup, capsys):
     assert run(setup, "--input", setup["video"], "--output-dir", out, "--score-threshold", 0.0,
                "--explain-pooling", "--save-detections") == 0
     assert "clip: 4 frame(s)" in capsys.readouterr().out
-    for name, size in (("clip.mp4", VIDEO_SIZE), ("clip_explain.mp4", demo.blank_explain(256, "").shape[1::-1])):
+    for name, size in (("clip.mp4", VIDEO_SIZE), ("clip_explain.mp4", blank_explain(256, "").shape[1::-1])):
         cap = cv2.VideoCapture(str(out / name))
         frames = []
         while True:
@@ -325,7 +312,7 @@ def test_errors(setup, capsys, tmp_path):
 
 def test_output_names_never_collide():
     paths = [Path(n) for n in ("d/a.jpg", "d/a.png", "d/x.png", "d/x_explain.png", "d/y.gif")]
-    names = demo.output_names(paths)
+    names = sources.output_names(paths)
     assert names[paths[0]] == {"image": "a.jpg", "explain": "a_jpg_explain.png", "json": "a_jpg.json"}
     assert names[paths[1]] == {"image": "a.png", "explain": "a_png_explain.png", "json": "a_png.json"}
     assert names[paths[2]] == {"image": "x.png", "explain": "x_2_explain.png", "json": "x_2.json"}
@@ -366,7 +353,7 @@ def test_a_folder_with_bad_images_runs_the_good_ones_then_fails(setup, capsys, t
         record = json.loads((out / f"{stem}.json").read_text())
         assert record["image"] == image and f"{image}: {len(record['scores'])} detection(s)" in captured.out
         assert cv2.imread(str(out / image)).shape == good.shape  # the annotated image, not an explain view
-        assert cv2.imread(str(out / f"{stem}_explain.png")).shape == demo.blank_explain(256, "").shape
+        assert cv2.imread(str(out / f"{stem}_explain.png")).shape == blank_explain(256, "").shape
     assert not (out / "b.png").exists() and not (out / "thin.png").exists()
 
 
@@ -395,7 +382,7 @@ def test_checkpoint_errors(setup, capsys, tmp_path):
 
 
 def test_quick_model_is_trained_once_then_reused(setup, capsys, tmp_path, monkeypatch):
-    monkeypatch.setattr(demo, "QUICK_DATA", {"num_train": 4, "num_val": 2, "image_size": 320, "seed": 0})
+    monkeypatch.setattr(detector, "QUICK_DATA", {"num_train": 4, "num_val": 2, "image_size": 320, "seed": 0})
     quick = tmp_path / "quick.pt"
     args = ["--input", setup["images"] / "img2.png", "--output-dir", tmp_path / "out", "--quick-checkpoint", quick,
             "--quick-iters", 2, "data.batch_size=2", "train.log_period=1"]
