@@ -107,8 +107,9 @@ def test_plain_head_keeps_its_layer_names():
     ({"pool": "none", "pool_options": {"kernel_size": 2}}, "takes no options"),
     ({"pool": "max", "pool_options": {"kernel_size": 9}}, "does not fit pooled features"),
     ({"pool": "stochastic", "pool_options": {"kernel_size": 8}}, "must fit in the input"),
-    ({"conv_dims": (0,)}, "conv_dims must be a list of positive ints"),
-    ({"fc_dims": (16, -1)}, "fc_dims must be a list of positive ints"),
+    ({"conv_dims": (0,)}, r"conv_dims\[0\] must be >= 1, got 0"),
+    ({"fc_dims": (16, -1)}, r"fc_dims\[1\] must be >= 1, got -1"),
+    ({"fc_dims": (16, 2.0)}, r"fc_dims\[1\] must be an int, got 2.0"),
 ])
 def test_head_errors_name_what_is_wrong(kwargs, message):
     with pytest.raises(ValueError, match=message):

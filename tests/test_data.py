@@ -81,6 +81,17 @@ def test_render_image_bad_input():
         render_image(0)
 
 
+def test_shapes_settings_take_numpy_ints_but_not_bools():
+    settings = shapes_module._settings(np.int64(2), np.int32(1), (np.int64(96), 96), np.uint8(0))
+    assert settings["num_train"] == 2 and type(settings["num_train"]) is int and settings["image_size"] == [96, 96]
+    with pytest.raises(ValueError, match="num_val must be an int, got True"):
+        shapes_module._settings(2, True, 96, 0)
+    with pytest.raises(ValueError, match=r"image_size\[1\] must be an int, got 96.0"):
+        shapes_module._settings(2, 1, (96, 96.0), 0)
+    with pytest.raises(ValueError, match="image_size must be an int or a pair of ints"):
+        shapes_module._settings(2, 1, "96", 0)
+
+
 # ---------------------------------------------------------------- the data set on disk
 
 
@@ -155,7 +166,7 @@ def test_ensure_generates_only_when_needed(tmp_path, monkeypatch):
     assert json.loads((root / "DONE").read_text())["num_train"] == 2
     with pytest.raises(ValueError, match="unknown argument"):
         ensure_shapes_dataset(root, num_trian=3)
-    with pytest.raises(ValueError, match="num_train must be an int >= 1"):
+    with pytest.raises(ValueError, match="num_train must be >= 1, got 0"):
         make_shapes_dataset(root, num_train=0)
 
 

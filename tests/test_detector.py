@@ -249,7 +249,7 @@ def test_swap_roi_pooler_keeps_the_options_of_the_same_op():
 
 def test_build_detector_errors():
     cfg = load_config(REPO / "configs" / "base_shapes.yaml")
-    with pytest.raises(ValueError, match="model.num_classes must be a positive int"):
+    with pytest.raises(ValueError, match="model.num_classes must be an int, got None"):
         build_detector(cfg)
     with pytest.raises(ValueError, match="model.backbone.name must be one of"):
         build_detector(apply_overrides(cfg, ["model.num_classes=2", "model.backbone.name=vgg"]))

@@ -21,14 +21,16 @@ from __future__ import annotations
 import json
 import math
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Any
 
 import cv2
 import numpy as np
 
 from roikit.io import atomic_save_json
+from roikit.utils.checks import check_int
 
 __all__ = ["SHAPE_CLASSES", "render_image", "make_shapes_dataset", "ensure_shapes_dataset"]
 
@@ -59,16 +61,14 @@ class _Shape:
     area: float  # w * h
 
 
-def _image_hw(image_size, name: str = "image_size") -> tuple[int, int]:
-    if isinstance(image_size, int) and not isinstance(image_size, bool):
-        image_size = (image_size, image_size)
-    if (
-        not isinstance(image_size, (tuple, list))
-        or len(image_size) != 2
-        or not all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in image_size)
-    ):
-        raise ValueError(f"{name} must be an int or a pair of ints (height, width), got {image_size!r}")
-    h, w = int(image_size[0]), int(image_size[1])
+def _image_hw(image_size: int | Sequence[int], name: str = "image_size") -> tuple[int, int]:
+    """(height, width) from an int or a pair of ints (numpy's too), each between 64 and 4096."""
+    try:
+        h = w = check_int(image_size, name, integral=True)
+    except ValueError:
+        if not isinstance(image_size, (tuple, list)) or len(image_size) != 2:
+            raise ValueError(f"{name} must be an int or a pair of ints (height, width), got {image_size!r}") from None
+        h, w = (check_int(v, f"{name}[{i}]", integral=True) for i, v in enumerate(image_size))
     if min(h, w) < MIN_IMAGE_SIDE or max(h, w) > 4096:
         raise ValueError(f"{name} must be between {MIN_IMAGE_SIDE} and 4096 pixels per side, got {(h, w)}")
     return h, w
@@ -216,8 +216,7 @@ def _image_rng(seed: int, split: str, index: int) -> np.random.Generator:
 
 def _settings(num_train: int, num_val: int, image_size, seed: int) -> dict:
     for name, value, low in (("num_train", num_train, 1), ("num_val", num_val, 0), ("seed", seed, 0)):
-        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
-            raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
+        check_int(value, name, minimum=low, integral=True)
     h, w = _image_hw(image_size)
     return {
         "generator_version": GENERATOR_VERSION,
@@ -302,7 +301,7 @@ def make_shapes_dataset(
     return paths
 
 
-def ensure_shapes_dataset(root: str | Path, **kwargs) -> dict[str, str]:
+def ensure_shapes_dataset(root: str | Path, **kwargs: Any) -> dict[str, str]:
     """Return the data set's paths, generating it first when ``root/DONE`` is missing or records other settings.
 
     Takes the keyword arguments of ``make_shapes_dataset`` (same defaults).

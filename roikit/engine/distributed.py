@@ -10,11 +10,13 @@ from __future__ import annotations
 import os
 import sys
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TextIO
 
 import torch
 import torch.distributed as dist
 from torch import nn
+
+from ..utils.checks import check_choice
 
 __all__ = ["DistInfo", "init_distributed", "cleanup", "is_distributed", "get_rank", "get_world_size",
            "is_main_process", "log", "barrier", "all_gather_object", "all_reduce_mean", "wrap_ddp",
@@ -49,8 +51,7 @@ def init_distributed(device: str = "auto") -> DistInfo:
     Args:
         device (str): ``"auto"`` (CUDA when there is a GPU), ``"cpu"`` or ``"cuda"``.
     """
-    if device not in ("auto", "cpu", "cuda"):
-        raise ValueError(f"train.device must be 'auto', 'cpu' or 'cuda', got {device!r}")
+    check_choice(device, "train.device", ("auto", "cpu", "cuda"))
     if device == "cuda" and not torch.cuda.is_available():
         raise ValueError("train.device is 'cuda' but no GPU is available")
     use_cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
@@ -90,7 +91,7 @@ def is_main_process() -> bool:
     return get_rank() == 0
 
 
-def log(*args: Any, file=None) -> None:
+def log(*args: Any, file: TextIO | None = None) -> None:
     """``print`` on rank 0 only."""
     if is_main_process():
         print(*args, file=file or sys.stdout, flush=True)

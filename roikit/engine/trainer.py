@@ -28,7 +28,7 @@ from ..data.build import build_datasets, make_eval_loader, make_train_loader
 from ..io import append_jsonl, atomic_save_json, atomic_write_text, remove_stale_temporaries
 from ..io import output_dir as make_output_dir
 from ..modeling import build_detector
-from ..utils.checks import check_int
+from ..utils.checks import check_choice, check_int
 from .checkpoint import CHECKPOINT_NAME, first_non_finite, load_checkpoint, read_checkpoint, save_checkpoint
 from .coco_eval import evaluate, format_metrics, format_per_class
 from .config import apply_overrides, check_config, parse_override
@@ -56,13 +56,12 @@ RUN_FILES = (CHECKPOINT_NAME, CONFIG_NAME, RESUME_CONFIG_NAME.format(iteration="
 
 # ---------------------------------------------------------------------------------------------- optimizer, schedule
 def build_optimizer(cfg: dict, model: torch.nn.Module) -> torch.optim.Optimizer:
+    """``solver.optimizer`` (``sgd`` or ``adamw``) over the parameters of ``model`` that train."""
     s = cfg["solver"]
     params = [p for p in model.parameters() if p.requires_grad]
-    if s["optimizer"] == "sgd":
+    if check_choice(s["optimizer"], "solver.optimizer", ("sgd", "adamw")) == "sgd":
         return torch.optim.SGD(params, lr=s["lr"], momentum=s["momentum"], weight_decay=s["weight_decay"])
-    if s["optimizer"] == "adamw":
-        return torch.optim.AdamW(params, lr=s["lr"], weight_decay=s["weight_decay"])
-    raise ValueError(f"solver.optimizer must be 'sgd' or 'adamw', got {s['optimizer']!r}")
+    return torch.optim.AdamW(params, lr=s["lr"], weight_decay=s["weight_decay"])
 
 
 def build_lr_scheduler(cfg: dict, optimizer: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LambdaLR:
@@ -70,8 +69,7 @@ def build_lr_scheduler(cfg: dict, optimizer: torch.optim.Optimizer) -> torch.opt
     ``step`` (times ``gamma`` at each of ``steps``) or ``constant``; stepped once per iteration."""
     s = cfg["solver"]
     max_iter, warmup, schedule, steps = s["max_iter"], s["warmup_iters"], s["schedule"], s["steps"]
-    if schedule not in ("cosine", "step", "constant"):
-        raise ValueError(f"solver.schedule must be 'cosine', 'step' or 'constant', got {schedule!r}")
+    check_choice(schedule, "solver.schedule", ("cosine", "step", "constant"))
     for x in steps:
         check_int(x, "each element of solver.steps")
     if list(steps) != sorted(steps):

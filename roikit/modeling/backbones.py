@@ -6,11 +6,13 @@ every map), which is what torchvision's RPN and ``RoIHeads`` expect.
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import torch
 from torch import Tensor, nn
+
+from ..utils.checks import check_choice, check_int
 
 __all__ = ["SmallConvNet", "resnet_fpn", "NORMS"]
 
@@ -54,12 +56,12 @@ class SmallConvNet(nn.Module):
             raise ValueError(f"SmallConvNet: stride must be 16 or 32, got {stride!r}")
         steps = stride.bit_length() - 1
         channels = list(channels)
-        if len(channels) != steps or not all(isinstance(c, int) and c > 0 for c in channels):
+        if len(channels) != steps:
             raise ValueError(f"SmallConvNet: stride {stride} needs {steps} positive channel widths, got {channels}")
-        if not isinstance(depth, int) or depth < 1:
-            raise ValueError(f"SmallConvNet: depth must be an int >= 1, got {depth!r}")
-        if norm not in NORMS:
-            raise ValueError(f"SmallConvNet: norm must be one of {NORMS}, got {norm!r}")
+        for i, c in enumerate(channels):
+            check_int(c, f"SmallConvNet: channels[{i}]", minimum=1)
+        check_int(depth, "SmallConvNet: depth", minimum=1)
+        check_choice(norm, "SmallConvNet: norm", NORMS)
         layers = [_conv(3, channels[0], 2, norm)]  # stem, stride 2
         for c_in, c_out in zip(channels[:-1], channels[1:]):
             layers.append(_conv(c_in, c_out, 2, norm))
@@ -71,7 +73,7 @@ class SmallConvNet(nn.Module):
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
 
-    def forward(self, x: Tensor) -> "OrderedDict[str, Tensor]":
+    def forward(self, x: Tensor) -> OrderedDict[str, Tensor]:
         return OrderedDict([("0", self.body(x))])
 
 
@@ -95,8 +97,8 @@ def resnet_fpn(*, depth: int = 50, weights: str | None = None, trainable_layers:
 
     if depth not in (18, 34, 50, 101, 152):
         raise ValueError(f"resnet_fpn: depth must be 18, 34, 50, 101 or 152, got {depth!r}")
-    if not isinstance(trainable_layers, int) or not 0 <= trainable_layers <= 5:
-        raise ValueError(f"resnet_fpn: trainable_layers must be an int in [0, 5], got {trainable_layers!r}")
+    if check_int(trainable_layers, "resnet_fpn: trainable_layers", minimum=0) > 5:
+        raise ValueError(f"resnet_fpn: trainable_layers must be <= 5 (ResNet has 5 stages), got {trainable_layers}")
     tv_weights = None
     state = None
     if weights is not None:

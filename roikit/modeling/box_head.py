@@ -25,15 +25,22 @@ With a global pool, ``fc_dims`` may be empty: the predictor then reads the poole
 """
 from __future__ import annotations
 
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from ..layers import (
-    BilinearPool, CompactBilinearPool, GlobalPool, OverlappingMaxPool2d, Pool2d, SpatialPyramidPooling,
+    BilinearPool,
+    CompactBilinearPool,
+    GlobalPool,
+    OverlappingMaxPool2d,
+    Pool2d,
+    SpatialPyramidPooling,
     StochasticPool2d,
 )
+from ..utils.checks import check_choice, check_int
 
 __all__ = ["FastRCNNConvFCHead", "build_head_pool", "pooled_dim", "HEAD_POOLS"]
 
@@ -43,10 +50,10 @@ HEAD_POOLS = ("none", "global_avg", "global_max", "avg", "max", "overlapping_max
 
 def _positive_ints(values: Sequence[int], name: str, *, allow_empty: bool) -> tuple[int, ...]:
     values = tuple(values)
-    ok = all(isinstance(n, int) and not isinstance(n, bool) and n > 0 for n in values)
-    if not ok or (not values and not allow_empty):
-        kind = "a list" if allow_empty else "a non-empty list"
-        raise ValueError(f"FastRCNNConvFCHead: {name} must be {kind} of positive ints, got {list(values)}")
+    if not values and not allow_empty:
+        raise ValueError(f"FastRCNNConvFCHead: {name} must be a non-empty list of positive ints, got []")
+    for i, n in enumerate(values):
+        check_int(n, f"FastRCNNConvFCHead: {name}[{i}]", minimum=1)
     return values
 
 
@@ -57,8 +64,7 @@ def build_head_pool(name: str, channels: int, options: Mapping[str, Any] | None 
     a grid). ``options`` are the layer's own keyword arguments; an unknown one is a ``ValueError``.
     """
     options = dict(options or {})
-    if name not in HEAD_POOLS:
-        raise ValueError(f"head pool must be one of {HEAD_POOLS}, got {name!r}")
+    check_choice(name, "head pool", HEAD_POOLS)
     if name == "none" and options:
         raise ValueError(f"head pool 'none' (flatten) takes no options, got {options}")
     makers = {

@@ -8,7 +8,7 @@ foreground sampling, the (10, 10, 5, 5) box coder, the losses, per-class NMS); r
 """
 from __future__ import annotations
 
-from torch import nn
+from torch import Tensor, nn
 from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.generalized_rcnn import GeneralizedRCNN
 from torchvision.models.detection.roi_heads import RoIHeads
@@ -16,6 +16,7 @@ from torchvision.models.detection.rpn import RegionProposalNetwork, RPNHead
 from torchvision.models.detection.transform import GeneralizedRCNNTransform
 
 from ..layers.poolers import RoIPooler
+from ..utils.checks import check_choice, check_int
 from .backbones import SmallConvNet, resnet_fpn
 from .box_head import FastRCNNConvFCHead
 from .predictor import FastRCNNPredictor
@@ -30,7 +31,8 @@ class DetectionTransform(GeneralizedRCNNTransform):
     resize to nothing: an empty one, or one so thin that scaling its long side to ``max_size`` leaves its short
     side under a pixel (sides more than ``max_size`` : 1)."""
 
-    def resize(self, image, target=None):
+    def resize(self, image: Tensor, target: dict[str, Tensor] | None = None
+               ) -> tuple[Tensor, dict[str, Tensor] | None]:
         h, w = (int(v) for v in image.shape[-2:])
         short, long = min(h, w), max(h, w)
         if short == 0 or short * min(min(self.min_size) / short, self.max_size / long) < 1.0:
@@ -43,13 +45,11 @@ class DetectionTransform(GeneralizedRCNNTransform):
 def build_backbone(cfg: dict) -> tuple[nn.Module, list[str], list[str]]:
     """``cfg["model"]["backbone"]`` -> (backbone, the names of its maps, the names of the maps to pool from)."""
     b = cfg["model"]["backbone"]
-    if b["name"] == "small_cnn":
+    if check_choice(b["name"], "model.backbone.name", BACKBONES) == "small_cnn":
         backbone = SmallConvNet(stride=b["stride"], channels=b["channels"], depth=b["depth"], norm=b["norm"])
         return backbone, ["0"], ["0"]
-    if b["name"] == "resnet_fpn":
-        backbone = resnet_fpn(depth=b["resnet_depth"], weights=b["weights"], trainable_layers=b["trainable_layers"])
-        return backbone, ["0", "1", "2", "3", "pool"], ["0", "1", "2", "3"]
-    raise ValueError(f"model.backbone.name must be one of {BACKBONES}, got {b['name']!r}")
+    backbone = resnet_fpn(depth=b["resnet_depth"], weights=b["weights"], trainable_layers=b["trainable_layers"])
+    return backbone, ["0", "1", "2", "3", "pool"], ["0", "1", "2", "3"]
 
 
 def build_pooler(cfg: dict, featmap_names: list[str]) -> RoIPooler:
@@ -87,8 +87,7 @@ def build_detector(cfg: dict) -> GeneralizedRCNN:
     """A ``GeneralizedRCNN`` as ``cfg["model"]`` describes it; ``model.num_classes`` must be set (no background)."""
     m = cfg["model"]
     num_classes = m["num_classes"]
-    if not isinstance(num_classes, int) or isinstance(num_classes, bool) or num_classes < 1:
-        raise ValueError(f"model.num_classes must be a positive int, got {num_classes!r}")
+    check_int(num_classes, "model.num_classes", minimum=1)
     backbone, map_names, pooled_names = build_backbone(cfg)
 
     rpn_cfg = m["rpn"]

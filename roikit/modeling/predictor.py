@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
+from ..utils.checks import check_int
+
 __all__ = ["FastRCNNPredictor"]
 
 
@@ -21,10 +23,8 @@ class FastRCNNPredictor(nn.Module):
 
     def __init__(self, *, in_features: int, num_classes: int) -> None:
         super().__init__()
-        if not isinstance(in_features, int) or in_features <= 0:
-            raise ValueError(f"FastRCNNPredictor: in_features must be a positive int, got {in_features!r}")
-        if not isinstance(num_classes, int) or num_classes <= 0:
-            raise ValueError(f"FastRCNNPredictor: num_classes must be a positive int, got {num_classes!r}")
+        check_int(in_features, "FastRCNNPredictor: in_features", minimum=1)
+        check_int(num_classes, "FastRCNNPredictor: num_classes", minimum=1)
         self.num_classes = num_classes
         self.cls_score = nn.Linear(in_features, num_classes + 1)
         self.bbox_pred = nn.Linear(in_features, (num_classes + 1) * 4)

@@ -6,6 +6,7 @@ let a ``torch.fx`` Proxy through (its shape is unknown while tracing and is chec
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Sequence
 from typing import Any
 
@@ -26,13 +27,18 @@ def check_bool(value: Any, name: str) -> bool:
     return value
 
 
-def check_int(value: Any, name: str, minimum: int | None = None) -> int:
-    """``value`` if it is an int (not a bool, not a float) at least ``minimum``, else a ValueError naming ``name``."""
-    if isinstance(value, bool) or not isinstance(value, int):
+def check_int(value: Any, name: str, minimum: int | None = None, *, integral: bool = False) -> int:
+    """``value`` if it is an int (not a bool, not a float) at least ``minimum``, else a ValueError naming ``name``.
+
+    With ``integral``, any :class:`numbers.Integral` but a bool (numpy's integers too, as a data set's settings may
+    come from numpy) is taken and returned as an int. Off by default: the ops pass the value they check to their
+    kernels as it is.
+    """
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral if integral else int):
         raise ValueError(f"{name} must be an int, got {value!r}")
     if minimum is not None and value < minimum:
         raise ValueError(f"{name} must be >= {minimum}, got {value}")
-    return value
+    return int(value) if integral else value
 
 
 def _traced(value: Any) -> bool:
@@ -75,7 +81,7 @@ def check_nonempty_map(input: Tensor, name: str = "input") -> None:
         raise ValueError(f"{name} must have H, W >= 1, got shape {tuple(input.shape)}")
 
 
-def pair(value, name: str = "output_size") -> tuple[int, int]:
+def pair(value: Any, name: str = "output_size") -> tuple[int, int]:
     """An int or a pair of positive ints -> (h, w)."""
     if isinstance(value, (int,)) and not isinstance(value, bool):
         value = (value, value)
@@ -90,7 +96,7 @@ def pair(value, name: str = "output_size") -> tuple[int, int]:
     return int(value[0]), int(value[1])
 
 
-def check_spatial_scale(spatial_scale) -> float:
+def check_spatial_scale(spatial_scale: Any) -> float:
     if isinstance(spatial_scale, bool) or not isinstance(spatial_scale, (int, float)):
         raise ValueError(f"spatial_scale must be a positive number (1 / stride), got {spatial_scale!r}")
     if not math.isfinite(spatial_scale) or spatial_scale <= 0:
@@ -98,7 +104,7 @@ def check_spatial_scale(spatial_scale) -> float:
     return float(spatial_scale)
 
 
-def check_choice(value, name: str, choices: Sequence[str]) -> str:
+def check_choice(value: Any, name: str, choices: Sequence[str]) -> str:
     if value not in choices:
         raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))}, got {value!r}")
     return value
