@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from roikit.analysis.runs import SCORES, format_runs, load_run, plot_runs
+from roikit.analysis.runs import format_runs, load_run
+from roikit.engine.coco_eval import METRICS
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -22,7 +23,7 @@ def _write_run(folder: Path, lines: list[dict], final: dict | None = None) -> Pa
 
 
 def _scores(base: float) -> dict:
-    return {s: base + i / 100 for i, s in enumerate(SCORES)}
+    return {s: base + i / 100 for i, s in enumerate(METRICS)}
 
 
 def test_training_time_sums_the_logged_windows_once(tmp_path):

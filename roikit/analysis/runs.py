@@ -10,15 +10,15 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from ..engine.coco_eval import METRICS
 from ..io import read_jsonl
 
-__all__ = ["SCORES", "load_run", "format_runs", "plot_runs"]
-
-SCORES = ("AP", "AP50", "AP75", "APs", "APm", "APl")
+__all__ = ["load_run", "format_runs", "plot_runs"]
 
 
 def load_run(path: str | Path, label: str | None = None) -> dict:
-    """``{"label", "path", "iterations", "train_s", <each of SCORES>}`` of the run folder ``path``.
+    """``{"label", "path", "iterations", "train_s", <each of METRICS>}`` of the run folder ``path``; ``METRICS`` are
+    the COCO scores of :mod:`roikit.engine.coco_eval` (AP, AP50, AP75, APs, APm, APl).
 
     Scores come from ``eval_final.json`` or, without it, from the last ``"eval"`` line of ``metrics.jsonl``.
     """
@@ -52,19 +52,19 @@ def load_run(path: str | Path, label: str | None = None) -> dict:
         scores = evals[-1]
     else:
         raise ValueError(f"{path}: the run has no evaluation yet (no eval_final.json, no eval line in metrics.jsonl)")
-    missing = [s for s in SCORES if not isinstance(scores, dict) or not isinstance(scores.get(s), (int, float))]
+    missing = [s for s in METRICS if not isinstance(scores, dict) or not isinstance(scores.get(s), (int, float))]
     if missing:
         raise ValueError(f"{path}: the evaluation lacks {', '.join(missing)}")
     return {"label": label or path.name, "path": str(path), "iterations": iterations, "train_s": train_s,
-            **{s: float(scores[s]) for s in SCORES}}
+            **{s: float(scores[s]) for s in METRICS}}
 
 
 def format_runs(runs: list[dict]) -> str:
     """A markdown table: one row per run, scores in percent, training time in minutes."""
-    lines = ["| run | " + " | ".join(SCORES) + " | iterations | training time |",
-             "|---|" + "---:|" * (len(SCORES) + 2)]
+    lines = ["| run | " + " | ".join(METRICS) + " | iterations | training time |",
+             "|---|" + "---:|" * (len(METRICS) + 2)]
     for r in runs:
-        scores = " | ".join(f"{100 * r[s]:.1f}" for s in SCORES)
+        scores = " | ".join(f"{100 * r[s]:.1f}" for s in METRICS)
         lines.append(f"| {r['label']} | {scores} | {r['iterations']} | {r['train_s'] / 60:.1f} min |")
     return "\n".join(lines) + "\n"
 
