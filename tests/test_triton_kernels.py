@@ -50,6 +50,7 @@ K = _load()
 ml_op = importlib.import_module("roikit.ops.multilevel_roi_align")  # the module (its function has its name)
 ml_ref = importlib.import_module("roikit.ops.pytorch.multilevel_roi_align")
 from roikit.ops import _library  # noqa: E402
+
 RA, RP, PR, ML = K["roi_align"], K["roi_pool"], K["prroi_pool"], K["multilevel_roi_align"]
 
 SCALE = 0.25
@@ -318,7 +319,8 @@ def test_multilevel_op_autograd_opcheck_compile():
     out = ml_op.multilevel_roi_align(leaves, rois, PH, scales, 2)
     grad = torch.randn_like(out)
     out.backward(grad)
-    expected = ml_ref.multilevel_roi_align_backward(grad, rois, scales, PH, PH, 2, 3, [16, 8, 4], [20, 10, 5], 2, False, 224, 4)
+    expected = ml_ref.multilevel_roi_align_backward(grad, rois, scales, PH, PH, 2, 3, [16, 8, 4], [20, 10, 5], 2,
+                                                    False, 224, 4)
     for leaf, want in zip(leaves, expected):
         torch.testing.assert_close(leaf.grad, want)
     args = ([f.double().requires_grad_() for f in feats], rois.double(), scales, 2, 2, 2, False, 224, 4)

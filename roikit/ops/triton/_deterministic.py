@@ -12,7 +12,7 @@ entries that already name one value each (roi_pool's argmax routing).
 """
 from __future__ import annotations
 
-from typing import Iterator
+from collections.abc import Iterator
 
 import torch
 import triton

@@ -13,7 +13,7 @@ sorted-entries backward of ``roi_align.py`` level by level.
 """
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 import triton

@@ -22,10 +22,11 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from ..geometry import MAX_CELLS
 from ._deterministic import MAX_ENTRIES, entry_launches, gather_bins
 from ._tiles import blocks, box_tile
 
-_MAX_CELLS = tl.constexpr(2.0**52)  # box coordinates in cells are clamped to +-2^52 (as the reference)
+_MAX_CELLS = tl.constexpr(float(MAX_CELLS))  # box coordinates in cells are clamped to +-2^52, as the reference
 
 
 @triton.jit
@@ -300,8 +301,8 @@ def _windows(rois: Tensor, spatial_scale: float, pooled: tuple[int, int], size: 
     r = rois.float()
     windows = []
     for (c1, c2), p, length in (((2, 4), pooled[0], size[0]), ((1, 3), pooled[1], size[1])):
-        s = (r[:, c1] * spatial_scale).clamp(-2.0**52, 2.0**52)
-        e = (r[:, c2] * spatial_scale).clamp(-2.0**52, 2.0**52)
+        s = (r[:, c1] * spatial_scale).clamp(-MAX_CELLS, MAX_CELLS)
+        e = (r[:, c2] * spatial_scale).clamp(-MAX_CELLS, MAX_CELLS)
         b = torch.nan_to_num((e - s).clamp(min=0.0) / p, nan=0.0)  # the offset of aligned cancels
         windows.append(torch.where(b > 0, (torch.floor(b) + 5).clamp(max=length), 0.0))
     return torch.stack(windows, dim=1).long().cpu()

@@ -9,24 +9,28 @@ is the cell ``h * W + w`` it came from (-1 when none). The rules (see ``roikit/o
     "integer":     start = floor(x1 * s), size = floor((x2 - x1) * s), b = max(floor(size / P), 1),
                    bin p = [start + p b, start + (p + 1) b)
 
-One program pools one box for a [BLOCK_C, BLOCK_P] tile of channels x bins; features are read through their
-strides (contiguous or channels-last). The backward routes each bin's gradient to its argmax cell, with float32
-atomics, or deterministically by sorting the (cell, gradient) pairs (``_deterministic.segment_sum``).
+Box coordinates in cells are clamped to +-2^52 before they become integers and every bin is clipped to the map, so
+a box's loops cover at most the map, however large its numbers.
+
+One program pools one box for a [BLOCK_C, BLOCK_P] tile of channels x bins; features are read through their strides
+(contiguous or channels-last). The backward routes each bin's gradient to its argmax cell, with float32 atomics, or
+deterministically by sorting the (cell, gradient) pairs (``_deterministic.segment_sum``).
 """
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 
+from ..geometry import MAX_CELLS
 from ._deterministic import MAX_ENTRIES, segment_sum
 from ._tiles import blocks, box_tile
 
 _LOWEST = tl.constexpr(-3.4028234663852886e38)  # -FLT_MAX: torchvision's starting maximum
-_MAX_CELLS = tl.constexpr(2.0**52)  # box coordinates in cells are clamped to +-2^52 (the reference's MAX_CELLS)
+_MAX_CELLS = tl.constexpr(float(MAX_CELLS))  # box coordinates in cells are clamped to +-2^52, as the reference
 
 
 @triton.jit
