@@ -20,8 +20,3 @@ __all__ = [
     "multilevel_roi_align", "pyramid_levels", "level_range", "convert_boxes_to_rois", "autocast_to_float32",
     "deterministic_backward", "deterministic_backward_enabled", "geometry",
 ]
-
-try:  # CUDA kernels for the same ops, when Triton is installed
-    from . import triton as _triton  # noqa: F401
-except ImportError:
-    pass

@@ -302,3 +302,97 @@ ps_roi_pool_op.register_autograd(_ps_roi_pool_backward, setup_context=_ps_roi_po
 for _op in (roi_pool_op, roi_align_op, prroi_pool_op, multilevel_roi_align_op, ps_roi_align_op, ps_roi_pool_op):
     for _device in ("cpu", "cuda"):
         _op.register_autocast(_device, torch.float32)
+
+# ---------------------------------------------------------------- CUDA
+# On CUDA tensors every op runs its Triton kernels (roikit.ops.triton, imported on the first CUDA call); without
+# Triton, and for float64 or an empty map, the plain-PyTorch path above (it runs on any device).
+_KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _triton(name: str, *maps: Tensor):
+    """The Triton kernel module ``name`` when it can take ``maps``, else None."""
+    if any(m.dtype not in _KERNEL_DTYPES or m.numel() == 0 for m in maps):
+        return None
+    from .triton import kernels
+
+    return kernels(name)
+
+
+@torch.library.register_kernel("roikit::roi_pool", "cuda")
+def _roi_pool(input, rois, spatial_scale, pooled_height, pooled_width, rounding):
+    k = _triton("roi_pool", input)
+    if k is None:
+        return _pool.roi_pool_forward(input, rois, spatial_scale, pooled_height, pooled_width, rounding)
+    return k.roi_pool_forward(input, rois, spatial_scale, pooled_height, pooled_width, rounding)
+
+
+@torch.library.register_kernel("roikit::roi_pool_backward", "cuda")
+def _roi_pool_backward(grad, rois, argmax, batch_size, channels, height, width, deterministic):
+    k = _triton("roi_pool", grad) if batch_size * channels * height * width else None
+    if k is None:
+        return _pool.roi_pool_backward(grad, rois, argmax, batch_size, channels, height, width)
+    return k.roi_pool_backward(grad, rois, argmax, batch_size, channels, height, width, deterministic)
+
+
+@torch.library.register_kernel("roikit::roi_align", "cuda")
+def _roi_align(input, rois, spatial_scale, pooled_height, pooled_width, sampling_ratio, aligned, pool_max):
+    k = _triton("roi_align", input)
+    if k is None:
+        return _align.roi_align_forward(input, rois, spatial_scale, pooled_height, pooled_width, sampling_ratio,
+                                            aligned, pool_max)
+    return k.roi_align_forward(input, rois, spatial_scale, pooled_height, pooled_width, sampling_ratio, aligned,
+                               pool_max)
+
+
+@torch.library.register_kernel("roikit::roi_align_backward", "cuda")
+def _roi_align_backward(grad, rois, argmax, spatial_scale, pooled_height, pooled_width, batch_size, channels, height,
+                        width, sampling_ratio, aligned, pool_max, deterministic):
+    k = _triton("roi_align", grad) if batch_size * channels * height * width else None
+    if k is None:
+        return _align.roi_align_backward(grad, rois, argmax, spatial_scale, pooled_height, pooled_width,
+                                             batch_size, channels, height, width, sampling_ratio, aligned, pool_max)
+    return k.roi_align_backward(grad, rois, argmax, spatial_scale, pooled_height, pooled_width, batch_size, channels,
+                                height, width, sampling_ratio, aligned, pool_max, deterministic)
+
+
+@torch.library.register_kernel("roikit::prroi_pool", "cuda")
+def _prroi_pool(input, rois, spatial_scale, pooled_height, pooled_width, aligned):
+    k = _triton("prroi_pool", input)
+    if k is None:
+        return _prroi.prroi_pool_forward(input, rois, spatial_scale, pooled_height, pooled_width, aligned)
+    return k.prroi_pool_forward(input, rois, spatial_scale, pooled_height, pooled_width, aligned)
+
+
+@torch.library.register_kernel("roikit::prroi_pool_backward", "cuda")
+def _prroi_pool_backward(grad, input, rois, spatial_scale, pooled_height, pooled_width, aligned, deterministic):
+    k = _triton("prroi_pool", input)
+    if k is None:
+        return _prroi.prroi_pool_backward(grad, input, rois, spatial_scale, pooled_height, pooled_width, aligned)
+    return k.prroi_pool_backward(grad, input, rois, spatial_scale, pooled_height, pooled_width, aligned, deterministic)
+
+
+@torch.library.register_kernel("roikit::multilevel_roi_align", "cuda")
+def _multilevel_roi_align(features, rois, spatial_scales, pooled_height, pooled_width, sampling_ratio, aligned,
+                          canonical_scale, canonical_level):
+    k = _triton("multilevel_roi_align", *features)
+    if k is None:
+        return _multilevel.multilevel_roi_align_forward(features, rois, spatial_scales, pooled_height,
+                                                            pooled_width, sampling_ratio, aligned, canonical_scale,
+                                                            canonical_level)
+    return k.multilevel_roi_align_forward(features, rois, spatial_scales, pooled_height, pooled_width,
+                                          sampling_ratio, aligned, canonical_scale, canonical_level)
+
+
+@torch.library.register_kernel("roikit::multilevel_roi_align_backward", "cuda")
+def _multilevel_roi_align_backward(grad, rois, spatial_scales, pooled_height, pooled_width, batch_size, channels,
+                                   heights, widths, sampling_ratio, aligned, canonical_scale, canonical_level,
+                                   deterministic):
+    empty_map = any(h * w == 0 for h, w in zip(heights, widths)) or batch_size * channels == 0
+    k = None if empty_map else _triton("multilevel_roi_align", grad)
+    if k is None:
+        return _multilevel.multilevel_roi_align_backward(grad, rois, spatial_scales, pooled_height, pooled_width,
+                                                             batch_size, channels, heights, widths, sampling_ratio,
+                                                             aligned, canonical_scale, canonical_level)
+    return k.multilevel_roi_align_backward(grad, rois, spatial_scales, pooled_height, pooled_width, batch_size,
+                                           channels, heights, widths, sampling_ratio, aligned, canonical_scale,
+                                           canonical_level, deterministic)
