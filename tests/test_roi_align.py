@@ -132,3 +132,21 @@ def test_module_repr_and_forward():
     x = torch.randn(1, 2, 20, 20)
     rois = torch.tensor([[0, 10.0, 20.0, 200.0, 150.0]])
     torch.testing.assert_close(m(x, rois), torchvision.ops.roi_align(x, rois, 7, 1 / 16, 2, True))
+
+
+@pytest.mark.parametrize("sampling_ratio", [1, 2, 3])
+def test_reversed_aligned_boxes_partly_off_the_map_match_torchvision(sampling_ratio):
+    """aligned=True keeps a reversed box's negative size: its samples run backwards across the map edge, and the
+    ones on the map must still be found (the sample search was written for rising positions first)."""
+    torch.manual_seed(0)
+    x = torch.randn(1, 2, 8, 8, dtype=torch.float64, requires_grad=True)
+    rois = torch.tensor([[0, 4, 4, -9, -5], [0, 6, 7, 1, -3], [0, 20, 20, 3, 3]], dtype=torch.float64)
+    xt = x.detach().clone().requires_grad_()
+    expected = torchvision.ops.roi_align(xt, rois, 3, 1.0, sampling_ratio, True)
+    out = roi_align(x, rois, 3, 1.0, sampling_ratio, True)
+    grad = torch.randn_like(out)
+    out.backward(grad)
+    expected.backward(grad)
+    torch.testing.assert_close(out, expected, atol=1e-12, rtol=1e-12)
+    torch.testing.assert_close(x.grad, xt.grad, atol=1e-12, rtol=1e-12)
+    assert expected.abs().sum() > 0  # the case reads the map

@@ -44,8 +44,9 @@ def _first_true(cond, lo: Tensor, hi: Tensor) -> Tensor:
 def _sample_run(start, bin_size, grid, pooled: int, length: int, with_first_invalid: bool):
     """The samples of every bin that can be non-zero: [B, P, M] sample indices and a mask.
 
-    They are the run ``[lo, hi)`` inside ``[-1, length]``; with ``with_first_invalid`` also the bin's first sample
-    outside it (value 0, which max pooling compares like any other sample)."""
+    They are the run ``[lo, hi)`` inside ``[-1, length]`` (positions are monotone in the index: rising, or falling
+    for a reversed box); with ``with_first_invalid`` also the bin's first sample outside it (value 0, which max
+    pooling compares like any other sample)."""
     b = start.shape[0]
     p = torch.arange(pooled, device=start.device)[None, :]  # [1, P]
     g = grid[:, None].expand(b, pooled).clamp(min=0)  # [B, P]
@@ -54,8 +55,11 @@ def _sample_run(start, bin_size, grid, pooled: int, length: int, with_first_inva
     def coord(i):
         return sample_coord(start[:, None], bin_size[:, None], grid[:, None], p, i)
 
-    lo = _first_true(lambda i: coord(i) >= -1.0, zero, g)
-    hi = _first_true(lambda i: coord(i) > length, zero, g)
+    # positions rise with i, or fall for a reversed box (aligned=True keeps its negative size): either way the
+    # samples inside [-1, length] are one run, entered at one end and left at the other
+    falling = (bin_size < 0)[:, None]
+    lo = _first_true(lambda i: torch.where(falling, coord(i) <= length, coord(i) >= -1.0), zero, g)
+    hi = _first_true(lambda i: torch.where(falling, coord(i) < -1.0, coord(i) > length), zero, g)
     count = hi - lo
     m = max(int(count.max()), 0) if count.numel() else 0
     index = lo[:, :, None] + torch.arange(m, device=start.device)  # [B, P, M]
