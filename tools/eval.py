@@ -16,10 +16,10 @@ from pathlib import Path
 from roikit.data.build import build_datasets, make_eval_loader
 from roikit.engine.coco_eval import evaluate, format_metrics, format_per_class
 from roikit.engine.config import load_config, pooler_override
-from roikit.engine.distributed import cleanup, init_distributed, is_main_process, log
 from roikit.engine.inference import load_detector
 from roikit.io import atomic_save_json, file_in
 from roikit.io import output_dir as check_output_dir
+from roikit.utils.distributed import cleanup, init_distributed, is_main_process, log
 
 
 def get_args_parser() -> argparse.ArgumentParser:

@@ -9,7 +9,7 @@ zoomed-in grid stays where it belongs.
 """
 from __future__ import annotations
 
-from typing import Iterable, Sequence
+from collections.abc import Iterable, Sequence
 
 import cv2
 import numpy as np

@@ -9,19 +9,17 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from ..io import output_dir as make_output_dir
+from ..utils.distributed import DistInfo, barrier, is_main_process
 from .coco import CocoDetection, collate_fn
 from .shapes import ensure_shapes_dataset
 from .transforms import Compose, RandomHorizontalFlip
-
-if TYPE_CHECKING:
-    from ..engine.distributed import DistInfo
 
 __all__ = ["build_datasets", "make_train_loader", "make_eval_loader"]
 
@@ -30,9 +28,6 @@ Batch = tuple[list[torch.Tensor], list[dict[str, Any]]]  # images [3, H, W] and 
 
 def build_datasets(cfg: dict, *, train: bool = True) -> tuple[CocoDetection | None, CocoDetection]:
     """(training set or None, validation set) from ``cfg["data"]``; the shapes set is generated on first use."""
-    # imported here: roikit.engine (the trainer) imports this module
-    from ..engine.distributed import barrier, is_main_process
-
     d = cfg["data"]
     paths = {key: d[key] for key in ("train_images", "train_annotations", "val_images", "val_annotations")}
     if any(v is None for v in paths.values()):

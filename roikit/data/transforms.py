@@ -5,7 +5,8 @@ x1, y1, x2, y2 in pixels. Randomness comes from torch's generator, so DataLoader
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 

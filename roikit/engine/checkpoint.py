@@ -12,8 +12,8 @@ from typing import Any
 import torch
 
 from ..io import atomic_torch_save
+from ..utils.distributed import DistInfo, all_gather_object, is_main_process, unwrap
 from .config import DEFAULTS, config_difference, merge_config
-from .distributed import DistInfo, all_gather_object, is_main_process, unwrap
 
 __all__ = ["CHECKPOINT_NAME", "save_checkpoint", "read_checkpoint", "check_state_dict", "load_checkpoint",
            "first_non_finite"]

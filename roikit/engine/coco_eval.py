@@ -8,15 +8,16 @@ from __future__ import annotations
 import contextlib
 import io
 import math
+from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any
 
 import torch
 from torch import Tensor
 from tqdm import tqdm
 
 from ..io import atomic_save_json
-from .distributed import all_gather_object, is_main_process
+from ..utils.distributed import all_gather_object, is_main_process
 
 __all__ = ["METRICS", "detections_to_coco", "coco_evaluate", "evaluate", "format_metrics", "format_per_class"]
 

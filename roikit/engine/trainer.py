@@ -29,10 +29,7 @@ from ..io import append_jsonl, atomic_save_json, atomic_write_text, remove_stale
 from ..io import output_dir as make_output_dir
 from ..modeling import build_detector
 from ..utils.checks import check_choice, check_int
-from .checkpoint import CHECKPOINT_NAME, first_non_finite, load_checkpoint, read_checkpoint, save_checkpoint
-from .coco_eval import evaluate, format_metrics, format_per_class
-from .config import apply_overrides, check_config, parse_override
-from .distributed import (
+from ..utils.distributed import (
     DistInfo,
     all_gather_object,
     all_reduce_mean,
@@ -43,6 +40,9 @@ from .distributed import (
     unwrap,
     wrap_ddp,
 )
+from .checkpoint import CHECKPOINT_NAME, first_non_finite, load_checkpoint, read_checkpoint, save_checkpoint
+from .coco_eval import evaluate, format_metrics, format_per_class
+from .config import apply_overrides, check_config, parse_override
 
 __all__ = ["build_optimizer", "build_lr_scheduler", "train", "resume", "METRICS_NAME", "CONFIG_NAME"]
 

@@ -1,1 +1,2 @@
-"""Helpers the whole package shares: argument checks (``checks``) and torch.fx support (``fx``)."""
+"""Helpers the whole package shares: argument checks (``checks``), torch.fx support (``fx``) and the
+distributed set-up from torchrun's environment (``distributed``)."""

@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from ..utils.checks import check_choice
+from .checks import check_choice
 
 __all__ = ["DistInfo", "init_distributed", "cleanup", "is_distributed", "get_rank", "get_world_size",
            "is_main_process", "log", "barrier", "all_gather_object", "all_reduce_mean", "wrap_ddp",
