@@ -29,6 +29,7 @@ import torch
 from torch import Tensor
 
 CHUNK_BUDGET = 1 << 22  # values per group of crops and weights (16 MiB in float32)
+BOX_SLICE = 1 << 16  # boxes whose per-box bookkeeping (edges, sample counts, costs) is held at once
 
 
 def channels_last_rows(input: Tensor, dtype: torch.dtype) -> Tensor:
@@ -53,6 +54,12 @@ def groups(cost: Tensor, budget: int | None = None) -> Iterator[Tensor]:
             end += 1
         yield order[start:end]
         start = end
+
+
+def box_slices(count: int) -> Iterator[slice]:
+    """Slices of at most ``BOX_SLICE`` boxes: the ops hold the bookkeeping of one slice of boxes at a time."""
+    for start in range(0, count, BOX_SLICE):
+        yield slice(start, min(start + BOX_SLICE, count))
 
 
 def chunks(len_y: Tensor, len_x: Tensor, channels: int, budget: int | None = None) -> Iterator[tuple[Tensor, int, int]]:

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from ..geometry import MAX_CELLS, compute_dtype, hat_mean
-from ._crops import Axis, FeatureRows, add_back, crop_index, groups
+from ._crops import Axis, FeatureRows, add_back, box_slices, crop_index, groups
 
 
 def _axis_weights(start: Tensor, end: Tensor, pooled: int, length: int, with_grad: bool = False):
@@ -73,12 +73,13 @@ def prroi_pool_forward(input: Tensor, rois: Tensor, spatial_scale: float, pooled
     if rois.shape[0] == 0 or input.numel() == 0:
         return out
     feat = FeatureRows(input, compute_dtype(rois))
-    x1, y1, x2, y2 = edges = _box_edges(rois, spatial_scale, aligned)
-    batch = rois[:, 0].long()
-    for idx in _box_groups(edges, (pooled_height, pooled_width), (h, w), c):
-        ay = _axis_weights(y1[idx], y2[idx], pooled_height, h)
-        ax = _axis_weights(x1[idx], x2[idx], pooled_width, w)
-        out.index_copy_(0, idx, feat.read(batch[idx], ay, ax).permute(0, 3, 1, 2).to(out.dtype))
+    for sl in box_slices(rois.shape[0]):  # every per-box intermediate is bounded by the slice
+        x1, y1, x2, y2 = edges = _box_edges(rois[sl], spatial_scale, aligned)
+        batch = rois[sl, 0].long()
+        for idx in _box_groups(edges, (pooled_height, pooled_width), (h, w), c):
+            ay = _axis_weights(y1[idx], y2[idx], pooled_height, h)
+            ax = _axis_weights(x1[idx], x2[idx], pooled_width, w)
+            out[sl].index_copy_(0, idx, feat.read(batch[idx], ay, ax).permute(0, 3, 1, 2).to(out.dtype))
     return out
 
 
@@ -90,15 +91,27 @@ def prroi_pool_backward(grad: Tensor, input: Tensor, rois: Tensor, spatial_scale
         return torch.zeros_like(input, memory_format=torch.contiguous_format), torch.zeros_like(rois)
     dtype = compute_dtype(rois)
     feat = FeatureRows(input, dtype)
-    x1, y1, x2, y2 = edges = _box_edges(rois, spatial_scale, aligned)
-    batch = rois[:, 0].long()
     grad_input = input.new_zeros((n * h * w, c), dtype=dtype)
     grad_rois = torch.zeros(rois.shape, dtype=torch.float64, device=rois.device)
+    for sl in box_slices(rois.shape[0]):
+        _backward_slice(grad[sl], feat, rois[sl], spatial_scale, (pooled_height, pooled_width), aligned, grad_input,
+                        grad_rois[sl])
+    grad_input = grad_input.reshape(n, h, w, c).permute(0, 3, 1, 2).to(input.dtype).contiguous()
+    return grad_input, grad_rois.to(rois.dtype)
+
+
+def _backward_slice(grad: Tensor, feat: FeatureRows, rois: Tensor, spatial_scale: float, pooled: tuple[int, int],
+                    aligned: bool, grad_input: Tensor, grad_rois: Tensor) -> None:
+    n, c, h, w = feat.shape
+    pooled_height, pooled_width = pooled
+    dtype = feat.rows.dtype
+    x1, y1, x2, y2 = edges = _box_edges(rois, spatial_scale, aligned)
+    batch = rois[:, 0].long()
     for idx in _box_groups(edges, (pooled_height, pooled_width), (h, w), c):
         ay, dy1, dy2 = _axis_weights(y1[idx], y2[idx], pooled_height, h, with_grad=True)
         ax, dx1, dx2 = _axis_weights(x1[idx], x2[idx], pooled_width, w, with_grad=True)
         g = grad[idx].permute(0, 2, 3, 1).to(dtype)  # [B, PH, PW, C]
-        add_back(g, grad_input, input.shape, batch[idx], ay, ax)
+        add_back(g, grad_input, feat.shape, batch[idx], ay, ax)
         # out[p, q] = sum_lj Wy[p, l] F[l, j] Wx[q, j], so d loss / d Wy[p, l] = sum_qj grad[p, q] F[l, j] Wx[q, j]
         b, ly, lx = idx.shape[0], ay.cells.shape[1], ax.cells.shape[1]
         flat = crop_index(batch[idx], ay.cells, ax.cells, h, w)
@@ -110,5 +123,3 @@ def prroi_pool_backward(grad: Tensor, input: Tensor, rois: Tensor, spatial_scale
         grad_wx = torch.einsum("bpqc,bpjc->bqj", g, t).to(torch.float64)
         for column, (gw, dw) in zip((1, 2, 3, 4), ((grad_wx, dx1), (grad_wy, dy1), (grad_wx, dx2), (grad_wy, dy2))):
             grad_rois[idx, column] = (gw * dw).sum(dim=(1, 2)) * spatial_scale
-    grad_input = grad_input.reshape(n, h, w, c).permute(0, 3, 1, 2).to(input.dtype).contiguous()
-    return grad_input, grad_rois.to(rois.dtype)

@@ -27,7 +27,7 @@ import torch
 from torch import Tensor
 
 from ..geometry import MAX_GRID, compute_dtype, sample_coord, sample_taps, sampling_grid
-from ._crops import CHUNK_BUDGET, Axis, FeatureRows, add_back, groups
+from ._crops import CHUNK_BUDGET, Axis, FeatureRows, add_back, box_slices, groups
 
 
 def _first_true(cond, lo: Tensor, hi: Tensor) -> Tensor:
@@ -158,8 +158,17 @@ def roi_align_forward(input: Tensor, rois: Tensor, spatial_scale: float, pooled_
                         device=input.device)
     if k == 0 or input.numel() == 0:
         return out, argmax
-    dtype = compute_dtype(rois)
-    feat = FeatureRows(input, dtype)
+    feat = FeatureRows(input, compute_dtype(rois))
+    for sl in box_slices(k):  # every per-box intermediate is bounded by the slice
+        _forward_slice(feat, rois[sl], spatial_scale, pooled, sampling_ratio, aligned, pool_max, out[sl],
+                       argmax[sl] if pool_max else argmax)
+    return out, argmax
+
+
+def _forward_slice(feat: FeatureRows, rois: Tensor, spatial_scale: float, pooled: tuple[int, int],
+                   sampling_ratio: int, aligned: bool, pool_max: bool, out: Tensor, argmax: Tensor) -> None:
+    n, c, h, w = feat.shape
+    pooled_height, pooled_width = pooled
     sizes = sampling_grid(rois, spatial_scale, pooled, sampling_ratio, aligned)
     (y1, bin_h, gh), (x1, bin_w, gw) = sizes
     batch = rois[:, 0].long()
@@ -176,7 +185,6 @@ def roi_align_forward(input: Tensor, rois: Tensor, spatial_scale: float, pooled_
         empty = ((gh[idx] <= 0) | (gw[idx] <= 0))[:, None, None, None]  # no sample at all: 0
         out.index_copy_(0, idx, value.masked_fill(empty, 0.0).to(out.dtype))
         argmax.index_copy_(0, idx, arg.masked_fill(empty, -1))
-    return out, argmax
 
 
 def _max_over_samples(rows: Tensor, shape, batch: Tensor, sy, sx, gw: Tensor) -> tuple[Tensor, Tensor]:
@@ -234,17 +242,18 @@ def roi_align_backward(grad: Tensor, rois: Tensor, argmax: Tensor, spatial_scale
         return grad.new_zeros(shape)
     dtype = compute_dtype(rois)
     pooled = (pooled_height, pooled_width)
-    sizes = sampling_grid(rois, spatial_scale, pooled, sampling_ratio, aligned)
-    batch = rois[:, 0].long()
     out = grad.new_zeros((batch_size * height * width, channels), dtype=dtype)
-    if pool_max:
-        _max_backward(grad.to(dtype), argmax, sizes, batch, shape, out)
-    else:
+    for sl in box_slices(rois.shape[0]):
+        sizes = sampling_grid(rois[sl], spatial_scale, pooled, sampling_ratio, aligned)
+        batch, g = rois[sl, 0].long(), grad[sl]
+        if pool_max:
+            _max_backward(g.to(dtype), argmax[sl], sizes, batch, shape, out)
+            continue
         (y1, bin_h, gh), (x1, bin_w, gw) = sizes
         for idx in _groups(sizes, pooled, (height, width), channels, False, reads=1):
             ay = _axis(y1[idx], bin_h[idx], gh[idx], pooled_height, height)
             ax = _axis(x1[idx], bin_w[idx], gw[idx], pooled_width, width)
-            add_back(grad[idx].permute(0, 2, 3, 1).to(dtype), out, shape, batch[idx], ay, ax)
+            add_back(g[idx].permute(0, 2, 3, 1).to(dtype), out, shape, batch[idx], ay, ax)
     return out.reshape(batch_size, height, width, channels).permute(0, 3, 1, 2).to(grad.dtype).contiguous()
 
 

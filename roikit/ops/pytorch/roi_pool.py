@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 
 from ..geometry import box_cells, clip_edges
-from ._crops import CHUNK_BUDGET, channels_last_rows, chunks, crop_index
+from ._crops import CHUNK_BUDGET, box_slices, channels_last_rows, chunks, crop_index
 
 
 def _adaptive_edges(extent: Tensor, pooled: int):
@@ -29,16 +29,22 @@ def _adaptive_edges(extent: Tensor, pooled: int):
     return (p * extent[:, None]) // pooled, -((-(p + 1) * extent[:, None]) // pooled)
 
 
+def _nan_never_wins(values: Tensor) -> Tensor:
+    """NaN -> -inf in place, every other value (+-inf included) kept: ``nan_to_num`` would also turn +inf into the
+    largest finite number."""
+    return values.masked_fill_(torch.isnan(values), float("-inf"))
+
+
 def _running_max(cell, count: int, has_nan: bool):
     """Max over ``count`` cells of every bin, taken in order, keeping the first on ties (C's ``if (v > best)``).
 
     ``cell(j)`` gives the j-th cell of every bin; a bin with fewer cells repeats its last one, which can never
     win again. Returns the max and the j it came from (-1 when no cell won). NaN never wins, as in torchvision.
     """
-    best = torch.nan_to_num_(cell(0), nan=float("-inf")) if has_nan else cell(0)
+    best = _nan_never_wins(cell(0)) if has_nan else cell(0)
     which = torch.zeros(best.shape, dtype=torch.int32, device=best.device)
     for j in range(1, count):
-        v = torch.nan_to_num_(cell(j), nan=float("-inf")) if has_nan else cell(j)
+        v = _nan_never_wins(cell(j)) if has_nan else cell(j)
         which = torch.where(v > best, j, which)
         torch.maximum(best, v, out=best)
     return best, which
@@ -63,6 +69,19 @@ def roi_pool_forward(input: Tensor, rois: Tensor, spatial_scale: float, pooled_h
                 torch.full((k, c, pooled_height, pooled_width), -1, dtype=torch.int32, device=input.device))
     out = input.new_empty((k, c, pooled_height, pooled_width))
     argmax = torch.empty((k, c, pooled_height, pooled_width), dtype=torch.int32, device=input.device)
+    feat = channels_last_rows(input, input.dtype)  # [N * H * W, C]
+    lowest = torch.finfo(torch.float32).min  # torchvision starts every bin at -FLT_MAX
+    has_low = not bool((input > lowest).all())  # a value that cannot beat -FLT_MAX (-FLT_MAX, -inf, NaN)
+    has_nan = has_low and bool(torch.isnan(input).any())
+    for sl in box_slices(k):  # every per-box intermediate is bounded by the slice
+        _forward_slice(feat, input.shape, rois[sl], spatial_scale, pooled, rounding, has_low, has_nan, out[sl],
+                       argmax[sl])
+    return out, argmax
+
+
+def _forward_slice(feat: Tensor, shape, rois: Tensor, spatial_scale: float, pooled: tuple[int, int], rounding: str,
+                   has_low: bool, has_nan: bool, out: Tensor, argmax: Tensor) -> None:
+    n, c, height, width = shape
     axes = box_cells(rois, spatial_scale, pooled, rounding)
     # the one-size path cuts out whole boxes: only for boxes no larger than the map (a larger box is read through
     # its bins clipped to the map, below), so no crop is larger than the map whatever the box
@@ -70,10 +89,6 @@ def roi_pool_forward(input: Tensor, rois: Tensor, spatial_scale: float, pooled_h
     for (_, extent, b0, b1), p in zip(axes, pooled):
         a0, a1 = _adaptive_edges(extent.clamp(max=max(height, width)), p)
         exact &= ((a0 == b0) & (a1 == b1)).all(dim=1)
-    feat = channels_last_rows(input, input.dtype)  # [N * H * W, C]
-    lowest = torch.finfo(torch.float32).min  # torchvision starts every bin at -FLT_MAX
-    has_low = not bool((input > lowest).all())  # a value that cannot beat -FLT_MAX (-FLT_MAX, -inf, NaN)
-    has_nan = has_low and bool(torch.isnan(input).any())
     (y0, len_y, _, _), (x0, len_x, _, _) = axes
     batch = rois[:, 0].long()
     (hs, he), (ws, we) = clip_edges(axes, (height, width))
@@ -96,7 +111,6 @@ def roi_pool_forward(input: Tensor, rois: Tensor, spatial_scale: float, pooled_h
                          pooled, has_nan)
         out.index_copy_(0, slow, o.permute(0, 3, 1, 2).to(out.dtype))
         argmax.index_copy_(0, slow, a.permute(0, 3, 1, 2).to(torch.int32))
-    return out, argmax
 
 
 def _pool_one_size(feat, shape, idx, batch, y0, x0, ly: int, lx: int, pooled, empty, has_low: bool, has_nan: bool,
@@ -115,7 +129,7 @@ def _pool_one_size(feat, shape, idx, batch, y0, x0, ly: int, lx: int, pooled, em
     if not inside:
         crop.masked_fill_(~(row_in[:, :, None] & col_in[:, None, :])[..., None], float("-inf"))
     if has_nan:
-        crop = torch.nan_to_num_(crop, nan=float("-inf"))  # NaN never wins, as in torchvision
+        crop = _nan_never_wins(crop)  # as in torchvision
     value, where = torch.nn.functional.adaptive_max_pool2d(crop.permute(0, 3, 1, 2), pooled, return_indices=True)
     # where = iy * Lx + ix in the crop -> the map cell h * W + w, read from a per-box table of the crop's cells
     cells = (rows[:, :, None] * width + cols[:, None, :]).to(torch.int32).view(b, 1, ly * lx)
