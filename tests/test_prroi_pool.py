@@ -2,13 +2,12 @@
 import naive
 import pytest
 import torch
-from test_roi_align import layouts, make_rois
 
 from roikit.ops import PrRoIPool, prroi_pool
 
 
 @pytest.mark.parametrize("aligned", [False, True])
-def test_matches_numerical_integral(aligned):
+def test_matches_numerical_integral(aligned, make_rois, layouts):
     torch.manual_seed(0)
     x = torch.randn(2, 3, 9, 11, dtype=torch.float64)
     rois = make_rois(k=8, size=(9, 11), scale=0.5, dtype=torch.float64)
@@ -37,7 +36,7 @@ def test_reversed_and_empty_boxes_give_zero():
 
 
 @pytest.mark.parametrize("aligned", [False, True])
-def test_gradcheck_features_and_box_coordinates(aligned):
+def test_gradcheck_features_and_box_coordinates(aligned, make_rois):
     torch.manual_seed(1)
     x = torch.randn(2, 2, 7, 8, dtype=torch.float64, requires_grad=True)
     rois = make_rois(k=5, size=(7, 8), scale=0.5, dtype=torch.float64, seed=2, reversed_boxes=False)

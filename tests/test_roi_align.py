@@ -7,34 +7,10 @@ import torchvision
 from roikit.ops import RoIAlign, roi_align
 
 
-def make_rois(k=24, n=2, size=(13, 17), scale=0.5, seed=0, dtype=torch.float64, reversed_boxes=True):
-    """Boxes inside, partly outside and wholly outside the map, zero-size and (optionally) reversed."""
-    g = torch.Generator().manual_seed(seed)
-    h, w = size[0] / scale, size[1] / scale
-    xy = torch.rand(k, 2, generator=g, dtype=torch.float64) * torch.tensor([w, h], dtype=torch.float64) * 1.2 - 4
-    wh = torch.rand(k, 2, generator=g, dtype=torch.float64) * torch.tensor([w, h], dtype=torch.float64) * 0.7 + 0.3
-    boxes = torch.cat([xy, xy + wh], dim=1)
-    boxes[0] = torch.tensor([-30.0, -30.0, -10.0, -12.0])  # wholly outside, before the map
-    boxes[1] = torch.tensor([w + 5, h + 5, w + 20, h + 30])  # wholly outside, past the map
-    boxes[2, 2:] = boxes[2, :2]  # zero size
-    if reversed_boxes:
-        boxes[3, [0, 2]] = boxes[3, [2, 0]]  # reversed in x
-    idx = torch.randint(0, n, (k, 1), generator=g).to(torch.float64)
-    return torch.cat([idx, boxes], dim=1).to(dtype)
-
-
-def layouts(x):
-    yield "contiguous", x
-    yield "channels_last", x.contiguous(memory_format=torch.channels_last)
-    wide = torch.zeros(*x.shape[:3], x.shape[3] * 2, dtype=x.dtype)
-    wide[..., ::2] = x
-    yield "strided", wide[..., ::2]
-
-
 @pytest.mark.parametrize("aligned", [False, True])
 @pytest.mark.parametrize("sampling_ratio", [-1, 0, 1, 2, 3])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_matches_torchvision(aligned, sampling_ratio, dtype):
+def test_matches_torchvision(aligned, sampling_ratio, dtype, make_rois, layouts):
     torch.manual_seed(0)
     x = torch.randn(2, 3, 13, 17, dtype=dtype)
     # torchvision's CPU kernel crashes on reversed boxes with aligned=True and adaptive sampling (a negative
@@ -63,7 +39,7 @@ def test_reversed_box_aligned_adaptive_is_zero():
 
 @pytest.mark.parametrize("aligned", [False, True])
 @pytest.mark.parametrize("sampling_ratio", [-1, 2])
-def test_max_pool_matches_naive_loop(aligned, sampling_ratio):
+def test_max_pool_matches_naive_loop(aligned, sampling_ratio, make_rois):
     torch.manual_seed(1)
     x = torch.randn(2, 2, 9, 11, dtype=torch.float64)
     rois = make_rois(k=10, size=(9, 11), dtype=torch.float64)
@@ -82,7 +58,7 @@ def test_max_pool_matches_naive_loop(aligned, sampling_ratio):
 
 @pytest.mark.parametrize("pool", ["avg", "max"])
 @pytest.mark.parametrize("aligned", [False, True])
-def test_gradcheck(pool, aligned):
+def test_gradcheck(pool, aligned, make_rois):
     torch.manual_seed(2)
     x = torch.randn(2, 2, 6, 7, dtype=torch.float64, requires_grad=True)
     rois = make_rois(k=6, size=(6, 7), dtype=torch.float64, seed=3)
@@ -101,7 +77,7 @@ def test_gradient_sum_is_kept_inside_the_map(pool):
     torch.testing.assert_close(x.grad.sum(), grad.sum())
 
 
-def test_half_and_bfloat16_accumulate_in_float32():
+def test_half_and_bfloat16_accumulate_in_float32(make_rois):
     torch.manual_seed(4)
     x = torch.randn(2, 4, 13, 17)
     rois = make_rois(dtype=torch.float32)

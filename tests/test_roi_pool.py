@@ -3,14 +3,13 @@ import naive
 import pytest
 import torch
 import torchvision
-from test_roi_align import layouts, make_rois
 
 from roikit.ops import RoIPool, roi_pool
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("scale", [0.5, 1 / 16])
-def test_torchvision_rounding_matches_torchvision_exactly(dtype, scale):
+def test_torchvision_rounding_matches_torchvision_exactly(dtype, scale, make_rois, layouts):
     torch.manual_seed(0)
     x = torch.randn(2, 3, 13, 17, dtype=dtype)
     x[:, :, 4:8] = x[:, :, 4:8].round()  # ties: the first maximum in row-major order must win
@@ -50,7 +49,7 @@ def test_infinite_lowest_and_nan_features_match_torchvision():
 
 
 @pytest.mark.parametrize("rounding", ["torchvision", "integer"])
-def test_matches_naive_loop(rounding):
+def test_matches_naive_loop(rounding, make_rois):
     torch.manual_seed(1)
     x = torch.randn(2, 2, 11, 9, dtype=torch.float64).round()  # many ties
     rois = make_rois(k=30, size=(11, 9), scale=0.5, dtype=torch.float64)
@@ -107,7 +106,7 @@ def test_gradient_goes_to_the_argmax_and_keeps_the_sum(rounding):
 
 
 @pytest.mark.parametrize("rounding", ["torchvision", "integer"])
-def test_gradcheck(rounding):
+def test_gradcheck(rounding, make_rois):
     x = torch.randperm(2 * 2 * 7 * 8, dtype=torch.float64).reshape(2, 2, 7, 8) / 10  # distinct: no ties
     x.requires_grad_()
     rois = make_rois(k=5, size=(7, 8), dtype=torch.float64, seed=5)
@@ -123,7 +122,7 @@ def test_empty_bins_give_zero_and_no_gradient():
     assert not x.grad.any()
 
 
-def test_half_and_bfloat16():
+def test_half_and_bfloat16(make_rois):
     x = torch.randn(2, 3, 13, 17)
     rois = make_rois(dtype=torch.float32)
     for dtype in (torch.float16, torch.bfloat16):

@@ -13,7 +13,6 @@ float32 and back, as a user of torchvision would.
 """
 from __future__ import annotations
 
-import gc
 import itertools
 import platform
 import statistics
@@ -27,6 +26,7 @@ from tqdm import tqdm
 
 from ..layers import RoIPooler
 from ..ops import roi_align, roi_pool
+from ..utils.memory import measure_peak, peak_memory_available
 
 
 def make_workload(num_boxes: int = 512, seed: int = 0, dtype=torch.float32):
@@ -106,22 +106,11 @@ PASSES = ("forward", "forward+backward")
 
 
 def peak_memory(fn: Callable[[], object]) -> int | None:
-    """Bytes the process's resident set grew to above its size before ``fn()`` (Linux: the peak is reset through
-    /proc/self/clear_refs and read as VmHWM); None where that cannot be read."""
-    def status(field: str) -> int:
-        with open("/proc/self/status") as f:
-            return next(int(line.split()[1]) * 1024 for line in f if line.startswith(field + ":"))
-
-    gc.collect()
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        before = status("VmRSS")
-    except (OSError, StopIteration):
+    """Bytes the process's resident set grew to above its size before ``fn()``; None where that cannot be read
+    (see :mod:`roikit.utils.memory`)."""
+    if peak_memory_available() is not None:
         return None
-    result = fn()
-    del result
-    return max(status("VmHWM") - before, 0)
+    return measure_peak(fn)[1]
 
 
 def sweep_boxes(count: int, size: str, seed: int = 0) -> list[torch.Tensor]:
