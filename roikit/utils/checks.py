@@ -46,14 +46,18 @@ def _traced(value: Any) -> bool:
     return isinstance(value, torch.fx.Proxy)
 
 
-def check_features(input: Tensor, name: str = "input") -> None:
+def check_features(input: Tensor, name: str = "input", any_float: bool = False) -> None:
+    """A ``Tensor[N, C, H, W]`` of the region ops' dtypes (``FLOAT_DTYPES``), or of any floating dtype with
+    ``any_float``."""
     if _traced(input):
         return
     if not isinstance(input, Tensor):
         raise ValueError(f"{name} must be a Tensor[N, C, H, W], got {type(input).__name__}")
     if input.dim() != 4:
         raise ValueError(f"{name} must be 4-D [N, C, H, W], got shape {tuple(input.shape)}")
-    if input.dtype not in FLOAT_DTYPES:
+    if any_float and not input.is_floating_point():
+        raise ValueError(f"{name} must be a floating-point tensor, got {input.dtype}")
+    if not any_float and input.dtype not in FLOAT_DTYPES:
         raise ValueError(f"{name} must be float16, bfloat16, float32 or float64, got {input.dtype}")
 
 
@@ -63,14 +67,7 @@ def check_float_features(input: Tensor, name: str = "input") -> None:
     The region ops accept only ``FLOAT_DTYPES`` (their kernels' dtypes); layers that call ``F.max_pool2d``,
     ``F.unfold``, ``torch.bmm`` ... leave the rarer floating dtypes (float8) to torch, which names what it lacks.
     """
-    if _traced(input):
-        return
-    if not isinstance(input, Tensor):
-        raise ValueError(f"{name} must be a Tensor[N, C, H, W], got {type(input).__name__}")
-    if input.dim() != 4:
-        raise ValueError(f"{name} must be 4-D [N, C, H, W], got shape {tuple(input.shape)}")
-    if not input.is_floating_point():
-        raise ValueError(f"{name} must be a floating-point tensor, got {input.dtype}")
+    check_features(input, name, any_float=True)
 
 
 def check_nonempty_map(input: Tensor, name: str = "input") -> None:
