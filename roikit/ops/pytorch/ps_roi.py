@@ -33,8 +33,8 @@ def ps_roi_align_forward(input: Tensor, rois: Tensor, spatial_scale: float, pool
     (y1, bin_h, gh), (x1, bin_w, gw) = sizes
     batch = rois[:, 0].long()
     for idx in _groups(sizes, pooled, (h, w), c, False, reads=1 if feat.finite else 6):
-        ay = _axis(y1[idx], bin_h[idx], gh[idx], pooled_height, h)
-        ax = _axis(x1[idx], bin_w[idx], gw[idx], pooled_width, w)
+        ay = _axis(y1[idx], bin_h[idx], gh[idx], pooled_height, h, not feat.finite)
+        ax = _axis(x1[idx], bin_w[idx], gw[idx], pooled_width, w, not feat.finite)
         value = feat.read(batch[idx], ay, ax, ps=pooled)  # [B, PH, PW, C']
         out.index_copy_(0, idx, value.permute(0, 3, 1, 2).to(out.dtype))
     return out
@@ -51,8 +51,8 @@ def ps_roi_align_backward(grad: Tensor, rois: Tensor, spatial_scale: float, pool
     batch = rois[:, 0].long()
     out = grad.new_zeros((batch_size * height * width, channels), dtype=dtype)
     for idx in _groups(sizes, pooled, (height, width), channels, False, reads=1):
-        ay = _axis(y1[idx], bin_h[idx], gh[idx], pooled_height, height)
-        ax = _axis(x1[idx], bin_w[idx], gw[idx], pooled_width, width)
+        ay = _axis(y1[idx], bin_h[idx], gh[idx], pooled_height, height, False)
+        ax = _axis(x1[idx], bin_w[idx], gw[idx], pooled_width, width, False)
         add_back(grad[idx].permute(0, 2, 3, 1).to(dtype), out, shape, batch[idx], ay, ax, ps=pooled)
     return out.reshape(batch_size, height, width, channels).permute(0, 3, 1, 2).to(grad.dtype).contiguous()
 

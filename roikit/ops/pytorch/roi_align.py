@@ -86,8 +86,9 @@ def _samples(start, bin_size, grid, pooled: int, length: int, with_first_invalid
     return (index, mask, valid, *sample_taps(coord, valid, length))
 
 
-def _axis(start, bin_size, grid, pooled: int, length: int) -> Axis:
-    """The :class:`Axis` of a group of boxes along one axis: each bin's mean over its samples.
+def _axis(start, bin_size, grid, pooled: int, length: int, taps: bool = True) -> Axis:
+    """The :class:`Axis` of a group of boxes along one axis: each bin's mean over its samples, with the tap matrices
+    of the non-finite rules when ``taps`` (a finite map, and the backward, need the weights only).
 
     A box reads its contiguous span of cells or, when that is longer, the two taps of each sample listed one after
     the other (a big box with few samples): whichever is shorter. Either way at most ``length`` cells or ``2 P M``.
@@ -116,6 +117,8 @@ def _axis(start, bin_size, grid, pooled: int, length: int) -> Axis:
     weight = start.new_zeros((b, pooled, size))
     weight.scatter_add_(2, pos_low, w_low * scale)
     weight.scatter_add_(2, pos_high, w_high * scale)
+    if not taps:  # a finite map: only the weights are read
+        return Axis(cells, weight)
     tap = start.new_zeros((b, pooled, size))
     tap.scatter_add_(2, pos_low, valid.to(start.dtype))
     tap.scatter_add_(2, pos_high, valid.to(start.dtype))
@@ -174,8 +177,8 @@ def _forward_slice(feat: FeatureRows, rois: Tensor, spatial_scale: float, pooled
     batch = rois[:, 0].long()
     for idx in _groups(sizes, pooled, (h, w), c, pool_max, reads=1 if feat.finite else 6):
         if not pool_max:
-            ay = _axis(y1[idx], bin_h[idx], gh[idx], pooled_height, h)
-            ax = _axis(x1[idx], bin_w[idx], gw[idx], pooled_width, w)
+            ay = _axis(y1[idx], bin_h[idx], gh[idx], pooled_height, h, not feat.finite)
+            ax = _axis(x1[idx], bin_w[idx], gw[idx], pooled_width, w, not feat.finite)
             value = feat.read(batch[idx], ay, ax)  # [B, PH, PW, C]
             out.index_copy_(0, idx, value.permute(0, 3, 1, 2).to(out.dtype))
             continue
@@ -251,8 +254,8 @@ def roi_align_backward(grad: Tensor, rois: Tensor, argmax: Tensor, spatial_scale
             continue
         (y1, bin_h, gh), (x1, bin_w, gw) = sizes
         for idx in _groups(sizes, pooled, (height, width), channels, False, reads=1):
-            ay = _axis(y1[idx], bin_h[idx], gh[idx], pooled_height, height)
-            ax = _axis(x1[idx], bin_w[idx], gw[idx], pooled_width, width)
+            ay = _axis(y1[idx], bin_h[idx], gh[idx], pooled_height, height, False)
+            ax = _axis(x1[idx], bin_w[idx], gw[idx], pooled_width, width, False)
             add_back(g[idx].permute(0, 2, 3, 1).to(dtype), out, shape, batch[idx], ay, ax)
     return out.reshape(batch_size, height, width, channels).permute(0, 3, 1, 2).to(grad.dtype).contiguous()
 
