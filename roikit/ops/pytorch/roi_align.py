@@ -86,9 +86,9 @@ def _samples(start, bin_size, grid, pooled: int, length: int, with_first_invalid
     return (index, mask, valid, *sample_taps(coord, valid, length))
 
 
-def _axis(start, bin_size, grid, pooled: int, length: int, taps: bool = True) -> Axis:
+def _axis(start, bin_size, grid, pooled: int, length: int, with_taps: bool = True) -> Axis:
     """The :class:`Axis` of a group of boxes along one axis: each bin's mean over its samples, with the tap matrices
-    of the non-finite rules when ``taps`` (a finite map, and the backward, need the weights only).
+    of the non-finite rules when ``with_taps`` (a finite map, and the backward, need the weights only).
 
     A box reads its contiguous span of cells or, when that is longer, the two taps of each sample listed one after
     the other (a big box with few samples): whichever is shorter. Either way at most ``length`` cells or ``2 P M``.
@@ -117,7 +117,7 @@ def _axis(start, bin_size, grid, pooled: int, length: int, taps: bool = True) ->
     weight = start.new_zeros((b, pooled, size))
     weight.scatter_add_(2, pos_low, w_low * scale)
     weight.scatter_add_(2, pos_high, w_high * scale)
-    if not taps:  # a finite map: only the weights are read
+    if not with_taps:  # a finite map: only the weights are read
         return Axis(cells, weight)
     tap = start.new_zeros((b, pooled, size))
     tap.scatter_add_(2, pos_low, valid.to(start.dtype))
