@@ -547,6 +547,7 @@ def test_eval_tool_bad_input(tiny_config, tmp_path, capsys):
         (["--checkpoint", ckpt, "--pooler", "roi_pool:rounding"], "eval.py: error: --pooler 'roi_pool:rounding': "
                                                                   "'rounding' is not key=value"),
         (["--checkpoint", ckpt, "--pooler", "roi_pool:rounding=floor"], "eval.py: error: rounding must be one of"),
+        (["--checkpoint", ckpt, "--pooler", "roi_align:aligned=nope"], "eval.py: error: aligned must be True or False"),
         (["--checkpoint", ckpt, "--pooler", "roi_align:aligned=[1"],
          "eval.py: error: --pooler 'roi_align:aligned=[1', aligned: malformed value '[1': "),
         (["--checkpoint", ckpt, "--name", "../../x"],

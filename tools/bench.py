@@ -17,8 +17,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--repeat", type=int, default=10, help="timed runs per case; the median is reported")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's own)")
     parser.add_argument("--sweep", action="store_true",
-                        help="CPU: the whole sweep (64-4096 boxes, three box sizes, 7x7 and 14x14, float32 and "
-                             "bfloat16, one thread and all threads; about 10 minutes on 2 cores)")
+                        help="CPU: the sweep (box counts of --boxes, three box sizes, 7x7 and 14x14, float32 and "
+                             "bfloat16, one thread and all threads, or only --threads; the whole default sweep takes "
+                             "well over half an hour on 2 cores, one box count on one thread setting about 5 min)")
     parser.add_argument("--boxes", type=int, nargs="+", default=[64, 256, 1024, 4096],
                         help="box counts of the sweep (default: 64 256 1024 4096)")
     parser.add_argument("--channels", type=int, default=256, help="feature channels of the sweep (default: 256)")
@@ -65,7 +66,8 @@ def _sweep(args, run_sweep, format_sweep, plot_sweep, machine) -> int:
     if out.exists() and not out.is_dir():
         print(f"bench: --output-dir {out} is a file, not a folder", file=sys.stderr)
         return 2
-    rows = run_sweep(counts=args.boxes, channels=args.channels, progress=not args.no_progress)
+    threads = None if args.threads is None else (args.threads,)
+    rows = run_sweep(counts=args.boxes, channels=args.channels, threads=threads, progress=not args.no_progress)
     table = f"CPU sweep on {machine()}\n\n{format_sweep(rows)}\n"
     print(table)
     atomic_write_text(out / "sweep.md", table)
