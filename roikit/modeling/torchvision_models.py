@@ -1,0 +1,99 @@
+"""torchvision's own detection models, loaded from a local weights file, so their box pooler can be swapped.
+
+    model, names = load_torchvision_detector("fasterrcnn_resnet50_fpn", "fasterrcnn_resnet50_fpn_coco.pth")
+    swap_roi_pooler(model, "roi_pool", rounding="integer")   # the same weights under another rule
+
+The weights file is the ``state_dict`` torchvision's model zoo downloads (e.g.
+``fasterrcnn_resnet50_fpn_coco-258fb6c6.pth``), or one saved with ``torch.save(model.state_dict(), FILE)``.
+Nothing is downloaded: the backbone's ImageNet weights are not fetched either. ``maskrcnn_resnet50_fpn`` is loaded
+as its box detector only (a Faster R-CNN with Mask R-CNN's weights; the mask branch is dropped).
+
+The models are torchvision's: images are RGB floats in [0, 1] (as roikit's detectors take them), labels are the
+class indices of the weights file; for torchvision's COCO weights (91 classes) those are COCO's category ids, so
+their detections can be scored against a COCO annotation file as they are.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torchvision.models import detection
+from torchvision.models.detection.generalized_rcnn import GeneralizedRCNN
+
+__all__ = ["TORCHVISION_MODELS", "COCO_CATEGORY_NAMES", "parse_model_name", "load_torchvision_detector"]
+
+# name -> (builder, state-dict key prefixes that are not loaded)
+TORCHVISION_MODELS = {
+    "fasterrcnn_resnet50_fpn": (detection.fasterrcnn_resnet50_fpn, ()),
+    "fasterrcnn_resnet50_fpn_v2": (detection.fasterrcnn_resnet50_fpn_v2, ()),
+    "fasterrcnn_mobilenet_v3_large_fpn": (detection.fasterrcnn_mobilenet_v3_large_fpn, ()),
+    "maskrcnn_resnet50_fpn": (detection.fasterrcnn_resnet50_fpn, ("roi_heads.mask_",)),
+}
+
+# label index -> name for torchvision's COCO weights ("N/A" at the ids COCO leaves out)
+COCO_CATEGORY_NAMES: tuple[str, ...] = tuple(
+    detection.FasterRCNN_ResNet50_FPN_Weights.COCO_V1.meta["categories"])
+
+_PREFIX = "torchvision:"
+_CLASS_WEIGHT = "roi_heads.box_predictor.cls_score.weight"
+
+
+def parse_model_name(spec: str) -> str:
+    """``"torchvision:fasterrcnn_resnet50_fpn"`` -> ``"fasterrcnn_resnet50_fpn"``; ValueError naming the choices."""
+    name = spec[len(_PREFIX):] if spec.startswith(_PREFIX) else None
+    if name not in TORCHVISION_MODELS:
+        raise ValueError(f"--model must be torchvision:NAME with NAME one of {', '.join(TORCHVISION_MODELS)}; "
+                         f"got {spec!r}")
+    return name
+
+
+def _read_state_dict(weights: Path) -> dict[str, torch.Tensor]:
+    if not weights.is_file():
+        raise ValueError(f"weights file not found: {weights}")
+    try:
+        state = torch.load(weights, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises many kinds for a file that is not a checkpoint
+        raise ValueError(f"cannot read weights file {weights}: {type(e).__name__}: {str(e).splitlines()[0]}") from e
+    if isinstance(state, dict) and isinstance(state.get("model"), dict):  # a training checkpoint around it
+        state = state["model"]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ValueError(f"weights file {weights} holds no state_dict (a dict of tensors)")
+    return state
+
+
+def load_torchvision_detector(name: str, weights: str | Path, device: torch.device | str = "cpu",
+                              **kwargs) -> tuple[GeneralizedRCNN, tuple[str, ...]]:
+    """torchvision's detector ``name`` (a key of :data:`TORCHVISION_MODELS`) with the weights of the file
+    ``weights``: (model in eval mode on ``device``, the names of its labels 0..num_classes-1).
+
+    The number of classes is read from the file. ``kwargs`` go to torchvision's builder (``min_size``,
+    ``max_size``, ``box_score_thresh``, ``box_detections_per_img``, ...). ValueError for an unknown name, a file
+    that is missing or unreadable, or weights of another architecture (naming a missing or unexpected key).
+    """
+    if name not in TORCHVISION_MODELS:
+        raise ValueError(f"unknown torchvision model {name!r}; choose one of {', '.join(TORCHVISION_MODELS)}")
+    builder, dropped = TORCHVISION_MODELS[name]
+    weights = Path(weights)
+    state = _read_state_dict(weights)
+    state = {k: v for k, v in state.items() if not k.startswith(dropped)} if dropped else state
+    cls = state.get(_CLASS_WEIGHT)
+    if cls is None or cls.dim() != 2:
+        raise ValueError(f"weights file {weights} is not a {name} state_dict: it has no {_CLASS_WEIGHT}")
+    num_classes = cls.shape[0]
+    model = builder(weights=None, weights_backbone=None, num_classes=num_classes, **kwargs)
+    missing, unexpected = _key_mismatch(model.state_dict(), state)
+    if missing or unexpected:
+        which = f"missing {missing[0]!r}" if missing else f"unexpected {unexpected[0]!r}"
+        raise ValueError(f"weights file {weights} is not a {name} state_dict ({len(missing)} keys missing, "
+                         f"{len(unexpected)} unexpected; {which}): is it another architecture?")
+    model.load_state_dict(state)
+    names = COCO_CATEGORY_NAMES if num_classes == len(COCO_CATEGORY_NAMES) else tuple(
+        f"class {i}" for i in range(num_classes))
+    return model.to(device).eval(), names
+
+
+def _key_mismatch(expected: dict[str, torch.Tensor], state: dict[str, torch.Tensor]) -> tuple[list[str], list[str]]:
+    """Keys of ``expected`` missing from ``state`` or of another shape, and keys of ``state`` not expected."""
+    missing = [k for k, v in expected.items() if k not in state or state[k].shape != v.shape]
+    unexpected = [k for k in state if k not in expected]
+    return missing, unexpected
