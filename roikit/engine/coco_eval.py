@@ -19,9 +19,16 @@ from tqdm import tqdm
 from ..io import atomic_save_json
 from ..utils.distributed import all_gather_object, is_main_process
 
-__all__ = ["METRICS", "detections_to_coco", "coco_evaluate", "evaluate", "format_metrics", "format_per_class"]
+__all__ = ["METRICS", "evaluation_files", "detections_to_coco", "coco_evaluate", "evaluate", "format_metrics", "format_per_class"]
 
 METRICS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
+
+
+def evaluation_files(folder: str | Path, stem: str) -> tuple[Path, Path]:
+    """The two files one evaluation writes, by every tool alike: ``<stem>_results.json`` (the detections in COCO's
+    results format, with the annotation file's own category ids) and ``<stem>_metrics.json`` (the scores)."""
+    folder = Path(folder)
+    return folder / f"{stem}_results.json", folder / f"{stem}_metrics.json"
 
 
 def detections_to_coco(output: Mapping[str, Tensor], image_id: int, label_to_cat_id: Mapping[int, int]) -> list[dict]:
