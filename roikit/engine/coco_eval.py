@@ -19,7 +19,8 @@ from tqdm import tqdm
 from ..io import atomic_save_json
 from ..utils.distributed import all_gather_object, is_main_process
 
-__all__ = ["METRICS", "evaluation_files", "detections_to_coco", "coco_evaluate", "evaluate", "format_metrics", "format_per_class"]
+__all__ = ["METRICS", "evaluation_files", "detections_to_coco", "coco_evaluate", "evaluate", "format_metrics",
+           "format_per_class"]
 
 METRICS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
 
