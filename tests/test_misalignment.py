@@ -4,6 +4,7 @@ Pixel model: cell (u, v) at stride s covers [v s, (v + 1) s) x [u s, (u + 1) s),
 """
 import json
 import math
+from pathlib import Path
 
 import cv2
 import numpy as np
@@ -356,3 +357,79 @@ def test_cli_end_to_end_with_images(tmp_path, capsys):
     assert "region IoU" in out.out
     for name in ("centre_px_vs_size.png", "crop_error_vs_size.png", "boxes_stride8.png", "boxes_stride16.png"):
         assert (out_dir / name).read_bytes()[:4] == b"\x89PNG"
+
+
+# ------------------------------------------------------------------------------------------------ real photographs
+COCO_MINI = Path(__file__).resolve().parents[2] / "shared" / "data" / "coco-mini"
+MINI_IMAGES = (261712, 92660, 174231)  # two giraffes (640x476); 17 boxes and a crowd (640x427); a cat (375x500)
+
+
+def _coco_mini_subset(tmp_path) -> tuple[Path, dict]:
+    """coco-mini's val annotations of MINI_IMAGES only (the images stay where they are)."""
+    if not (COCO_MINI / "annotations" / "instances_val2017.json").is_file():
+        pytest.skip(f"coco-mini is not here ({COCO_MINI}): the real-photograph tests need it")
+    data = json.loads((COCO_MINI / "annotations" / "instances_val2017.json").read_text())
+    data["images"] = [i for i in data["images"] if i["id"] in MINI_IMAGES]
+    data["annotations"] = [a for a in data["annotations"] if a["image_id"] in MINI_IMAGES]
+    path = tmp_path / "mini.json"
+    path.write_text(json.dumps(data))
+    return path, data
+
+
+def _cell_means(image: np.ndarray, s: int) -> np.ndarray:
+    """[h, w, 3]: each cell the mean of the pixels it covers (a partial last cell, of fewer), by loops."""
+    h, w = -(-image.shape[0] // s), -(-image.shape[1] // s)
+    return np.array([[image[u * s:(u + 1) * s, v * s:(v + 1) * s].reshape(-1, 3).mean(0) for v in range(w)]
+                     for u in range(h)])
+
+
+def _exact_bins(image: np.ndarray, box, p: int = 7) -> np.ndarray:
+    """[P, P, 3]: the mean of each bin of the box, pixels as unit squares weighted by their overlap."""
+    x1, y1, x2, y2 = box
+
+    def weights(lo, hi, n):  # [P, n]: overlap of pixel i = [i, i + 1) with each bin
+        edges = lo + (hi - lo) * np.arange(p + 1) / p
+        i = np.arange(n)
+        return np.clip(np.minimum(edges[1:, None], i + 1) - np.maximum(edges[:-1, None], i), 0, None)
+
+    wy, wx = weights(y1, y2, image.shape[0]), weights(x1, x2, image.shape[1])
+    sums = np.einsum("pu,uvc,qv->pqc", wy, image.astype(np.float64), wx)
+    return sums / (wy.sum(1)[:, None, None] * wx.sum(1)[None, :, None])
+
+
+def test_cli_on_coco_mini_photographs(tmp_path, capsys):
+    """The crop error of aligned RoIAlign on real photos, against torchvision's roi_align on a stride map and exact
+    bin means both computed here by plain loops; the counts against the file; the pictures of named boxes."""
+    import torchvision
+
+    path, data = _coco_mini_subset(tmp_path)
+    out_dir = tmp_path / "out"
+    code, out = run_tool(capsys, "--annotations", str(path), "--images", str(COCO_MINI / "val2017"), "--strides", "32",
+                         "--rules", "roi_align_aligned", "roi_pool_integer", "--output-dir", str(out_dir),
+                         "--no-progress", "--picture-annotations", "596358", "50142", "--threads", "1")
+    assert code == 0, out.err
+    result = json.loads((out_dir / "results.json").read_text())
+    crowd = sum(a["iscrowd"] for a in data["annotations"])
+    assert crowd == 1 and result["counts"]["crowd"] == crowd
+    assert result["counts"]["measured"] == len(data["annotations"]) - crowd
+    images = {i["id"]: i for i in data["images"]}
+    errors = []
+    for a in data["annotations"]:
+        if a["iscrowd"]:
+            continue
+        info = images[a["image_id"]]
+        image = cv2.imread(str(COCO_MINI / "val2017" / info["file_name"]))
+        x, y, w, h = a["bbox"]
+        box = (max(x, 0), max(y, 0), min(x + w, info["width"]), min(y + h, info["height"]))
+        fmap = torch.from_numpy(_cell_means(image, 32)).permute(2, 0, 1)[None]
+        pooled = torchvision.ops.roi_align(fmap, torch.tensor([[0.0, *box]], dtype=torch.float64), 7, 1 / 32, 2,
+                                           aligned=True)[0].permute(1, 2, 0).numpy()
+        errors.append(np.abs(pooled - _exact_bins(image, box)).mean())
+    measured = result["summary"]["32"]["roi_align_aligned"]["all"]["crop_error"]
+    assert measured == pytest.approx(float(np.mean(errors)), abs=2e-3)
+    assert result["summary"]["32"]["roi_pool_integer"]["all"]["crop_error"] > measured  # the rounding costs
+    picture = cv2.imread(str(out_dir / "boxes_stride32.png"))
+    assert picture is not None and picture.shape[1] > 400
+    code, out = run_tool(capsys, "--annotations", str(path), "--no-images", "--strides", "32", "--output-dir",
+                         str(out_dir), "--no-progress", "--picture-annotations", "1")
+    assert code == 2 and "annotation id 1 is not among the measured boxes" in out.err

@@ -102,8 +102,9 @@ def check_output_size(output_size: int, name: str = "output_size") -> int:
 @dataclass
 class BoxSet:
     """The boxes to measure: ``boxes`` [K, 4] (x1, y1, x2, y2 in pixels, clipped to the image, float64),
-    ``image_hw`` [K, 2], ``image_ids`` and ``ann_ids`` [K]; ``images`` maps an image id to
-    ``(file_name, height, width)``; ``counts`` says what was skipped or clipped."""
+    ``image_hw`` [K, 2], ``image_ids``, ``ann_ids`` and ``category_ids`` [K]; ``images`` maps an image id to
+    ``(file_name, height, width)``, ``categories`` a category id to its name; ``counts`` says what was skipped or
+    clipped."""
 
     boxes: np.ndarray
     image_hw: np.ndarray
@@ -111,13 +112,22 @@ class BoxSet:
     ann_ids: np.ndarray
     images: dict
     counts: dict
+    category_ids: np.ndarray | None = None
+    categories: dict | None = None
 
     def __len__(self) -> int:
         return len(self.boxes)
 
     def subset(self, index: np.ndarray) -> BoxSet:
+        cats = None if self.category_ids is None else self.category_ids[index]
         return BoxSet(self.boxes[index], self.image_hw[index], self.image_ids[index], self.ann_ids[index],
-                      self.images, dict(self.counts))
+                      self.images, dict(self.counts), cats, self.categories)
+
+    def describe(self, i: int) -> str:
+        """Box ``i`` in words: its category's name (when known) and its size, e.g. ``"dog 161x199 px"``."""
+        x1, y1, x2, y2 = self.boxes[i]
+        name = "" if self.category_ids is None else (self.categories or {}).get(int(self.category_ids[i]), "")
+        return f"{name + ' ' if name else ''}{x2 - x1:.0f}x{y2 - y1:.0f} px"
 
     @property
     def areas(self) -> np.ndarray:
@@ -144,7 +154,7 @@ def load_coco_boxes(path: str | Path, max_boxes: int | None = None) -> BoxSet:
     images = {img["id"]: (img["file_name"], img["height"], img["width"]) for img in data["images"]}
     counts = {"annotations": len(data["annotations"]), "measured": 0, "crowd": 0, "zero_area": 0, "outside": 0,
               "clipped": 0, "subsampled": 0}
-    boxes, hw, image_ids, ann_ids = [], [], [], []
+    boxes, hw, image_ids, ann_ids, cat_ids = [], [], [], [], []
     for ann in data["annotations"]:
         if ann["iscrowd"]:
             counts["crowd"] += 1
@@ -163,8 +173,10 @@ def load_coco_boxes(path: str | Path, max_boxes: int | None = None) -> BoxSet:
         hw.append((height, width))
         image_ids.append(ann["image_id"])
         ann_ids.append(ann["id"])
+        cat_ids.append(ann["category_id"])
     result = BoxSet(np.asarray(boxes, dtype=np.float64).reshape(-1, 4), np.asarray(hw, dtype=np.int64).reshape(-1, 2),
-                    np.asarray(image_ids, dtype=np.int64), np.asarray(ann_ids, dtype=np.int64), images, counts)
+                    np.asarray(image_ids, dtype=np.int64), np.asarray(ann_ids, dtype=np.int64), images, counts,
+                    np.asarray(cat_ids, dtype=np.int64), {c["id"]: str(c["name"]) for c in data["categories"]})
     if max_boxes is not None:
         if isinstance(max_boxes, bool) or not isinstance(max_boxes, int) or max_boxes <= 0:
             raise ValueError(f"max_boxes must be a positive int, got {max_boxes!r}")

@@ -28,6 +28,17 @@ from .rules import Rule
 
 __all__ = ["bin_weights", "format_tables", "plot_error_vs_size", "pick_examples", "draw_examples"]
 
+# rule -> (marker, line style, marker size, filled): rules that measure alike (roi_align_unaligned and prroi_pool
+# are both half a cell late) stay visible on top of each other: hollow and bigger over filled, dashed over solid
+_PLOT_STYLE = {
+    "roi_pool_torchvision": ("o", "-", 4, True),
+    "roi_pool_integer": ("s", "-", 3.5, True),
+    "roi_align_aligned": ("^", "-", 4.5, True),
+    "roi_align_unaligned": ("v", "--", 4.5, True),
+    "prroi_pool": ("D", ":", 6.5, False),
+    "prroi_pool_aligned": ("o", "-.", 7.5, False),
+}
+
 
 def bin_weights(rule: Rule, boxes: np.ndarray, image_hw: tuple[int, int], stride: int, output_size: int = 7,
                 dtype: torch.dtype = torch.float64) -> Tensor:
@@ -101,8 +112,6 @@ def plot_error_vs_size(results: dict[int, dict[str, np.ndarray]], rules: Sequenc
     import matplotlib.pyplot as plt
     import matplotlib.ticker
 
-    from roikit.io import atomic_open
-
     side = np.sqrt(areas)
     edges = np.geomspace(max(side.min(), 1.0), side.max() * 1.0001, bins + 1) if len(side) else np.array([1, 2])
     centres = np.sqrt(edges[:-1] * edges[1:])
@@ -116,7 +125,9 @@ def plot_error_vs_size(results: dict[int, dict[str, np.ndarray]], rules: Sequenc
         for r, rule in enumerate(rules):
             means = np.array([np.nanmean(values[r, which == i]) if np.any((which == i) & ~np.isnan(values[r]))
                               else np.nan for i in range(bins)])
-            ax.plot(centres, means, marker=".", label=rule.name, color=rule.plot_colour)
+            marker, line, size, filled = _PLOT_STYLE.get(rule.name, ("o", "-", 4, True))
+            ax.plot(centres, means, marker=marker, ls=line, ms=size, lw=1.1, label=rule.name, color=rule.plot_colour,
+                    mfc=None if filled else "none", mew=1.0, alpha=0.9)
         for _, lo, _ in BUCKETS[1:]:
             ax.axvline(math.sqrt(lo), color="0.8", lw=0.8, zorder=0)
         ax.set_xscale("log")
@@ -130,8 +141,7 @@ def plot_error_vs_size(results: dict[int, dict[str, np.ndarray]], rules: Sequenc
     handles, labels = axes[0][0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="lower center", ncol=min(len(rules), 6), fontsize=7, frameon=False)
     fig.tight_layout(rect=(0, 0.08, 1, 1))
-    with atomic_open(path, "wb") as f:
-        fig.savefig(f, format="png", dpi=80)
+    _save_png(fig, path, 100)
     plt.close(fig)
 
 
@@ -146,32 +156,47 @@ def pick_examples(boxset: BoxSet, count: int = 3) -> np.ndarray:
     return np.asarray(picks[:count], dtype=np.int64)
 
 
+def _square_view(view: list[float], hw: tuple[int, int], pad: float) -> list[float]:
+    """``view`` (x1, x2, y1, y2) grown by ``pad`` and then to a square where the image has room, clipped to it:
+    every panel of a row fills its square instead of leaving white bands beside a tall or wide box."""
+    side = max(view[1] - view[0], view[3] - view[2]) + 2 * pad
+
+    def axis(lo: float, hi: float, n: int) -> tuple[float, float]:
+        start = min(max((lo + hi - side) / 2, 0.0), max(n - side, 0.0))
+        return start, min(start + side, n)
+
+    (x1, x2), (y1, y2) = axis(view[0], view[1], hw[1]), axis(view[2], view[3], hw[0])
+    return [x1, x2, y1, y2]
+
+
 def draw_examples(boxset: BoxSet, picks: np.ndarray, rules: Sequence[Rule], stride: int, output_size: int,
-                  path: str | Path, images_dir: str | Path | None = None) -> None:
+                  path: str | Path, images_dir: str | Path | None = None, *, panel_inches: float = 2.4,
+                  dpi: int = 100) -> None:
     """A row per box, a panel per rule: the cells the rule reads (blue, darker for more weight, from
     ``bin_weights``), the true box (red), the rule's bin centres (dark dots) joined (orange) to the exact ones
-    (red crosses); the image in grey underneath when ``images_dir`` is given."""
+    (red crosses); the photo (washed out, so the blue stays readable) underneath when ``images_dir`` is given.
+    Rows are named by the box's category and size; each panel is a square around the box and every cell read."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     from matplotlib.patches import Rectangle
 
-    from roikit.io import atomic_open
-
     p = check_output_size(output_size)
     stride = check_stride(stride)
-    fig, axes = plt.subplots(len(picks), len(rules), figsize=(2.3 * len(rules), 2.4 * len(picks)), squeeze=False)
+    picks = np.asarray(picks).tolist()
+    fig, axes = plt.subplots(len(picks), len(rules), figsize=(panel_inches * len(rules), panel_inches * len(picks)),
+                             squeeze=False, gridspec_kw={"wspace": 0.03, "hspace": 0.03})
     grid = (np.arange(p) + 0.5) / p
-    for row, i in enumerate(np.asarray(picks).tolist()):
+    for row, i in enumerate(picks):
         box = boxset.boxes[i]
         hw = tuple(int(v) for v in boxset.image_hw[i])
         x1, y1, x2, y2 = box
         true_y, true_x = np.meshgrid(y1 + grid * (y2 - y1), x1 + grid * (x2 - x1), indexing="ij")
-        grey = None
+        photo = None
         if images_dir is not None:
             image = load_image(Path(images_dir), boxset.images[int(boxset.image_ids[i])], int(boxset.image_ids[i]))
-            grey = 0.55 + 0.45 * image.mean(axis=2) / 255.0  # light grey: the blue reads stay visible
+            photo = 0.45 + 0.55 * image / 255.0  # washed out: the blue reads stay visible
         panels, view = [], [x1, x2, y1, y2]
         for rule in rules:
             weights = bin_weights(rule, box[None], hw, stride, p)[0].numpy()  # [P, P, h, w]
@@ -186,36 +211,54 @@ def draw_examples(boxset: BoxSet, picks: np.ndarray, rules: Sequence[Rule], stri
                 view = [min(view[0], cols[0] * stride), max(view[1], (cols[-1] + 1) * stride),
                         min(view[2], rows[0] * stride), max(view[3], (rows[-1] + 1) * stride)]
             panels.append((total, read, mass > 0, (cx + 0.5) * stride, (cy + 0.5) * stride))
-        pad = 0.75 * stride
-        view = [max(view[0] - pad, 0), min(view[1] + pad, hw[1]), max(view[2] - pad, 0), min(view[3] + pad, hw[0])]
+        view = _square_view(view, hw, 0.5 * stride)
         for col, (rule, (total, read, ok, px, py)) in enumerate(zip(rules, panels)):
             ax = axes[row][col]
-            if grey is not None:
-                ax.imshow(grey, extent=(0, hw[1], hw[0], 0), cmap="gray", vmin=0, vmax=1, interpolation="nearest")
+            if photo is not None:
+                ax.imshow(photo, extent=(0, hw[1], hw[0], 0), interpolation="antialiased")
+            else:
+                ax.add_patch(Rectangle((0, 0), hw[1], hw[0], color="0.93", zorder=0))
             shade = np.ma.masked_where(~read, 0.35 + 0.65 * total / max(total.max(), 1e-30))
             ax.imshow(shade, extent=(0, total.shape[1] * stride, total.shape[0] * stride, 0), cmap="Blues", vmin=0,
-                      vmax=1.0, alpha=0.7, interpolation="nearest")
+                      vmax=1.0, alpha=0.65, interpolation="nearest")
             for g in range(int(view[0] // stride), int(view[1] // stride) + 2):
-                ax.axvline(g * stride, color="0.6", lw=0.3)
+                ax.axvline(g * stride, color="0.5", lw=0.3)
             for g in range(int(view[2] // stride), int(view[3] // stride) + 2):
-                ax.axhline(g * stride, color="0.6", lw=0.3)
-            ax.add_patch(Rectangle((x1, y1), x2 - x1, y2 - y1, fill=False, ec="red", lw=1.2))
+                ax.axhline(g * stride, color="0.5", lw=0.3)
+            ax.add_patch(Rectangle((x1, y1), x2 - x1, y2 - y1, fill=False, ec="red", lw=1.3))
             for a, b, c, d in zip(true_x[ok], true_y[ok], px[ok], py[ok]):
-                ax.plot([a, c], [b, d], color="orange", lw=0.7)
-            ax.plot(true_x.ravel(), true_y.ravel(), "x", color="red", ms=2.5, mew=0.7)
-            ax.plot(px[ok], py[ok], ".", color="black", ms=2.5)
+                ax.plot([a, c], [b, d], color="orange", lw=0.8)
+            ax.plot(true_x.ravel(), true_y.ravel(), "x", color="red", ms=3, mew=0.8)
+            ax.plot(px[ok], py[ok], ".", color="black", ms=3)
             ax.set_xlim(view[0], view[1])
             ax.set_ylim(view[3], view[2])
             ax.set_aspect("equal")
             ax.set_xticks([])
             ax.set_yticks([])
             if row == 0:
-                ax.set_title(rule.name, fontsize=8)
+                ax.set_title(rule.name, fontsize=9)
             if col == 0:
-                ax.set_ylabel(f"{x2 - x1:.0f}x{y2 - y1:.0f} px box", fontsize=8)
+                ax.set_ylabel(boxset.describe(i), fontsize=9)
+    fig.subplots_adjust(left=0, right=1, bottom=0, top=1)
     fig.suptitle(f"stride {stride}, {p}x{p} bins: cells read (blue), true box (red), exact bin centres (x), "
-                 f"the rule's (dots)", fontsize=8)
-    fig.tight_layout()
-    with atomic_open(path, "wb") as f:
-        fig.savefig(f, format="png", dpi=72)
+                 f"the rule's (dots)", fontsize=9, y=1 + 0.4 / (panel_inches * len(picks)), va="bottom")
+    _save_png(fig, path, dpi, colours=128 if photo is not None else None)
     plt.close(fig)
+
+
+def _save_png(fig, path: str | Path, dpi: int, colours: int | None = None) -> None:
+    """``fig`` as a PNG trimmed to its content, written atomically; ``colours``: reduced to that many (a photo's
+    PNG is a quarter of the size, and a figure's few hundred colours survive it)."""
+    import io
+
+    from PIL import Image
+
+    from roikit.io import atomic_write_bytes
+
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=dpi, bbox_inches="tight", pad_inches=0.05)
+    if colours is not None:
+        image = Image.open(buffer).convert("RGB").quantize(colours, method=Image.Quantize.FASTOCTREE)
+        buffer = io.BytesIO()
+        image.save(buffer, format="PNG", optimize=True)
+    atomic_write_bytes(path, buffer.getvalue())
