@@ -12,6 +12,7 @@ import threading
 import torch
 from torch import Tensor
 
+from .pytorch import deform_roi_pool as _deform
 from .pytorch import multilevel_roi_align as _multilevel
 from .pytorch import prroi_pool as _prroi
 from .pytorch import ps_roi as _ps
@@ -296,12 +297,59 @@ def _ps_roi_pool_backward(ctx, grad):
 ps_roi_pool_op.register_autograd(_ps_roi_pool_backward, setup_context=_ps_roi_pool_setup)
 
 
+# ---------------------------------------------------------------- deform_roi_pool
+@torch.library.custom_op("roikit::deform_roi_pool", mutates_args=())
+def deform_roi_pool_op(input: Tensor, rois: Tensor, offset: Tensor | None, spatial_scale: float, pooled_height: int,
+                       pooled_width: int, sampling_ratio: int, gamma: float) -> Tensor:
+    return _deform.deform_roi_pool_forward(input, rois, offset, spatial_scale, pooled_height, pooled_width,
+                                           sampling_ratio, gamma)
+
+
+@deform_roi_pool_op.register_fake
+def _(input, rois, offset, spatial_scale, pooled_height, pooled_width, sampling_ratio, gamma):
+    return input.new_empty((rois.shape[0], input.shape[1], pooled_height, pooled_width))
+
+
+@torch.library.custom_op("roikit::deform_roi_pool_backward", mutates_args=())
+def deform_roi_pool_backward_op(grad: Tensor, input: Tensor, rois: Tensor, offset: Tensor | None,
+                                spatial_scale: float, pooled_height: int, pooled_width: int, sampling_ratio: int,
+                                gamma: float, offset_grad: bool, deterministic: bool) -> tuple[Tensor, Tensor]:
+    return _deform.deform_roi_pool_backward(grad, input, rois, offset, spatial_scale, pooled_height, pooled_width,
+                                            sampling_ratio, gamma, offset_grad)
+
+
+@deform_roi_pool_backward_op.register_fake
+def _(grad, input, rois, offset, spatial_scale, pooled_height, pooled_width, sampling_ratio, gamma, offset_grad,
+      deterministic):
+    with_offset = offset_grad and offset is not None
+    return grad.new_empty(input.shape), (offset.new_empty(offset.shape) if with_offset else grad.new_empty((0,)))
+
+
+def _deform_roi_pool_setup(ctx, inputs, output):
+    input, rois, offset, *settings = inputs
+    ctx.offset_grad = offset is not None and ctx.needs_input_grad[2]
+    ctx.save_for_backward(input, rois, offset)
+    ctx.settings = tuple(settings)
+
+
+def _deform_roi_pool_backward(ctx, grad):
+    input, rois, offset = ctx.saved_tensors
+    grad_input, grad_offset = deform_roi_pool_backward_op(grad.contiguous(), input, rois, offset, *ctx.settings,
+                                                          ctx.offset_grad, deterministic_backward_enabled())
+    return grad_input, None, grad_offset if ctx.offset_grad else None, None, None, None, None, None
+
+
+deform_roi_pool_op.register_autograd(_deform_roi_pool_backward, setup_context=_deform_roi_pool_setup)
+
+
 # ---------------------------------------------------------------- autocast
 # As torchvision's ops: under autocast (CPU or CUDA) the forward runs in float32, whatever the features' dtype;
 # the functional forms give the result back in the features' dtype.
 for _op in (roi_pool_op, roi_align_op, prroi_pool_op, multilevel_roi_align_op, ps_roi_align_op, ps_roi_pool_op):
     for _device in ("cpu", "cuda"):
         _op.register_autocast(_device, torch.float32)
+for _device in ("cpu", "cuda"):  # deform_roi_pool
+    deform_roi_pool_op.register_autocast(_device, torch.float32)
 
 # ---------------------------------------------------------------- CUDA
 # On CUDA tensors every op runs its Triton kernels (roikit.ops.triton, imported on the first CUDA call); without
@@ -396,3 +444,24 @@ def _multilevel_roi_align_backward(grad, rois, spatial_scales, pooled_height, po
     return k.multilevel_roi_align_backward(grad, rois, spatial_scales, pooled_height, pooled_width, batch_size,
                                            channels, heights, widths, sampling_ratio, aligned, canonical_scale,
                                            canonical_level, deterministic)
+
+
+@torch.library.register_kernel("roikit::deform_roi_pool", "cuda")
+def _deform_roi_pool(input, rois, offset, spatial_scale, pooled_height, pooled_width, sampling_ratio, gamma):
+    k = _triton("deform_roi_pool", input)
+    if k is None:
+        return _deform.deform_roi_pool_forward(input, rois, offset, spatial_scale, pooled_height, pooled_width,
+                                               sampling_ratio, gamma)
+    return k.deform_roi_pool_forward(input, rois, offset, spatial_scale, pooled_height, pooled_width, sampling_ratio,
+                                     gamma)
+
+
+@torch.library.register_kernel("roikit::deform_roi_pool_backward", "cuda")
+def _deform_roi_pool_backward_cuda(grad, input, rois, offset, spatial_scale, pooled_height, pooled_width,
+                                   sampling_ratio, gamma, offset_grad, deterministic):
+    k = _triton("deform_roi_pool", input)
+    if k is None:
+        return _deform.deform_roi_pool_backward(grad, input, rois, offset, spatial_scale, pooled_height,
+                                                pooled_width, sampling_ratio, gamma, offset_grad)
+    return k.deform_roi_pool_backward(grad, input, rois, offset, spatial_scale, pooled_height, pooled_width,
+                                      sampling_ratio, gamma, offset_grad, deterministic)
