@@ -1,10 +1,19 @@
-"""Run a roikit detector on an image, a folder, a video or a camera, and show what its region pooling sees.
+"""Run a detector on an image, a folder, a video or a camera, and show what its region pooling sees.
 
     python demo/demo.py --input photo.jpg                  # no --checkpoint: trains a quick model once, then reuses it
     python demo/demo.py --config configs/base_shapes.yaml --checkpoint runs/base_shapes/checkpoint.pth \\
         --input clip.mp4 --output-dir outputs/demo/clip
     python demo/demo.py --input 0 --show                   # camera 0, in a window
     python demo/demo.py --input photo.jpg --explain-pooling --detection 1
+    python demo/demo.py --input photos/ --model torchvision:fasterrcnn_resnet50_fpn \\
+        --weights fasterrcnn_resnet50_fpn_coco-258fb6c6.pth --explain-pooling     # real objects, COCO's 80 classes
+    python demo/demo.py --input val2017/000000022892.jpg --annotations instances_val2017.json --explain-pooling
+
+The model: with no --checkpoint and no --model, a quick model trained on synthetic shapes (it knows six shapes,
+nothing of a photo); --checkpoint, a roikit detector from tools/train.py; --model torchvision:NAME --weights FILE,
+torchvision's detector with the weights of a local file (nothing is downloaded). --annotations FILE runs no
+model: the file's boxes for each image (matched by file name; crowd boxes left out) are drawn and explained with
+their category names, so one sees what each pooling rule reads on real objects without a detector.
 
 Annotated images keep their file names; a video or camera becomes ``<name>.mp4`` (mp4v, else MJPG ``.avi``). With
 ``--explain-pooling`` each image also gets ``<name>_explain.png`` (a video ``<name>_explain.mp4``): for one
@@ -35,20 +44,33 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # sources.py and detector.py, beside this script
 import detector
-from sources import Source, VideoOut, display_problem, open_source, output_names, read_image, say, write_image
+from sources import (
+    AnnotationBoxes,
+    Source,
+    VideoOut,
+    display_problem,
+    open_source,
+    output_names,
+    read_image,
+    say,
+    write_image,
+)
 
 from roikit.analysis.drawing import draw_detections, put_text_lines
-from roikit.analysis.pooling_view import blank_explain, explain_pooling
+from roikit.analysis.pooling_view import blank_explain, explain_box, explain_pooling, fpn_stride
 from roikit.engine.config import load_config
 from roikit.engine.inference import detect
 from roikit.io import atomic_save_json
 from roikit.io import output_dir as make_output_dir
+from roikit.modeling.torchvision_models import TORCHVISION_MODELS
+from roikit.utils.threads import add_threads_argument, torch_threads
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_CONFIG = ROOT / "configs" / "base_shapes.yaml"
 DEFAULT_QUICK = ROOT / "outputs" / "demo" / "quick.pt"
 DEFAULT_OUTPUT = Path("outputs") / "demo" / "results"
 WINDOW, EXPLAIN_WINDOW = "roikit demo", "roikit demo: pooling"
+STRIDES = (4, 8, 16, 32)
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -57,13 +79,32 @@ def get_args_parser() -> argparse.ArgumentParser:
                                      epilog="\n".join(__doc__.splitlines()[1:]))
     parser.add_argument("--input", required=True, metavar="PATH|INDEX",
                         help="an image, a folder of images, a video file, or a camera index (0)")
-    parser.add_argument("--config", default=str(DEFAULT_CONFIG), help="YAML config (default: %(default)s)")
-    parser.add_argument("--checkpoint", default=None,
-                        help="checkpoint from tools/train.py; none: train a quick model once and reuse it")
-    parser.add_argument("--quick-checkpoint", default=str(DEFAULT_QUICK),
-                        help="where the quick model is cached (default: %(default)s)")
-    parser.add_argument("--quick-iters", type=int, default=detector.QUICK_ITERS,
-                        help="iterations of the quick model (default: %(default)s)")
+    model = parser.add_argument_group("the model (default: the quick model, synthetic shapes only)")
+    model.add_argument("--config", default=str(DEFAULT_CONFIG),
+                       help="roikit YAML config of --checkpoint and of the quick model (default: %(default)s)")
+    model.add_argument("--checkpoint", default=None,
+                       help="a roikit checkpoint from tools/train.py; none (and no --model or --annotations): "
+                            "train a quick model on synthetic shapes once and reuse it")
+    model.add_argument("--quick-checkpoint", default=str(DEFAULT_QUICK),
+                       help="where the quick model is cached (default: %(default)s)")
+    model.add_argument("--quick-iters", type=int, default=detector.QUICK_ITERS,
+                       help="training iterations of the quick model (default: %(default)s)")
+    model.add_argument("--model", default=None, metavar="torchvision:NAME",
+                       help=f"torchvision's detector instead, NAME one of {', '.join(TORCHVISION_MODELS)}; "
+                            "needs --weights")
+    model.add_argument("--weights", default=None, metavar="FILE",
+                       help="the --model's weights file (torchvision's COCO file, e.g. "
+                            "fasterrcnn_resnet50_fpn_coco-258fb6c6.pth, or any state_dict of that model)")
+    model.add_argument("--min-size", type=int, default=None,
+                       help="--model: the short side images are resized to (default: torchvision's 800)")
+    model.add_argument("--max-size", type=int, default=None,
+                       help="--model: the most the long side may get (default: torchvision's 1333)")
+    model.add_argument("--annotations", default=None, metavar="FILE",
+                       help="no model: draw and explain the boxes of this COCO instances JSON for each input "
+                            "image (matched by file name; crowd boxes left out)")
+    model.add_argument("--stride", type=int, choices=STRIDES, default=None,
+                       help="--annotations: the feature stride the pooling view uses (default: the FPN level a "
+                            "Faster R-CNN FPN pools the box from, 4 to 32 by its size)")
     parser.add_argument("--output-dir", default=None,
                         help=f"annotated images / video go here (default: {DEFAULT_OUTPUT}, none with --show)")
     parser.add_argument("--show", action="store_true", help="show the results in a window (q or Esc quits)")
@@ -72,14 +113,15 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--explain-pooling", action="store_true",
                         help="also draw, for one detection, the cells each pooling rule reads and its 7x7 crop")
     parser.add_argument("--detection", type=int, default=0, metavar="INDEX",
-                        help="the detection to explain, 0 = the top-scoring one (default: %(default)s)")
+                        help="the detection to explain: 0 = the top-scoring one (with --annotations, the largest "
+                             "box) (default: %(default)s)")
     parser.add_argument("--max-frames", type=int, default=None, help="stop a video or camera after this many frames")
     parser.add_argument("--save-detections", action="store_true",
                         help="also write the detections as JSON (<name>.json)")
-    parser.add_argument("--device", default="cpu", help="cpu or cuda (default: %(default)s)")
-    parser.add_argument("--threads", type=int, default=1,
-                        help="CPU threads for torch (default: %(default)s; the small model is fastest on one, and "
-                             "several slow down ten-fold when another process holds a core)")
+    parser.add_argument("--device", default="auto",
+                        help="auto (cuda when there is one, else cpu), cpu, cuda or cuda:N (default: %(default)s)")
+    add_threads_argument(parser, "the small model is fastest on one thread, and several slow down ten-fold when "
+                                 "another process holds a core")
     parser.add_argument("opts", nargs="*", metavar="key.sub=value",
                         help="config overrides, e.g. model.rpn.nms_thresh=0.6")
     return parser
@@ -94,32 +136,60 @@ def _check_args(args: argparse.Namespace) -> None:
         raise ValueError("--detection chooses the detection --explain-pooling explains; add --explain-pooling")
     if args.max_frames is not None and args.max_frames < 1:
         raise ValueError(f"--max-frames must be >= 1, got {args.max_frames}")
-    if args.threads < 1:
-        raise ValueError(f"--threads must be >= 1, got {args.threads}")
     if args.quick_iters < 1:
         raise ValueError(f"--quick-iters must be >= 1, got {args.quick_iters}")
-    if args.device not in ("cpu", "cuda") and not args.device.startswith("cuda:"):
-        raise ValueError(f"--device must be cpu or cuda, got {args.device!r}")
+    for flag, value in (("--min-size", args.min_size), ("--max-size", args.max_size)):
+        if value is not None and value < 1:
+            raise ValueError(f"{flag} must be >= 1, got {value}")
+    if (args.model is None) != (args.weights is None):
+        raise ValueError("--model torchvision:NAME and --weights FILE go together")
+    if args.model is None and (args.min_size or args.max_size):
+        raise ValueError("--min-size and --max-size set a --model's transform (a roikit config sets "
+                         "model.transform.min_size)")
+    if args.model is not None and args.checkpoint is not None:
+        raise ValueError("give --checkpoint (a roikit detector) or --model (torchvision's), not both")
+    if args.annotations is not None and (args.model is not None or args.checkpoint is not None):
+        raise ValueError("--annotations draws the file's boxes instead of a model's detections: leave out "
+                         "--checkpoint and --model")
+    if args.opts and (args.model is not None or args.annotations is not None):
+        raise ValueError(f"config overrides ({args.opts[0]} ...) set a roikit model; --model and --annotations "
+                         f"take none")
+    if args.stride is not None and args.annotations is None:
+        raise ValueError("--stride sets the pooling view of --annotations (a model's own pooler sets it otherwise)")
+    if args.device not in ("auto", "cpu", "cuda") and not args.device.startswith("cuda:"):
+        raise ValueError(f"--device must be auto, cpu, cuda or cuda:N, got {args.device!r}")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError("--device cuda: no CUDA device here")
+        raise ValueError(f"--device {args.device}: no CUDA device here")
+
+
+def _device(name: str) -> torch.device:
+    return torch.device(("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name)
 
 
 class Runner:
-    """Detects, draws, writes and shows frames; holds what every frame shares."""
+    """Detects (or looks up the annotation file's boxes), draws, writes and shows frames; holds what every frame
+    shares. ``model`` None: ``annotations`` gives the boxes. ``cfg`` None with a model: torchvision's."""
 
-    def __init__(self, args, model, cfg, class_names, output_dir: Path | None, show: bool):
+    def __init__(self, args, model, cfg, class_names, output_dir: Path | None, show: bool,
+                 annotations: AnnotationBoxes | None = None):
         self.args, self.model, self.cfg, self.class_names = args, model, cfg, class_names
-        self.output_dir, self.show = output_dir, show
+        self.output_dir, self.show, self.annotations = output_dir, show, annotations
         self.quit = False
-        # the model drops scores under model.roi_heads.score_thresh itself; a lower --score-threshold shows more
-        # (set on the module, not in the config, which must stay the checkpoint's)
-        model.roi_heads.score_thresh = min(model.roi_heads.score_thresh, args.score_threshold)
+        self.empty = 0  # images or frames with nothing to draw
+        if model is not None:
+            # the model drops scores under model.roi_heads.score_thresh itself; a lower --score-threshold shows more
+            # (set on the module, not in the config, which must stay the checkpoint's)
+            model.roi_heads.score_thresh = min(model.roi_heads.score_thresh, args.score_threshold)
 
-    def annotate(self, image: np.ndarray, fps: float | None = None):
+    def annotate(self, image: np.ndarray, fps: float | None = None, path: Path | None = None):
         t0 = time.perf_counter()
-        dets = detect(self.model, image, self.args.score_threshold)
+        if self.annotations is not None:
+            dets = self.annotations.detections(path, image.shape)
+        else:
+            dets = detect(self.model, image, self.args.score_threshold)
         t1 = time.perf_counter()
-        drawn = draw_detections(image.copy(), dets["boxes"], dets["labels"], dets["scores"], self.class_names)
+        self.empty += len(dets["boxes"]) == 0
+        drawn = draw_detections(image.copy(), dets["boxes"], dets["labels"], dets.get("scores"), self.class_names)
         if fps is not None:
             put_text_lines(drawn, f"{fps:.1f} fps", (4, drawn.shape[0] - 24))
         t2 = time.perf_counter()
@@ -127,13 +197,22 @@ class Runner:
 
     def explain(self, image: np.ndarray, dets: dict, where: str, *, quiet: bool = False):
         k = self.args.detection
-        if k >= len(dets["scores"]):
-            message = (f"{where}: no detection {k} to explain ({len(dets['scores'])} with a score >= "
-                       f"{self.args.score_threshold})")
+        if k >= len(dets["boxes"]):
+            what = "box(es) in the annotation file" if self.annotations is not None else \
+                f"with a score >= {self.args.score_threshold}"
             if not quiet:
-                say(message)
+                say(f"{where}: no detection {k} to explain ({len(dets['boxes'])} {what})")
             return blank_explain(256, f"no detection {k}\nto explain"), None
-        return explain_pooling(self.model, self.cfg, image, dets, k, self.class_names)
+        if self.model is not None:
+            return explain_pooling(self.model, self.cfg, image, dets, k, self.class_names)
+        box, label = dets["boxes"][k], int(dets["labels"][k])
+        seen = cv2.cvtColor(image, cv2.COLOR_BGR2RGB).astype(np.float64) / 255.0
+        name = self.class_names[label - 1] if 1 <= label <= len(self.class_names) else str(label)
+        stride = self.args.stride or fpn_stride(box)
+        view, info = explain_box(seen, box, f"box {k}: {name} (annotation {dets['annotation_ids'][k]})",
+                                 f"in the {image.shape[1]}x{image.shape[0]} image", stride=stride, label=label,
+                                 class_names=self.class_names, index=k)
+        return view, {**info, "annotation_id": int(dets["annotation_ids"][k])}
 
     def display(self, drawn: np.ndarray, view: np.ndarray | None, wait: int) -> None:
         if not self.show:
@@ -146,10 +225,15 @@ class Runner:
             self.quit = True
 
     def record(self, dets: dict) -> dict:
-        return {"boxes": np.round(dets["boxes"], 2).tolist(), "labels": dets["labels"].tolist(),
-                "names": [self.class_names[i - 1] if 1 <= i <= len(self.class_names) else str(i)
-                          for i in dets["labels"].tolist()],
-                "scores": dets["scores"].tolist()}
+        out = {"boxes": np.round(dets["boxes"], 2).tolist(), "labels": dets["labels"].tolist(),
+               "names": [self.class_names[i - 1] if 1 <= i <= len(self.class_names) else str(i)
+                         for i in dets["labels"].tolist()]}
+        if "scores" in dets:
+            out["scores"] = dets["scores"].tolist()
+        if "annotation_ids" in dets:
+            out["annotation_ids"] = dets["annotation_ids"].tolist()
+            out["crowd_ids_left_out"] = dets["crowd_ids"]
+        return out
 
     def run_images(self, paths: list[Path]) -> int:
         """Each image in turn; one that cannot be read or run is reported and skipped. Returns how many were."""
@@ -169,7 +253,7 @@ class Runner:
     def run_image(self, path: Path, names: dict[str, str]) -> None:
         image = read_image(path)
         try:
-            dets, drawn, (t_model, t_draw) = self.annotate(image)
+            dets, drawn, (t_model, t_draw) = self.annotate(image, path=path)
             view, info = self.explain(image, dets, path.name) if self.args.explain_pooling else (None, None)
         except ValueError as e:
             raise ValueError(f"{path}: {e}") from None
@@ -184,14 +268,19 @@ class Runner:
                     record["explain"] = info
                 atomic_save_json(self.output_dir / names["json"], record)
                 written.append(self.output_dir / names["json"])
-        print(f"{path.name}: {len(dets['scores'])} detection(s), {1000 * t_model:.0f} ms model + "
-              f"{1000 * t_draw:.0f} ms drawing" + (f" -> {', '.join(map(str, written))}" if written else ""),
-              flush=True)
+        if self.annotations is not None:
+            crowd = len(dets["crowd_ids"])
+            found = f"{len(dets['boxes'])} box(es) from {self.annotations.path.name}" + (
+                f" ({crowd} crowd box(es) left out)" if crowd else "")
+        else:
+            found = f"{len(dets['boxes'])} detection(s), {1000 * t_model:.0f} ms model"
+        print(f"{path.name}: {found} + {1000 * t_draw:.0f} ms drawing"
+              + (f" -> {', '.join(map(str, written))}" if written else ""), flush=True)
         if info is not None:
             box = " ".join(f"{v:.1f}" for v in info["box_net_px"])
-            print(f"  pooling of detection {info['detection']} (box {box} at the network's input, stride "
-                  f"{info['stride']}); its arithmetic: python tools/explain.py --box {box} --stride "
-                  f"{info['stride']}", flush=True)
+            print(f"  pooling of detection {info['detection']} (box {box} "
+                  f"{'in the image' if self.model is None else 'at the network input'}, stride {info['stride']}); "
+                  f"its arithmetic: python tools/explain.py --box {box} --stride {info['stride']}", flush=True)
         self.display(drawn, view, 0)
 
     def run_video(self, source: Source) -> None:
@@ -241,6 +330,18 @@ class Runner:
               f"ms model + {1000 * t_draw_sum / frames:.0f} ms drawing a frame, the rest reading and writing)"
               + (f" -> {', '.join(map(str, written))}" if written else ""), flush=True)
 
+    def hint(self) -> None:
+        """One line when some image or frame had nothing to draw: why, and what to try."""
+        if not self.empty or self.annotations is not None:
+            return
+        if detector.knows_only_shapes(self.class_names):
+            say(f"hint: nothing detected in {self.empty} image(s) or frame(s): this model only knows synthetic "
+                f"shapes; for the objects of a photo use --model torchvision:fasterrcnn_resnet50_fpn --weights FILE, "
+                f"or --annotations FILE to explain a COCO file's boxes")
+        else:
+            say(f"hint: nothing scored >= --score-threshold {self.args.score_threshold} in {self.empty} image(s) or "
+                f"frame(s); a lower threshold shows more")
+
 
 def _check_output_dir(output_dir: Path, source: Source, input_text: str) -> None:
     """Refuse an output folder where a result would replace an input."""
@@ -251,39 +352,62 @@ def _check_output_dir(output_dir: Path, source: Source, input_text: str) -> None
         raise ValueError(f"--output-dir {output_dir}: the annotated video would replace the input {input_text}")
 
 
+def _load_model(args: argparse.Namespace, device: torch.device):
+    """(model, roikit config or None, class names from label 1, the line that says what it is)."""
+    if args.model is not None:
+        model, names = detector.load_torchvision(args.model, args.weights, device, args.min_size, args.max_size)
+        return model, None, names, detector.describe("torchvision", f"{args.model[len('torchvision:'):]} with the "
+                                                                    f"weights of {args.weights}", names)
+    cfg = load_config(args.config, args.opts)
+    if args.checkpoint:
+        model, cfg, names = detector.load_detector(cfg, Path(args.checkpoint), device)
+        return model, cfg, names, detector.describe("roikit", args.checkpoint, names)
+    checkpoint = detector.quick_checkpoint(cfg, Path(args.quick_checkpoint), args.quick_iters)
+    cfg = detector.quick_config(cfg, checkpoint, args.quick_iters)
+    model, cfg, names = detector.load_detector(cfg, checkpoint, device)
+    return model, cfg, names, detector.describe("quick", str(checkpoint), names, str(args.quick_iters))
+
+
 def main(args: argparse.Namespace) -> int:
-    show, threads, source = False, torch.get_num_threads(), None
+    show, source = False, None
     try:
-        _check_args(args)
-        source = open_source(args.input)  # bad input fails before a model is loaded or trained
-        if args.show:
-            problem = display_problem()
-            if problem:
-                say(f"--show: no display available ({problem}); writing files instead")
-            show = problem is None
-        output_dir = Path(args.output_dir) if args.output_dir else (None if show else DEFAULT_OUTPUT)
-        if output_dir is not None:
-            _check_output_dir(output_dir, source, args.input)
-            output_dir = make_output_dir(output_dir, "--output-dir")
-        cfg = load_config(args.config, args.opts)
-        torch.set_num_threads(args.threads)
-        if args.checkpoint:
-            checkpoint = Path(args.checkpoint)
-        else:
-            checkpoint = detector.quick_checkpoint(cfg, Path(args.quick_checkpoint), args.quick_iters)
-            cfg = detector.quick_config(cfg, checkpoint, args.quick_iters)
-        model, cfg, class_names = detector.load_detector(cfg, checkpoint, torch.device(args.device))
-        runner = Runner(args, model, cfg, class_names, output_dir, show)
-        if source.kind in ("image", "folder"):
-            if runner.run_images(source.paths):
+        with torch_threads(args.threads):  # restored after: main() may run inside another program (the tests)
+            _check_args(args)
+            source = open_source(args.input)  # bad input fails before a model is loaded or trained
+            if args.annotations is not None and source.kind not in ("image", "folder"):
+                raise ValueError("--annotations takes an image or a folder of images (boxes are found by file "
+                                 "name), not a video or a camera")
+            if args.show:
+                problem = display_problem()
+                if problem:
+                    say(f"--show: no display available ({problem}); writing files instead")
+                show = problem is None
+            output_dir = Path(args.output_dir) if args.output_dir else (None if show else DEFAULT_OUTPUT)
+            if output_dir is not None:
+                _check_output_dir(output_dir, source, args.input)
+                output_dir = make_output_dir(output_dir, "--output-dir")
+            if args.annotations is not None:
+                annotations = AnnotationBoxes(args.annotations)
+                model, cfg, names = None, None, annotations.class_names
+                print(f"model: none: the boxes of {args.annotations} for each image, with their category names "
+                      f"(no detector runs)", flush=True)
+            else:
+                annotations = None
+                model, cfg, names, about = _load_model(args, _device(args.device))
+                print(about, flush=True)
+            runner = Runner(args, model, cfg, names, output_dir, show, annotations)
+            if source.kind in ("image", "folder"):
+                failed = runner.run_images(source.paths)
+            else:
+                runner.run_video(source)
+                failed = 0
+            runner.hint()
+            if failed:
                 return 1
-        else:
-            runner.run_video(source)
     except (ValueError, FloatingPointError, OSError) as e:  # OSError: an output that cannot be written
         say(f"error: {e}")
         return 2
     finally:
-        torch.set_num_threads(threads)  # main() may run inside another program (the tests)
         if source is not None and source.capture is not None:
             source.capture.release()
         if show:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import tempfile
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,7 +19,8 @@ import numpy as np
 from roikit.io import atomic_write_bytes
 
 __all__ = ["PROG", "IMAGE_SUFFIXES", "VIDEO_SUFFIXES", "say", "Source", "read_image", "jpeg_truncation",
-           "output_names", "open_source", "VideoOut", "write_image", "display_problem"]
+           "output_names", "open_source", "VideoOut", "remove_dead_temporaries", "write_image", "display_problem",
+           "AnnotationBoxes"]
 
 PROG = "demo.py"
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pnm"}
@@ -130,7 +132,11 @@ def open_source(text: str) -> Source:
 
 class VideoOut:
     """A video written to a temporary file and renamed into place when complete: mp4v ``.mp4``, else MJPG
-    ``.avi``. Opened at the first frame, which sets its size."""
+    ``.avi``. Opened at the first frame, which sets its size.
+
+    The temporary name is unique (``.<stem>.<pid>-<random>.tmp.mp4``, in the output folder), so two demos writing
+    into one folder never share it; one that a killed demo left (its process is gone) is removed when the next
+    video of that name is opened."""
 
     def __init__(self, folder: Path, stem: str, fps: float):
         self.folder, self.stem, self.fps = folder, stem, fps
@@ -140,13 +146,18 @@ class VideoOut:
     def write(self, frame: np.ndarray) -> None:
         if self.writer is None:
             self.folder.mkdir(parents=True, exist_ok=True)
+            remove_dead_temporaries(self.folder, self.stem)
             for fourcc, suffix in (("mp4v", ".mp4"), ("MJPG", ".avi")):
                 self.path = self.folder / f"{self.stem}{suffix}"
-                self.tmp = self.folder / f".{self.stem}.tmp{suffix}"
+                fd, tmp = tempfile.mkstemp(prefix=f".{self.stem}.{os.getpid()}-", suffix=f".tmp{suffix}",
+                                           dir=self.folder)
+                os.close(fd)  # reserved; the writer opens it by name
+                self.tmp = Path(tmp)
                 size = (frame.shape[1], frame.shape[0])
                 self.writer = cv2.VideoWriter(str(self.tmp), cv2.VideoWriter_fourcc(*fourcc), self.fps, size)
                 if self.writer.isOpened():
                     break
+                self.tmp.unlink(missing_ok=True)
             else:
                 raise ValueError(f"cannot write a video in {self.folder} (neither mp4v nor MJPG works)")
         self.writer.write(frame)
@@ -162,6 +173,28 @@ class VideoOut:
         if self.writer is not None:
             self.writer.release()
             Path(self.tmp).unlink(missing_ok=True)
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's
+        return True
+    return True
+
+
+def remove_dead_temporaries(folder: Path, stem: str) -> list[Path]:
+    """Delete the temporary videos of ``stem`` in ``folder`` (``.<stem>.<pid>-*.tmp.*``) whose demo process has
+    ended (killed before it could rename or remove them); returns them. Those of running demos stay."""
+    removed = []
+    for tmp in folder.glob(f".{stem}.*-*.tmp.*"):
+        pid = tmp.name[len(stem) + 2:].split("-", 1)[0]
+        if pid.isdigit() and not _process_alive(int(pid)):
+            tmp.unlink(missing_ok=True)
+            removed.append(tmp)
+    return removed
 
 
 def display_problem() -> str | None:
@@ -190,3 +223,42 @@ def write_image(path: Path, image: np.ndarray) -> Path:
         raise ValueError(f"cannot encode {path}")
     atomic_write_bytes(path, data.tobytes())
     return path
+
+
+class AnnotationBoxes:
+    """The boxes of a COCO instances JSON, found for an image by its file name: the demo's ``--annotations``.
+
+    The file is checked as the detector's data set checks it (``roikit.data.coco.read_annotation_file``: one line
+    naming the file and the record). ``detections(path, shape)`` gives the image's boxes in the form of a
+    detector's detections, largest first: ``boxes`` [K, 4] (x1, y1, x2, y2 pixels), ``labels`` [K] (the category
+    ids), ``annotation_ids`` [K]; crowd boxes (``iscrowd: 1``, a box around many objects) are left out and listed
+    in ``crowd_ids``. ``class_names[id - 1]`` names a category id (``"N/A"`` at the ids the file leaves out).
+    """
+
+    def __init__(self, path: str | Path):
+        from roikit.data.coco import read_annotation_file
+
+        self.path = Path(path)
+        data = read_annotation_file(self.path)
+        self.images = {}
+        for img in data["images"]:
+            self.images.setdefault(Path(img["file_name"]).name, img)
+        self._anns: dict[int, list[dict]] = {img["id"]: [] for img in data["images"]}
+        for ann in data["annotations"]:
+            self._anns[ann["image_id"]].append(ann)
+        names = {int(c["id"]): str(c["name"]) for c in data["categories"]}
+        self.class_names = tuple(names.get(i, "N/A") for i in range(1, max(names, default=0) + 1))
+
+    def detections(self, path: Path, shape: tuple[int, ...]) -> dict[str, np.ndarray]:
+        img = self.images.get(path.name)
+        if img is None:
+            raise ValueError(f"{path.name} is not in {self.path} (images are matched by file name)")
+        if (img["height"], img["width"]) != tuple(shape[:2]):
+            raise ValueError(f"{path} is {shape[1]}x{shape[0]} px, but {self.path} says {path.name} is "
+                             f"{img['width']}x{img['height']}: its boxes would not fit")
+        anns = [a for a in self._anns[img["id"]] if not a["iscrowd"]]
+        anns.sort(key=lambda a: -a["bbox"][2] * a["bbox"][3])  # largest first: --detection 0 is the biggest
+        boxes = np.array([[x, y, x + w, y + h] for x, y, w, h in (a["bbox"] for a in anns)], np.float64)
+        return {"boxes": boxes.reshape(-1, 4), "labels": np.array([a["category_id"] for a in anns], np.int64),
+                "annotation_ids": np.array([a["id"] for a in anns], np.int64),
+                "crowd_ids": [a["id"] for a in self._anns[img["id"]] if a["iscrowd"]]}

@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import math
+import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -16,7 +19,7 @@ import yaml
 
 from roikit.analysis.drawing import box_pixels, class_colour, draw_cell_grid, draw_detections, draw_rects, tile_images
 from roikit.analysis.pooling_view import blank_explain, quantized_view, roi_align_view
-from roikit.data import render_image
+from roikit.data import make_shapes_dataset, render_image
 from roikit.engine.config import load_config
 from roikit.io import atomic_torch_save
 from roikit.modeling.detector import build_detector
@@ -267,7 +270,8 @@ def test_show_without_a_display_says_so_and_writes_files(setup, capsys, monkeypa
     else:  # Qt would abort the process here: the demo finds out in a child process first
         monkeypatch.setenv("DISPLAY", display)
     out = setup["root"] / "out_show"
-    assert run(setup, "--input", setup["images"] / "img1.png", "--output-dir", out, "--show") == 0
+    assert run(setup, "--input", setup["images"] / "img1.png", "--output-dir", out, "--show",
+               "--score-threshold", 0) == 0  # something detected: no hint
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].endswith("); writing files instead")
     if display is None:
@@ -363,8 +367,9 @@ def test_checkpoint_errors(setup, capsys, tmp_path):
                                                                         "backbone": {"channels": [8, 8, 16, 32]}}})
     e = _error_of(setup, capsys, "--input", image, "--output-dir", out, "--checkpoint", setup["checkpoint"],
                   "--config", other, checkpoint=False)
-    assert e.startswith(f"demo.py: error: checkpoint {setup['checkpoint']} was trained with another model config "
-                        "(model.backbone.channels: checkpoint [8, 8, 16, 16], config [8, 8, 16, 32])")
+    assert e.startswith(f"demo.py: error: checkpoint {setup['checkpoint']} ")  # the config's key, or the tensors
+    assert ("(model.backbone.channels: checkpoint [8, 8, 16, 16], config [8, 8, 16, 32])" in e
+            or "tensor(s) of another shape (e.g. backbone.body." in e), e
     # same config, but tensors of other shapes (a checkpoint whose config was edited by hand)
     cfg = load_config(other)
     state = build_detector(cfg).state_dict()
@@ -381,16 +386,174 @@ def test_checkpoint_errors(setup, capsys, tmp_path):
     assert e.startswith(f"demo.py: error: cannot read checkpoint {tmp_path / 'junk.pt'}")
 
 
-def test_quick_model_is_trained_once_then_reused(setup, capsys, tmp_path, monkeypatch):
-    monkeypatch.setattr(detector, "QUICK_DATA", {"num_train": 4, "num_val": 2, "image_size": 320, "seed": 0})
+def test_quick_model_is_trained_once_then_reused(setup, capsys, tmp_path):
+    """The quick model trains on the config's shapes set (data.shapes), reusing one that tools/make_shapes.py or
+    training made with those settings; then it is cached; the demo says what it is."""
+    root = tmp_path / "shapes"
+    make_shapes_dataset(root, num_train=4, num_val=2, image_size=320, seed=0, progress=False)
+    made = (root / "DONE").stat().st_mtime_ns
     quick = tmp_path / "quick.pt"
     args = ["--input", setup["images"] / "img2.png", "--output-dir", tmp_path / "out", "--quick-checkpoint", quick,
-            "--quick-iters", 2, "data.batch_size=2", "train.log_period=1"]
+            "--quick-iters", 2, "data.batch_size=2", "train.log_period=1", f"data.shapes.root={root}",
+            "data.shapes.num_train=4", "data.shapes.num_val=2"]
     assert run(setup, *args, checkpoint=False) == 0
-    err = capsys.readouterr().err
-    assert "no --checkpoint: training a quick model (2 iterations" in err
+    captured = capsys.readouterr()
+    assert "no --checkpoint: training a quick model (2 iterations" in captured.err
+    assert (root / "DONE").stat().st_mtime_ns == made  # the shapes set was reused, not made again
+    assert "model: the demo's quick model" in captured.out and "It knows only the 6 shapes" in captured.out
     saved = torch.load(quick, weights_only=True)
     assert saved["iteration"] == 2 and "optimizer" not in saved
+    assert saved["config"]["data"]["shapes"]["root"] == str(root)
     assert run(setup, *args, checkpoint=False) == 0
     assert f"no --checkpoint: using the quick model {quick}" in capsys.readouterr().err
     assert (tmp_path / "out" / "img2.png").is_file()
+
+
+def test_says_what_model_runs_and_hints_when_nothing_is_found(setup, capsys, tmp_path):
+    assert run(setup, "--input", setup["images"] / "img0.png", "--output-dir", tmp_path, "--score-threshold", 1.0) == 0
+    captured = capsys.readouterr()
+    assert captured.out.startswith(f"model: roikit detector from {setup['checkpoint']}: 6 classes: ")
+    assert "(synthetic shapes only: it will not know the objects of a photo)" in captured.out
+    assert "img0.png: 0 detection(s)" in captured.out
+    assert captured.err.strip() == (
+        "demo.py: hint: nothing detected in 1 image(s) or frame(s): this model only knows synthetic shapes; for the "
+        "objects of a photo use --model torchvision:fasterrcnn_resnet50_fpn --weights FILE, or --annotations FILE "
+        "to explain a COCO file's boxes")
+    assert demo.get_args_parser().parse_args(["--input", "x"]).device == "auto"  # as tools/train.py
+
+
+# ------------------------------------------------------------------------------------------------ video output
+def test_video_temporary_names_are_unique_and_a_dead_demos_is_removed(tmp_path):
+    frame = np.full((32, 48, 3), 100, np.uint8)
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    stale = tmp_path / f".clip.{int(dead.stdout)}-abc.tmp.mp4"  # left by a demo killed mid-video
+    alive = tmp_path / f".clip.{os.getppid()}-xyz.tmp.mp4"  # being written by a running one
+    stale.write_bytes(b"half a video")
+    alive.write_bytes(b"a video in progress")
+    a, b = sources.VideoOut(tmp_path, "clip", 10), sources.VideoOut(tmp_path, "clip", 10)
+    a.write(frame)
+    b.write(frame)
+    assert a.tmp != b.tmp and a.tmp.parent == b.tmp.parent == tmp_path  # two demos, one folder: no collision
+    assert a.tmp.name.startswith(f".clip.{os.getpid()}-") and a.tmp.is_file() and b.tmp.is_file()
+    assert not stale.exists() and alive.exists()
+    for _ in range(2):
+        b.write(frame)
+    assert a.close() == b.close() == tmp_path / "clip.mp4"  # each renamed into place whole, the last one stays
+    cap = cv2.VideoCapture(str(tmp_path / "clip.mp4"))
+    assert int(cap.get(cv2.CAP_PROP_FRAME_COUNT)) == 3
+    cap.release()
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["clip.mp4", alive.name])
+
+
+# ------------------------------------------------------------------------------------------------ real photographs
+COCO_MINI = ROOT.parent / "shared" / "data" / "coco-mini"
+PHOTO = "000000022892.jpg"  # val2017: a cat and a dog, and what surrounds them
+
+
+def _coco_mini() -> Path:
+    if not (COCO_MINI / "annotations" / "instances_val2017.json").is_file():
+        pytest.skip(f"coco-mini is not here ({COCO_MINI}): the real-photograph tests need it")
+    return COCO_MINI
+
+
+def _check_drawn_jpeg(drawn_file: Path, photo_file: Path, boxes, labels, at_least: float, inside: bool = True) -> None:
+    """Each box outlined in its class colour where it is (JPEG: colours come back only near), not in the photo;
+    ``inside``: and not 5 px inside it (where no other box of its colour lies)."""
+    drawn, photo = cv2.imread(str(drawn_file)), cv2.imread(str(photo_file))
+    for box, label in zip(boxes, labels):
+        px, colour = box_pixels(box, drawn.shape), np.asarray(class_colour(label))
+
+        def near(pixels):
+            return float((np.abs(pixels.astype(int) - colour).max(axis=1) <= 48).mean())
+
+        assert near(_ring(drawn, px)) >= at_least and near(_ring(photo, px)) < 0.05, (box, label)
+        assert not inside or near(_ring(drawn, px, -5)) < 0.1, (box, label)
+
+
+def _main(*args) -> int:
+    return demo.main(demo.get_args_parser().parse_intermixed_args([str(a) for a in args]))
+
+
+def test_annotations_are_the_boxes_drawn_and_explained(capsys, tmp_path):
+    coco = _coco_mini()
+    ann_file, image = coco / "annotations" / "instances_val2017.json", coco / "val2017" / PHOTO
+    assert _main("--input", image, "--annotations", ann_file, "--explain-pooling", "--detection", 1,
+                 "--output-dir", tmp_path, "--save-detections") == 0
+    printed = capsys.readouterr().out
+    assert printed.startswith("model: none: the boxes of ")
+    data = json.loads(ann_file.read_text())
+    info = next(i for i in data["images"] if i["file_name"] == PHOTO)
+    anns = [a for a in data["annotations"] if a["image_id"] == info["id"] and not a["iscrowd"]]
+    names = {c["id"]: c["name"] for c in data["categories"]}
+    record = json.loads((tmp_path / f"{Path(PHOTO).stem}.json").read_text())
+    assert record["size"] == [info["width"], info["height"]] and "scores" not in record
+    assert sorted(record["annotation_ids"]) == sorted(a["id"] for a in anns) and len(anns) >= 2
+    by_id = {a["id"]: a for a in anns}
+    for box, label, name, ann_id in zip(record["boxes"], record["labels"], record["names"], record["annotation_ids"]):
+        x, y, w, h = by_id[ann_id]["bbox"]
+        assert box == pytest.approx([x, y, x + w, y + h], abs=0.006)  # written to 2 decimals
+        assert label == by_id[ann_id]["category_id"] and name == names[label]
+    areas = [(b[2] - b[0]) * (b[3] - b[1]) for b in record["boxes"]]
+    assert areas == sorted(areas, reverse=True)  # largest first
+    explained = by_id[record["annotation_ids"][1]]
+    assert record["explain"]["annotation_id"] == explained["id"]
+    x, y, w, h = explained["bbox"]
+    assert record["explain"]["box_net_px"] == pytest.approx([x, y, x + w, y + h], abs=0.006)  # the image's pixels
+    level = math.floor(4 + math.log2(math.sqrt(w * h) / 224))  # the FPN paper's rule, levels 2 to 5
+    assert record["explain"]["stride"] == 2 ** min(max(level, 2), 5)
+    _check_drawn_jpeg(tmp_path / PHOTO, image, record["boxes"], record["labels"], 0.4)  # others' tags cover some
+    view = cv2.imread(str(tmp_path / f"{Path(PHOTO).stem}_explain.png"))
+    assert view.shape == blank_explain(256, "").shape
+
+
+def test_annotations_errors(capsys, tmp_path, setup):
+    coco = _coco_mini()
+    ann_file = coco / "annotations" / "instances_val2017.json"
+    other = tmp_path / "other.jpg"
+    cv2.imwrite(str(other), np.zeros((20, 30, 3), np.uint8))
+    resized = tmp_path / PHOTO
+    cv2.imwrite(str(resized), np.zeros((20, 30, 3), np.uint8))
+    for args, status, message in [  # 1: an image that cannot be run; 2: bad arguments, nothing done
+        (["--input", other], 1, f"demo.py: error: {other}: other.jpg is not in {ann_file} (images are matched by "
+                                f"file name)"),
+        (["--input", resized], 1, f"demo.py: error: {resized}: {resized} is 30x20 px, but {ann_file} says {PHOTO} is "),
+        (["--input", setup["video"]], 2, "demo.py: error: --annotations takes an image or a folder of images"),
+        (["--input", other, "--checkpoint", setup["checkpoint"]], 2,
+         "demo.py: error: --annotations draws the file's boxes instead of a model's detections"),
+    ]:
+        capsys.readouterr()
+        assert _main(*args, "--annotations", ann_file, "--output-dir", tmp_path / "out") == status
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith(message), (err, message)
+
+
+def test_torchvision_model(capsys, tmp_path):
+    """A randomly initialised torchvision MobileNetV3-FPN saved as a weights file: its COCO class names, its own
+    pooler's scales for the pooling view (the numbers are meaningless, the path is real)."""
+    from torchvision.models.detection import fasterrcnn_mobilenet_v3_large_fpn
+
+    from roikit.modeling.torchvision_models import COCO_CATEGORY_NAMES
+
+    coco = _coco_mini()
+    torch.manual_seed(0)
+    model = fasterrcnn_mobilenet_v3_large_fpn(weights=None, weights_backbone=None, num_classes=91)
+    torch.save(model.state_dict(), tmp_path / "weights.pth")
+    out = tmp_path / "out"
+    assert _main("--input", coco / "val2017" / PHOTO, "--model", "torchvision:fasterrcnn_mobilenet_v3_large_fpn",
+                 "--weights", tmp_path / "weights.pth", "--min-size", 160, "--max-size", 256, "--score-threshold", 0,
+                 "--explain-pooling", "--output-dir", out, "--save-detections", "--threads", 1) == 0
+    printed = capsys.readouterr().out
+    assert printed.startswith("model: torchvision's fasterrcnn_mobilenet_v3_large_fpn with the weights of ")
+    record = json.loads((out / f"{Path(PHOTO).stem}.json").read_text())
+    assert len(record["scores"]) > 0 and record["scores"] == sorted(record["scores"], reverse=True)
+    assert all(name == COCO_CATEGORY_NAMES[label] for name, label in zip(record["names"], record["labels"]))
+    # the photo is 500x334: its short side to --min-size, 160; the long side 500 * 160 / 334, rounded down
+    box = np.array(record["boxes"][0]) * np.array([239 / 500, 160 / 334] * 2)
+    assert record["explain"]["box_net_px"] == pytest.approx(box.tolist(), abs=0.02)
+    assert record["explain"]["stride"] in (8, 16, 32, 64)
+    _check_drawn_jpeg(out / PHOTO, coco / "val2017" / PHOTO, record["boxes"][:1], record["labels"][:1], 0.8,
+                      inside=False)  # a hundred random boxes of one class
+    capsys.readouterr()
+    assert _main("--input", coco / "val2017" / PHOTO, "--model", "torchvision:fasterrcnn_mobilenet_v3_large_fpn",
+                 "--output-dir", out) == 2
+    assert capsys.readouterr().err.strip() == "demo.py: error: --model torchvision:NAME and --weights FILE go together"

@@ -36,8 +36,8 @@ from .drawing import (
 from .reference import exact_bin_means, stride_map
 from .rules import RULES, Rule, get_rule
 
-__all__ = ["RuleView", "network_input", "box_stride", "view_key", "quantized_view", "roi_align_view",
-           "rule_view", "explain_pooling", "blank_explain"]
+__all__ = ["RuleView", "network_input", "box_stride", "fpn_stride", "view_key", "quantized_view", "roi_align_view",
+           "rule_view", "explain_pooling", "explain_box", "blank_explain"]
 
 
 @dataclass
@@ -65,14 +65,26 @@ def network_input(model: torch.nn.Module, image: np.ndarray) -> tuple[np.ndarray
     return seen, (w / image.shape[1], h / image.shape[0])
 
 
-def box_stride(cfg: dict, pooler: torch.nn.Module, box: np.ndarray) -> int:
+def box_stride(cfg: dict | None, pooler: torch.nn.Module, box: np.ndarray) -> int:
     """The stride of the map the model pools ``box`` (network pixels) from: the one map of ``small_cnn``, or
-    the FPN level the pooler assigns it (``resnet_fpn`` pools maps at strides 4 to 32: levels 2 to 5)."""
+    the FPN level the pooler assigns it (``resnet_fpn`` pools maps at strides 4 to 32: levels 2 to 5). ``cfg``
+    None: a torchvision detector, whose ``MultiScaleRoIAlign`` learnt its maps' scales in its last forward."""
+    if cfg is None:
+        if getattr(pooler, "scales", None) is None or getattr(pooler, "map_levels", None) is None:
+            raise ValueError("box_stride: the torchvision pooler has not run yet (its scales are set by a forward)")
+        level = int(pooler.map_levels([torch.as_tensor(box, dtype=torch.float32)[None]])[0])
+        return int(round(1.0 / pooler.scales[level]))
     b = cfg["model"]["backbone"]
     if b["name"] == "small_cnn":
         return int(b["stride"])
-    level = assign_boxes_to_levels(torch.as_tensor(box, dtype=torch.float32)[None], 2, 5, pooler.canonical_scale,
-                                   pooler.canonical_level)
+    return fpn_stride(box, pooler.canonical_scale, pooler.canonical_level)
+
+
+def fpn_stride(box: np.ndarray, canonical_scale: int = 224, canonical_level: int = 4) -> int:
+    """The stride of the FPN level (2 to 5: strides 4 to 32) that the FPN paper's rule, as torchvision's and
+    roikit's poolers apply it, assigns ``box`` (x1, y1, x2, y2 pixels): level ``4 + log2(sqrt(w h) / 224)``."""
+    level = assign_boxes_to_levels(torch.as_tensor(box, dtype=torch.float32)[None], 2, 5, canonical_scale,
+                                   canonical_level)
     return 2 ** (2 + int(level[0]))
 
 
@@ -194,33 +206,52 @@ def rule_view(rule: Rule, fmap: torch.Tensor, box: np.ndarray, stride: int, pool
     raise ValueError(f"the pooling view shows roi_pool and roi_align rules, not {rule.name!r}")
 
 
-def explain_pooling(model: torch.nn.Module, cfg: dict, image: np.ndarray, detections: dict[str, np.ndarray],
-                    index: int, class_names: Sequence[str], *, panel: int = 256) -> tuple[np.ndarray, dict]:
-    """The explain view of detection ``index`` (a BGR image of fixed size for a given ``panel``) and its numbers.
-
-    Top row: the picture with the detection, then per rule the cells it reads (tinted), its bins (outlined), the
-    box (white) and, for ``roi_align``, the sample points, over a zoom of the picture with the feature grid. Bottom
-    row: the exact 7x7 bin means of the box, then each rule's 7x7 crop of the picture's stride map, with its mean
-    error against the exact one in grey levels. The rules: ``roi_pool`` with integer and with torchvision rounding,
-    and the model's RoIAlign (the base config's, aligned with 2 x 2 samples, when the model pools otherwise).
-    """
+def explain_pooling(model: torch.nn.Module, cfg: dict | None, image: np.ndarray,
+                    detections: dict[str, np.ndarray], index: int, class_names: Sequence[str], *,
+                    panel: int = 256) -> tuple[np.ndarray, dict]:
+    """The explain view of detection ``index`` of a detector (roikit's, with its ``cfg``; torchvision's, with
+    ``cfg`` None, after a forward) and its numbers: :func:`explain_box` on the picture as the network sees it.
+    ``class_names[label - 1]`` names a label. The rules: ``roi_pool`` with integer and with torchvision rounding,
+    and the model's RoIAlign (the base config's, aligned with 2 x 2 samples, when the model pools otherwise)."""
     pooler = model.roi_heads.box_roi_pool
-    pooled = pooler.output_size[0]
     seen, (kx, ky) = network_input(model, image)
     box = detections["boxes"][index].astype(np.float64) * np.array([kx, ky, kx, ky])
-    label, score = int(detections["labels"][index]), float(detections["scores"][index])
-    stride = box_stride(cfg, pooler, box)
-    fmap = stride_map(torch.from_numpy(np.ascontiguousarray(seen.transpose(2, 0, 1))).double()[None], stride)
-    if pooler.op == "roi_align":
-        sampling_ratio = int(pooler.op_options.get("sampling_ratio", pooler.sampling_ratio))
-        aligned = bool(pooler.op_options.get("aligned", False))
+    op = getattr(pooler, "op", "roi_align")  # torchvision's MultiScaleRoIAlign: roi_align, aligned=False
+    options = getattr(pooler, "op_options", {})
+    if op == "roi_align":
+        sampling_ratio = int(options.get("sampling_ratio", pooler.sampling_ratio))
+        aligned = bool(options.get("aligned", False))
     else:  # show the base config's RoIAlign
         sampling_ratio, aligned = 2, True
+    own = {"roi_pool": options.get("rounding", "torchvision"), "roi_align": "roi_align"}.get(op)
+    label, score = int(detections["labels"][index]), float(detections["scores"][index])
+    name = class_names[label - 1] if 1 <= label <= len(class_names) else str(label)
+    return explain_box(seen, box, f"detection {index}: {name} {score:.2f}",
+                       f"at the net's {seen.shape[1]}x{seen.shape[0]}", stride=box_stride(cfg, pooler, box),
+                       pooled=pooler.output_size[0], sampling_ratio=sampling_ratio, aligned=aligned, own=own,
+                       label=label, score=score, class_names=class_names, index=index, panel=panel)
+
+
+def explain_box(seen: np.ndarray, box: np.ndarray, heading: str, where: str, *, stride: int, pooled: int = 7,
+                sampling_ratio: int = 2, aligned: bool = True, own: str | None = None, label: int = 1,
+                score: float | None = None, class_names: Sequence[str] = (), index: int = 0,
+                panel: int = 256) -> tuple[np.ndarray, dict]:
+    """The explain view of one box (a BGR image of fixed size for a given ``panel``) and its numbers.
+
+    ``seen`` is the picture (float RGB [H, W, 3] in [0, 1]), ``box`` (x1, y1, x2, y2) in its pixels, pooled at
+    ``stride`` into ``pooled x pooled`` bins. Top row: the picture with the box, then per rule the cells it reads
+    (tinted), its bins (outlined), the box (white) and, for ``roi_align``, the sample points, over a zoom of the
+    picture with the feature grid. Bottom row: the exact bin means of the box, then each rule's crop of the
+    picture's stride map, with its mean error against the exact one in grey levels. ``own`` (a view key) marks
+    the model's own rule; ``heading`` and ``where`` start the first caption (``"detection 0: dog 0.93"``, ``"at the
+    net's 1067x800"``).
+    """
+    box = np.asarray(box, dtype=np.float64)
+    fmap = stride_map(torch.from_numpy(np.ascontiguousarray(seen.transpose(2, 0, 1))).double()[None], stride)
     sampler = RULES["roi_align_aligned" if aligned else "roi_align_unaligned"]
     rules = [RULES["roi_pool_integer"], RULES["roi_pool_torchvision"], replace(sampler, sampling_ratio=sampling_ratio)]
     keys = [view_key(rule) for rule in rules]
     views = [rule_view(rule, fmap, box, stride, pooled) for rule in rules]
-    own = {"roi_pool": pooler.op_options.get("rounding", "torchvision"), "roi_align": "roi_align"}.get(pooler.op)
     exact = exact_bin_means([seen], np.zeros(1, np.int64), box[None], pooled)[0].numpy()
     errors = [float(np.abs(v.crop - exact).mean() * 255.0) for v in views]
 
@@ -232,16 +263,14 @@ def explain_pooling(model: torch.nn.Module, cfg: dict, image: np.ndarray, detect
     zoomed = (zoomed * 0.7).astype(np.uint8)  # dimmed, so the overlays stand out
 
     overview = _to_bgr(seen)
-    draw_detections(overview, box[None], [label], [score], class_names)
+    draw_detections(overview, box[None], [label], None if score is None else [score], class_names)
     draw_rects(overview, [frame], (255, 255, 255), thickness=1)
     overview, _ = resize_to_fit(overview, panel, panel)
     top = [pad_to(overview, panel, panel)]
     top += [_rule_panel(zoomed, frame, zoom, v, box, stride, rule.colour, panel) for v, rule in zip(views, rules)]
     bottom = [_crop_panel(exact, panel)] + [_crop_panel(v.crop, panel) for v in views]
-    name = class_names[label - 1] if 1 <= label <= len(class_names) else str(label)
     w, h = box[2] - box[0], box[3] - box[1]
-    captions = [f"detection {index}: {name} {score:.2f}\n{w:.0f} x {h:.0f} px at the net's "
-                f"{seen.shape[1]}x{seen.shape[0]}, stride {stride}\nwhite frame: the part zoomed in"]
+    captions = [f"{heading}\n{w:.0f} x {h:.0f} px {where}, stride {stride}\nwhite frame: the part zoomed in"]
     captions += [f"{v.name}\n{v.summary}\n{'(the rule of this model)' if own == k else ''}"
                  for v, k in zip(views, keys)]
     captions += [f"exact {pooled}x{pooled} bin means\n(full resolution)"]
