@@ -420,6 +420,10 @@ def test_says_what_model_runs_and_hints_when_nothing_is_found(setup, capsys, tmp
         "objects of a photo use --model torchvision:fasterrcnn_resnet50_fpn --weights FILE, or --annotations FILE "
         "to explain a COCO file's boxes")
     assert demo.get_args_parser().parse_args(["--input", "x"]).device == "auto"  # as tools/train.py
+    assert demo.get_args_parser().parse_args(["--input", "x"]).threads is None  # torch's own, as every tool
+    for action in demo.get_args_parser()._actions:
+        words = (action.help or "").replace("(default: %(default)s)", "")
+        assert len(words.strip()) > 8, f"{action.option_strings}: {action.help!r}"
 
 
 # ------------------------------------------------------------------------------------------------ video output

@@ -433,3 +433,17 @@ def test_cli_on_coco_mini_photographs(tmp_path, capsys):
     code, out = run_tool(capsys, "--annotations", str(path), "--no-images", "--strides", "32", "--output-dir",
                          str(out_dir), "--no-progress", "--picture-annotations", "1")
     assert code == 2 and "annotation id 1 is not among the measured boxes" in out.err
+
+
+def test_every_option_is_described():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("misalignment_tool",
+                                                  Path(__file__).resolve().parents[1] / "tools" / "misalignment.py")
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    parser = tool.get_args_parser()
+    for action in parser._actions:
+        words = (action.help or "").replace("(default: %(default)s)", "").replace("default: %(default)s", "")
+        assert len(words.strip()) > 8, f"{action.option_strings}: {action.help!r}"  # more than its default
+    assert parser.parse_args([]).threads is None  # torch's own unless given: the tools' one convention

@@ -125,3 +125,18 @@ def test_wilson_interval_and_config_checks():
         StudyConfig(heads=("global_max", "median"))
     with pytest.raises(ValueError, match="epochs"):
         StudyConfig(epochs=0)
+
+
+def test_every_option_is_described_and_a_file_is_no_output_folder(tmp_path, capsys):
+    tool = _load_tool()
+    parser = tool.get_args_parser()
+    for action in parser._actions:
+        words = (action.help or "").replace("(default: %(default)s)", "").replace("default: %(default)s", "")
+        assert len(words.strip()) > 8, f"{action.option_strings}: {action.help!r}"  # more than its default
+    assert parser.parse_args([]).threads is None  # torch's own unless given: the tools' one convention
+    (tmp_path / "file").write_text("x")
+    args = parser.parse_args(["--output-dir", str(tmp_path / "file"), "--data-root", str(tmp_path / "none")])
+    assert tool.main(args) == 2
+    assert capsys.readouterr().err.strip() == f"pooling_study: error: --output-dir {tmp_path / 'file'} is a file, " \
+                                              f"not a folder"
+    assert not (tmp_path / "none").exists()  # refused before the data set is made

@@ -12,13 +12,11 @@ import argparse
 import datetime
 import sys
 import time
-from pathlib import Path
-
-import torch
 
 from roikit.analysis.pooling_study import HEADS, StudyConfig, format_table, plot_results, run_study
 from roikit.data import CocoDetection, ensure_shapes_dataset
-from roikit.io import atomic_save_json
+from roikit.io import atomic_save_json, output_dir
+from roikit.utils.threads import add_threads_argument, torch_threads
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -29,11 +27,17 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--num-train-images", type=int, default=1000,
                         help="training images to generate, about 3.5 boxes each (default: %(default)s)")
     parser.add_argument("--num-val-images", type=int, default=320, help="validation images (default: %(default)s)")
-    parser.add_argument("--train-crops", type=int, default=d.train_crops, help="default: %(default)s")
-    parser.add_argument("--val-crops", type=int, default=d.val_crops, help="default: %(default)s")
+    parser.add_argument("--train-crops", type=int, default=d.train_crops,
+                        help="ground-truth boxes cut out of the training images to train on, at most "
+                             "(default: %(default)s)")
+    parser.add_argument("--val-crops", type=int, default=d.val_crops,
+                        help="ground-truth boxes cut out of the validation images to score, at most "
+                             "(default: %(default)s)")
     parser.add_argument("--crop-size", type=int, default=d.crop_size, help="crop side in pixels (default: %(default)s)")
-    parser.add_argument("--epochs", type=int, default=d.epochs, help="default: %(default)s")
-    parser.add_argument("--batch-size", type=int, default=d.batch_size, help="default: %(default)s")
+    parser.add_argument("--epochs", type=int, default=d.epochs,
+                        help="passes over the training crops, for each head (default: %(default)s)")
+    parser.add_argument("--batch-size", type=int, default=d.batch_size,
+                        help="training crops per step (default: %(default)s)")
     parser.add_argument("--lr", type=float, default=d.lr,
                         help="Adam learning rate, cosine decay (default: %(default)s)")
     parser.add_argument("--width", type=int, default=d.width, help="trunk width; the map has 4x (default: %(default)s)")
@@ -43,9 +47,9 @@ def get_args_parser() -> argparse.ArgumentParser:
                         help="heads to compare (default: all)")
     parser.add_argument("--seed", type=int, default=d.seed,
                         help="data set, batch order and initial weights (default: %(default)s)")
-    parser.add_argument("--threads", type=int, default=1,
-                        help="torch CPU threads; on a shared machine 1 is much faster than 2 (default: %(default)s)")
-    parser.add_argument("--output-dir", default="outputs/pooling_study", help="default: %(default)s")
+    add_threads_argument(parser, "on a shared machine one thread is much faster than two")
+    parser.add_argument("--output-dir", default="outputs/pooling_study",
+                        help="folder for results.json and pooling_study.png, made if missing (default: %(default)s)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     return parser
 
@@ -57,18 +61,17 @@ def main(args: argparse.Namespace) -> int:
             batch_size=args.batch_size, lr=args.lr, width=args.width, compact_dim=args.compact_dim,
             seed=args.seed, heads=args.heads,
         )
-        if args.threads < 1:
-            raise ValueError(f"--threads must be >= 1, got {args.threads}")
-        torch.set_num_threads(args.threads)
-        start = time.perf_counter()
-        paths = ensure_shapes_dataset(args.data_root, num_train=args.num_train_images, num_val=args.num_val_images,
-                                      seed=args.seed, progress=not args.no_progress)
-        data_s = time.perf_counter() - start
-        train_set = CocoDetection(paths["train_images"], paths["train_annotations"])
-        val_set = CocoDetection(paths["val_images"], paths["val_annotations"])
-        start = time.perf_counter()
-        results = run_study(train_set, val_set, config, progress=not args.no_progress)
-        study_s = time.perf_counter() - start
+        out = output_dir(args.output_dir, "--output-dir")  # a file there is an error before the study, not after
+        with torch_threads(args.threads):  # restored after: main() may run inside another program (the tests)
+            start = time.perf_counter()
+            paths = ensure_shapes_dataset(args.data_root, num_train=args.num_train_images,
+                                          num_val=args.num_val_images, seed=args.seed, progress=not args.no_progress)
+            data_s = time.perf_counter() - start
+            train_set = CocoDetection(paths["train_images"], paths["train_annotations"])
+            val_set = CocoDetection(paths["val_images"], paths["val_annotations"])
+            start = time.perf_counter()
+            results = run_study(train_set, val_set, config, progress=not args.no_progress)
+            study_s = time.perf_counter() - start
     except (ValueError, OSError) as e:
         print(f"pooling_study: error: {e}", file=sys.stderr)
         return 2
@@ -77,7 +80,6 @@ def main(args: argparse.Namespace) -> int:
     results["study_s"] = study_s
     results["command"] = " ".join(["python", "tools/pooling_study.py", *sys.argv[1:]])
     results["date"] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
-    out = Path(args.output_dir)
     atomic_save_json(out / "results.json", results)
     plot_results(results, out / "pooling_study.png")
     print(format_table(results), end="")
