@@ -278,7 +278,7 @@ class Runner:
               + (f" -> {', '.join(map(str, written))}" if written else ""), flush=True)
         if info is not None:
             box = " ".join(f"{v:.1f}" for v in info["box_net_px"])
-            print(f"  pooling of detection {info['detection']} (box {box} "
+            print(f"  pooling of {'box' if self.model is None else 'detection'} {info['detection']} (box {box} "
                   f"{'in the image' if self.model is None else 'at the network input'}, stride {info['stride']}); "
                   f"its arithmetic: python tools/explain.py --box {box} --stride {info['stride']}", flush=True)
         self.display(drawn, view, 0)
