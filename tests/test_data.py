@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import re
 from pathlib import Path
 
 import cv2
@@ -259,24 +260,46 @@ def _edit_ann(key, value, index=0):
     [
         (lambda d: d.pop("images"), r"ann\.json: missing or non-list key 'images'"),
         (lambda d: d["images"][0].pop("width"), r"ann\.json: image #0 \(id 10\) needs an int 'width'"),
-        (_edit_ann("bbox", [1, 2, 0, 5]), r"ann\.json: annotation id 1 has a box with no area"),
-        (_edit_ann("bbox", [1, 2, 10, -3], 1), r"ann\.json: annotation id 2 has a box with no area"),
-        (_edit_ann("bbox", [35, 2, 10, 5]), r"ann\.json: annotation id 1 has bbox \[35, 2, 10, 5\] outside its image"),
-        (_edit_ann("bbox", [-2, 2, 10, 5]), r"annotation id 1 has bbox .* outside its image id 10 \(40x30\)"),
-        (_edit_ann("bbox", [1, 2, 10]), r"annotation id 1 needs 'bbox' as 4 finite numbers"),
-        (_edit_ann("category_id", 5, 1), r"ann\.json: annotation id 2 has unknown category id 5"),
-        (_edit_ann("image_id", 11), r"ann\.json: annotation id 1 refers to unknown image id 11"),
+        (_edit_ann("bbox", [1, 2, 10, -3], 1),
+         r"ann\.json: annotation id 2 \(image id 10\) has a bbox of negative size \[1, 2, 10, -3\]"),
+        (_edit_ann("bbox", [1, 2, -0.5, 3]), r"ann\.json: annotation id 1 \(image id 10\) has a bbox of negative size"),
+        (_edit_ann("bbox", [1, 2, float("nan"), 5]),
+         r"ann\.json: annotation id 1 \(image id 10\) needs 'bbox' as 4 finite numbers \[x, y, w, h\], got \[1, 2, nan"),
+        (_edit_ann("bbox", [1, 2, 10, float("inf")]), r"annotation id 1 \(image id 10\) needs 'bbox' as 4 finite"),
+        (_edit_ann("bbox", [35, 2, 10, 5]), r"ann\.json: annotation id 1 \(image id 10\) has bbox \[35, 2, 10, 5\] "
+                                            r"outside its image \(40x30\)"),
+        (_edit_ann("bbox", [-2, 2, 10, 5]), r"annotation id 1 \(image id 10\) has bbox .* outside its image \(40x30\)"),
+        (_edit_ann("bbox", [1, 2, 10]), r"annotation id 1 \(image id 10\) needs 'bbox' as 4 finite numbers"),
+        (_edit_ann("category_id", 5, 1),
+         r"ann\.json: annotation id 2 \(image id 10\) has unknown category id 5 \(not in 'categories'\)"),
+        (_edit_ann("image_id", 11), r"ann\.json: annotation id 1 refers to unknown image id 11 \(not in 'images'\)"),
         (_edit_ann("id", 2), r"ann\.json: duplicate annotation id 2"),
         (lambda d: d["annotations"][0].pop("category_id"), r"annotation id 1 needs an int 'category_id'"),
     ],
 )
 def test_coco_detection_bad_annotations(tmp_path, edit, message):
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises(ValueError, match=message) as error:
         CocoDetection(*_tiny_set(tmp_path, edit))
+    assert "\n" not in str(error.value)
 
 
 def test_coco_detection_tolerates_a_box_a_little_outside(tmp_path):
     CocoDetection(*_tiny_set(tmp_path, _edit_ann("bbox", [30.5, 2, 10, 5])))  # 0.5 px over the right edge
+
+
+def test_boxes_of_no_size_are_no_training_targets_but_stay_for_cocoeval(tmp_path):
+    """COCO 2017's training file has two boxes of height 0 (annotation ids 918 and 2206849): they load, and the
+    model never sees them (torchvision's detectors refuse a box of no size)."""
+    def edit(data):
+        data["annotations"][0]["bbox"] = [1, 2, 10, 0]
+        data["annotations"].append({"id": 4, "image_id": 10, "category_id": 3, "bbox": [30.5, 5, 1e-9, 5]})
+    ds = CocoDetection(*_tiny_set(tmp_path, edit))
+    _, target = ds[0]
+    # annotation 4 has a width that vanishes in float32 (30.5 + 1e-9 == 30.5): left out as well
+    assert target["boxes"].tolist() == [[20, 10, 39, 29]] and target["labels"].tolist() == [1]
+    assert target["area"].tolist() == [19.0 * 19.0]
+    assert sorted(ds.coco.getAnnIds(imgIds=[10])) == [1, 2, 3, 4]
+    assert ds.coco.anns[1]["area"] == 50.0 and ds.coco.anns[4]["area"] == pytest.approx(5e-9)
 
 
 def test_coco_detection_bad_files(tmp_path):
@@ -293,21 +316,102 @@ def test_coco_detection_bad_files(tmp_path):
     with pytest.raises(ValueError, match=r"bad\.json: expected a JSON object"):
         CocoDetection(images, bad)
 
-    # missing image: found when it is loaded, or up front with check_images=True
-    (images / "a.png").unlink()
+    # a missing image file is found up front, not when (maybe hours later) it is loaded
     ds = CocoDetection(images, ann)
-    with pytest.raises(ValueError, match=r"ann\.json: image file of image id 10 not found: .*a\.png"):
+    (images / "a.png").unlink()
+    with pytest.raises(ValueError, match=r"ann\.json: image file of image id 10 not found: .*a\.png$"):
         ds[0]
-    with pytest.raises(ValueError, match="image file of image id 10 not found"):
-        CocoDetection(images, ann, check_images=True)
+    with pytest.raises(ValueError, match=r"ann\.json: image file of image id 10 not found: .*a\.png$"):
+        CocoDetection(images, ann)
     # unreadable image
     (images / "a.png").write_bytes(b"\x89PNG\r\n\x1a\n not really a png")
-    with pytest.raises(ValueError, match=r"ann\.json: cannot decode the image file of image id 10: .*a\.png"):
+    with pytest.raises(ValueError, match=r"ann\.json: cannot decode the image file of image id 10: .*a\.png$"):
         CocoDetection(images, ann, check_images=True)
     # an image whose size disagrees with the annotation file
     cv2.imwrite(str(images / "a.png"), np.zeros((31, 40, 3), np.uint8))
-    with pytest.raises(ValueError, match=r"image id 10 is 40x31 in .*a\.png, but the annotation file says 40x30"):
+    with pytest.raises(ValueError, match=r"image id 10 is 40x31 in .*a\.png, but the annotation file says 40x30$"):
         CocoDetection(images, ann)[0]
+
+
+def test_several_missing_image_files_are_counted(tmp_path):
+    def edit(data):
+        data["images"] += [{"id": 11 + i, "file_name": f"gone{i}.jpg", "width": 40, "height": 30} for i in range(3)]
+    images, ann = _tiny_set(tmp_path, edit)
+    with pytest.raises(ValueError, match=r"ann\.json: image file of image id 11 not found: \S*gone0\.jpg \(2 more "
+                                         r"of its 4 images are missing too\)$"):
+        CocoDetection(images, ann)
+
+
+def _one_image_set(tmp_path: Path, name: str, width: int, height: int) -> tuple[Path, Path]:
+    data = {"images": [{"id": 5, "file_name": name, "width": width, "height": height}], "annotations": [],
+            "categories": [{"id": 1, "name": "thing"}]}
+    (tmp_path / "ann.json").write_text(json.dumps(data))
+    return tmp_path, tmp_path / "ann.json"
+
+
+def test_grayscale_palette_and_cmyk_files_load_as_three_channels(tmp_path):
+    from PIL import Image
+
+    gray = np.arange(23 * 37, dtype=np.uint8).reshape(23, 37)  # an odd size
+    cv2.imwrite(str(tmp_path / "gray.png"), gray)  # lossless: the values are known exactly
+    image, target = CocoDetection(*_one_image_set(tmp_path, "gray.png", 37, 23))[0]
+    assert image.shape == (3, 23, 37) and target["boxes"].shape == (0, 4)
+    expected = torch.from_numpy(gray).float() / 255
+    for c in range(3):
+        assert torch.equal(image[c], expected)
+
+    cv2.imwrite(str(tmp_path / "gray.jpg"), gray)  # a one-channel JPEG
+    with Image.open(tmp_path / "gray.jpg") as im:
+        assert im.mode == "L"
+    image, _ = CocoDetection(*_one_image_set(tmp_path, "gray.jpg", 37, 23))[0]
+    decoded = cv2.imread(str(tmp_path / "gray.jpg"), cv2.IMREAD_GRAYSCALE)  # OpenCV's decode as the oracle
+    assert image.shape == (3, 23, 37)
+    assert (image * 255 - torch.from_numpy(decoded).float()).abs().max() <= 1.0
+
+    Image.fromarray(gray).convert("P").save(tmp_path / "palette.png")
+    image, _ = CocoDetection(*_one_image_set(tmp_path, "palette.png", 37, 23))[0]
+    assert image.shape == (3, 23, 37)
+
+    cmyk = Image.new("CMYK", (37, 23), (0, 255, 255, 0))  # pure red in CMYK
+    cmyk.save(tmp_path / "cmyk.jpg", quality=100)
+    image, _ = CocoDetection(*_one_image_set(tmp_path, "cmyk.jpg", 37, 23))[0]
+    assert image.shape == (3, 23, 37)
+    assert image[0].mean() > 0.9 and image[1].mean() < 0.1 and image[2].mean() < 0.1
+
+
+def test_exif_orientation_is_not_applied(tmp_path):
+    """COCO's boxes are in the stored pixel order (pycocotools and torchvision read it without EXIF turns)."""
+    from PIL import Image
+
+    pixels = np.zeros((30, 40, 3), np.uint8)
+    pixels[:, :20] = 255  # left half white
+    exif = Image.Exif()
+    exif[0x0112] = 3  # "turn by 180 degrees to show"
+    Image.fromarray(pixels).save(tmp_path / "turned.jpg", exif=exif, quality=95)
+    image, _ = CocoDetection(*_one_image_set(tmp_path, "turned.jpg", 40, 30))[0]
+    assert image[:, :, :18].mean() > 0.95 and image[:, :, 22:].mean() < 0.05  # still white on the left
+
+    exif[0x0112] = 6  # a quarter turn: an annotation file made from the turned image has the other size
+    Image.fromarray(pixels).save(tmp_path / "quarter.jpg", exif=exif)
+    with pytest.raises(ValueError, match=r"image id 5 is 40x30 in .*quarter\.jpg, but the annotation file says "
+                                         r"30x40 \(its EXIF orientation 6 turns it;"):
+        CocoDetection(*_one_image_set(tmp_path, "quarter.jpg", 30, 40))[0]
+
+
+def test_a_truncated_jpeg_is_an_error_naming_the_file(tmp_path):
+    pixels = np.random.default_rng(0).integers(0, 256, (64, 80, 3), dtype=np.uint8)
+    cv2.imwrite(str(tmp_path / "cut.jpg"), pixels)
+    data = (tmp_path / "cut.jpg").read_bytes()
+    (tmp_path / "cut.jpg").write_bytes(data[: len(data) // 2])
+    assert cv2.imread(str(tmp_path / "cut.jpg")) is not None  # what went unnoticed: OpenCV fills the rest in grey
+    ds = CocoDetection(*_one_image_set(tmp_path, "cut.jpg", 80, 64))
+    with pytest.raises(ValueError) as error:
+        ds[0]
+    assert re.fullmatch(rf"{re.escape(str(tmp_path / 'ann.json'))}: the image file of image id 5 is damaged "
+                        rf"\(image file is truncated[^\n]*\): {re.escape(str(tmp_path / 'cut.jpg'))}", str(error.value))
+    with pytest.raises(ValueError, match="is damaged"):
+        CocoDetection(*_one_image_set(tmp_path, "cut.jpg", 80, 64), check_images=True)
+    assert ds.describe(5) == f"{tmp_path / 'ann.json'}: image id 5 ({tmp_path / 'cut.jpg'})"
 
 
 # ---------------------------------------------------------------- transforms
