@@ -1,74 +1,118 @@
-"""Evaluate a checkpoint with COCOeval: ``python tools/eval.py --config FILE --checkpoint FILE``.
+"""Evaluate a detector with COCOeval, under one pooling rule or all of them.
+
+A roikit run: ``python tools/eval.py --checkpoint runs/x/checkpoint.pth`` (the config saved in the checkpoint;
+--config FILE to use another). torchvision's detectors from a local weights file, without training:
+``python tools/eval.py --model torchvision:fasterrcnn_resnet50_fpn --weights FILE --annotations
+instances_val2017.json --images val2017 --pooler all``.
 
 --pooler evaluates the same weights with another pooling op: ``roi_pool:rounding=integer``,
-``roi_align:aligned=false,sampling_ratio=0`` (op, then the op's settings; ``output_size=`` and ``sampling_ratio=``
-set the pooler's). Settings given for the configured op are laid over its configured ones; another op starts from
-its own defaults. The pooler used is printed in full. Writes <name>_results.json (COCO results) and
-<name>_metrics.json beside the checkpoint (or in --output-dir).
+``roi_align:aligned=false,sampling_ratio=0`` (op, then the op's settings; ``sampling_ratio=`` sets the pooler's).
+Settings given for the model's own op are laid over its own; another op starts from its own defaults. ``--pooler
+all``: the model's own pooler and every rule of roikit.analysis.rules in one go, one table, a bar chart and a JSON.
+Writes <stem>_results.json (COCO results, the annotation file's category ids) and <stem>_metrics.json, stem
+``eval`` or ``eval_<pooler>`` (e.g. ``eval_roi_pool-rounding-integer``); --pooler all also eval_all_rules.json and
+eval_all_rules.png.
 """
 from __future__ import annotations
 
 import argparse
-import re
 import sys
 from pathlib import Path
 
-from roikit.data.build import build_datasets, make_eval_loader
-from roikit.engine.coco_eval import evaluate, format_metrics, format_per_class
-from roikit.engine.config import load_config, pooler_override
-from roikit.engine.inference import load_detector
-from roikit.io import atomic_save_json, file_in
-from roikit.io import output_dir as check_output_dir
-from roikit.utils.distributed import cleanup, init_distributed, is_main_process, log
+from roikit.utils.threads import add_threads_argument, torch_threads
+
+
+def _positive_int(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
+    return n
 
 
 def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--config", required=True, help="the YAML config the checkpoint was trained with")
-    parser.add_argument("--checkpoint", required=True, help="checkpoint.pth written by tools/train.py")
-    parser.add_argument("--pooler", default=None, help="evaluate with another pooler, e.g. roi_pool:rounding=integer")
-    parser.add_argument("--output-dir", default=None, help="where the results go (default: the checkpoint's folder)")
+    roikit = parser.add_argument_group("a roikit run")
+    roikit.add_argument("--checkpoint", default=None, help="checkpoint.pth written by tools/train.py")
+    roikit.add_argument("--config", default=None,
+                        help="a YAML config for the checkpoint (default: the config saved in the checkpoint)")
+    tv = parser.add_argument_group("a torchvision detector")
+    tv.add_argument("--model", default=None, metavar="torchvision:NAME",
+                    help="torchvision:fasterrcnn_resnet50_fpn, torchvision:fasterrcnn_resnet50_fpn_v2, "
+                         "torchvision:fasterrcnn_mobilenet_v3_large_fpn or torchvision:maskrcnn_resnet50_fpn "
+                         "(its box detector)")
+    tv.add_argument("--weights", default=None, help="the model's state_dict file (e.g. torchvision's "
+                                                    "fasterrcnn_resnet50_fpn_coco-258fb6c6.pth); nothing is downloaded")
+    parser.add_argument("--annotations", default=None,
+                        help="COCO instances JSON to evaluate on (default for a run: the config's data.val_*)")
+    parser.add_argument("--images", default=None, help="the folder of the annotation file's images")
+    parser.add_argument("--pooler", default=None, metavar="SPEC|all",
+                        help="evaluate with another pooler, e.g. roi_pool:rounding=integer; 'all': every rule")
+    parser.add_argument("--min-size", type=_positive_int, default=None, metavar="PX",
+                        help="resize images to this shorter side (torchvision's transform; default 800; "
+                             "smaller is faster on a CPU)")
+    parser.add_argument("--max-size", type=_positive_int, default=None, metavar="PX",
+                        help="and at most this longer side (default 1333)")
+    parser.add_argument("--max-images", type=_positive_int, default=None, metavar="N",
+                        help="evaluate on the first N images only (a quick run)")
+    parser.add_argument("--batch-size", type=_positive_int, default=None, metavar="N",
+                        help="images per batch (default: the config's data.eval_batch_size; 2 for torchvision)")
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default=None,
+                        help="default: the config's train.device for a run, auto (CUDA when there is a GPU) else")
+    parser.add_argument("--output-dir", default=None,
+                        help="where the results go (default: the checkpoint's folder; runs/torchvision_<NAME>)")
     parser.add_argument("--name", default=None, help="file name stem of the outputs (default: eval[_<pooler>])")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
-    parser.add_argument("opts", nargs="*", metavar="key.sub=value", help="config overrides")
+    add_threads_argument(parser)
+    parser.add_argument("opts", nargs="*", metavar="key.sub=value", help="config overrides (a roikit run)")
     return parser
 
 
 def main(args: argparse.Namespace) -> int:
-    try:
-        cfg = load_config(args.config, args.opts)
-        if args.pooler:
-            cfg = pooler_override(cfg, args.pooler)
-        checkpoint = Path(args.checkpoint)
-        if not checkpoint.is_file():
-            raise ValueError(f"checkpoint not found: {checkpoint}")
-        name = args.name or "eval" + (f"_{re.sub(r'[^A-Za-z0-9.=-]+', '_', args.pooler)}" if args.pooler else "")
-        output_dir = check_output_dir(args.output_dir, "--output-dir") if args.output_dir else checkpoint.parent
-        stem = file_in(output_dir, name, "--name")
-        results_file, metrics_file = (stem.with_name(f"{stem.name}_{kind}.json") for kind in ("results", "metrics"))
-        info = init_distributed(cfg["train"]["device"])
-        _, val_set = build_datasets(cfg, train=False)
-        if cfg["model"]["num_classes"] is None:
-            cfg["model"]["num_classes"] = val_set.num_classes
-        # the model config may differ from the checkpoint's in its pooler (--pooler): only the tensors must fit
-        model, cfg, iteration = load_detector(cfg, checkpoint, info.device, same_model_config=False)
-        log(f"evaluating {checkpoint} (iteration {iteration}) on {len(val_set)} images with "
-            f"{model.roi_heads.box_roi_pool}")
-        metrics = evaluate(model, make_eval_loader(val_set, cfg, info), val_set, info.device, results_file=results_file,
-                           amp=cfg["train"]["amp"], progress=not args.no_progress)
-        if is_main_process():
-            atomic_save_json(metrics_file, {"checkpoint": str(checkpoint), "iteration": iteration,
-                                            "pooler": cfg["model"]["pooler"],
-                                            **{k: v for k, v in metrics.items() if k != "summary"}})
-            log(metrics["summary"])
-            log(format_per_class(metrics))
-            log(format_metrics(metrics))
-            log(f"results: {results_file}")
-    except (ValueError, OSError) as e:  # OSError: a file that cannot be written (disk full, no permission)
-        print(f"eval.py: error: {e}", file=sys.stderr)
-        return 2
-    finally:
-        cleanup()
+    from roikit.engine.evaluation import evaluate_target, run_target, torchvision_target
+    from roikit.io import output_dir
+    from roikit.utils.distributed import cleanup
+
+    with torch_threads(args.threads):
+        try:
+            if (args.annotations is None) != (args.images is None):
+                raise ValueError("--annotations and --images go together (the file and the folder of its images)")
+            if args.model is not None:
+                given = [flag for flag, v in (("--checkpoint", args.checkpoint), ("--config", args.config),
+                                              ("key.sub=value overrides", args.opts)) if v]
+                if given:
+                    raise ValueError(f"--model (a torchvision detector) takes no {', '.join(given)}")
+                if args.weights is None:
+                    raise ValueError(f"--model {args.model} needs --weights FILE, the model's state_dict "
+                                     "(nothing is downloaded)")
+                if args.annotations is None:
+                    raise ValueError(f"--model {args.model} needs --annotations FILE and --images DIR")
+                target = torchvision_target(args.model, args.weights, args.annotations, args.images,
+                                            device=args.device or "auto", min_size=args.min_size,
+                                            max_size=args.max_size)
+            elif args.checkpoint is not None:
+                if args.weights is not None:
+                    raise ValueError("--weights goes with --model torchvision:NAME; a run's weights are --checkpoint")
+                if not Path(args.checkpoint).is_file():
+                    raise ValueError(f"checkpoint not found: {args.checkpoint}")
+                target = run_target(args.checkpoint, config=args.config, overrides=args.opts,
+                                    pooler=None if args.pooler == "all" else args.pooler,
+                                    annotations=args.annotations, images=args.images, device=args.device,
+                                    min_size=args.min_size, max_size=args.max_size)
+            else:
+                raise ValueError("give --checkpoint FILE (a roikit run) or --model torchvision:NAME --weights FILE")
+            folder = output_dir(args.output_dir or target.default_folder,
+                                "--output-dir" if args.output_dir else "the output folder")
+            evaluate_target(target, folder, pooler=args.pooler if args.model or args.pooler == "all" else None,
+                            name=args.name, max_images=args.max_images, batch_size=args.batch_size,
+                            progress=not args.no_progress)
+        except (ValueError, OSError) as e:  # OSError: a file that cannot be written (disk full, no permission)
+            print(f"eval.py: error: {e}", file=sys.stderr)
+            return 2
+        finally:
+            cleanup()
     return 0
 
 

@@ -11,6 +11,7 @@ float in [0, 1]).
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from pathlib import Path
 
 import cv2
@@ -20,14 +21,25 @@ from torchvision.models.detection.generalized_rcnn import GeneralizedRCNN
 
 from ..data.shapes import SHAPE_CLASSES
 from ..modeling import build_detector
-from .checkpoint import load_checkpoint, read_checkpoint
+from .checkpoint import check_state_dict, load_checkpoint, read_checkpoint
 from .config import apply_overrides
+from .trainer import CONFIG_NAME
 
-__all__ = ["load_detector", "class_names_of", "to_tensor", "detect"]
+__all__ = ["checkpoint_config", "load_detector", "class_names_of", "to_tensor", "detect"]
+
+
+def checkpoint_config(checkpoint: str | Path, overrides: Iterable[str] = ()) -> dict:
+    """The config a checkpoint was trained with (as :func:`~roikit.engine.checkpoint.read_checkpoint` gives it,
+    over today's defaults), with ``key.sub=value`` overrides; ValueError when the checkpoint has none."""
+    cfg = read_checkpoint(checkpoint).get("config")
+    if cfg is None:
+        raise ValueError(f"checkpoint {checkpoint} holds no config: give the run's config file (--config)")
+    return apply_overrides(cfg, overrides)
 
 
 def load_detector(cfg: dict, checkpoint: str | Path, device: torch.device | str = "cpu", *,
-                  same_model_config: bool = True) -> tuple[GeneralizedRCNN, dict, int]:
+                  same_model_config: bool = True,
+                  config_file: str | Path | None = None) -> tuple[GeneralizedRCNN, dict, int]:
     """The detector ``cfg`` describes with the weights of ``checkpoint``: (model in eval mode on ``device``, the
     config with ``model.num_classes`` filled in, the iteration the checkpoint was saved at).
 
@@ -35,14 +47,26 @@ def load_detector(cfg: dict, checkpoint: str | Path, device: torch.device | str 
     ``same_model_config`` the checkpoint's model config must be the one of ``cfg``; without it (the same weights
     with another pooler, as ``tools/eval.py --pooler``) only its tensors must fit the model. ValueError for a
     checkpoint that is missing, unreadable, spoilt or made for another model, and for a config no model can be
-    built from.
+    built from; ``config_file`` (the file ``cfg`` came from) is named in the error when the checkpoint does not fit
+    its model, with the run's own ``config.yaml`` beside the checkpoint.
     """
-    if cfg["model"]["num_classes"] is None:  # from the checkpoint's config (load_checkpoint reads it again)
-        n = (read_checkpoint(checkpoint).get("config") or {}).get("model", {}).get("num_classes")
+    saved = read_checkpoint(checkpoint)
+    if cfg["model"]["num_classes"] is None:  # from the checkpoint's config
+        n = (saved.get("config") or {}).get("model", {}).get("num_classes")
         if not isinstance(n, int):
             raise ValueError(f"checkpoint {checkpoint} has no config; set model.num_classes=N")
         cfg = apply_overrides(cfg, [f"model.num_classes={n}"])
     model = build_detector(cfg)
+    try:
+        check_state_dict(model, saved["model"], f"checkpoint {checkpoint}")
+    except ValueError as e:
+        if config_file is None:
+            raise
+        run_config = Path(checkpoint).parent / CONFIG_NAME
+        hint = (f"the run's own config is {run_config}" if run_config.is_file() else
+                "leave out the config to use the one saved in the checkpoint")
+        raise ValueError(f"{e} (the config is {config_file}; {hint})") from None
+    del saved
     iteration = load_checkpoint(checkpoint, model=model, cfg=cfg if same_model_config else None)
     return model.to(device).eval(), cfg, iteration
 

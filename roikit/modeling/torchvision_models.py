@@ -20,7 +20,8 @@ import torch
 from torchvision.models import detection
 from torchvision.models.detection.generalized_rcnn import GeneralizedRCNN
 
-__all__ = ["TORCHVISION_MODELS", "COCO_CATEGORY_NAMES", "parse_model_name", "load_torchvision_detector"]
+__all__ = ["TORCHVISION_MODELS", "COCO_CATEGORY_NAMES", "parse_model_name", "load_torchvision_detector",
+           "label_to_category_id"]
 
 # name -> (builder, state-dict key prefixes that are not loaded)
 TORCHVISION_MODELS = {
@@ -87,9 +88,53 @@ def load_torchvision_detector(name: str, weights: str | Path, device: torch.devi
         raise ValueError(f"weights file {weights} is not a {name} state_dict ({len(missing)} keys missing, "
                          f"{len(unexpected)} unexpected; {which}): is it another architecture?")
     model.load_state_dict(state)
+    _pool_only_given_maps(model)
     names = COCO_CATEGORY_NAMES if num_classes == len(COCO_CATEGORY_NAMES) else tuple(
         f"class {i}" for i in range(num_classes))
     return model.to(device).eval(), names
+
+
+def _pool_only_given_maps(model: GeneralizedRCNN) -> None:
+    """Make the box pooler name only the feature maps the backbone gives.
+
+    ``fasterrcnn_mobilenet_v3_large_fpn``'s ``MultiScaleRoIAlign`` names maps "0" to "3" while its backbone gives
+    "0", "1" and "pool"; torchvision's pooler skips the missing names silently, roikit's ``RoIPooler`` (what
+    ``swap_roi_pooler`` puts in) refuses them. The unswapped model computes the same either way: its pooler sees
+    the same maps, and finds the same levels from their sizes.
+    """
+    pooler = model.roi_heads.box_roi_pool
+    with torch.no_grad():
+        given = model.backbone(torch.zeros(1, 3, 64, 64)).keys()  # the names do not depend on the image size
+    used = [name for name in pooler.featmap_names if name in given]
+    if used != list(pooler.featmap_names):
+        pooler.featmap_names = used
+
+
+def label_to_category_id(class_names: tuple[str, ...], categories: list[dict], where: str) -> dict[int, int]:
+    """The category id of each label of a torchvision detector, for the categories of an annotation file:
+    ``{label: category id}`` for the labels that are category ids of the file (torchvision's labels ARE the
+    category ids, so the map is the identity; detections of other labels, e.g. COCO's "N/A" ids, have no category
+    in the file).
+
+    Args:
+        class_names: the names of the model's labels 0..num_classes-1 (:func:`load_torchvision_detector`'s).
+        categories: the file's ``categories`` (``id`` and ``name``).
+        where: the file, named in errors.
+
+    ValueError when no category id of the file is a label of the model, or, for torchvision's COCO weights, when
+    a category of the file has another name than the model's label of that id (the file does not use COCO's ids).
+    """
+    labels = {c["id"]: c["id"] for c in categories if 1 <= c["id"] < len(class_names)}
+    if not labels:
+        ids = sorted(c["id"] for c in categories)
+        raise ValueError(f"{where}: none of its category ids ({ids[:5]}{'...' if len(ids) > 5 else ''}) is a label "
+                         f"of the model (1..{len(class_names) - 1})")
+    if class_names == COCO_CATEGORY_NAMES:
+        for c in categories:
+            if c["id"] in labels and c["name"].strip().lower() != class_names[c["id"]].lower():
+                raise ValueError(f"{where}: category id {c['id']} is {c['name']!r}, but COCO's (the model's) id "
+                                 f"{c['id']} is {class_names[c['id']]!r}: the file does not use COCO's category ids")
+    return labels
 
 
 def _key_mismatch(expected: dict[str, torch.Tensor], state: dict[str, torch.Tensor]) -> tuple[list[str], list[str]]:
