@@ -173,17 +173,41 @@ def test_ensure_generates_only_when_needed(tmp_path, monkeypatch):
 
 def test_cli(tmp_path, capsys):
     args = make_shapes.get_args_parser().parse_args(
-        ["--root", str(tmp_path / "cli"), "--num-train", "2", "--num-val", "1", "--image-size", "96", "--no-progress"]
+        ["--data-root", str(tmp_path / "cli"), "--num-train-images", "2", "--num-val-images", "1", "--image-size",
+         "96", "--no-progress", "--threads", "1"]
     )
+    before = torch.get_num_threads()
     assert make_shapes.main(args) == 0
+    assert torch.get_num_threads() == before  # restored after
     assert len(list((tmp_path / "cli" / "train" / "images").iterdir())) == 2
+    assert len(list((tmp_path / "cli" / "val" / "images").iterdir())) == 1
     args.image_size = 16
     assert make_shapes.main(args) == 2
     err = capsys.readouterr().err
-    assert err.startswith("make_shapes: error: image_size must be between") and err.count("\n") == 1
-    args.image_size, args.root = 96, str(tmp_path / "cli" / "DONE")  # a file
+    assert err.startswith("make_shapes.py: error: image_size must be between") and err.count("\n") == 1
+    args.image_size, args.data_root = 96, str(tmp_path / "cli" / "DONE")  # a file
     assert make_shapes.main(args) == 2
-    assert capsys.readouterr().err == f"make_shapes: error: --root {args.root} is a file, not a folder\n"
+    assert capsys.readouterr().err == f"make_shapes.py: error: --data-root {args.data_root} is a file, not a folder\n"
+
+
+@pytest.mark.parametrize("old", ["--root", "--num-train", "--num-val"])
+def test_cli_takes_one_name_per_setting(old, capsys):
+    """The names the other tools use (--data-root, --num-train-images), and no second spelling (the old names, two
+    of them prefixes of the new ones, are refused)."""
+    with pytest.raises(SystemExit) as exit_info:
+        make_shapes.get_args_parser().parse_args([old, "1"])
+    assert exit_info.value.code == 2
+    assert f"unrecognized arguments: {old} 1" in capsys.readouterr().err
+
+
+def test_every_option_of_the_tools_is_described():
+    train = importlib.util.spec_from_file_location("train_tool", _TOOL.with_name("train.py"))
+    train_tool = importlib.util.module_from_spec(train)
+    train.loader.exec_module(train_tool)
+    for tool in (make_shapes, train_tool):
+        for action in tool.get_args_parser()._actions:
+            assert action.help and action.help.strip(), (tool.__name__, action.dest)
+        assert any(a.dest == "threads" for a in tool.get_args_parser()._actions)
 
 
 # ---------------------------------------------------------------- CocoDetection

@@ -14,6 +14,7 @@ import pytest
 import torch
 import yaml
 
+from roikit.analysis.runs import load_run
 from roikit.data import build_datasets, make_shapes_dataset
 from roikit.engine import coco_evaluate, load_config, save_checkpoint
 from roikit.engine import trainer as trainer_module
@@ -312,7 +313,12 @@ def test_train_then_eval_end_to_end(tiny_config, tmp_path, capsys):
     assert all(r["loss"] > 0 for r in records if r["type"] == "train")
     final = [r for r in records if r["type"] == "eval"]
     assert len(final) == 1 and final[0]["iter"] == 4 and 0.0 <= final[0]["AP"] <= 1.0
-    assert json.loads((run / "eval_final.json").read_text())["AP"] == final[0]["AP"]
+    saved = json.loads((run / "eval_final_metrics.json").read_text())
+    assert saved["AP"] == final[0]["AP"] and saved["iteration"] == 4 and saved["images"] == 4
+    assert load_run(run)["AP"] == final[0]["AP"]  # tools/compare_runs.py reads it
+    results = json.loads((run / "eval_final_results.json").read_text())
+    assert isinstance(results, list) and len(results) == saved["num_detections"]
+    assert f"iter 2: saved checkpoint {run / CHECKPOINT_NAME}\n" in capsys.readouterr().out
     assert torch.load(run / CHECKPOINT_NAME, weights_only=True)["iteration"] == 4
     assert yaml.safe_load((run / "config.yaml").read_text())["model"]["num_classes"] == 6
 
@@ -430,7 +436,7 @@ def test_non_finite_weights_stop_training_and_keep_the_last_good_checkpoint(tiny
     ckpt = torch.load(run / CHECKPOINT_NAME, weights_only=True)
     assert ckpt["iteration"] == 4 and first_non_finite(ckpt["model"]) is None
     assert first_non_finite(ckpt["optimizer"]) is None
-    assert not (run / "eval_final.json").exists()  # the spoilt model is not evaluated
+    assert not list(run.glob("eval_final*"))  # the spoilt model is not evaluated
 
 
 def test_checkpoints_with_non_finite_values_are_neither_written_nor_loaded(tmp_path):

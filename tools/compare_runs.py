@@ -1,9 +1,12 @@
-"""Compare training runs: COCO scores and training time per run, as a markdown table and a bar chart.
+"""Compare training runs: scores, training time, loss and AP curves, as a markdown table and a chart.
+
+The chart has the COCO scores and training times as bars, the training loss and AP over the iterations as curves.
 
     python tools/compare_runs.py runs/default_s16 runs/shapes_head_global_avg --labels flatten global_avg \
         --plot docs/img/head_pools.png
 
-Each argument is a folder written by tools/train.py (metrics.jsonl and eval_final.json).
+Each argument is a folder written by tools/train.py (metrics.jsonl and eval_final_metrics.json; older runs'
+eval_final.json is read too).
 """
 from __future__ import annotations
 
@@ -15,7 +18,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("runs", nargs="+", help="run folders written by tools/train.py")
     parser.add_argument("--labels", nargs="+", default=None, help="a name per run (default: the folder names)")
-    parser.add_argument("--plot", default=None, help="write a bar chart to this PNG file")
+    parser.add_argument("--plot", default=None,
+                        help="write a chart to this PNG file: the scores and training times as bars, the training "
+                             "loss and AP over the iterations as curves")
     parser.add_argument("--title", default="", help="the chart's title")
     return parser
 

@@ -20,7 +20,7 @@ from ..io import atomic_save_json
 from ..utils.distributed import all_gather_object, is_main_process
 
 __all__ = ["METRICS", "evaluation_files", "detections_to_coco", "coco_evaluate", "evaluate", "format_metrics",
-           "format_per_class"]
+           "format_per_class", "name_refused_image"]
 
 METRICS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
 
@@ -30,6 +30,24 @@ def evaluation_files(folder: str | Path, stem: str) -> tuple[Path, Path]:
     results format, with the annotation file's own category ids) and ``<stem>_metrics.json`` (the scores)."""
     folder = Path(folder)
     return folder / f"{stem}_results.json", folder / f"{stem}_metrics.json"
+
+
+def name_refused_image(error: ValueError, model: torch.nn.Module, images: list[Tensor], image_ids: list[int],
+                       dataset: Any) -> ValueError:
+    """``error``, which ``model`` raised for a batch (e.g. an image too thin for its transform to resize), with the
+    record of the first image its ``transform`` refuses alone in front (``dataset.describe(image_id)``: the
+    annotation file, image id and image file); ``error`` itself when no single image is refused or the model or
+    data set cannot tell. Only on the error path: it runs the transform once per image of the batch."""
+    transform, describe = getattr(model, "transform", None), getattr(dataset, "describe", None)
+    if transform is None or describe is None:
+        return error
+    for image, image_id in zip(images, image_ids):
+        try:
+            with torch.no_grad():
+                transform([image])
+        except ValueError as e:
+            return ValueError(f"{describe(image_id)}: {e}")
+    return error
 
 
 def detections_to_coco(output: Mapping[str, Tensor], image_id: int, label_to_cat_id: Mapping[int, int]) -> list[dict]:
@@ -107,8 +125,11 @@ def evaluate(model: torch.nn.Module, loader, dataset, device: torch.device, *, r
     image_ids: list[int] = []
     for images, targets in tqdm(loader, desc="eval", disable=not (progress and is_main_process()), leave=False):
         images = [image.to(device, non_blocking=True) for image in images]
-        with torch.autocast(device.type, enabled=amp and device.type == "cuda"):
-            outputs = model(images)
+        try:
+            with torch.autocast(device.type, enabled=amp and device.type == "cuda"):
+                outputs = model(images)
+        except ValueError as e:  # name the image a model refuses
+            raise name_refused_image(e, model, images, [int(t["image_id"]) for t in targets], dataset) from None
         for target, output in zip(targets, outputs):
             image_ids.append(int(target["image_id"]))
             results.extend(detections_to_coco(output, target["image_id"], dataset.label_to_cat_id))

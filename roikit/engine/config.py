@@ -24,7 +24,7 @@ from typing import Any
 import yaml
 
 __all__ = ["DEFAULTS", "FREEFORM", "RANGES", "Range", "load_config", "merge_config", "check_config", "apply_overrides",
-           "parse_override", "parse_value", "pooler_override", "config_difference"]
+           "parse_override", "parse_value", "pooler_override", "config_difference", "config_differences"]
 
 DEFAULTS: dict[str, Any] = {
     "model": {
@@ -219,7 +219,8 @@ def _check_type(value: Any, default: Any, path: tuple[str, ...], where: str) -> 
     else:
         expected = (type(default),)
     if not isinstance(value, expected) or (isinstance(value, bool) and not isinstance(default, bool)):
-        raise ValueError(f"{where}: {_dotted(path)} must be a {expected[-1].__name__} "
+        name = expected[-1].__name__
+        raise ValueError(f"{where}: {_dotted(path)} must be {'an' if name[0] in 'aeiou' else 'a'} {name} "
                          f"(like the default {default!r}), got {value!r}")
 
 
@@ -280,15 +281,22 @@ def check_config(cfg: dict, where: str = "the config") -> dict:
     return merge_config(DEFAULTS, cfg, where)
 
 
+def config_differences(a: Any, b: Any, path: str = "") -> list[tuple[str, Any, Any]]:
+    """Every key where two configs differ, in sorted key order: ``[("solver.lr", 0.01, 0.02), ...]`` (a key one of
+    them lacks reads as None there)."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        return [d for key in sorted(set(a) | set(b), key=str)
+                for d in config_differences(a.get(key), b.get(key), f"{path}.{key}" if path else str(key))]
+    return [] if a == b else [(path, a, b)]
+
+
 def config_difference(a: Any, b: Any, path: str = "", names: tuple[str, str] = ("was", "now")) -> str | None:
     """The first key where two configs differ, as ``"path: was 1, now 2"``; None when they are equal."""
-    if isinstance(a, dict) and isinstance(b, dict):
-        for key in sorted(set(a) | set(b), key=str):
-            diff = config_difference(a.get(key), b.get(key), f"{path}.{key}" if path else str(key), names)
-            if diff:
-                return diff
+    diffs = config_differences(a, b, path)
+    if not diffs:
         return None
-    return None if a == b else f"{path}: {names[0]} {a!r}, {names[1]} {b!r}"
+    key, x, y = diffs[0]
+    return f"{key}: {names[0]} {x!r}, {names[1]} {y!r}"
 
 
 def _read_yaml(path: Path, where: str) -> dict:

@@ -6,7 +6,15 @@ checkpoint sees the very batches the uninterrupted run would have seen, whatever
 the optimizer, schedule, gradient scaler and every rank's random state restored
 (:func:`roikit.engine.checkpoint.load_checkpoint`), it continues with identical state. A run resumes with its own
 config, the one saved in its checkpoint; settings changed on resume are applied on top, printed, and recorded in
-``config_resume_<iteration>.yaml`` beside the original ``config.yaml``, which stays as it was.
+``config_resume_<iteration>.yaml`` beside the original ``config.yaml``, which stays as it was; a config file named
+on resume is only compared with the saved config, and each key where they differ is printed.
+
+Files of a run (in its output folder): ``checkpoint.pth`` (each save is printed), ``config.yaml``,
+``metrics.jsonl`` (training windows and evaluations), and each evaluation's two files named by
+:func:`roikit.engine.coco_eval.evaluation_files`: ``eval_final_results.json`` (the detections in COCO's results
+format, with the annotation file's own category ids) and ``eval_final_metrics.json`` at the end,
+``eval_iter<N>_results.json`` and ``eval_iter<N>_metrics.json`` for a periodic one (``train.eval_period``; each is
+kept).
 
 On faults: every parameter and buffer is checked after each optimizer step, and a checkpoint is never written with
 a non-finite value, so the last one written stays good; training stops with ``FloatingPointError`` naming the first
@@ -41,17 +49,25 @@ from ..utils.distributed import (
     wrap_ddp,
 )
 from .checkpoint import CHECKPOINT_NAME, first_non_finite, load_checkpoint, read_checkpoint, save_checkpoint
-from .coco_eval import evaluate, format_metrics, format_per_class
-from .config import apply_overrides, check_config, parse_override
+from .coco_eval import evaluate, evaluation_files, format_metrics, format_per_class, name_refused_image
+from .config import apply_overrides, check_config, config_differences, load_config, parse_override
 
-__all__ = ["build_optimizer", "build_lr_scheduler", "train", "resume", "METRICS_NAME", "CONFIG_NAME"]
+__all__ = ["build_optimizer", "build_lr_scheduler", "train", "resume", "METRICS_NAME", "CONFIG_NAME", "FINAL_EVAL",
+           "periodic_eval_stem"]
 
 METRICS_NAME = "metrics.jsonl"
 CONFIG_NAME = "config.yaml"
 RESUME_CONFIG_NAME = "config_resume_{iteration}.yaml"
+FINAL_EVAL = "eval_final"  # the stem of the last evaluation's files (roikit.engine.coco_eval.evaluation_files)
 # every file a run writes atomically (glob patterns), whose temporaries a killed run may have left
-RUN_FILES = (CHECKPOINT_NAME, CONFIG_NAME, RESUME_CONFIG_NAME.format(iteration="*"), "eval_final.json",
-             "results_val.json")
+RUN_FILES = (CHECKPOINT_NAME, CONFIG_NAME, RESUME_CONFIG_NAME.format(iteration="*"), f"{FINAL_EVAL}_*.json",
+             "eval_iter*_*.json")
+MAX_LISTED = 8  # config differences printed on resume, then "and N more"
+
+
+def periodic_eval_stem(iteration: int) -> str:
+    """The stem of a periodic evaluation's files: ``eval_iter<iteration>``."""
+    return f"eval_iter{iteration}"
 
 
 # ---------------------------------------------------------------------------------------------- optimizer, schedule
@@ -117,12 +133,15 @@ def train(cfg: dict, output_dir: str | Path, *, progress: bool = True) -> dict |
         cleanup()
 
 
-def resume(output_dir: str | Path, overrides: Iterable[str] = (), *, progress: bool = True) -> dict | None:
+def resume(output_dir: str | Path, overrides: Iterable[str] = (), *, progress: bool = True,
+           config_file: str | Path | None = None) -> dict | None:
     """Continue the run in ``output_dir`` from its checkpoint, with the config saved in that checkpoint.
 
     ``overrides`` (``key.sub=value``, e.g. ``solver.max_iter=3000``) change that config; each change is printed and
     the config resumed with is written to ``config_resume_<iteration>.yaml``; ``config.yaml`` stays the run's
-    original. Returns and raises as :func:`train`.
+    original. ``config_file`` (the ``--config`` given with ``--resume``), with the same overrides, is compared with
+    the config resumed with: the keys where they differ are printed, the saved config is used. Returns and raises
+    as :func:`train`.
     """
     ckpt_path = Path(output_dir) / CHECKPOINT_NAME
     if not ckpt_path.is_file():
@@ -138,11 +157,30 @@ def resume(output_dir: str | Path, overrides: Iterable[str] = (), *, progress: b
         old, new = _lookup(saved, path), _lookup(cfg, path)
         if old != new:
             changes.append(f"{'.'.join(path)} {old!r} -> {new!r}")
+    ignored = _ignored_config_keys(cfg, config_file, overrides) if config_file is not None else None
     info = init_distributed(cfg["train"]["device"])
     try:
+        if ignored:
+            log(ignored)
         return _train(cfg, Path(output_dir), info, progress, resumed_with=changes)
     finally:
         cleanup()
+
+
+def _ignored_config_keys(cfg: dict, config_file: str | Path, overrides: list[str]) -> str | None:
+    """One line naming the keys where ``config_file`` (with ``overrides``) differs from the config resumed with
+    ``cfg``; None when it does not. ``model.num_classes`` left null in the file (taken from the data) is no
+    difference."""
+    file_cfg = load_config(config_file, overrides)
+    diffs = [(key, saved, given) for key, saved, given in config_differences(cfg, file_cfg)
+             if not (key == "model.num_classes" and given is None)]
+    if not diffs:
+        return None
+    name = Path(config_file).name
+    listed = "; ".join(f"{key}: saved {saved!r}, {name} {given!r}" for key, saved, given in diffs[:MAX_LISTED])
+    more = f"; and {len(diffs) - MAX_LISTED} more" if len(diffs) > MAX_LISTED else ""
+    return (f"--resume: the run's saved config is used; --config {config_file} differs from it in {len(diffs)} "
+            f"key(s) (give key=value to change one): {listed}{more}")
 
 
 def _lookup(cfg: dict, path: tuple[str, ...]) -> Any:
@@ -203,13 +241,17 @@ def _train(cfg, output_dir: Path, info: DistInfo, progress: bool, resumed_with: 
         return FloatingPointError(f"{what} at iteration {iteration}: training stopped, {last_good}; lower solver.lr, "
                                   f"raise solver.warmup_iters or set solver.clip_grad_norm")
 
-    def run_eval(iteration: int) -> dict | None:
+    def run_eval(iteration: int, stem: str) -> dict | None:
+        results_file, metrics_file = evaluation_files(output_dir, stem)
         metrics = evaluate(model, make_eval_loader(val_set, cfg, info), val_set, info.device, amp=amp,
-                           results_file=output_dir / "results_val.json", progress=progress)
+                           results_file=results_file, progress=progress)
         if metrics is not None:
-            append_jsonl(metrics_path, {"type": "eval", "iter": iteration,
-                                        **{k: v for k, v in metrics.items() if k != "summary"}})
-            log(f"iter {iteration}: {format_metrics(metrics)}")
+            scores = {k: v for k, v in metrics.items() if k != "summary"}
+            append_jsonl(metrics_path, {"type": "eval", "iter": iteration, **scores})
+            atomic_save_json(metrics_file, {"iteration": iteration, "annotations": str(val_set.ann_file),
+                                            "images": len(val_set), "pooler": cfg["model"]["pooler"], **scores})
+            log(f"iter {iteration}: {format_metrics(metrics)} (in {metrics_file.name}, detections in "
+                f"{results_file.name})")
         return metrics
 
     batches = make_train_loader(train_set, cfg, info, start_iter)
@@ -218,8 +260,11 @@ def _train(cfg, output_dir: Path, info: DistInfo, progress: bool, resumed_with: 
     window_start, window_iters = time.perf_counter(), 0
     for it in range(start_iter, max_iter):
         images, targets = _to_device(*next(batches), info.device)
-        with torch.autocast(info.device.type, enabled=amp):
-            loss_dict = ddp_model(images, targets)
+        try:
+            with torch.autocast(info.device.type, enabled=amp):
+                loss_dict = ddp_model(images, targets)
+        except ValueError as e:  # an image the model refuses (too thin to resize): name its file
+            raise name_refused_image(e, model, images, [t["image_id"] for t in targets], train_set) from None
         loss = sum(loss_dict.values())
         reduced = {k: v.item() for k, v in all_reduce_mean(loss_dict).items()}
         total = sum(reduced.values())
@@ -253,14 +298,14 @@ def _train(cfg, output_dir: Path, info: DistInfo, progress: bool, resumed_with: 
             save_checkpoint(ckpt_path, model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler,
                             iteration=done, cfg=cfg)
             last_good = f"the last good checkpoint is {ckpt_path} (iteration {done})"
+            log(f"iter {done}: saved checkpoint {ckpt_path}")
         if t["eval_period"] and done % t["eval_period"] == 0 and done != max_iter:
-            run_eval(done)
+            run_eval(done, periodic_eval_stem(done))
             window_start = time.perf_counter()
     bar.close()
 
-    metrics = run_eval(max_iter)
+    metrics = run_eval(max_iter, FINAL_EVAL)
     if metrics is not None:
         log(metrics["summary"])
         log(format_per_class(metrics))
-        atomic_save_json(output_dir / "eval_final.json", {k: v for k, v in metrics.items() if k != "summary"})
     return metrics
