@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from roikit.analysis.runs import format_runs, load_run
+from roikit.analysis.runs import figure_runs, format_runs, load_run
 from roikit.engine.coco_eval import METRICS
 
 REPO = Path(__file__).resolve().parents[1]
@@ -111,3 +111,33 @@ def test_tool_prints_the_table_and_writes_the_chart(tmp_path, capsys):
     assert tool.main(argparse.Namespace(runs=runs, labels=None, plot=str(chart.parent), title="")) == 2
     err = capsys.readouterr().err.strip()  # the chart's path is a folder: one line, no traceback
     assert len(err.splitlines()) == 1 and err.startswith("compare_runs: error: ") and str(chart.parent) in err
+
+
+def test_curves_come_from_the_metrics_lines(tmp_path):
+    run = _write_run(tmp_path / "e", [
+        {"type": "train", "iter": 10, "sec_per_iter": 1.0, "loss": 2.5},
+        {"type": "train", "iter": 20, "sec_per_iter": 1.0, "loss": 1.5},
+        {"type": "eval", "iter": 20, **_scores(0.1)},
+        {"type": "train", "iter": 20, "sec_per_iter": 1.0, "loss": 1.25},  # logged again after a resume: it wins
+        {"type": "train", "iter": 30, "sec_per_iter": 1.0, "loss": 0.75},
+        {"type": "eval", "iter": 30, **_scores(0.2)},
+    ], final=_scores(0.2))
+    r = load_run(run)
+    assert r["loss_curve"] == [(10, 2.5), (20, 1.25), (30, 0.75)]
+    assert r["ap_curve"] == [(20, 0.1), (30, 0.2)]
+
+
+def test_the_chart_labels_bars_to_one_decimal_and_draws_the_curves(tmp_path):
+    runs = [load_run(_write_run(tmp_path / name, [
+        {"type": "train", "iter": 10, "sec_per_iter": 1.0, "loss": 3.0 * k},
+        {"type": "train", "iter": 20, "sec_per_iter": 1.0, "loss": 2.0 * k},
+        {"type": "eval", "iter": 20, **_scores(0.3)},
+    ], final={**_scores(0.745), "AP": ap}), name) for name, ap, k in (("p", 0.745, 1.0), ("q", 0.1234, 2.0))]
+    fig = figure_runs(runs)
+    bars, _, loss, ap = fig.axes
+    texts = [t.get_text() for t in bars.texts]
+    assert "74.5" in texts and "74" not in texts and "12.3" in texts  # AP 0.745 is 74.5, not "74"
+    assert [list(line.get_xdata()) for line in loss.lines] == [[10, 20], [10, 20]]
+    assert [list(line.get_ydata()) for line in loss.lines] == [[3.0, 2.0], [6.0, 4.0]]
+    assert [list(line.get_ydata()) for line in ap.lines] == [[pytest.approx(30.0)], [pytest.approx(30.0)]]
+    assert [line.get_label() for line in ap.lines] == ["p", "q"]
