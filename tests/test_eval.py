@@ -109,7 +109,17 @@ def test_pooler_all_on_a_torchvision_model(mobilenet_weights, tmp_path, capsys):
         assert metrics_file["images"] == 3 and metrics_file["weights"] == str(mobilenet_weights)
         if rule is not None:
             assert metrics_file["pooler"]["op"] == rule.op
-    assert (out / "eval_roi_pool-rounding-integer_metrics.json").is_file()
+
+    # the sweep runs the backbone and RPN once for all rules: a rule's detections are those of its own evaluation
+    assert run_eval(["--model", "torchvision:fasterrcnn_mobilenet_v3_large_fpn", "--weights", str(mobilenet_weights),
+                     "--annotations", str(VAL_JSON), "--images", str(VAL_IMAGES), "--pooler", "roi_pool:rounding=integer",
+                     "--max-images", "3", "--min-size", "160", "--output-dir", str(out), "--name", "alone"]) == 0
+    alone = json.loads((out / "alone_results.json").read_text())
+    assert alone and alone == json.loads((out / "eval_roi_pool-rounding-integer_results.json").read_text())
+    saved = json.loads((out / "alone_metrics.json").read_text())
+    assert saved["pooler"] == {"op": "roi_pool", "output_size": 7, "sampling_ratio": 2,
+                               "options": {"rounding": "integer"}}
+    assert saved["AP"] == rows["roi_pool_integer"]["AP"]
 
 
 def test_the_baseline_pools_as_roi_align_unaligned(mobilenet_weights, val_set):

@@ -11,6 +11,7 @@ themselves (:func:`~roikit.modeling.torchvision_models.label_to_category_id`).
 """
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,7 +23,7 @@ from ..data.build import build_datasets
 from ..data.coco import CocoDetection
 from ..io import atomic_save_json, file_in
 from ..modeling.torchvision_models import label_to_category_id, load_torchvision_detector, parse_model_name
-from ..utils.distributed import DistInfo, init_distributed, is_main_process, log
+from ..utils.distributed import DistInfo, init_distributed, log
 from .coco_eval import evaluation_files, format_metrics, format_per_class
 from .config import apply_overrides, load_config, pooler_override
 from .inference import checkpoint_config, load_detector
@@ -134,38 +135,37 @@ def evaluate_target(target: EvalTarget, folder: str | Path, *, pooler: str | Non
     stem = prefix if sweep or name else "eval" + (f"_{pooler_slug(spec)}" if spec else "")
     file_in(folder, stem, "--name")
 
-    def run_eval(stem: str, box_pooler: nn.Module) -> dict[str, Any] | None:
-        if sweep and prefix != "eval":
-            stem = prefix + stem[len("eval"):]
-        results_file, metrics_file = evaluation_files(folder, stem)
-        log(f"evaluating {target.description} on {n} images with {' '.join(repr(box_pooler).split())}")
-        metrics = evaluate_detections(target.model, target.dataset, target.label_to_cat_id, target.info,
-                                      max_images=max_images, batch_size=batch_size or target.batch_size,
-                                      num_workers=target.num_workers, results_file=results_file, amp=target.amp,
-                                      progress=progress)
-        if metrics is not None:
-            atomic_save_json(metrics_file, {**target.about, "pooler": pooler_record(box_pooler), "images": n,
-                                            **{k: v for k, v in metrics.items() if k != "summary"}})
-        return metrics
-
     if sweep:
-        rows = evaluate_rules(target.model, run_eval, progress=progress)
-        if rows is not None and is_main_process():
+        log(f"evaluating {target.description} on {n} images with its own pooler and every rule "
+            f"(one pass: the box head once per rule)")
+        rows = evaluate_rules(target.model, target.dataset, target.label_to_cat_id, target.info, folder,
+                              prefix=prefix, max_images=max_images, batch_size=batch_size or target.batch_size,
+                              num_workers=target.num_workers, amp=target.amp, progress=progress, about=target.about)
+        if rows is not None:
             summary, chart = (Path(folder) / f"{prefix}_all_rules.{ext}" for ext in ("json", "png"))
             print(format_rule_table(rows), end="")
             save_rule_scores(summary, rows, **target.about, annotations=str(target.dataset.ann_file), images=n)
             plot_rule_scores(rows, chart, f"{target.description}: {n} images of {target.dataset.ann_file.name}")
             log(f"scores: {summary}\nchart: {chart}")
         return rows
-    if swap:
-        settings = parse_pooler_spec(swap, target.model)
-        with swapped_pooler(target.model, settings["op"], settings["sampling_ratio"], **settings["options"]) as p:
-            metrics = run_eval(stem, p)
-    else:
-        metrics = run_eval(stem, target.model.roi_heads.box_roi_pool)
-    if metrics is not None and is_main_process():
+
+    with contextlib.ExitStack() as stack:
+        if swap:
+            settings = parse_pooler_spec(swap, target.model)
+            stack.enter_context(swapped_pooler(target.model, settings["op"], settings["sampling_ratio"],
+                                               **settings["options"]))
+        box_pooler = target.model.roi_heads.box_roi_pool
+        results_file, metrics_file = evaluation_files(folder, stem)
+        log(f"evaluating {target.description} on {n} images with {' '.join(repr(box_pooler).split())}")
+        metrics = evaluate_detections(target.model, target.dataset, target.label_to_cat_id, target.info,
+                                      max_images=max_images, batch_size=batch_size or target.batch_size,
+                                      num_workers=target.num_workers, results_file=results_file, amp=target.amp,
+                                      progress=progress)
+    if metrics is not None:
+        atomic_save_json(metrics_file, {**target.about, "pooler": pooler_record(box_pooler), "images": n,
+                                        **{k: v for k, v in metrics.items() if k != "summary"}})
         log(metrics["summary"])
         log(format_per_class(metrics))
         log(format_metrics(metrics))
-        log(f"results: {evaluation_files(folder, stem)[0]}")
+        log(f"results: {results_file}")
     return metrics

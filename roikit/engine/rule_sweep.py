@@ -2,14 +2,15 @@
 trained model, without training again.
 
 The box head of a trained two-stage detector takes ``C x 7 x 7`` features; any rule that gives as many bins can
-pool them (:func:`~roikit.modeling.swap_roi_pooler`). :func:`evaluate_rules` runs one COCO evaluation with the
-detector's own pooler (the baseline) and one per rule of :data:`roikit.analysis.rules.RULES`; the scores come as a
-table (:func:`format_rule_table`), a grouped bar chart (:func:`plot_rule_scores`) and a JSON file::
+pool them (:func:`~roikit.modeling.swap_roi_pooler`). :func:`evaluate_rules` runs the COCO evaluation with the
+detector's own pooler (the baseline) and with each rule of :data:`roikit.analysis.rules.RULES` in one pass over
+the images (the backbone and RPN once, the box head once per rule); the scores come as a table
+(:func:`format_rule_table`), a chart (:func:`plot_rule_scores`) and a JSON file (:func:`save_rule_scores`)::
 
     model, names = load_torchvision_detector("fasterrcnn_resnet50_fpn", "fasterrcnn_resnet50_fpn_coco.pth")
     dataset = CocoDetection("coco/val2017", "coco/annotations/instances_val2017.json")
     labels = label_to_category_id(names, list(dataset.coco.cats.values()), "instances_val2017.json")
-    rows = evaluate_rules(model, lambda stem: evaluate_detections(model, dataset, labels, info))
+    rows = evaluate_rules(model, dataset, labels, init_distributed(), "runs/r50")
     print(format_rule_table(rows))
 
 torchvision's ``MultiScaleRoIAlign`` is ``roi_align`` with ``aligned=False``: the baseline row of a torchvision
@@ -22,7 +23,8 @@ import copy
 import inspect
 import math
 import re
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections import OrderedDict
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -39,8 +41,8 @@ from ..io import atomic_open, atomic_save_json
 from ..layers.poolers import OPS, RoIPooler
 from ..modeling import swap_roi_pooler
 from ..utils.checks import pair
-from ..utils.distributed import DistInfo
-from .coco_eval import METRICS, evaluate
+from ..utils.distributed import DistInfo, all_gather_object, is_main_process
+from .coco_eval import METRICS, coco_evaluate, detections_to_coco, evaluate, evaluation_files
 from .config import DEFAULTS, merge_config, pooler_override
 
 __all__ = ["BASELINE", "pooler_slug", "rule_spec", "pooler_settings", "pooler_record", "swapped_pooler",
@@ -142,6 +144,11 @@ class _KnownLabels(nn.Module):
         self.model = model
         self.register_buffer("labels", torch.tensor(sorted(labels), dtype=torch.int64), persistent=False)
 
+    @property
+    def transform(self) -> nn.Module | None:
+        """The model's image transform (evaluate uses it to name an image the model refuses)."""
+        return getattr(self.model, "transform", None)
+
     def forward(self, images: list[torch.Tensor]) -> list[dict[str, torch.Tensor]]:
         found = []
         for out in self.model(images):
@@ -166,49 +173,106 @@ def evaluate_detections(model: nn.Module, dataset, label_to_cat_id: Mapping[int,
     """
     images = dataset if max_images is None else Subset(dataset, range(min(max_images, len(dataset))))
     loader = make_eval_loader(images, {"data": {"eval_batch_size": batch_size, "num_workers": num_workers}}, info)
-    view = SimpleNamespace(coco=dataset.coco, label_to_cat_id=label_to_cat_id)  # what evaluate reads of a data set
+    # what evaluate reads of a data set: the COCO object, the label map, how to name an image in an error
+    view = SimpleNamespace(coco=dataset.coco, label_to_cat_id=label_to_cat_id,
+                           describe=getattr(dataset, "describe", None))
     return evaluate(_KnownLabels(model, label_to_cat_id).to(info.device), loader, view, info.device,
                     results_file=results_file, amp=amp, progress=progress)
 
 
-def evaluate_rules(model: nn.Module, run_eval: Callable[[str, nn.Module], dict[str, Any] | None],
-                   rules: Sequence[Rule] | None = None, *, progress: bool = False) -> list[dict] | None:
-    """Score ``model`` with its own pooler (the row :data:`BASELINE`) and under each rule (default: all of
-    :data:`~roikit.analysis.rules.RULES`), its pooler put back after.
+def _rule_poolers(model: nn.Module, rules: Sequence[Rule], prefix: str) -> list[tuple[str, str, str, nn.Module]]:
+    """(row name, pooler spec, file stem, pooler) of the model's own pooler and of each rule's, built now."""
+    own = model.roi_heads.box_roi_pool
+    poolers = [(BASELINE, " ".join(repr(own).split()), prefix, own)]
+    for rule in rules:
+        spec = rule_spec(rule)
+        options = {k: v for k, v in rule.settings().items() if k not in ("op", "sampling_ratio")}
+        with swapped_pooler(model, rule.op, rule.sampling_ratio if rule.op == "roi_align" else None,
+                            **options) as pooler:
+            poolers.append((rule.name, spec, f"{prefix}_{pooler_slug(spec)}", pooler))
+    return poolers
 
-    Args:
-        run_eval: ``(stem, box pooler in use) -> scores``: evaluates the model as it is now (e.g.
-            :func:`evaluate_detections`, writing ``evaluation_files(folder, stem)``); None on the ranks other than
-            0. The stem is ``"eval"`` for the baseline and ``"eval_<pooler_slug(rule_spec(rule))>"`` for a rule.
+
+def _detect_with_each(model: nn.Module, images: list[torch.Tensor], poolers: Sequence[nn.Module]) -> list[list[dict]]:
+    """The detections of a torchvision ``GeneralizedRCNN`` (eval mode) for ``images``, once per box pooler: the
+    transform, backbone and RPN run once, the box head once per pooler (the steps of ``GeneralizedRCNN.forward``)."""
+    sizes = [(int(image.shape[-2]), int(image.shape[-1])) for image in images]
+    batch, _ = model.transform(images)
+    features = model.backbone(batch.tensors)
+    if isinstance(features, torch.Tensor):
+        features = OrderedDict([("0", features)])
+    proposals, _ = model.rpn(batch, features)
+    found = []
+    for pooler in poolers:
+        model.roi_heads.box_roi_pool = pooler
+        detections, _ = model.roi_heads(features, proposals, batch.image_sizes)
+        found.append(model.transform.postprocess(detections, batch.image_sizes, sizes))
+    return found
+
+
+def evaluate_rules(model: nn.Module, dataset, label_to_cat_id: Mapping[int, int], info: DistInfo,
+                   folder: str | Path, *, rules: Sequence[Rule] | None = None, prefix: str = "eval",
+                   max_images: int | None = None, batch_size: int = 1, num_workers: int = 0, amp: bool = False,
+                   progress: bool = False, about: Mapping[str, Any] | None = None) -> list[dict] | None:
+    """Score the torchvision-style detector ``model`` with its own pooler (the row :data:`BASELINE`) and under each
+    rule (default: all of :data:`~roikit.analysis.rules.RULES`) on ``dataset`` (as :func:`evaluate_detections`).
+
+    One pass over the images: the backbone and the RPN run once per batch, the box head once per rule, so each
+    rule sees the very proposals of the baseline, and the sweep costs little more than one evaluation. Each row
+    writes ``evaluation_files(folder, stem)``: stem ``prefix`` for the baseline, ``<prefix>_<pooler_slug(
+    rule_spec(rule))>`` for a rule (the names ``--pooler SPEC`` gives); its metrics file holds ``about``, the
+    pooler (:func:`pooler_record`), the number of images and the scores. The model's own pooler is put back.
 
     Returns:
-        One row per evaluation, baseline first: ``{"rule", "pooler" (the spec, or the pooler's repr for the
-        baseline), "same_as" (the baseline only: the rule that pools as the model's own pooler, or None),
-        "stem", <each of METRICS>}``; None on the ranks other than 0.
+        One row per pooler, baseline first: ``{"rule", "pooler" (the spec, or the pooler's repr for the
+        baseline), "stem", <each of METRICS>}`` and, for the baseline, ``"same_as"``: the rule that pools as the
+        model's own pooler, or None. None on the ranks other than 0 (under torchrun each rank runs a share of the
+        images; rank 0 gathers them and scores).
     """
     rules = list(RULES.values()) if rules is None else list(rules)
     own = model.roi_heads.box_roi_pool
-    settings = pooler_settings(own)
-    same_as = next((r.name for r in RULES.values() if r.settings() == settings), None)
-    rows: list[dict] = []
-    for rule in tqdm([None, *rules], desc="rules", disable=not progress):
-        if rule is None:
-            name, spec, stem = BASELINE, " ".join(repr(own).split()), "eval"
-            scores = run_eval(stem, own)
-        else:
-            name, spec = rule.name, rule_spec(rule)
-            stem = f"eval_{pooler_slug(spec)}"
-            options = {k: v for k, v in rule.settings().items() if k not in ("op", "sampling_ratio")}
-            sampling_ratio = rule.sampling_ratio if rule.op == "roi_align" else None
-            with swapped_pooler(model, rule.op, sampling_ratio, **options) as pooler:
-                scores = run_eval(stem, pooler)
-        if scores is None:
-            continue
+    same_as = next((r.name for r in RULES.values() if r.settings() == pooler_settings(own)), None)
+    poolers = _rule_poolers(model, rules, prefix)
+    images = dataset if max_images is None else Subset(dataset, range(min(max_images, len(dataset))))
+    loader = make_eval_loader(images, {"data": {"eval_batch_size": batch_size, "num_workers": num_workers}}, info)
+    keep = torch.tensor(sorted(label_to_cat_id), dtype=torch.int64, device=info.device)
+    image_ids: list[int] = []
+    results: list[list[dict]] = [[] for _ in poolers]
+    was_training = model.training
+    model.eval()
+    try:
+        for batch, targets in tqdm(loader, desc=f"eval ({len(poolers)} poolers)", leave=False,
+                                   disable=not (progress and is_main_process())):
+            batch = [image.to(info.device, non_blocking=True) for image in batch]
+            with torch.no_grad(), torch.autocast(info.device.type, enabled=amp and info.device.type == "cuda"):
+                found = _detect_with_each(model, batch, [p for *_, p in poolers])
+            image_ids.extend(int(t["image_id"]) for t in targets)
+            for rows, outputs in zip(results, found):
+                for target, out in zip(targets, outputs):
+                    chosen = torch.isin(out["labels"], keep)
+                    rows.extend(detections_to_coco({k: v[chosen] for k, v in out.items()}, target["image_id"],
+                                                   label_to_cat_id))
+    finally:
+        model.roi_heads.box_roi_pool = own
+        model.train(was_training)
+
+    gathered = all_gather_object((image_ids, results))
+    if not is_main_process():
+        return None
+    image_ids = [i for ids, _ in gathered for i in ids]
+    rows = []
+    for k, (name, spec, stem, pooler) in enumerate(poolers):
+        found = [r for _, per_pooler in gathered for r in per_pooler[k]]
+        results_file, metrics_file = evaluation_files(folder, stem)
+        atomic_save_json(results_file, found, indent=None)
+        scores = coco_evaluate(dataset.coco, found, image_ids)
+        atomic_save_json(metrics_file, {**(about or {}), "pooler": pooler_record(pooler), "images": len(image_ids),
+                                        **{key: v for key, v in scores.items() if key != "summary"}})
         row = {"rule": name, "pooler": spec, "stem": stem, **{m: float(scores[m]) for m in METRICS}}
-        if rule is None:
+        if name == BASELINE:
             row["same_as"] = same_as
         rows.append(row)
-    return rows or None
+    return rows
 
 
 def baseline_difference(rows: Sequence[dict]) -> tuple[str, float] | None:

@@ -446,6 +446,40 @@ def _multilevel_roi_align_backward(grad, rois, spatial_scales, pooled_height, po
                                            canonical_level, deterministic)
 
 
+@torch.library.register_kernel("roikit::ps_roi_align", "cuda")
+def _ps_roi_align(input, rois, spatial_scale, pooled_height, pooled_width, sampling_ratio):
+    k = _triton("ps_roi", input)
+    impl = _ps if k is None else k
+    return impl.ps_roi_align_forward(input, rois, spatial_scale, pooled_height, pooled_width, sampling_ratio)
+
+
+@torch.library.register_kernel("roikit::ps_roi_align_backward", "cuda")
+def _ps_roi_align_backward(grad, rois, spatial_scale, pooled_height, pooled_width, sampling_ratio, batch_size,
+                           channels, height, width, deterministic):
+    settings = (spatial_scale, pooled_height, pooled_width, sampling_ratio, batch_size, channels, height, width)
+    k = _triton("ps_roi", grad) if batch_size * channels * height * width else None
+    if k is None:
+        return _ps.ps_roi_align_backward(grad, rois, *settings)
+    return k.ps_roi_align_backward(grad, rois, *settings, deterministic)
+
+
+@torch.library.register_kernel("roikit::ps_roi_pool", "cuda")
+def _ps_roi_pool(input, rois, spatial_scale, pooled_height, pooled_width):
+    k = _triton("ps_roi", input)
+    impl = _ps if k is None else k
+    return impl.ps_roi_pool_forward(input, rois, spatial_scale, pooled_height, pooled_width)
+
+
+@torch.library.register_kernel("roikit::ps_roi_pool_backward", "cuda")
+def _ps_roi_pool_backward(grad, rois, spatial_scale, pooled_height, pooled_width, batch_size, channels, height, width,
+                          deterministic):
+    settings = (spatial_scale, pooled_height, pooled_width, batch_size, channels, height, width)
+    k = _triton("ps_roi", grad) if batch_size * channels * height * width else None
+    if k is None:
+        return _ps.ps_roi_pool_backward(grad, rois, *settings)
+    return k.ps_roi_pool_backward(grad, rois, *settings, deterministic)
+
+
 @torch.library.register_kernel("roikit::deform_roi_pool", "cuda")
 def _deform_roi_pool(input, rois, offset, spatial_scale, pooled_height, pooled_width, sampling_ratio, gamma):
     k = _triton("deform_roi_pool", input)
