@@ -15,7 +15,16 @@ import torch
 from torch.export import Dim
 
 from roikit.export import batched_nms, export_friendly_nms, onnx_export, torch_export
-from roikit.ops import multilevel_roi_align, prroi_pool, ps_roi_align, ps_roi_pool, roi_align, roi_pool, roi_spp
+from roikit.ops import (
+    deform_roi_pool,
+    multilevel_roi_align,
+    prroi_pool,
+    ps_roi_align,
+    ps_roi_pool,
+    roi_align,
+    roi_pool,
+    roi_spp,
+)
 
 ort = pytest.importorskip("onnxruntime")
 pytest.importorskip("onnxscript")
@@ -106,6 +115,26 @@ def test_multilevel_roi_align_in_onnxruntime():
     for b in (boxes, boxes[2:4], boxes[:0]):
         out = session.run(None, dict(zip(["f0", "f1", "f2", "boxes"], [m.numpy() for m in maps] + [b.numpy()])))[0]
         np.testing.assert_allclose(out, Pyramid()(*maps, b).numpy(), rtol=0, atol=MAX_ERROR)
+
+
+@pytest.mark.parametrize("with_offset", [True, False])
+def test_deform_roi_pool_in_onnxruntime(with_offset, make_rois):
+    """mmcv's deformable RoI pooling: per-bin weights (offsets of several box widths too); no offset is RoiAlign."""
+    class Deform(torch.nn.Module):
+        def forward(self, x, boxes, offset):
+            return deform_roi_pool(x, boxes, offset if with_offset else None, (3, 4), 1 / 8, 2, 0.1)
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 5, 13, 17, generator=g)
+    rois = make_rois(k=9, n=2, size=(13, 17), scale=1 / 8, dtype=torch.float32, reversed_boxes=False)
+    offset = torch.randn(9, 2, 3, 4, generator=g)
+    program = _quiet_export(Deform(), (x, rois, offset), dynamic_shapes={"x": None, "boxes": {0: Dim("K")},
+                                                                         "offset": {0: Dim("K")}})
+    session = _session(program)
+    for b, o in ((rois, offset), (rois[:4], offset[:4] * 30), (rois[:0], offset[:0])):
+        feed = {"x": x.numpy(), "boxes": b.numpy(), "offset": o.numpy()}
+        out = session.run(None, {i.name: feed[i.name] for i in session.get_inputs()})[0]
+        np.testing.assert_allclose(out, Deform()(x, b, o).numpy(), rtol=0, atol=MAX_ERROR)
 
 
 def test_onnxruntime_roialign_max_is_not_the_max_of_samples():

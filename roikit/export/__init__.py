@@ -31,8 +31,9 @@ def onnx_translation_table() -> dict[Callable, Callable]:
     Every op becomes standard ONNX (opset 18 operators): ``roi_align`` (avg) ``RoiAlign``, ``roi_pool``
     ``MaxRoiPool`` (both rounding rules), ``multilevel_roi_align`` the FPN level rule and ``RoiAlign`` per level,
     ``roi_align(pool="max")``, ``prroi_pool``, ``ps_roi_align`` and ``ps_roi_pool`` two ``MatMul``s with per-box
-    weight matrices. ``roi_spp`` is ``roi_pool`` at each level. The translations are for inference: the argmax
-    outputs of ``roi_pool`` and ``roi_align(pool="max")`` are not exported (zeros)."""
+    weight matrices, ``deform_roi_pool`` the same with per-bin weights. ``roi_spp`` is ``roi_pool`` at each level.
+    ``roi_align_rotated`` has no translation yet. The translations are for inference: the argmax outputs of
+    ``roi_pool`` and ``roi_align(pool="max")`` are not exported (zeros)."""
     from . import _onnx_ops as t
 
     roikit = torch.ops.roikit
@@ -43,6 +44,7 @@ def onnx_translation_table() -> dict[Callable, Callable]:
         roikit.multilevel_roi_align.default: t.multilevel_roi_align,
         roikit.ps_roi_align.default: t.ps_roi_align,
         roikit.ps_roi_pool.default: t.ps_roi_pool,
+        roikit.deform_roi_pool.default: t.deform_roi_pool,
     }
 
 

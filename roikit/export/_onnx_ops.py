@@ -344,3 +344,43 @@ def multilevel_roi_align(features, rois, spatial_scales, pooled_height: int, poo
                              sampling_ratio=max(sampling_ratio, 0), spatial_scale=float(scale))
         out = op.ScatterND(out, op.Transpose(idx, perm=[1, 0]), pooled)
     return out
+
+
+def deform_roi_pool(input, rois, offset, spatial_scale: float, pooled_height: int, pooled_width: int,
+                    sampling_ratio: int, gamma: float):
+    """``roikit::deform_roi_pool`` (mmcv's geometry, see ``roikit.ops.pytorch.deform_roi_pool``): every bin a box of
+    one bin moved by its offset, so the weights are per bin: ``out[k, c, p, q] = Wy[k, pq] @ F @ Wx[k, pq]^T``.
+    Without an offset it is ``roi_align(aligned=True)``, ONNX ``RoiAlign``."""
+    if offset is None:
+        return roi_align(input, rois, spatial_scale, pooled_height, pooled_width, sampling_ratio, True, False)[0]
+    rois = op.CastLike(rois, input)
+    offset = op.CastLike(offset, input)
+    pooled = (pooled_height, pooled_width)
+    axes = _sample_grid(rois, spatial_scale, pooled, sampling_ratio, True)
+    k = _dim(rois, 0)
+    bins = _const([pooled_height * pooled_width])
+    limit = _like(2.0**60, input)
+    weights = []
+    for axis, ((start, bin_size, grid), channel) in enumerate(zip(axes, (1, 0))):
+        roi_size = op.Mul(bin_size, _like(float(pooled[axis]), input))  # the box's extent in cells
+        shift = op.Squeeze(op.Slice(offset, _const([channel]), _const([channel + 1]), _const([1])), _const([1]))
+        corner = op.Add(op.Unsqueeze(start, _const([1, 2])),
+                        op.Mul(op.Unsqueeze(op.Mul(_like(gamma, input), roi_size), _const([1, 2])), shift))
+        corner = op.Clip(corner, op.Neg(limit), limit)  # [K, PH, PW]
+        index = op.CastLike(op.Range(_const(0), _const(pooled[axis]), _const(1)), input)
+        index = op.Unsqueeze(index, _const([0, 2] if axis == 0 else [0, 1]))
+        bin_start = op.Add(corner, op.Mul(index, op.Unsqueeze(bin_size, _const([1, 2]))))
+        flat = op.Reshape(bin_start, _const([-1]))  # [K PH PW]: each bin a box of one bin
+        repeat = op.Concat(k, bins, axis=0)
+        size = op.Reshape(op.Expand(op.Unsqueeze(bin_size, _const([1])), repeat), _const([-1]))
+        count = op.Reshape(op.Expand(op.Unsqueeze(grid, _const([1])), repeat), _const([-1]))
+        w = _mean_weights(flat, size, count, 1, _dim(input, 2 + axis))  # [K PH PW, 1, L]
+        weights.append(op.Reshape(w, op.Concat(k, bins, _dim(input, 2 + axis), axis=0)))  # [K, PH PW, L]
+    wy, wx = weights
+    n, c, h, w = (_dim(input, i) for i in range(4))
+    wy_full = op.Reshape(_batch_blocks(wy, _batch_index(rois), n), op.Concat(op.Mul(k, bins), op.Mul(n, h), axis=0))
+    f2 = op.Reshape(op.Transpose(input, perm=[0, 2, 1, 3]), op.Concat(op.Mul(n, h), op.Mul(c, w), axis=0))
+    rows = op.Reshape(op.MatMul(wy_full, f2), op.Concat(k, bins, c, w, axis=0))  # [K, PH PW, C, W]
+    out = op.ReduceSum(op.Mul(rows, op.Unsqueeze(wx, _const([2]))), _const([3]), keepdims=0)  # [K, PH PW, C]
+    out = op.Reshape(out, op.Concat(k, _const([pooled_height, pooled_width]), c, axis=0))
+    return op.Transpose(out, perm=[0, 3, 1, 2])
