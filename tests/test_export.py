@@ -70,7 +70,8 @@ MAX_ERROR = 2e-6  # float32 rounding of sums over a few cells of N(0, 1) values
 
 @pytest.mark.parametrize("name", list(OPS))
 def test_op_in_onnxruntime_matches_pytorch(name, make_rois):
-    """Exported with a dynamic number of boxes and map size; run on other boxes, another map and no boxes."""
+    """Exported with a dynamic number of boxes and map size; run on other boxes, another map and no boxes. The
+    ExportedProgram of torch.export gives the eager result."""
     fn, channels = OPS[name]
     model = _Op(fn)
     g = torch.Generator().manual_seed(0)
@@ -79,6 +80,7 @@ def test_op_in_onnxruntime_matches_pytorch(name, make_rois):
     program = _quiet_export(model, (x, rois), dynamic_shapes={"x": {2: Dim("H"), 3: Dim("W")},
                                                               "boxes": {0: Dim("K")}})
     assert {o.domain for o in program.model_proto.opset_import} <= {"", "ai.onnx"}  # standard ops only
+    torch.testing.assert_close(torch_export(model, (x, rois)).module()(x, rois), model(x, rois), rtol=0, atol=0)
     session = _session(program)
     other = torch.randn(2, channels, 9, 21, generator=g)
     for features, boxes in ((x, rois), (other, make_rois(k=7, n=2, size=(9, 21), scale=1 / 8, seed=1,
