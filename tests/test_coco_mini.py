@@ -191,6 +191,18 @@ def test_a_tiny_set_with_a_grayscale_jpeg_an_empty_image_a_crowd_box_and_gap_ids
     assert ds[2][1]["boxes"].tolist() == [[10, 10, 40, 40]]  # the crowd box is no training target
 
 
+def test_a_set_without_any_box_trains_and_evaluates(tmp_path, cocoeval_image_ids):
+    """Batches of images without boxes train (the losses have no box terms to learn from, but run), and COCOeval
+    with no ground truth at all answers -1 (no AP defined), which is written as such."""
+    config = _tiny_config(tmp_path, _tiny_coco(tmp_path, lambda d: d.update(annotations=[])))
+    run = tmp_path / "run"
+    assert run_tool(train_tool, ["--config", str(config), "--output-dir", str(run), "--no-progress",
+                                 "solver.max_iter=1"]) == 0
+    assert cocoeval_image_ids == [[3, 7, 9]]
+    metrics = json.loads((run / "eval_final_metrics.json").read_text())
+    assert metrics["AP"] == -1.0 and metrics["num_detections"] > 0
+
+
 def test_cocoeval_ignores_a_detection_on_a_crowd_box(tmp_path):
     """The crowd box reaches COCOeval through the data set's ``coco``: the ground truth given as detections plus a
     top-scoring detection on the crowd region is still AP 1 (COCOeval ignores a detection matched to a crowd
@@ -279,6 +291,14 @@ def test_resume_names_the_keys_where_the_config_differs_from_the_saved_one(tmp_p
     # without --config (or with the same settings) nothing is listed
     assert run_tool(train_tool, ["--output-dir", str(run), "--resume", "--no-progress", "solver.max_iter=4"]) == 0
     assert "--resume:" not in capsys.readouterr().out
+
+
+def test_a_config_value_of_the_wrong_type_is_named_with_its_article(tmp_path, capsys):
+    config = _tiny_config(tmp_path, _tiny_coco(tmp_path))
+    assert run_tool(train_tool, ["--config", str(config), "--output-dir", str(tmp_path / "run"), "--no-progress",
+                                 "data.batch_size=two"]) == 2
+    assert capsys.readouterr().err == ("train.py: error: override 'data.batch_size=two': data.batch_size must be an "
+                                       "int (like the default 8), got 'two'\n")
 
 
 def test_periodic_evaluations_keep_their_own_files(tmp_path):
