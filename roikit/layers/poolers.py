@@ -2,8 +2,8 @@
 
 :class:`RoIPooler` has the call signature of ``torchvision.ops.MultiScaleRoIAlign`` (features dict, list of
 proposals, image sizes), so it drops into torchvision's detection models, and takes the op by name:
-``"roi_align"``, ``"roi_pool"``, ``"prroi_pool"``, ``"roi_spp"``, ``"ps_roi_align"`` or ``"ps_roi_pool"``, with
-that op's own settings.
+``"roi_align"``, ``"roi_pool"``, ``"prroi_pool"``, ``"roi_spp"``, ``"ps_roi_align"``, ``"ps_roi_pool"`` or
+``"roi_align_rotated"`` (rotated boxes ``(cx, cy, w, h, angle)``), with that op's own settings.
 """
 from __future__ import annotations
 
@@ -18,16 +18,19 @@ from ..ops import (
     PSRoIAlign,
     PSRoIPool,
     RoIAlign,
+    RoIAlignRotated,
     RoIPool,
     RoISPP,
     autocast_to_float32,
     convert_boxes_to_rois,
+    convert_rotated_boxes_to_rois,
     multilevel_roi_align,
     prroi_pool,
     ps_roi_align,
     ps_roi_pool,
     pyramid_levels,
     roi_align,
+    roi_align_rotated,
     roi_pool,
     roi_spp,
 )
@@ -36,8 +39,9 @@ from ..utils.fx import fx_leaf
 
 OPS = {"roi_align": (RoIAlign, roi_align), "roi_pool": (RoIPool, roi_pool), "prroi_pool": (PrRoIPool, prroi_pool),
        "roi_spp": (RoISPP, roi_spp), "ps_roi_align": (PSRoIAlign, ps_roi_align),
-       "ps_roi_pool": (PSRoIPool, ps_roi_pool)}
-SAMPLED = ("roi_align", "ps_roi_align")  # the ops that take sampling_ratio
+       "ps_roi_pool": (PSRoIPool, ps_roi_pool), "roi_align_rotated": (RoIAlignRotated, roi_align_rotated)}
+SAMPLED = ("roi_align", "ps_roi_align", "roi_align_rotated")  # the ops that take sampling_ratio
+ROTATED = "roi_align_rotated"  # boxes (cx, cy, w, h, angle) instead of (x1, y1, x2, y2)
 
 
 def assign_boxes_to_levels(boxes: Tensor, min_level: int, max_level: int, canonical_scale: int = 224,
@@ -75,9 +79,11 @@ class RoIPooler(nn.Module):
         output_size (int or Tuple[int, int]): bins per box (ignored by ``roi_spp``, whose ``levels`` set its size).
         sampling_ratio (int): samples per bin and axis for ``roi_align`` and ``ps_roi_align`` (the others take none).
         op (str): ``"roi_align"``, ``"roi_pool"``, ``"prroi_pool"``, ``"roi_spp"``, or the position-sensitive
-            ``"ps_roi_align"`` / ``"ps_roi_pool"`` (R-FCN: ``C' * PH * PW`` channels in, ``C'`` out).
+            ``"ps_roi_align"`` / ``"ps_roi_pool"`` (R-FCN: ``C' * PH * PW`` channels in, ``C'`` out), or
+            ``"roi_align_rotated"`` (rotated boxes, see :func:`roikit.ops.roi_align_rotated`).
         canonical_scale, canonical_level (int): the FPN level rule, see :func:`assign_boxes_to_levels`.
-        **op_options: the op's own settings (``aligned``, ``pool``, ``rounding``, ``levels``).
+        **op_options: the op's own settings (``aligned``, ``pool``, ``rounding``, ``levels``, ``clockwise``,
+            ``angle_unit``).
 
     The op's module is built (and its settings checked) once, here. ``torch.fx`` traces the pooler as one call,
     as torchvision's ``MultiScaleRoIAlign``.
@@ -121,7 +127,9 @@ class RoIPooler(nn.Module):
         """
         Args:
             x (Dict[str, Tensor[N, C, H_l, W_l]]): feature maps; only ``featmap_names`` are used.
-            boxes (List[Tensor[L_i, 4]]): proposals per image, (x1, y1, x2, y2) in image pixels.
+            boxes (List[Tensor[L_i, 4]]): proposals per image, (x1, y1, x2, y2) in image pixels; for
+                ``op="roi_align_rotated"`` List[Tensor[L_i, 5]] of (cx, cy, w, h, angle), pyramid levels by
+                ``sqrt(w h)``.
             image_shapes (List[Tuple[int, int]]): the (height, width) of each image as fed to the backbone.
 
         Returns:
@@ -149,7 +157,10 @@ def _pool_regions(pooler: RoIPooler, x: dict[str, Tensor], boxes: list[Tensor],
         features.append(feature)
     max_size = (max(s[0] for s in image_shapes), max(s[1] for s in image_shapes))
     scales = [infer_scale(f, max_size) for f in features]
-    rois = convert_boxes_to_rois(boxes, features[0])
+    if pooler.op == ROTATED:
+        rois = convert_rotated_boxes_to_rois(boxes, features[0], pooler._options.get("aligned", True))
+    else:
+        rois = convert_boxes_to_rois(boxes, features[0])
     if len(features) == 1:
         out = pooler._pool(features[0], rois, scales[0])
     elif pooler.fused:
@@ -157,7 +168,10 @@ def _pool_regions(pooler: RoIPooler, x: dict[str, Tensor], boxes: list[Tensor],
                                    pooler.op_options.get("aligned", False), canonical_scale=pooler.canonical_scale,
                                    canonical_level=pooler.canonical_level)
     else:
-        levels = pyramid_levels(rois, scales, pooler.canonical_scale, pooler.canonical_level)
+        level_rois = rois
+        if pooler.op == ROTATED:  # FPN's rule on sqrt(w h): the axis-aligned box (0, 0, w, h) has that area
+            level_rois = torch.cat([rois[:, :1], torch.zeros_like(rois[:, 1:3]), rois[:, 3:5]], dim=1)
+        levels = pyramid_levels(level_rois, scales, pooler.canonical_scale, pooler.canonical_level)
         out = features[0].new_zeros((rois.shape[0], *pooler.output_shape(features[0].shape[1])))
         for level, (feature, scale) in enumerate(zip(features, scales)):
             idx = torch.nonzero(levels == level).squeeze(1)

@@ -17,6 +17,7 @@ from .pytorch import multilevel_roi_align as _multilevel
 from .pytorch import prroi_pool as _prroi
 from .pytorch import ps_roi as _ps
 from .pytorch import roi_align as _align
+from .pytorch import roi_align_rotated as _rotated
 from .pytorch import roi_pool as _pool
 
 _state = threading.local()
@@ -342,6 +343,51 @@ def _deform_roi_pool_backward(ctx, grad):
 deform_roi_pool_op.register_autograd(_deform_roi_pool_backward, setup_context=_deform_roi_pool_setup)
 
 
+# ---------------------------------------------------------------- roi_align_rotated
+@torch.library.custom_op("roikit::roi_align_rotated", mutates_args=())
+def roi_align_rotated_op(input: Tensor, rois: Tensor, spatial_scale: float, pooled_height: int, pooled_width: int,
+                         sampling_ratio: int, aligned: bool, clockwise: bool, radians: bool) -> Tensor:
+    return _rotated.roi_align_rotated_forward(input, rois, spatial_scale, pooled_height, pooled_width, sampling_ratio,
+                                              aligned, clockwise, radians)
+
+
+@roi_align_rotated_op.register_fake
+def _(input, rois, spatial_scale, pooled_height, pooled_width, sampling_ratio, aligned, clockwise, radians):
+    return input.new_empty((rois.shape[0], input.shape[1], pooled_height, pooled_width))
+
+
+@torch.library.custom_op("roikit::roi_align_rotated_backward", mutates_args=())
+def roi_align_rotated_backward_op(grad: Tensor, rois: Tensor, spatial_scale: float, pooled_height: int,
+                                  pooled_width: int, sampling_ratio: int, aligned: bool, clockwise: bool,
+                                  radians: bool, batch_size: int, channels: int, height: int, width: int,
+                                  deterministic: bool) -> Tensor:
+    return _rotated.roi_align_rotated_backward(grad, rois, spatial_scale, pooled_height, pooled_width,
+                                               sampling_ratio, aligned, clockwise, radians, batch_size, channels,
+                                               height, width)
+
+
+@roi_align_rotated_backward_op.register_fake
+def _(grad, rois, spatial_scale, pooled_height, pooled_width, sampling_ratio, aligned, clockwise, radians,
+      batch_size, channels, height, width, deterministic):
+    return grad.new_empty((batch_size, channels, height, width))
+
+
+def _roi_align_rotated_setup(ctx, inputs, output):
+    input, rois, *settings = inputs
+    ctx.save_for_backward(rois)
+    ctx.settings = (*settings, *input.shape)
+
+
+def _roi_align_rotated_backward(ctx, grad):
+    (rois,) = ctx.saved_tensors
+    grad_input = roi_align_rotated_backward_op(grad.contiguous(), rois, *ctx.settings,
+                                               deterministic_backward_enabled())
+    return grad_input, None, None, None, None, None, None, None, None
+
+
+roi_align_rotated_op.register_autograd(_roi_align_rotated_backward, setup_context=_roi_align_rotated_setup)
+
+
 # ---------------------------------------------------------------- autocast
 # As torchvision's ops: under autocast (CPU or CUDA) the forward runs in float32, whatever the features' dtype;
 # the functional forms give the result back in the features' dtype.
@@ -350,6 +396,8 @@ for _op in (roi_pool_op, roi_align_op, prroi_pool_op, multilevel_roi_align_op, p
         _op.register_autocast(_device, torch.float32)
 for _device in ("cpu", "cuda"):  # deform_roi_pool
     deform_roi_pool_op.register_autocast(_device, torch.float32)
+for _device in ("cpu", "cuda"):  # roi_align_rotated
+    roi_align_rotated_op.register_autocast(_device, torch.float32)
 
 # ---------------------------------------------------------------- CUDA
 # On CUDA tensors every op runs its Triton kernels (roikit.ops.triton, imported on the first CUDA call); without
@@ -499,3 +547,25 @@ def _deform_roi_pool_backward_cuda(grad, input, rois, offset, spatial_scale, poo
                                                 pooled_width, sampling_ratio, gamma, offset_grad)
     return k.deform_roi_pool_backward(grad, input, rois, offset, spatial_scale, pooled_height, pooled_width,
                                       sampling_ratio, gamma, offset_grad, deterministic)
+
+
+@torch.library.register_kernel("roikit::roi_align_rotated", "cuda")
+def _roi_align_rotated(input, rois, spatial_scale, pooled_height, pooled_width, sampling_ratio, aligned, clockwise,
+                       radians):
+    k = _triton("roi_align_rotated", input)
+    if k is None:
+        return _rotated.roi_align_rotated_forward(input, rois, spatial_scale, pooled_height, pooled_width,
+                                                  sampling_ratio, aligned, clockwise, radians)
+    return k.roi_align_rotated_forward(input, rois, spatial_scale, pooled_height, pooled_width, sampling_ratio,
+                                       aligned, clockwise, radians)
+
+
+@torch.library.register_kernel("roikit::roi_align_rotated_backward", "cuda")
+def _roi_align_rotated_backward(grad, rois, spatial_scale, pooled_height, pooled_width, sampling_ratio, aligned,
+                                clockwise, radians, batch_size, channels, height, width, deterministic):
+    k = _triton("roi_align_rotated", grad) if batch_size * channels * height * width else None
+    settings = (spatial_scale, pooled_height, pooled_width, sampling_ratio, aligned, clockwise, radians, batch_size,
+                channels, height, width)
+    if k is None:
+        return _rotated.roi_align_rotated_backward(grad, rois, *settings)
+    return k.roi_align_rotated_backward(grad, rois, *settings, deterministic)
