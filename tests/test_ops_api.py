@@ -7,6 +7,7 @@ import torchvision
 from roikit.ops import (
     PrRoIPool,
     RoIAlign,
+    deform_roi_pool,
     deterministic_backward,
     multilevel_roi_align,
     prroi_pool,
@@ -22,6 +23,7 @@ OPS = {
     "roi_align_max": lambda x, b, **kw: roi_align(x, b, 3, 0.5, 2, False, pool="max", **kw),
     "prroi_pool": lambda x, b, **kw: prroi_pool(x, b, 3, 0.5, **kw),
     "roi_spp": lambda x, b, **kw: roi_spp(x, b, spatial_scale=0.5, **kw),
+    "deform_roi_pool": lambda x, b, **kw: deform_roi_pool(x, b, None, 3, 0.5, 2, **kw),  # offsets: its own file
 }
 
 
