@@ -51,10 +51,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--pooler", default=None, metavar="SPEC|all",
                         help="evaluate with another pooler, e.g. roi_pool:rounding=integer; 'all': every rule")
     parser.add_argument("--min-size", type=_positive_int, default=None, metavar="PX",
-                        help="resize images to this shorter side (torchvision's transform; default 800; "
-                             "smaller is faster on a CPU)")
+                        help="resize images to this shorter side (the model's transform; default: the config's "
+                             "for a run, 800 for torchvision's; smaller is faster on a CPU)")
     parser.add_argument("--max-size", type=_positive_int, default=None, metavar="PX",
-                        help="and at most this longer side (default 1333)")
+                        help="and at most this longer side (default: the config's for a run, 1333 for torchvision's)")
     parser.add_argument("--max-images", type=_positive_int, default=None, metavar="N",
                         help="evaluate on the first N images only (a quick run)")
     parser.add_argument("--batch-size", type=_positive_int, default=None, metavar="N",

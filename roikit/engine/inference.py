@@ -50,22 +50,22 @@ def load_detector(cfg: dict, checkpoint: str | Path, device: torch.device | str 
     built from; ``config_file`` (the file ``cfg`` came from) is named in the error when the checkpoint does not fit
     its model, with the run's own ``config.yaml`` beside the checkpoint.
     """
-    saved = read_checkpoint(checkpoint)
-    if cfg["model"]["num_classes"] is None:  # from the checkpoint's config
+    need_num_classes = cfg["model"]["num_classes"] is None
+    saved = read_checkpoint(checkpoint) if need_num_classes or config_file is not None else {}
+    if need_num_classes:  # from the checkpoint's config
         n = (saved.get("config") or {}).get("model", {}).get("num_classes")
         if not isinstance(n, int):
             raise ValueError(f"checkpoint {checkpoint} has no config; set model.num_classes=N")
         cfg = apply_overrides(cfg, [f"model.num_classes={n}"])
     model = build_detector(cfg)
-    try:
-        check_state_dict(model, saved["model"], f"checkpoint {checkpoint}")
-    except ValueError as e:
-        if config_file is None:
-            raise
-        run_config = Path(checkpoint).parent / CONFIG_NAME
-        hint = (f"the run's own config is {run_config}" if run_config.is_file() else
-                "leave out the config to use the one saved in the checkpoint")
-        raise ValueError(f"{e} (the config is {config_file}; {hint})") from None
+    if config_file is not None:  # a config given by hand: when it does not fit, point at the run's own
+        try:
+            check_state_dict(model, saved["model"], f"checkpoint {checkpoint}")
+        except ValueError as e:
+            run_config = Path(checkpoint).parent / CONFIG_NAME
+            hint = (f"the run's own config is {run_config}" if run_config.is_file() else
+                    "leave out the config to use the one saved in the checkpoint")
+            raise ValueError(f"{e} (the config is {config_file}; {hint})") from None
     del saved
     iteration = load_checkpoint(checkpoint, model=model, cfg=cfg if same_model_config else None)
     return model.to(device).eval(), cfg, iteration
