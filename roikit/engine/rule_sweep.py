@@ -183,6 +183,9 @@ def evaluate_detections(model: nn.Module, dataset, label_to_cat_id: Mapping[int,
 def _rule_poolers(model: nn.Module, rules: Sequence[Rule], prefix: str) -> list[tuple[str, str, str, nn.Module]]:
     """(row name, pooler spec, file stem, pooler) of the model's own pooler and of each rule's, built now."""
     own = model.roi_heads.box_roi_pool
+    if isinstance(own, RoIPooler) and own.op not in ("roi_align", "roi_pool", "prroi_pool"):
+        raise ValueError(f"this model's box pooler is {own.op}, whose features are laid out otherwise than the "
+                         f"C x PH x PW bins of the rules: no rule can stand in for it")
     poolers = [(BASELINE, " ".join(repr(own).split()), prefix, own)]
     for rule in rules:
         spec = rule_spec(rule)
