@@ -127,7 +127,8 @@ def sweep_boxes(count: int, size: str, seed: int = 0) -> list[torch.Tensor]:
 
 def _sweep_callables(op: str, features: OrderedDict, boxes: list[torch.Tensor], output: int, dtype: torch.dtype,
                      backward: bool) -> tuple[Callable[[], object], Callable[[], object]]:
-    """(roikit, torchvision) closures of one case; each runs one pass (with backward into fresh leaves)."""
+    """(roikit, torchvision) closures of one case; each runs one pass. The backward is fed a fixed contiguous
+    gradient (as a box head gives), made once outside the timed calls, into fresh leaves."""
     shapes = [IMAGE_HW] * 2
     names = list(features)[:1] if op != "pyramid" else list(features)
     if op == "pyramid":
@@ -135,6 +136,9 @@ def _sweep_callables(op: str, features: OrderedDict, boxes: list[torch.Tensor], 
         theirs = torchvision.ops.MultiScaleRoIAlign(names, output, 2)
     else:
         ours = theirs = None
+    channels = next(iter(features.values())).shape[1]
+    grad = torch.randn(sum(len(b) for b in boxes), channels, output, output, generator=torch.Generator().manual_seed(1))
+    grad = grad.to(dtype)
 
     def run(side: str) -> Callable[[], object]:
         def call():
@@ -156,32 +160,64 @@ def _sweep_callables(op: str, features: OrderedDict, boxes: list[torch.Tensor], 
                 if cast:
                     out = out.to(dtype)
                 if backward:
-                    out.float().sum().backward()
+                    out.backward(grad)
             return out
         return call
 
     return run("roikit"), run("torchvision")
 
 
-def _interleaved(ours: Callable, theirs: Callable, rounds: int, calls: int) -> tuple[float, float]:
-    """Min over ``rounds`` of the median of ``calls`` timed calls, roikit and torchvision alternating (ms)."""
+def _timed(fn: Callable[[], object], calls: int) -> float:
+    """Median of ``calls`` timed calls (ms)."""
+    times = []
+    for _ in range(calls):
+        start = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - start) * 1000)
+    return statistics.median(times)
+
+
+def _interleaved(ours: Callable, theirs: Callable, rounds: int, calls: int,
+                 goal: float | None = None) -> tuple[float, float, int]:
+    """Min over rounds of the median of timed calls, roikit and torchvision alternating (ms), and the rounds run.
+
+    A round times ``calls`` calls of each side when a call takes under 25 ms, else one. With a ``goal``, rounds
+    stop after the first once the speed-up is clearly (1.4x) above or below it: the repeats go where they can
+    change the verdict."""
     best = [float("inf"), float("inf")]
-    for _ in range(rounds):
-        for i, fn in enumerate((ours, theirs)):
-            times = []
-            for _ in range(calls):
-                start = time.perf_counter()
-                fn()
-                times.append((time.perf_counter() - start) * 1000)
-            best[i] = min(best[i], statistics.median(times))
-    return best[0], best[1]
+    done = 0
+    while done < rounds:
+        if done and goal is not None and not goal / 1.4 < best[1] / best[0] < goal * 1.4:
+            break
+        n = calls if done == 0 or min(best) < 25 else 1
+        best[0] = min(best[0], _timed(ours, n))
+        best[1] = min(best[1], _timed(theirs, n))
+        done += 1
+    return best[0], best[1], done
+
+
+def warm_up(ops: Iterable[str] = SWEEP_OPS, dtypes: Iterable[torch.dtype] = (torch.float32, torch.bfloat16)) -> float:
+    """One tiny call of every case's code (loads numba's compiled kernels, compiling them the first time), so
+    that no timed call pays it. Returns the seconds it took."""
+    start = time.perf_counter()
+    pyramid = OrderedDict((str(i), torch.randn(2, 4, IMAGE_HW[0] // s, IMAGE_HW[1] // s))
+                          for i, s in enumerate((4, 8, 16, 32)))
+    for dtype, op, backward in itertools.product(dtypes, ops, (False, True)):
+        maps = OrderedDict((k, v.to(dtype)) for k, v in pyramid.items()) if op == "pyramid" else \
+            OrderedDict(single=pyramid["2"].to(dtype))
+        for fn in _sweep_callables(op, maps, sweep_boxes(8, "mixed"), 7, dtype, backward):
+            fn()
+    return time.perf_counter() - start
 
 
 def run_sweep(counts: Iterable[int] = (64, 256, 1024, 4096), sizes: Iterable[str] = tuple(SIZES),
               outputs: Iterable[int] = (7, 14), dtypes: Iterable[torch.dtype] = (torch.float32, torch.bfloat16),
               threads: Iterable[int] | None = None, ops: Iterable[str] = SWEEP_OPS, channels: int = 256,
-              rounds: int = 2, calls: int = 3, progress: bool = True) -> list[dict]:
-    """Every case of the sweep, one row each: times, speed-ups, peak memory (bytes, None off Linux), threads."""
+              rounds: int = 3, calls: int = 3, progress: bool = True) -> list[dict]:
+    """Every case of the sweep, one row each: times, speed-ups, peak memory (bytes, None off Linux), threads.
+
+    Per case (after one warm-up of every kernel): one call of each side measures its peak memory, then up to
+    ``rounds`` interleaved timed rounds (see :func:`_interleaved`; one where the speed-up is far from the goal)."""
     all_threads = torch.get_num_threads()
     threads = tuple(dict.fromkeys((1, all_threads))) if threads is None else tuple(threads)
     g = torch.Generator().manual_seed(0)
@@ -190,16 +226,17 @@ def run_sweep(counts: Iterable[int] = (64, 256, 1024, 4096), sizes: Iterable[str
     cases = list(itertools.product(threads, dtypes, ops, sizes, counts, outputs, PASSES))
     rows = []
     try:
+        warm_up(ops, dtypes)
         for t, dtype, op, size, count, output, mode in tqdm(cases, desc="sweep", unit="case", disable=not progress):
             torch.set_num_threads(t)
             maps = OrderedDict((k, v.to(dtype)) for k, v in pyramid.items()) if op == "pyramid" else \
                 OrderedDict(single=pyramid["2"].to(dtype))
             ours, theirs = _sweep_callables(op, maps, sweep_boxes(count, size), output, dtype, mode != "forward")
-            ours(), theirs()  # warm-up
-            t_ours, t_tv = _interleaved(ours, theirs, rounds, calls)
+            peak_ours, peak_tv = peak_memory(ours), peak_memory(theirs)  # also the case's warm-up
+            t_ours, t_tv, done = _interleaved(ours, theirs, rounds, calls, SWEEP_GOALS[mode])
             rows.append(dict(op=op, mode=mode, boxes=count, size=size, output=output, dtype=str(dtype)[6:],
                              threads=t, roikit_ms=t_ours, torchvision_ms=t_tv, speedup=t_tv / t_ours,
-                             roikit_peak=peak_memory(ours), torchvision_peak=peak_memory(theirs)))
+                             roikit_peak=peak_ours, torchvision_peak=peak_tv, rounds=done))
     finally:
         torch.set_num_threads(all_threads)
     return rows

@@ -27,6 +27,7 @@ import torch
 from torch import Tensor
 
 from ..geometry import MAX_GRID, compute_dtype, sample_coord, sample_taps, sampling_grid
+from . import jit
 from ._crops import CHUNK_BUDGET, Axis, FeatureRows, add_back, box_slices, groups
 
 
@@ -156,6 +157,10 @@ def roi_align_forward(input: Tensor, rois: Tensor, spatial_scale: float, pooled_
     average pooling."""
     n, c, h, w = input.shape
     k, pooled = rois.shape[0], (pooled_height, pooled_width)
+    if not pool_max and k and input.numel():  # the numba kernels (roikit.ops.pytorch.jit), where they take the call
+        fast = jit.roi_align_forward(input, rois, spatial_scale, pooled_height, pooled_width, sampling_ratio, aligned)
+        if fast is not None:
+            return fast, torch.full((0,), -1, dtype=torch.int64)
     out = input.new_zeros((k, c, pooled_height, pooled_width))
     argmax = torch.full((k, c, pooled_height, pooled_width) if pool_max else (0,), -1, dtype=torch.int64,
                         device=input.device)
@@ -243,6 +248,11 @@ def roi_align_backward(grad: Tensor, rois: Tensor, argmax: Tensor, spatial_scale
     shape = (batch_size, channels, height, width)
     if rois.shape[0] == 0 or batch_size * channels * height * width == 0:
         return grad.new_zeros(shape)
+    if not pool_max:
+        fast = jit.roi_align_backward(grad, rois, spatial_scale, pooled_height, pooled_width, shape, sampling_ratio,
+                                      aligned)
+        if fast is not None:
+            return fast
     dtype = compute_dtype(rois)
     pooled = (pooled_height, pooled_width)
     out = grad.new_zeros((batch_size * height * width, channels), dtype=dtype)

@@ -20,6 +20,7 @@ import torch
 from torch import Tensor
 
 from ..geometry import box_cells, clip_edges
+from . import jit
 from ._crops import CHUNK_BUDGET, box_slices, channels_last_rows, chunks, crop_index
 
 
@@ -67,6 +68,9 @@ def roi_pool_forward(input: Tensor, rois: Tensor, spatial_scale: float, pooled_h
     if k == 0 or input.numel() == 0:  # no box, or a map with no cell: every bin is empty
         return (input.new_zeros((k, c, pooled_height, pooled_width)),
                 torch.full((k, c, pooled_height, pooled_width), -1, dtype=torch.int32, device=input.device))
+    fast = jit.roi_pool_forward(input, rois, spatial_scale, pooled_height, pooled_width, rounding)
+    if fast is not None:  # the numba kernels (roikit.ops.pytorch.jit), where they take the call
+        return fast
     out = input.new_empty((k, c, pooled_height, pooled_width))
     argmax = torch.empty((k, c, pooled_height, pooled_width), dtype=torch.int32, device=input.device)
     feat = channels_last_rows(input, input.dtype)  # [N * H * W, C]
@@ -192,6 +196,9 @@ def roi_pool_backward(grad: Tensor, rois: Tensor, argmax: Tensor, batch_size: in
     out = grad.new_zeros((batch_size * channels * height * width,))
     if rois.shape[0] == 0 or out.numel() == 0:
         return out.reshape(batch_size, channels, height, width)
+    fast = jit.roi_pool_backward(grad, rois, argmax, (batch_size, channels, height, width))
+    if fast is not None:
+        return fast
     # int32 indices where they fit: half the memory of int64 on the largest tensor of the backward
     index_dtype = torch.int32 if out.numel() < 2**31 else torch.int64
     plane = (rois[:, 0].to(index_dtype)[:, None] * channels + torch.arange(channels, dtype=index_dtype,

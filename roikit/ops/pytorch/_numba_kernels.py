@@ -1,0 +1,267 @@
+"""numba kernels of the CPU fast path: RoIAlign (average) and RoIPool, forward and backward.
+
+Imported only through :mod:`roikit.ops.pytorch.jit`, which builds their tables with :mod:`roikit.ops.geometry`
+(the same code as the plain path) and falls back to the plain path when numba is missing.
+
+**Forward** (one box per parallel task): the cells a box reads are copied, a block of channels at a time, from the
+[N, C, H, W] map into a small channels-last scratch [rows, cols, block]; every bin is then computed for the whole
+block of channels at once (one vector per tap), in the order torchvision's C++ loop uses for each channel:
+
+* RoIAlign: ``acc += w1 * v1 + w2 * v2 + w3 * v3 + w4 * v4`` over the bin's samples (``w1 = hy * hx`` ...),
+  then ``acc / count``: bit for bit torchvision's sum (no fused multiply-add: numba does not contract without
+  ``fastmath``). A sample off the map reads nothing (torchvision reads cell (0, 0) with weight 0; see
+  tests/test_hostile_inputs.py for that deviation).
+* RoIPool: the first cell (row-major) that beats ``-FLT_MAX``, strictly; NaN never wins.
+
+The rows (columns) copied are the box's contiguous span of read cells, or, when that is longer, the two taps of
+each sample listed one after the other: at most ``min(map, 2 * P * G)`` per axis. Scratch memory per thread is
+``rows * cols * block`` values: bounded by the map and the block, whatever the box.
+
+**Backward** (one channel per parallel task, so no two tasks write one cell): every box in order adds its bins'
+gradients into its image's plane of that channel, in torchvision's order (boxes, bins, samples, then the taps
+``g1 .. g4``): the same additions in the same order, so bit for bit torchvision's gradient, on any thread count.
+"""
+from __future__ import annotations
+
+import numba as nb
+import numpy as np
+
+LOWEST32 = np.float32(np.finfo(np.float32).min)  # torchvision's roi_pool starts every bin at -FLT_MAX
+
+
+@nb.njit(cache=True, nogil=True)
+def _local_axis(low, high, valid):
+    """The cells one box reads along an axis and each sample's taps as positions in that list.
+
+    low, high [P, G] (int32), valid [P, G] (bool) -> (cells [L], local low [P, G], local high [P, G])."""
+    p_count, g_count = low.shape
+    first, last = np.int64(1) << 62, np.int64(-1)
+    for p in range(p_count):
+        for g in range(g_count):
+            if valid[p, g]:
+                first = min(first, np.int64(low[p, g]))
+                last = max(last, np.int64(high[p, g]))
+    local_low = np.zeros((p_count, g_count), np.int64)
+    local_high = np.zeros((p_count, g_count), np.int64)
+    if last < 0:
+        return np.zeros(0, np.int64), local_low, local_high
+    span = last - first + 1
+    listed = 2 * p_count * g_count
+    if span <= listed:  # the contiguous span
+        cells = np.arange(first, last + 1)
+        for p in range(p_count):
+            for g in range(g_count):
+                if valid[p, g]:
+                    local_low[p, g] = low[p, g] - first
+                    local_high[p, g] = high[p, g] - first
+        return cells, local_low, local_high
+    cells = np.zeros(listed, np.int64)  # the two taps of each sample, one after the other
+    for p in range(p_count):
+        for g in range(g_count):
+            s = 2 * (p * g_count + g)
+            if valid[p, g]:
+                cells[s], cells[s + 1] = low[p, g], high[p, g]
+            local_low[p, g], local_high[p, g] = s, s + 1
+    return cells, local_low, local_high
+
+
+@nb.njit(parallel=True, cache=True, nogil=True)
+def roi_align_forward(feat, batch, y_low, y_high, y_wlow, y_whigh, y_valid, x_low, x_high, x_wlow, x_whigh,
+                      x_valid, count, out, block):
+    """feat [N, C, H, W]; batch [K]; y tables [K, PH, GY]; x tables [K, PW, GX]; count [K] (``max(gh * gw, 1)``
+    in the map's dtype); out [K, C, PH, PW], written."""
+    k_count, channels = batch.shape[0], feat.shape[1]
+    ph_count, gy_count = y_low.shape[1], y_low.shape[2]
+    pw_count, gx_count = x_low.shape[1], x_low.shape[2]
+    for k in nb.prange(k_count):
+        n = batch[k]
+        rows, ry0, ry1 = _local_axis(y_low[k], y_high[k], y_valid[k])
+        cols, rx0, rx1 = _local_axis(x_low[k], x_high[k], x_valid[k])
+        nr, nc = rows.shape[0], cols.shape[0]
+        scratch = np.empty((nr, nc, block), feat.dtype)
+        acc = np.empty(block, feat.dtype)
+        for c0 in range(0, channels, block):
+            cb = min(block, channels - c0)
+            for cc in range(cb):
+                plane = feat[n, c0 + cc]
+                for i in range(nr):
+                    row = plane[rows[i]]
+                    for j in range(nc):
+                        scratch[i, j, cc] = row[cols[j]]
+            for ph in range(ph_count):
+                for pw in range(pw_count):
+                    acc[:] = 0
+                    for iy in range(gy_count):
+                        if not y_valid[k, ph, iy]:
+                            continue
+                        a0, a1 = ry0[ph, iy], ry1[ph, iy]
+                        hy, ly = y_wlow[k, ph, iy], y_whigh[k, ph, iy]
+                        for ix in range(gx_count):
+                            if not x_valid[k, pw, ix]:
+                                continue
+                            b0, b1 = rx0[pw, ix], rx1[pw, ix]
+                            hx, lx = x_wlow[k, pw, ix], x_whigh[k, pw, ix]
+                            w1, w2, w3, w4 = hy * hx, hy * lx, ly * hx, ly * lx
+                            s00, s01 = scratch[a0, b0], scratch[a0, b1]
+                            s10, s11 = scratch[a1, b0], scratch[a1, b1]
+                            for cc in range(cb):
+                                acc[cc] += w1 * s00[cc] + w2 * s01[cc] + w3 * s10[cc] + w4 * s11[cc]
+                    for cc in range(cb):
+                        out[k, c0 + cc, ph, pw] = acc[cc] / count[k]
+
+
+@nb.njit(parallel=True, cache=True, nogil=True)
+def roi_align_forward_cl(feat, c0, batch, y_low, y_high, y_wlow, y_whigh, y_valid, x_low, x_high, x_wlow, x_whigh,
+                         x_valid, count, out):
+    """As :func:`roi_align_forward`, reading a channels-last block ``feat`` [N, H, W, B] (the map's channels
+    ``c0 .. c0 + B``) in place of per-box copies: for boxes that together read more cells than the map has."""
+    k_count, cb = batch.shape[0], feat.shape[3]
+    ph_count, gy_count = y_low.shape[1], y_low.shape[2]
+    pw_count, gx_count = x_low.shape[1], x_low.shape[2]
+    for k in nb.prange(k_count):
+        image = feat[batch[k]]
+        acc = np.empty(cb, feat.dtype)
+        for ph in range(ph_count):
+            for pw in range(pw_count):
+                acc[:] = 0
+                for iy in range(gy_count):
+                    if not y_valid[k, ph, iy]:
+                        continue
+                    a0, a1 = y_low[k, ph, iy], y_high[k, ph, iy]
+                    hy, ly = y_wlow[k, ph, iy], y_whigh[k, ph, iy]
+                    for ix in range(gx_count):
+                        if not x_valid[k, pw, ix]:
+                            continue
+                        b0, b1 = x_low[k, pw, ix], x_high[k, pw, ix]
+                        hx, lx = x_wlow[k, pw, ix], x_whigh[k, pw, ix]
+                        w1, w2, w3, w4 = hy * hx, hy * lx, ly * hx, ly * lx
+                        s00, s01 = image[a0, b0], image[a0, b1]
+                        s10, s11 = image[a1, b0], image[a1, b1]
+                        for cc in range(cb):
+                            acc[cc] += w1 * s00[cc] + w2 * s01[cc] + w3 * s10[cc] + w4 * s11[cc]
+                for cc in range(cb):
+                    out[k, c0 + cc, ph, pw] = acc[cc] / count[k]
+
+
+@nb.njit(parallel=True, cache=True, nogil=True)
+def roi_align_backward(grad, batch, y_low, y_high, y_wlow, y_whigh, y_valid, x_low, x_high, x_wlow, x_whigh,
+                       x_valid, count, out):
+    """grad [K, C, PH, PW]; tables as the forward's (count: ``gh * gw``); out [N, C, H, W] (zeros), added into."""
+    k_count, channels = grad.shape[0], grad.shape[1]
+    ph_count, gy_count = y_low.shape[1], y_low.shape[2]
+    pw_count, gx_count = x_low.shape[1], x_low.shape[2]
+    for c in nb.prange(channels):
+        for k in range(k_count):
+            plane = out[batch[k], c]
+            for ph in range(ph_count):
+                for pw in range(pw_count):
+                    g = grad[k, c, ph, pw]
+                    for iy in range(gy_count):
+                        if not y_valid[k, ph, iy]:
+                            continue
+                        r0, r1 = y_low[k, ph, iy], y_high[k, ph, iy]
+                        hy, ly = y_wlow[k, ph, iy], y_whigh[k, ph, iy]
+                        for ix in range(gx_count):
+                            if not x_valid[k, pw, ix]:
+                                continue
+                            q0, q1 = x_low[k, pw, ix], x_high[k, pw, ix]
+                            hx, lx = x_wlow[k, pw, ix], x_whigh[k, pw, ix]
+                            plane[r0, q0] += g * (hy * hx) / count[k]
+                            plane[r0, q1] += g * (hy * lx) / count[k]
+                            plane[r1, q0] += g * (ly * hx) / count[k]
+                            plane[r1, q1] += g * (ly * lx) / count[k]
+
+
+@nb.njit(parallel=True, cache=True, nogil=True)
+def roi_pool_forward(feat, batch, h_start, h_end, w_start, w_end, out, argmax, block):
+    """feat [N, C, H, W]; batch [K]; bin edges [K, PH] / [K, PW] (int64, clipped to the map); out [K, C, PH, PW]
+    and argmax (int32, the cell ``h * W + w``, -1 for an empty bin or no winner), written."""
+    k_count, channels, width = batch.shape[0], feat.shape[1], feat.shape[3]
+    ph_count, pw_count = h_start.shape[1], w_start.shape[1]
+    for k in nb.prange(k_count):
+        n = batch[k]
+        r0, r1 = h_start[k].min(), h_end[k].max()
+        q0, q1 = w_start[k].min(), w_end[k].max()
+        nr, nc = max(r1 - r0, 0), max(q1 - q0, 0)
+        scratch = np.empty((nr, nc, block), feat.dtype)
+        best = np.empty(block, feat.dtype)
+        where = np.empty(block, np.int32)
+        for c0 in range(0, channels, block):
+            cb = min(block, channels - c0)
+            for cc in range(cb):
+                plane = feat[n, c0 + cc]
+                for i in range(nr):
+                    row = plane[r0 + i]
+                    for j in range(nc):
+                        scratch[i, j, cc] = row[q0 + j]
+            for ph in range(ph_count):
+                hs, he = h_start[k, ph], h_end[k, ph]
+                for pw in range(pw_count):
+                    ws, we = w_start[k, pw], w_end[k, pw]
+                    if he <= hs or we <= ws:  # an empty bin
+                        for cc in range(cb):
+                            out[k, c0 + cc, ph, pw] = 0
+                            argmax[k, c0 + cc, ph, pw] = -1
+                        continue
+                    best[:] = LOWEST32
+                    where[:] = -1
+                    for h in range(hs, he):
+                        for w in range(ws, we):
+                            cell = np.int32(h * width + w)
+                            values = scratch[h - r0, w - q0]
+                            for cc in range(cb):
+                                v, b = values[cc], best[cc]
+                                wins = v > b
+                                best[cc] = v if wins else b
+                                where[cc] = cell if wins else where[cc]
+                    for cc in range(cb):
+                        out[k, c0 + cc, ph, pw] = best[cc]
+                        argmax[k, c0 + cc, ph, pw] = where[cc]
+
+
+@nb.njit(parallel=True, cache=True, nogil=True)
+def roi_pool_forward_cl(feat, c0, batch, h_start, h_end, w_start, w_end, out, argmax):
+    """As :func:`roi_pool_forward`, reading a channels-last block ``feat`` [N, H, W, B] (channels ``c0 .. c0 + B``)."""
+    k_count, width, cb = batch.shape[0], feat.shape[2], feat.shape[3]
+    ph_count, pw_count = h_start.shape[1], w_start.shape[1]
+    for k in nb.prange(k_count):
+        image = feat[batch[k]]
+        best = np.empty(cb, feat.dtype)
+        where = np.empty(cb, np.int32)
+        for ph in range(ph_count):
+            hs, he = h_start[k, ph], h_end[k, ph]
+            for pw in range(pw_count):
+                ws, we = w_start[k, pw], w_end[k, pw]
+                if he <= hs or we <= ws:  # an empty bin
+                    for cc in range(cb):
+                        out[k, c0 + cc, ph, pw] = 0
+                        argmax[k, c0 + cc, ph, pw] = -1
+                    continue
+                best[:] = LOWEST32
+                where[:] = -1
+                for h in range(hs, he):
+                    for w in range(ws, we):
+                        cell = np.int32(h * width + w)
+                        values = image[h, w]
+                        for cc in range(cb):
+                            v, b = values[cc], best[cc]
+                            wins = v > b
+                            best[cc] = v if wins else b
+                            where[cc] = cell if wins else where[cc]
+                for cc in range(cb):
+                    out[k, c0 + cc, ph, pw] = best[cc]
+                    argmax[k, c0 + cc, ph, pw] = where[cc]
+
+
+@nb.njit(parallel=True, cache=True, nogil=True)
+def roi_pool_backward(grad, batch, argmax, out):
+    """grad, argmax [K, C, PH, PW]; out [N, C, H * W] (zeros): each bin's gradient added to its argmax cell."""
+    k_count, channels, ph_count, pw_count = grad.shape
+    for c in nb.prange(channels):
+        for k in range(k_count):
+            plane = out[batch[k], c]
+            for ph in range(ph_count):
+                for pw in range(pw_count):
+                    a = argmax[k, c, ph, pw]
+                    if a >= 0:
+                        plane[a] += grad[k, c, ph, pw]

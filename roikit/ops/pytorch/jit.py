@@ -1,0 +1,260 @@
+"""The CPU fast path: numba kernels for RoIAlign (average) and RoIPool, with the plain path as the reference.
+
+``roi_align_forward`` / ``roi_pool_forward`` (and their backwards) in this package call these launchers first on
+CPU tensors; a launcher returns ``None`` for what it does not take (numba missing, the path switched off, max
+pooling, more than ``MAX_SAMPLES`` samples per bin and axis, a map with 2^31 cells or more per plane), and the
+plain path runs instead. The launchers build every table with :mod:`roikit.ops.geometry` (the plain path's code),
+so both paths sample the same points with the same weights.
+
+Results: RoIPool and RoIAlign forward and backward give torchvision's bits (tests/test_jit_kernels.py); the plain
+path's RoIAlign (matrix products) agrees to rounding.
+
+Costs (see docs/benchmarks.md): ``import numba`` about 0.3 s, on the first call of an op; the first call of each
+kernel and dtype compiles it (a few seconds) into numba's cache (``cache=True``: ``__pycache__`` beside this file,
+or ``NUMBA_CACHE_DIR``), and later processes load it from there in well under a second.
+
+Switch: ``ROIKIT_JIT=0`` in the environment, or ``with jit.disabled():`` (the tests use it to run the plain
+path). Threads: torch's ``torch.get_num_threads()``, capped by numba's pool; one kernel runs at a time (numba's
+default thread pool is not re-entrant), so ops called from several Python threads take turns.
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+import os
+import threading
+
+import torch
+from torch import Tensor
+
+from ..geometry import box_cells, clip_edges, compute_dtype, sample_coord, sample_taps, sampling_grid
+from ._crops import CHUNK_BUDGET, box_slices
+
+MAX_SAMPLES = 64  # samples per bin and axis the kernels take (sampling_ratio, or the adaptive ceil(bin))
+CHANNEL_BLOCK = 32  # channels per scratch block of the per-box forward kernels
+TRANSPOSED_BLOCK = 16  # channels per channels-last block of the map (one AVX-512 vector of float32)
+_LOCK = threading.Lock()
+_state = threading.local()
+
+
+@functools.cache
+def _kernels():
+    """The numba kernel module, or None when numba cannot be imported."""
+    try:
+        from . import _numba_kernels
+    except ImportError:
+        return None
+    return _numba_kernels
+
+
+def enabled() -> bool:
+    """True when the numba path is on: numba importable, ``ROIKIT_JIT`` not ``0``, not inside :func:`disabled`."""
+    if getattr(_state, "off", False) or os.environ.get("ROIKIT_JIT", "1") == "0":
+        return False
+    return _kernels() is not None
+
+
+@contextlib.contextmanager
+def disabled():
+    """Run the plain-PyTorch path inside a ``with`` block (this thread)."""
+    previous = getattr(_state, "off", False)
+    _state.off = True
+    try:
+        yield
+    finally:
+        _state.off = previous
+
+
+def _takes(*tensors: Tensor) -> bool:
+    return enabled() and all(t.device.type == "cpu" for t in tensors)
+
+
+@contextlib.contextmanager
+def _launch():
+    """One kernel at a time, on torch's thread count."""
+    import numba
+
+    with _LOCK:
+        numba.set_num_threads(max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)))
+        yield _kernels()
+
+
+def _channel_chunks(input: Tensor, dtype: torch.dtype):
+    """``(c0, c1, map)``: the map's channels as contiguous [N, c, H, W] arrays in ``dtype``; one chunk when it already
+    is one, else chunks of at most CHUNK_BUDGET values (a converted copy never exceeds that)."""
+    n, c, h, w = input.shape
+    if input.dtype == dtype and input.is_contiguous():
+        yield 0, c, input
+        return
+    step = max(1, CHUNK_BUDGET // max(n * h * w, 1))
+    for c0 in range(0, c, step):
+        c1 = min(c0 + step, c)
+        yield c0, c1, input[:, c0:c1].to(dtype).contiguous()
+
+
+def _box_slices(count: int, per_box: int):
+    """Slices of boxes whose tables hold at most CHUNK_BUDGET entries together."""
+    step = max(1, CHUNK_BUDGET // max(per_box, 1))
+    for start in range(0, count, step):
+        yield slice(start, min(start + step, count))
+
+
+# ---------------------------------------------------------------- RoIAlign
+def _axis_table(start: Tensor, bin_size: Tensor, grid: Tensor, pooled: int, most: int, length: int):
+    """Sample taps of one axis, [K, P, G] each: low, high (int32), w_low, w_high, valid (see ``sample_taps``)."""
+    p = torch.arange(pooled)[None, :, None]
+    i = torch.arange(most)[None, None, :]
+    coord = sample_coord(start[:, None, None], bin_size[:, None, None], grid[:, None, None], p, i)
+    valid = (i < grid[:, None, None]) & (coord >= -1.0) & (coord <= length)
+    low, high, w_low, w_high = sample_taps(coord, valid, length)
+    return low.int(), high.int(), w_low.contiguous(), w_high.contiguous(), valid
+
+
+class _Declined(Exception):
+    """A box this path does not take: the plain path runs the call."""
+
+
+def _align_parts(rois: Tensor, spatial_scale: float, pooled: tuple[int, int], sampling_ratio: int, aligned: bool,
+                 height: int, width: int):
+    """Yield, a slice of boxes at a time, ``(slice, batch, y table, x table, gh * gw)`` with tables of at most
+    CHUNK_BUDGET entries together (so only one slice's tables are held). Raises :class:`_Declined` for a box with
+    more than MAX_SAMPLES samples per bin and axis, or a negative count (a reversed aligned box, adaptive)."""
+    for outer in box_slices(rois.shape[0]):
+        (y1, bin_h, gh), (x1, bin_w, gw) = sampling_grid(rois[outer], spatial_scale, pooled, sampling_ratio, aligned)
+        if not (0 <= int(torch.minimum(gh, gw).min()) and int(torch.maximum(gh, gw).max()) <= MAX_SAMPLES):
+            raise _Declined
+        most_y, most_x = max(int(gh.max()), 1), max(int(gw.max()), 1)
+        batch = rois[outer, 0].long()
+        for sl in _box_slices(outer.stop - outer.start, 4 * (pooled[0] * most_y + pooled[1] * most_x)):
+            y = _axis_table(y1[sl], bin_h[sl], gh[sl], pooled[0], most_y, height)
+            x = _axis_table(x1[sl], bin_w[sl], gw[sl], pooled[1], most_x, width)
+            yield slice(outer.start + sl.start, outer.start + sl.stop), batch[sl].contiguous(), y, x, gh[sl] * gw[sl]
+
+
+def _numpy(tables):
+    return tuple(t.numpy() for t in tables)
+
+
+def _read_cells(low: Tensor, high: Tensor, valid: Tensor) -> Tensor:
+    """Cells one axis of each box copies in the per-box kernels: its span of taps, or two per sample. [K]"""
+    first = torch.where(valid, low, torch.iinfo(low.dtype).max).flatten(1).amin(dim=1)
+    last = torch.where(valid, high, -1).flatten(1).amax(dim=1)
+    return torch.minimum((last.long() - first + 1).clamp(min=0), torch.tensor(2 * low[0].numel()))
+
+
+def _use_channels_last(cells: int, input: Tensor) -> bool:
+    """Read channels-last blocks of the whole map rather than a copy of each box's cells: when the boxes together
+    copy more than a quarter of the map's cells (torch transposes the map about 4 to 5 times faster per value
+    than the kernels copy a box's cells)."""
+    n, _, h, w = input.shape
+    return 4 * cells > n * h * w
+
+
+def _channels_last_blocks(input: Tensor, dtype: torch.dtype):
+    """``(c0, block)``: the map as channels-last [N, H, W, B] blocks in ``dtype``, each at most TRANSPOSED_BLOCK
+    channels and CHUNK_BUDGET / 2 values; one block is held at a time (bounded by the map and a fixed chunk)."""
+    n, c, h, w = input.shape
+    step = max(1, min(TRANSPOSED_BLOCK, CHUNK_BUDGET // 2 // max(n * h * w, 1)))
+    block = None
+    for c0 in range(0, c, step):
+        del block  # the previous block goes before the next is made
+        block = input[:, c0:c0 + step].permute(0, 2, 3, 1).to(dtype).contiguous()
+        yield c0, block
+
+
+def roi_align_forward(input: Tensor, rois: Tensor, spatial_scale: float, pooled_height: int, pooled_width: int,
+                      sampling_ratio: int, aligned: bool) -> Tensor | None:
+    """Average RoIAlign [K, C, PH, PW] in the map's dtype, or None when this path does not take the call."""
+    n, c, h, w = input.shape
+    if not _takes(input, rois) or h * w >= 2**31:
+        return None
+    dtype = compute_dtype(rois)
+    pooled = (pooled_height, pooled_width)
+    out = torch.empty((rois.shape[0], c, pooled_height, pooled_width), dtype=dtype)
+    try:
+        with _launch() as kernels:
+            for sl, batch, y, x, count in _align_parts(rois, spatial_scale, pooled, sampling_ratio, aligned, h, w):
+                tables = (batch.numpy(), *_numpy(y), *_numpy(x), count.clamp(min=1).to(dtype).numpy())
+                cells = int((_read_cells(*y[:2], y[4]) * _read_cells(*x[:2], x[4])).sum())
+                if _use_channels_last(cells, input):
+                    for c0, block in _channels_last_blocks(input, dtype):
+                        kernels.roi_align_forward_cl(block.numpy(), c0, *tables, out[sl].numpy())
+                    continue
+                for c0, c1, feat in _channel_chunks(input, dtype):
+                    whole = (c0, c1) == (0, c)
+                    part = out[sl] if whole else torch.empty((sl.stop - sl.start, c1 - c0, *pooled), dtype=dtype)
+                    kernels.roi_align_forward(feat.numpy(), *tables, part.numpy(), CHANNEL_BLOCK)
+                    if not whole:
+                        out[sl, c0:c1] = part
+    except _Declined:
+        return None
+    return out.to(input.dtype)
+
+
+def roi_align_backward(grad: Tensor, rois: Tensor, spatial_scale: float, pooled_height: int, pooled_width: int,
+                       shape: tuple[int, int, int, int], sampling_ratio: int, aligned: bool) -> Tensor | None:
+    """Gradient of average RoIAlign with respect to the map, [N, C, H, W] in ``grad``'s dtype, or None."""
+    n, c, h, w = shape
+    if not _takes(grad, rois) or h * w >= 2**31:
+        return None
+    dtype = compute_dtype(rois)
+    pooled = (pooled_height, pooled_width)
+    out = torch.zeros(shape, dtype=grad.dtype)
+    try:
+        with _launch() as kernels:
+            for c0, c1, g in _channel_chunks(grad, dtype):
+                part = out if grad.dtype == dtype and (c0, c1) == (0, c) else \
+                    torch.zeros((n, c1 - c0, h, w), dtype=dtype)
+                for sl, batch, y, x, count in _align_parts(rois, spatial_scale, pooled, sampling_ratio, aligned, h, w):
+                    kernels.roi_align_backward(g[sl].contiguous().numpy(), batch.numpy(), *_numpy(y), *_numpy(x),
+                                               count.to(dtype).numpy(), part.numpy())
+                if part is not out:
+                    out[:, c0:c1] = part
+    except _Declined:
+        return None
+    return out
+
+
+# ---------------------------------------------------------------- RoIPool
+def roi_pool_forward(input: Tensor, rois: Tensor, spatial_scale: float, pooled_height: int, pooled_width: int,
+                     rounding: str) -> tuple[Tensor, Tensor] | None:
+    """RoIPool's output [K, C, PH, PW] in the map's dtype and argmax (int32), or None."""
+    n, c, h, w = input.shape
+    if not _takes(input, rois) or h * w >= 2**31:
+        return None
+    k = rois.shape[0]
+    pooled = (pooled_height, pooled_width)
+    dtype = input.dtype if input.dtype in (torch.float32, torch.float64) else torch.float32
+    out = torch.empty((k, c, pooled_height, pooled_width), dtype=dtype)
+    argmax = torch.empty((k, c, pooled_height, pooled_width), dtype=torch.int32)
+    with _launch() as kernels:
+        for sl in _box_slices(k, 4 * (pooled_height + pooled_width)):
+            (hs, he), (ws, we) = clip_edges(box_cells(rois[sl], spatial_scale, pooled, rounding), (h, w))
+            rows = (he.amax(dim=1) - hs.amin(dim=1)).clamp(min=0)
+            cells = int((rows * (we.amax(dim=1) - ws.amin(dim=1)).clamp(min=0)).sum())
+            tables = tuple(t.contiguous().numpy() for t in (rois[sl, 0].long(), hs, he, ws, we))
+            if _use_channels_last(cells, input):
+                for c0, block in _channels_last_blocks(input, dtype):
+                    kernels.roi_pool_forward_cl(block.numpy(), c0, *tables, out[sl].numpy(), argmax[sl].numpy())
+                continue
+            for c0, c1, feat in _channel_chunks(input, dtype):
+                whole = (c0, c1) == (0, c)
+                part = out[sl] if whole else torch.empty((sl.stop - sl.start, c1 - c0, *pooled), dtype=dtype)
+                arg = argmax[sl] if whole else torch.empty(part.shape, dtype=torch.int32)
+                kernels.roi_pool_forward(feat.numpy(), *tables, part.numpy(), arg.numpy(), CHANNEL_BLOCK)
+                if not whole:
+                    out[sl, c0:c1] = part
+                    argmax[sl, c0:c1] = arg
+    return out.to(input.dtype), argmax
+
+
+def roi_pool_backward(grad: Tensor, rois: Tensor, argmax: Tensor, shape: tuple[int, int, int, int]) -> Tensor | None:
+    """RoIPool's gradient with respect to the map, [N, C, H, W] in ``grad``'s dtype, or None."""
+    n, c, h, w = shape
+    if not _takes(grad, rois) or grad.dtype not in (torch.float32, torch.float64):
+        return None
+    out = torch.zeros((n, c, h * w), dtype=grad.dtype)
+    with _launch() as kernels:
+        kernels.roi_pool_backward(grad.contiguous().numpy(), rois[:, 0].long().contiguous().numpy(),
+                                  argmax.contiguous().numpy(), out.numpy())
+    return out.reshape(shape)
