@@ -133,10 +133,11 @@ def _windows(g: RotatedGrid, pooled: tuple[int, int], height: int, width: int):
     return rows, cols
 
 
-def _blocks(g: RotatedGrid, rows, cols, pooled: tuple[int, int], height: int, width: int, channels: int):
-    """Groups of boxes and, in each, blocks of their sample windows of at most CHUNK_BUDGET values: yields
-    ``(idx, taps, weights, valid)`` with ``taps`` [B, PH, PW, S, 4] (flat row index into the channels-last map),
-    ``weights`` [B, PH, PW, S, 4] and ``valid`` [B, PH, PW, S, 1] (the sample lies in ``[-1, H] x [-1, W]``)."""
+def _groups(g: RotatedGrid, rows, cols, pooled: tuple[int, int], height: int, width: int, channels: int):
+    """Groups of boxes, each with an iterator over blocks of their sample windows of at most CHUNK_BUDGET values:
+    yields ``(idx, blocks)``; a block is ``(taps, weights, valid)`` with ``taps`` [B, PH, PW, S, 4] (flat row index
+    into the channels-last map), ``weights`` [B, PH, PW, S, 4] and ``valid`` [B, PH, PW, S, 1] (the sample lies in
+    ``[-1, H] x [-1, W]``). Boxes without a sample on the map are in no group."""
     (lo_y, n_y), (lo_x, n_x) = rows, cols
     ph_n, pw_n = pooled
     per_slot = 4 * (channels + 8)  # 4 taps: gathered values, indices, weights
@@ -149,10 +150,9 @@ def _blocks(g: RotatedGrid, rows, cols, pooled: tuple[int, int], height: int, wi
         unit = len(idx) * ph_n * pw_n * per_slot
         sx = min(mx, max(1, CHUNK_BUDGET // unit))
         sy = min(my, max(1, CHUNK_BUDGET // (unit * sx)))
-        for ty in range(0, my, sy):
-            for tx in range(0, mx, sx):
-                yield idx, *_samples(g, idx, (lo_y[idx], n_y[idx]), (lo_x[idx], n_x[idx]), ty, min(sy, my - ty),
-                                     tx, min(sx, mx - tx), pooled, height, width)
+        window = (lo_y[idx], n_y[idx]), (lo_x[idx], n_x[idx])
+        yield idx, (_samples(g, idx, *window, ty, min(sy, my - ty), tx, min(sx, mx - tx), pooled, height, width)
+                    for ty in range(0, my, sy) for tx in range(0, mx, sx))
 
 
 def _samples(g: RotatedGrid, idx: Tensor, rows, cols, ty: int, sy: int, tx: int, sx: int, pooled, height: int,
@@ -209,17 +209,18 @@ def roi_align_rotated_forward(input: Tensor, rois: Tensor, spatial_scale: float,
         g = rotated_grid(rois[sl], spatial_scale, pooled, sampling_ratio, aligned, clockwise, radians)
         rows, cols = _windows(g, pooled, h, w)
         acc = torch.zeros((sl.stop - sl.start, pooled_height, pooled_width, c), dtype=dtype, device=input.device)
-        for idx, taps, weights, valid in _blocks(g, rows, cols, pooled, h, w, c):
-            b = idx.shape[0]
-            read = values.index_select(0, taps.reshape(-1)).reshape(*taps.shape, c)  # [B, PH, PW, S, 4, C]
-            if finite:  # off-map samples have weight 0 and read a cell of the map: one product per bin
-                wt = weights.reshape(b * pooled_height * pooled_width, 1, -1)
-                part = torch.bmm(wt, read.reshape(wt.shape[0], -1, c)).reshape(b, pooled_height, pooled_width, c)
-            else:  # a sample off the map must not read (its cell may hold NaN): per-sample sums, then masked
-                sample = (weights[..., None] * read).sum(dim=-2)  # [B, PH, PW, S, C]
-                part = torch.where(valid, sample, 0.0).sum(dim=-2)
-            acc.index_add_(0, idx, part)
-        acc = acc / _counts(g, torch.arange(sl.stop - sl.start, device=input.device), dtype)
+        for idx, blocks in _groups(g, rows, cols, pooled, h, w, c):
+            b, total = idx.shape[0], 0.0
+            for taps, weights, valid in blocks:
+                read = values.index_select(0, taps.reshape(-1)).reshape(*taps.shape, c)  # [B, PH, PW, S, 4, C]
+                if finite:  # off-map samples have weight 0 and read a cell of the map: one product per bin
+                    wt = weights.reshape(b * pooled_height * pooled_width, 1, -1)
+                    part = torch.bmm(wt, read.reshape(wt.shape[0], -1, c))
+                    total = total + part.reshape(b, pooled_height, pooled_width, c)
+                else:  # a sample off the map must not read (its cell may hold NaN): per-sample sums, then masked
+                    sample = (weights[..., None] * read).sum(dim=-2)  # [B, PH, PW, S, C]
+                    total = total + torch.where(valid, sample, 0.0).sum(dim=-2)
+            acc.index_copy_(0, idx, total / _counts(g, idx, dtype))  # the groups are disjoint
         out[sl] = acc.permute(0, 3, 1, 2).to(out.dtype)
     return out
 
@@ -240,8 +241,9 @@ def roi_align_rotated_backward(grad: Tensor, rois: Tensor, spatial_scale: float,
         g = rotated_grid(rois[sl], spatial_scale, pooled, sampling_ratio, aligned, clockwise, radians)
         rows, cols = _windows(g, pooled, height, width)
         per_bin = grad[sl].to(dtype).permute(0, 2, 3, 1)  # [B, PH, PW, C]
-        for idx, taps, weights, valid in _blocks(g, rows, cols, pooled, height, width, channels):
+        for idx, blocks in _groups(g, rows, cols, pooled, height, width, channels):
             gb = (per_bin[idx] / _counts(g, idx, dtype))[:, :, :, None, None, :]  # [B, PH, PW, 1, 1, C]
-            part = torch.where(valid[..., None], weights[..., None] * gb, 0.0)  # [B, PH, PW, S, 4, C]
-            out.index_add_(0, taps.reshape(-1), part.reshape(-1, channels))
+            for taps, weights, valid in blocks:
+                part = torch.where(valid[..., None], weights[..., None] * gb, 0.0)  # [B, PH, PW, S, 4, C]
+                out.index_add_(0, taps.reshape(-1), part.reshape(-1, channels))
     return out.reshape(batch_size, height, width, channels).permute(0, 3, 1, 2).to(grad.dtype).contiguous()
