@@ -421,6 +421,25 @@ def test_non_finite_angle_past_the_checks_pools_zero(angle):
         assert bool(torch.isfinite(x.grad).all())
 
 
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_cell_reaches_only_the_bins_that_read_it(bad):
+    """roikit's rule (as its roi_align): an output is non-finite only if one of its samples reads the cell, through
+    any of its 4 taps; a sample off the map reads nothing (detectron2's and mmcv's CPU kernels read cell (0, 0) with
+    weight 0 for it, so a NaN there spreads to every box with an off-map sample)."""
+    x = torch.randn(1, 1, 6, 6, dtype=torch.float64)
+    x[0, 0, 0, 0] = bad
+    rois = torch.tensor([[0, 5.0, 5.0, 4.0, 4.0, 45.0],  # off the map partly, far from cell (0, 0)
+                         [0, 0.5, 0.5, 1.0, 1.0, 0.0]], dtype=torch.float64)  # samples on cells 0 and 1
+    finite = x.clone()
+    finite[0, 0, 0, 0] = 0.0
+    out = roi_align_rotated(x, rois, 2, 2.0, 1)
+    torch.testing.assert_close(out[0], roi_align_rotated(finite, rois, 2, 2.0, 1)[0], atol=0, rtol=0)
+    assert bool(torch.isfinite(out[0]).all())
+    expected, _ = naive(x, rois[1:], (2, 2), 2.0, 1)
+    torch.testing.assert_close(out[1:], expected, equal_nan=True)
+    assert not bool(torch.isfinite(out[1]).all())
+
+
 # ---------------------------------------------------------------- bounded work for huge boxes
 X = torch.randn(1, 8, 20, 20, generator=torch.Generator().manual_seed(0))
 

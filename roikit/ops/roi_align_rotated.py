@@ -48,7 +48,8 @@ def roi_align_rotated(
         sampling_ratio (int): samples per bin along each axis; ``<= 0`` takes ``ceil(bin size)`` samples.
         aligned (bool): ``True`` (the default, and detectron2's only mode) shifts the centre by -0.5 cell: cell
             ``(u, v)`` is centred on pixel ``((v + 0.5) s, (u + 0.5) s)``. ``False`` is mmcv's legacy mode: no
-            shift, and boxes forced to at least 1 x 1 cell.
+            shift, and boxes forced to at least 1 x 1 cell about their centre (``roi_align(aligned=False)`` grows
+            a small box from its top-left corner instead; otherwise an angle-0 box equals ``roi_align``'s).
         clockwise (bool): ``False`` (the default): a positive angle turns the box counterclockwise as seen on the
             image (y pointing down), as detectron2's ``RotatedBoxes``. ``True`` negates the angle (mmcv's flag).
         angle_unit (str): ``"degrees"`` (detectron2) or ``"radians"`` (mmcv).
