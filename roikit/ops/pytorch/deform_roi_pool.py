@@ -31,7 +31,7 @@ import torch
 from torch import Tensor
 
 from ..geometry import MAX_CELLS, compute_dtype, sample_coord, sampling_grid
-from ._crops import BOX_SLICE, Axis, FeatureRows, add_back
+from ._crops import BOX_SLICE, Axis, FeatureRows, crop_index
 from .roi_align import _groups, _samples, roi_align_backward, roi_align_forward
 
 MAX_START = 2.0**60  # a box corner moved by an offset, in cells, is clamped to +-2^60 (NaN: off the map)
@@ -108,6 +108,17 @@ def _bin_axis(start: Tensor, bin_size: Tensor, grid: Tensor, length: int, with_t
     return axis, scatter(-moving, moving)
 
 
+def _bin_weights(y: Tensor, x: Tensor) -> Tensor:
+    """Each bin's weight on each cell of its crop, ``wy (x) wx``: [B, Ly * Lx]."""
+    return (y[:, 0, :, None] * x[:, 0, None, :]).flatten(1)
+
+
+def _read(rows: Tensor, index: Tensor, weight: Tensor) -> Tensor:
+    """``sum_l weight[b, l] * rows[index[b, l]]`` for every bin: [B, C] (one fused gather, no crop in memory)."""
+    return torch.nn.functional.embedding_bag(index.flatten(1), rows, per_sample_weights=weight.to(rows.dtype),
+                                             mode="sum")
+
+
 def _bins(rois: Tensor, offset: Tensor, spatial_scale: float, pooled: tuple[int, int], sampling_ratio: int,
           gamma: float):
     """The bins of a slice of boxes as boxes of their own, flattened to [B = K * PH * PW]: sizes for ``_groups``
@@ -143,17 +154,22 @@ def deform_roi_pool_forward(input: Tensor, rois: Tensor, offset: Tensor | None, 
     if k == 0 or input.numel() == 0:
         return out
     feat = FeatureRows(input, compute_dtype(rois))
-    for sl in _slices(k, pooled_height * pooled_width):
+    bins = pooled_height * pooled_width
+    for sl in _slices(k, bins):
         sizes, box = _bins(rois[sl], offset[sl], spatial_scale, pooled, sampling_ratio, gamma)
         (sy, bin_h, gh), (sx, bin_w, gw) = sizes
         batch = rois[sl, 0].long()[box]
-        view = out[sl]
+        values = out.new_empty((box.shape[0], c))  # [K' * PH * PW, C]: the slice's bins, one row each
         for idx in _groups(sizes, (1, 1), (h, w), c, False, reads=1 if feat.finite else 6):
             ay, _ = _bin_axis(sy[idx], bin_h[idx], gh[idx], h, not feat.finite, False)
             ax, _ = _bin_axis(sx[idx], bin_w[idx], gw[idx], w, not feat.finite, False)
-            value = feat.read(batch[idx], ay, ax)[:, 0, 0]  # [B, C]
-            p = idx % (pooled_height * pooled_width)
-            view[box[idx], :, p // pooled_width, p % pooled_width] = value.to(out.dtype)
+            if feat.finite:
+                index = crop_index(batch[idx], ay.cells, ax.cells, h, w)
+                value = _read(feat.rows, index, _bin_weights(ay.weight, ax.weight))
+            else:  # the tap rules for non-finite cells
+                value = feat.read(batch[idx], ay, ax)[:, 0, 0]
+            values.index_copy_(0, idx, value.to(out.dtype))
+        out[sl] = values.reshape(-1, pooled_height, pooled_width, c).permute(0, 3, 1, 2)
     return out
 
 
@@ -189,11 +205,13 @@ def deform_roi_pool_backward(grad: Tensor, input: Tensor, rois: Tensor, offset: 
             ax, slope_x = _bin_axis(sx[idx], bin_w[idx], gw[idx], w, False, offset_grad)
             k_, p = box[idx], idx % bins
             g = g_slice[k_, :, p // pooled_width, p % pooled_width].to(dtype)  # [B, C]
-            add_back(g[:, None, None, :], gin, shape, batch[idx], ay, ax)
+            index = crop_index(batch[idx], ay.cells, ax.cells, h, w).flatten(1)  # [B, Ly * Lx]
+            weight = _bin_weights(ay.weight, ax.weight)
+            gin.index_add_(0, index.reshape(-1), (weight[:, :, None] * g[:, None, :]).reshape(-1, c))
             if not offset_grad:
                 continue
-            d_x = (feat.read(batch[idx], ay, Axis(ax.cells, slope_x))[:, 0, 0] * g).sum(dim=1)  # [B]
-            d_y = (feat.read(batch[idx], Axis(ay.cells, slope_y), ax)[:, 0, 0] * g).sum(dim=1)
+            d_x = (_read(feat.rows, index, _bin_weights(ay.weight, slope_x)) * g).sum(dim=1)  # [B]
+            d_y = (_read(feat.rows, index, _bin_weights(slope_y, ax.weight)) * g).sum(dim=1)
             if not feat.finite:  # a bin that reads a non-finite cell: NaN (its taps, as the forward reads them)
                 ty, _ = _bin_axis(sy[idx], bin_h[idx], gh[idx], h, True, False)
                 tx, _ = _bin_axis(sx[idx], bin_w[idx], gw[idx], w, True, False)
