@@ -13,12 +13,14 @@ and averages ``gh * gw`` bilinear samples at ``start + (i + 0.5) * bin / g`` (a 
 (``None``) is roi_align with ``aligned=True``, and runs as that op.
 
 **Each bin is a tiny RoIAlign.** With an offset the sample rows of a bin depend on the bin, not on its row alone,
-so the row-times-column factorisation of ``roi_align`` holds per bin: every bin is a box of one bin, read through
-``Wy @ crop @ Wx^T`` with the same crops, sample runs (bisection: only the samples on the map are read), memory-
-bounded groups and non-finite tap rules as ``roi_align`` (see ``roi_align.py`` and ``_crops.py``).
+so the row-times-column factorisation of ``roi_align`` holds per bin: every bin is a box of one bin, with the same
+crop cells, sample runs (bisection: only the samples on the map are read), memory-bounded groups and non-finite
+tap rules as ``roi_align`` (see ``roi_align.py`` and ``_crops.py``). A bin's value is ``sum (Wy (x) Wx) * crop``:
+one fused weighted gather (``embedding_bag``) per group of bins on a finite map.
 
-**Gradients.** Features: the transpose of the forward (``add_back``). Offsets: the derivative of the forward, bin by
-bin: ``d out / d offset_x = gamma * roi_w * sum_c grad_c * (Wy @ F_c @ Sx^T)``, where ``Sx`` holds each sample's
+**Gradients.** Features: the transpose of the forward (one ``index_add_`` per group, a fixed order). Offsets: the
+derivative of the forward, bin by bin: ``d out / d offset_x = gamma * roi_w * sum_c grad_c * (Wy @ F_c @ Sx^T)``,
+where ``Sx`` holds each sample's
 slope weights (-1 on its low tap, +1 on its high tap, divided by ``gw``) and is 0 where the forward holds the edge
 value: a sample before the first cell centre (``x < 0``) or at or past the last one (``x >= W - 1``), or off the
 map. mmcv's CUDA kernel differentiates the unclamped bilinear formula instead, so in those border bands its offset
