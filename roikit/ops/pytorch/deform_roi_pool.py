@@ -20,12 +20,11 @@ one fused weighted gather (``embedding_bag``) per group of bins on a finite map.
 
 **Gradients.** Features: the transpose of the forward (one ``index_add_`` per group, a fixed order). Offsets: the
 derivative of the forward, bin by bin: ``d out / d offset_x = gamma * roi_w * sum_c grad_c * (Wy @ F_c @ Sx^T)``,
-where ``Sx`` holds each sample's
-slope weights (-1 on its low tap, +1 on its high tap, divided by ``gw``) and is 0 where the forward holds the edge
-value: a sample before the first cell centre (``x < 0``) or at or past the last one (``x >= W - 1``), or off the
-map. mmcv's CUDA kernel differentiates the unclamped bilinear formula instead, so in those border bands its offset
-gradient is not its forward's derivative; inside the map both agree. A bin that reads a non-finite cell (any of its
-samples' taps, in any channel) has a NaN offset gradient.
+where ``Sx`` holds each sample's slope weights (-1 on its low tap, +1 on its high tap, divided by ``gw``), 0 where
+the forward holds the edge value: a sample before the first cell centre (``x < 0``) or at or past the last one
+(``x >= W - 1``), or off the map. mmcv's CUDA kernel differentiates the unclamped bilinear formula instead, so in
+those border bands its offset gradient is not its forward's derivative; inside the map both agree. A bin that reads
+a non-finite cell (any of its samples' taps, in any channel) has a NaN offset gradient.
 """
 from __future__ import annotations
 
