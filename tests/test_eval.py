@@ -278,3 +278,32 @@ def test_bad_input_is_a_one_line_error(mobilenet_weights, tmp_path, capsys):
         err = capsys.readouterr().err.strip()
         assert len(err.splitlines()) == 1 and err.startswith(f"eval.py: error: {message}"), err
     assert sorted(p.name for p in tmp_path.iterdir()) == []  # nothing written
+
+
+def test_mask_rcnn_weights_load_as_its_box_detector(tmp_path, val_set):
+    """torchvision's Mask R-CNN (the oracle) and its weights loaded as a box detector find the same boxes."""
+    torch.manual_seed(0)
+    mask_rcnn = detection.maskrcnn_resnet50_fpn(weights=None, weights_backbone=None, num_classes=91, min_size=128,
+                                                max_size=160, box_score_thresh=0.0).eval()
+    path = tmp_path / "maskrcnn.pth"
+    torch.save(mask_rcnn.state_dict(), path)
+    boxes_only, names = load_torchvision_detector("maskrcnn_resnet50_fpn", path, min_size=128, max_size=160,
+                                                  box_score_thresh=0.0)
+    assert names == COCO_CATEGORY_NAMES and boxes_only.roi_heads.mask_head is None
+    image = [val_set[0][0]]
+    with torch.no_grad():
+        expected, got = mask_rcnn(image)[0], boxes_only(image)[0]
+    assert len(expected["boxes"]) > 0
+    for key in ("boxes", "labels", "scores"):
+        torch.testing.assert_close(got[key], expected[key])
+
+
+def test_the_loaded_model_holds_the_files_tensors(mobilenet_weights):
+    """Every tensor of the file, BatchNorm's running statistics included, is in the model as it was saved (finding
+    the pooler's feature maps runs the backbone once: in eval mode, so it changes nothing)."""
+    model, _ = load_torchvision_detector("fasterrcnn_mobilenet_v3_large_fpn", mobilenet_weights)
+    saved = torch.load(mobilenet_weights, weights_only=True)
+    loaded = model.state_dict()
+    assert loaded.keys() == saved.keys() and not model.training
+    assert [k for k in saved if not torch.equal(loaded[k], saved[k])] == []
+    assert model.roi_heads.box_roi_pool.featmap_names == ["0", "1"]  # the maps its backbone gives

@@ -103,8 +103,11 @@ def _pool_only_given_maps(model: GeneralizedRCNN) -> None:
     the same maps, and finds the same levels from their sizes.
     """
     pooler = model.roi_heads.box_roi_pool
+    was_training = model.backbone.training
+    model.backbone.eval()  # in training mode BatchNorm would take this image into its running statistics
     with torch.no_grad():
         given = model.backbone(torch.zeros(1, 3, 64, 64)).keys()  # the names do not depend on the image size
+    model.backbone.train(was_training)
     used = [name for name in pooler.featmap_names if name in given]
     if used != list(pooler.featmap_names):
         pooler.featmap_names = used
