@@ -17,6 +17,7 @@ from .pytorch import multilevel_roi_align as _multilevel
 from .pytorch import prroi_pool as _prroi
 from .pytorch import ps_roi as _ps
 from .pytorch import roi_align as _align
+from .pytorch import roi_align_box_grad as _align_box
 from .pytorch import roi_align_rotated as _rotated
 from .pytorch import roi_pool as _pool
 
@@ -127,6 +128,61 @@ def _roi_align_backward(ctx, grad, _grad_argmax):
 
 
 roi_align_op.register_autograd(_roi_align_backward, setup_context=_roi_align_setup)
+
+
+# ---------------------------------------------------------------- roi_align with box gradients (box_grad=True)
+# The forward is roi_align's own (the same kernels, the same bits); the autograd also differentiates the boxes.
+@torch.library.custom_op("roikit::roi_align_box", mutates_args=())
+def roi_align_box_op(input: Tensor, rois: Tensor, spatial_scale: float, pooled_height: int, pooled_width: int,
+                     sampling_ratio: int, aligned: bool, pool_max: bool) -> tuple[Tensor, Tensor]:
+    return _align.roi_align_forward(input, rois, spatial_scale, pooled_height, pooled_width, sampling_ratio, aligned,
+                                    pool_max)
+
+
+@roi_align_box_op.register_fake
+def _(input, rois, spatial_scale, pooled_height, pooled_width, sampling_ratio, aligned, pool_max):
+    shape = (rois.shape[0], input.shape[1], pooled_height, pooled_width)
+    return input.new_empty(shape), input.new_empty(shape if pool_max else (0,), dtype=torch.int64)
+
+
+@torch.library.custom_op("roikit::roi_align_box_grad", mutates_args=())
+def roi_align_box_grad_op(grad: Tensor, input: Tensor, rois: Tensor, output: Tensor, argmax: Tensor,
+                          spatial_scale: float, pooled_height: int, pooled_width: int, sampling_ratio: int,
+                          aligned: bool, pool_max: bool) -> Tensor:
+    return _align_box.roi_align_box_backward(grad, input, rois, output, argmax, spatial_scale, pooled_height,
+                                             pooled_width, sampling_ratio, aligned, pool_max)
+
+
+@roi_align_box_grad_op.register_fake
+def _(grad, input, rois, output, argmax, spatial_scale, pooled_height, pooled_width, sampling_ratio, aligned,
+      pool_max):
+    return rois.new_empty((rois.shape[0], 5))
+
+
+def _roi_align_box_setup(ctx, inputs, output):
+    input, rois, spatial_scale, pooled_height, pooled_width, sampling_ratio, aligned, pool_max = inputs
+    ctx.save_for_backward(input, rois, output[0], output[1])
+    ctx.settings = (spatial_scale, pooled_height, pooled_width, sampling_ratio, aligned, pool_max)
+    ctx.mark_non_differentiable(output[1])
+
+
+def _roi_align_box_backward(ctx, grad, _grad_argmax):
+    input, rois, output, argmax = ctx.saved_tensors
+    spatial_scale, pooled_height, pooled_width, sampling_ratio, aligned, pool_max = ctx.settings
+    grad = grad.contiguous()
+    grad_input = grad_rois = None
+    if ctx.needs_input_grad[0]:
+        grad_input = roi_align_backward_op(grad, rois, argmax, spatial_scale, pooled_height, pooled_width,
+                                           *input.shape, sampling_ratio, aligned, pool_max,
+                                           deterministic_backward_enabled())
+    if ctx.needs_input_grad[1]:
+        grad_rois = roi_align_box_grad_op(grad, input, rois, output, argmax, *ctx.settings)
+    return grad_input, grad_rois, None, None, None, None, None, None
+
+
+roi_align_box_op.register_autograd(_roi_align_box_backward, setup_context=_roi_align_box_setup)
+for _device in ("cpu", "cuda"):  # as every op: the forward in float32 under autocast
+    roi_align_box_op.register_autocast(_device, torch.float32)
 
 
 # ---------------------------------------------------------------- prroi_pool
@@ -492,6 +548,14 @@ def _multilevel_roi_align_backward(grad, rois, spatial_scales, pooled_height, po
     return k.multilevel_roi_align_backward(grad, rois, spatial_scales, pooled_height, pooled_width, batch_size,
                                            channels, heights, widths, sampling_ratio, aligned, canonical_scale,
                                            canonical_level, deterministic)
+
+
+@torch.library.register_kernel("roikit::roi_align_box", "cuda")
+def _roi_align_box(input, rois, spatial_scale, pooled_height, pooled_width, sampling_ratio, aligned, pool_max):
+    k = _triton("roi_align", input)  # roi_align's forward kernels; the box gradient runs the plain path
+    impl = _align if k is None else k
+    return impl.roi_align_forward(input, rois, spatial_scale, pooled_height, pooled_width, sampling_ratio, aligned,
+                                  pool_max)
 
 
 @torch.library.register_kernel("roikit::ps_roi_align", "cuda")

@@ -29,6 +29,7 @@ def roi_align(
     sampling_ratio: int = -1,
     aligned: bool = False,
     pool: str = "avg",
+    box_grad: bool = False,
 ) -> Tensor:
     """Pool each box into ``output_size`` bins from bilinearly interpolated samples: no rounding at all.
 
@@ -44,6 +45,14 @@ def roi_align(
             original Mask R-CNN convention (a half-cell shift, and boxes forced to at least 1 x 1 cell).
         pool (str): ``"avg"`` (the mean of the samples, equal to ``torchvision.ops.roi_align``) or ``"max"``
             (their maximum, as in mmcv's ``pool_mode="max"``).
+        box_grad (bool): ``True`` also differentiates the output with respect to the box corners (x1, y1, x2, y2;
+            the batch index gets 0), so ``boxes`` may require grad; the output is the same. Each sample moves with
+            the box and the bilinear surface under it is linear between cells, so the gradient is exact almost
+            everywhere: it jumps where a sample crosses a cell line or the map's border, where the adaptive sample
+            count ``ceil(bin)`` changes, and (max) where the winning sample changes. With many samples it tends to
+            the box gradient of :func:`roikit.ops.prroi_pool` (the exact integral) for bins on the map, as 1 / g
+            with g samples per axis. The box gradient runs the
+            plain-PyTorch path on every device (``roikit/ops/pytorch/roi_align_box_grad.py``).
 
     A sample outside ``[-1, H] x [-1, W]`` counts as 0; one inside is clamped to the map. Only the samples inside
     are read, so a box far larger than the map costs no more than the map: memory is the map, the output and a
@@ -62,7 +71,9 @@ def roi_align(
     check_choice(pool, "pool", POOLS)
     check_int(sampling_ratio, "sampling_ratio")
     check_bool(aligned, "aligned")
-    out = _library.roi_align_op(input, rois, scale, ph, pw, sampling_ratio, aligned, pool == "max")[0]
+    check_bool(box_grad, "box_grad")
+    op = _library.roi_align_box_op if box_grad else _library.roi_align_op
+    out = op(input, rois, scale, ph, pw, sampling_ratio, aligned, pool == "max")[0]
     return out if dtype is None else out.to(dtype)
 
 
@@ -70,18 +81,20 @@ class RoIAlign(nn.Module):
     """Module form of :func:`roi_align`."""
 
     def __init__(self, output_size: int | tuple[int, int], spatial_scale: float = 1.0, sampling_ratio: int = -1,
-                 aligned: bool = False, pool: str = "avg"):
+                 aligned: bool = False, pool: str = "avg", box_grad: bool = False):
         super().__init__()
         self.output_size = pair(output_size)
         self.spatial_scale = check_spatial_scale(spatial_scale)
         self.sampling_ratio = check_int(sampling_ratio, "sampling_ratio")
         self.aligned = check_bool(aligned, "aligned")
         self.pool = check_choice(pool, "pool", POOLS)
+        self.box_grad = check_bool(box_grad, "box_grad")
 
     def forward(self, input: Tensor, boxes: BoxesType) -> Tensor:
         return roi_align(input, boxes, self.output_size, self.spatial_scale, self.sampling_ratio, self.aligned,
-                         self.pool)
+                         self.pool, self.box_grad)
 
     def extra_repr(self) -> str:
         return (f"output_size={self.output_size}, spatial_scale={self.spatial_scale}, "
-                f"sampling_ratio={self.sampling_ratio}, aligned={self.aligned}, pool={self.pool!r}")
+                f"sampling_ratio={self.sampling_ratio}, aligned={self.aligned}, pool={self.pool!r}"
+                + (", box_grad=True" if self.box_grad else ""))
