@@ -307,3 +307,21 @@ def test_the_loaded_model_holds_the_files_tensors(mobilenet_weights):
     assert loaded.keys() == saved.keys() and not model.training
     assert [k for k in saved if not torch.equal(loaded[k], saved[k])] == []
     assert model.roi_heads.box_roi_pool.featmap_names == ["0", "1"]  # the maps its backbone gives
+
+
+def test_weights_of_frozen_batchnorm_models_load(mobilenet_weights, tmp_path, val_set):
+    """torchvision's own files come from models with FrozenBatchNorm2d, whose state_dict has no num_batches_tracked
+    (the model built here has plain BatchNorm2d): such a file loads and finds what the full one finds."""
+    state = torch.load(mobilenet_weights, weights_only=True)
+    frozen = {k: v for k, v in state.items() if not k.endswith(".num_batches_tracked")}
+    assert len(frozen) < len(state)
+    torch.save(frozen, tmp_path / "frozen.pth")
+    images = [val_set[0][0]]
+    with torch.no_grad():
+        expected = load_torchvision_detector("fasterrcnn_mobilenet_v3_large_fpn", mobilenet_weights,
+                                             min_size=160)[0](images)[0]
+        got = load_torchvision_detector("fasterrcnn_mobilenet_v3_large_fpn", tmp_path / "frozen.pth",
+                                        min_size=160)[0](images)[0]
+    assert len(expected["boxes"]) > 0
+    for key in ("boxes", "labels", "scores"):
+        torch.testing.assert_close(got[key], expected[key], rtol=0, atol=0)

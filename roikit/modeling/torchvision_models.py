@@ -82,6 +82,11 @@ def load_torchvision_detector(name: str, weights: str | Path, device: torch.devi
         raise ValueError(f"weights file {weights} is not a {name} state_dict: it has no {_CLASS_WEIGHT}")
     num_classes = cls.shape[0]
     model = builder(weights=None, weights_backbone=None, num_classes=num_classes, **kwargs)
+    # Built without weights, the model has plain BatchNorm2d where torchvision's weighted builders put
+    # FrozenBatchNorm2d: its files (trained frozen) have no num_batches_tracked, a counter eval mode never reads.
+    counters = {k: torch.zeros_like(v) for k, v in model.state_dict().items()
+                if k.endswith(".num_batches_tracked") and k not in state}
+    state = {**state, **counters}
     missing, unexpected = _key_mismatch(model.state_dict(), state)
     if missing or unexpected:
         which = f"missing {missing[0]!r}" if missing else f"unexpected {unexpected[0]!r}"
