@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -309,18 +310,30 @@ def test_the_loaded_model_holds_the_files_tensors(mobilenet_weights):
     assert model.roi_heads.box_roi_pool.featmap_names == ["0", "1"]  # the maps its backbone gives
 
 
-def test_weights_of_frozen_batchnorm_models_load(mobilenet_weights, tmp_path, val_set):
-    """torchvision's own files come from models with FrozenBatchNorm2d, whose state_dict has no num_batches_tracked
-    (the model built here has plain BatchNorm2d): such a file loads and finds what the full one finds."""
+def _as_before_torchvision_0_13(state: dict) -> dict:
+    """A state_dict as torchvision's own files have it (written before torchvision 0.13 by models with
+    FrozenBatchNorm2d): FPN's and the RPN head's convolutions under their old names, no num_batches_tracked."""
+    old = {}
+    for key, value in state.items():
+        if key.endswith(".num_batches_tracked"):
+            continue
+        key = re.sub(r"(backbone\.fpn\.(?:inner|layer)_blocks\.\d+)\.0\.", r"\1.", key)
+        old[key.replace("rpn.head.conv.0.0.", "rpn.head.conv.")] = value
+    return old
+
+
+def test_weights_files_as_torchvision_writes_them_load(mobilenet_weights, tmp_path, val_set):
+    """A file with the old key names and no BatchNorm counters (what the official files hold) loads, and the model
+    finds exactly what the model of the full file finds."""
     state = torch.load(mobilenet_weights, weights_only=True)
-    frozen = {k: v for k, v in state.items() if not k.endswith(".num_batches_tracked")}
-    assert len(frozen) < len(state)
-    torch.save(frozen, tmp_path / "frozen.pth")
+    old = _as_before_torchvision_0_13(state)
+    assert "backbone.fpn.inner_blocks.0.weight" in old and "rpn.head.conv.weight" in old and len(old) < len(state)
+    torch.save(old, tmp_path / "old.pth")
     images = [val_set[0][0]]
     with torch.no_grad():
         expected = load_torchvision_detector("fasterrcnn_mobilenet_v3_large_fpn", mobilenet_weights,
                                              min_size=160)[0](images)[0]
-        got = load_torchvision_detector("fasterrcnn_mobilenet_v3_large_fpn", tmp_path / "frozen.pth",
+        got = load_torchvision_detector("fasterrcnn_mobilenet_v3_large_fpn", tmp_path / "old.pth",
                                         min_size=160)[0](images)[0]
     assert len(expected["boxes"]) > 0
     for key in ("boxes", "labels", "scores"):

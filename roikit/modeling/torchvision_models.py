@@ -87,12 +87,21 @@ def load_torchvision_detector(name: str, weights: str | Path, device: torch.devi
     counters = {k: torch.zeros_like(v) for k, v in model.state_dict().items()
                 if k.endswith(".num_batches_tracked") and k not in state}
     state = {**state, **counters}
-    missing, unexpected = _key_mismatch(model.state_dict(), state)
+    # torch's loading applies torchvision's own key upgrades (files written before torchvision 0.13, as the
+    # official ones, name FPN's convolutions inner_blocks.0.weight, now inner_blocks.0.0.weight), so the check of
+    # the keys is the one of load_state_dict
+    try:
+        result = model.load_state_dict(state, strict=False)
+    except RuntimeError as e:  # tensors of another shape
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+        first = next((line for line in lines if line.startswith("size mismatch")), lines[-1] if lines else "")
+        raise ValueError(f"weights file {weights} is not a {name} state_dict ({first.rstrip('.')}): is it another "
+                         f"architecture?") from None
+    missing, unexpected = result.missing_keys, result.unexpected_keys
     if missing or unexpected:
         which = f"missing {missing[0]!r}" if missing else f"unexpected {unexpected[0]!r}"
         raise ValueError(f"weights file {weights} is not a {name} state_dict ({len(missing)} keys missing, "
                          f"{len(unexpected)} unexpected; {which}): is it another architecture?")
-    model.load_state_dict(state)
     _pool_only_given_maps(model)
     names = COCO_CATEGORY_NAMES if num_classes == len(COCO_CATEGORY_NAMES) else tuple(
         f"class {i}" for i in range(num_classes))
@@ -143,10 +152,3 @@ def label_to_category_id(class_names: tuple[str, ...], categories: list[dict], w
                 raise ValueError(f"{where}: category id {c['id']} is {c['name']!r}, but COCO's (the model's) id "
                                  f"{c['id']} is {class_names[c['id']]!r}: the file does not use COCO's category ids")
     return labels
-
-
-def _key_mismatch(expected: dict[str, torch.Tensor], state: dict[str, torch.Tensor]) -> tuple[list[str], list[str]]:
-    """Keys of ``expected`` missing from ``state`` or of another shape, and keys of ``state`` not expected."""
-    missing = [k for k, v in expected.items() if k not in state or state[k].shape != v.shape]
-    unexpected = [k for k in state if k not in expected]
-    return missing, unexpected
