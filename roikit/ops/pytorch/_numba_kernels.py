@@ -3,7 +3,11 @@
 Imported only through :mod:`roikit.ops.pytorch.jit`, which builds their tables with :mod:`roikit.ops.geometry`
 (the same code as the plain path) and falls back to the plain path when numba is missing.
 
-**Forward** (one box per parallel task): the cells a box reads are copied, a block of channels at a time, from the
+Every kernel is serial and releases the GIL: it runs boxes (forward) or channels (backward) ``begin .. end``, and
+:mod:`~roikit.ops.pytorch.jit` runs ranges on a thread pool (numba's own ``prange`` compiled these loops about 2x
+slower here, and its thread pools fight torch's).
+
+**Forward** (a range of boxes per call): the cells a box reads are copied, a block of channels at a time, from the
 [N, C, H, W] map into a small channels-last scratch [rows, cols, block]; every bin is then computed for the whole
 block of channels at once (one vector per tap), in the order torchvision's C++ loop uses for each channel:
 
@@ -17,7 +21,7 @@ The rows (columns) copied are the box's contiguous span of read cells, or, when 
 each sample listed one after the other: at most ``min(map, 2 * P * G)`` per axis. Scratch memory per thread is
 ``rows * cols * block`` values: bounded by the map and the block, whatever the box.
 
-**Backward** (one channel per parallel task, so no two tasks write one cell): every box in order adds its bins'
+**Backward** (a range of channels per call, so no two threads write one cell): every box in order adds its bins'
 gradients into its image's plane of that channel, in torchvision's order (boxes, bins, samples, then the taps
 ``g1 .. g4``): the same additions in the same order, so bit for bit torchvision's gradient, on any thread count.
 """
@@ -65,15 +69,15 @@ def _local_axis(low, high, valid):
     return cells, local_low, local_high
 
 
-@nb.njit(parallel=True, cache=True, nogil=True)
-def roi_align_forward(feat, batch, y_low, y_high, y_wlow, y_whigh, y_valid, x_low, x_high, x_wlow, x_whigh,
-                      x_valid, count, out, block):
+@nb.njit(cache=True, nogil=True)
+def roi_align_forward(begin, end, feat, batch, y_low, y_high, y_wlow, y_whigh, y_valid, x_low, x_high, x_wlow,
+                      x_whigh, x_valid, count, out, block):
     """feat [N, C, H, W]; batch [K]; y tables [K, PH, GY]; x tables [K, PW, GX]; count [K] (``max(gh * gw, 1)``
     in the map's dtype); out [K, C, PH, PW], written."""
-    k_count, channels = batch.shape[0], feat.shape[1]
+    channels = feat.shape[1]
     ph_count, gy_count = y_low.shape[1], y_low.shape[2]
     pw_count, gx_count = x_low.shape[1], x_low.shape[2]
-    for k in nb.prange(k_count):
+    for k in range(begin, end):
         n = batch[k]
         rows, ry0, ry1 = _local_axis(y_low[k], y_high[k], y_valid[k])
         cols, rx0, rx1 = _local_axis(x_low[k], x_high[k], x_valid[k])
@@ -110,15 +114,15 @@ def roi_align_forward(feat, batch, y_low, y_high, y_wlow, y_whigh, y_valid, x_lo
                         out[k, c0 + cc, ph, pw] = acc[cc] / count[k]
 
 
-@nb.njit(parallel=True, cache=True, nogil=True)
-def roi_align_forward_cl(feat, c0, batch, y_low, y_high, y_wlow, y_whigh, y_valid, x_low, x_high, x_wlow, x_whigh,
-                         x_valid, count, out):
+@nb.njit(cache=True, nogil=True)
+def roi_align_forward_cl(begin, end, feat, c0, batch, y_low, y_high, y_wlow, y_whigh, y_valid, x_low, x_high, x_wlow,
+                         x_whigh, x_valid, count, out):
     """As :func:`roi_align_forward`, reading a channels-last block ``feat`` [N, H, W, B] (the map's channels
     ``c0 .. c0 + B``) in place of per-box copies: for boxes that together read more cells than the map has."""
-    k_count, cb = batch.shape[0], feat.shape[3]
+    cb = feat.shape[3]
     ph_count, gy_count = y_low.shape[1], y_low.shape[2]
     pw_count, gx_count = x_low.shape[1], x_low.shape[2]
-    for k in nb.prange(k_count):
+    for k in range(begin, end):
         image = feat[batch[k]]
         acc = np.empty(cb, feat.dtype)
         for ph in range(ph_count):
@@ -143,14 +147,14 @@ def roi_align_forward_cl(feat, c0, batch, y_low, y_high, y_wlow, y_whigh, y_vali
                     out[k, c0 + cc, ph, pw] = acc[cc] / count[k]
 
 
-@nb.njit(parallel=True, cache=True, nogil=True)
-def roi_align_backward(grad, batch, y_low, y_high, y_wlow, y_whigh, y_valid, x_low, x_high, x_wlow, x_whigh,
-                       x_valid, count, out):
+@nb.njit(cache=True, nogil=True)
+def roi_align_backward(begin, end, grad, batch, y_low, y_high, y_wlow, y_whigh, y_valid, x_low, x_high, x_wlow,
+                       x_whigh, x_valid, count, out):
     """grad [K, C, PH, PW]; tables as the forward's (count: ``gh * gw``); out [N, C, H, W] (zeros), added into."""
-    k_count, channels = grad.shape[0], grad.shape[1]
+    k_count = grad.shape[0]
     ph_count, gy_count = y_low.shape[1], y_low.shape[2]
     pw_count, gx_count = x_low.shape[1], x_low.shape[2]
-    for c in nb.prange(channels):
+    for c in range(begin, end):
         for k in range(k_count):
             plane = out[batch[k], c]
             for ph in range(ph_count):
@@ -172,13 +176,13 @@ def roi_align_backward(grad, batch, y_low, y_high, y_wlow, y_whigh, y_valid, x_l
                             plane[r1, q1] += g * (ly * lx) / count[k]
 
 
-@nb.njit(parallel=True, cache=True, nogil=True)
-def roi_pool_forward(feat, batch, h_start, h_end, w_start, w_end, out, argmax, block):
+@nb.njit(cache=True, nogil=True)
+def roi_pool_forward(begin, end, feat, batch, h_start, h_end, w_start, w_end, out, argmax, block):
     """feat [N, C, H, W]; batch [K]; bin edges [K, PH] / [K, PW] (int64, clipped to the map); out [K, C, PH, PW]
     and argmax (int32, the cell ``h * W + w``, -1 for an empty bin or no winner), written."""
-    k_count, channels, width = batch.shape[0], feat.shape[1], feat.shape[3]
+    channels, width = feat.shape[1], feat.shape[3]
     ph_count, pw_count = h_start.shape[1], w_start.shape[1]
-    for k in nb.prange(k_count):
+    for k in range(begin, end):
         n = batch[k]
         r0, r1 = h_start[k].min(), h_end[k].max()
         q0, q1 = w_start[k].min(), w_end[k].max()
@@ -219,12 +223,12 @@ def roi_pool_forward(feat, batch, h_start, h_end, w_start, w_end, out, argmax, b
                         argmax[k, c0 + cc, ph, pw] = where[cc]
 
 
-@nb.njit(parallel=True, cache=True, nogil=True)
-def roi_pool_forward_cl(feat, c0, batch, h_start, h_end, w_start, w_end, out, argmax):
+@nb.njit(cache=True, nogil=True)
+def roi_pool_forward_cl(begin, end, feat, c0, batch, h_start, h_end, w_start, w_end, out, argmax):
     """As :func:`roi_pool_forward`, reading a channels-last block ``feat`` [N, H, W, B] (channels ``c0 .. c0 + B``)."""
-    k_count, width, cb = batch.shape[0], feat.shape[2], feat.shape[3]
+    width, cb = feat.shape[2], feat.shape[3]
     ph_count, pw_count = h_start.shape[1], w_start.shape[1]
-    for k in nb.prange(k_count):
+    for k in range(begin, end):
         image = feat[batch[k]]
         best = np.empty(cb, feat.dtype)
         where = np.empty(cb, np.int32)
@@ -253,11 +257,11 @@ def roi_pool_forward_cl(feat, c0, batch, h_start, h_end, w_start, w_end, out, ar
                     argmax[k, c0 + cc, ph, pw] = where[cc]
 
 
-@nb.njit(parallel=True, cache=True, nogil=True)
-def roi_pool_backward(grad, batch, argmax, out):
+@nb.njit(cache=True, nogil=True)
+def roi_pool_backward(begin, end, grad, batch, argmax, out):
     """grad, argmax [K, C, PH, PW]; out [N, C, H * W] (zeros): each bin's gradient added to its argmax cell."""
-    k_count, channels, ph_count, pw_count = grad.shape
-    for c in nb.prange(channels):
+    k_count, _, ph_count, pw_count = grad.shape
+    for c in range(begin, end):
         for k in range(k_count):
             plane = out[batch[k], c]
             for ph in range(ph_count):
@@ -265,3 +269,41 @@ def roi_pool_backward(grad, batch, argmax, out):
                     a = argmax[k, c, ph, pw]
                     if a >= 0:
                         plane[a] += grad[k, c, ph, pw]
+
+
+@nb.njit(cache=True, nogil=True)
+def _transposed_block(feat, c0, cb):
+    """Channels ``c0 .. c0 + cb`` of ``feat`` [N, C, H, W] as a channels-last [N, H, W, cb] array."""
+    n_count, _, height, width = feat.shape
+    block = np.empty((n_count, height, width, cb), feat.dtype)
+    for n in range(n_count):
+        for c in range(cb):
+            plane = feat[n, c0 + c]
+            for h in range(height):
+                row, dst = plane[h], block[n, h]
+                for w in range(width):
+                    dst[w, c] = row[w]
+    return block
+
+
+@nb.njit(cache=True, nogil=True)
+def roi_align_forward_blocks(begin, end, feat, block, batch, y_low, y_high, y_wlow, y_whigh, y_valid, x_low, x_high,
+                             x_wlow, x_whigh, x_valid, count, out):
+    """Channel blocks ``begin .. end`` (of ``block`` channels) of RoIAlign over every box: each block of the map is
+    made channels-last here (one block per thread at a time) and read by :func:`roi_align_forward_cl`."""
+    channels = feat.shape[1]
+    for b in range(begin, end):
+        c0 = b * block
+        cl = _transposed_block(feat, c0, min(block, channels - c0))
+        roi_align_forward_cl(0, batch.shape[0], cl, c0, batch, y_low, y_high, y_wlow, y_whigh, y_valid, x_low,
+                             x_high, x_wlow, x_whigh, x_valid, count, out)
+
+
+@nb.njit(cache=True, nogil=True)
+def roi_pool_forward_blocks(begin, end, feat, block, batch, h_start, h_end, w_start, w_end, out, argmax):
+    """Channel blocks ``begin .. end`` of RoIPool over every box, as :func:`roi_align_forward_blocks`."""
+    channels = feat.shape[1]
+    for b in range(begin, end):
+        c0 = b * block
+        cl = _transposed_block(feat, c0, min(block, channels - c0))
+        roi_pool_forward_cl(0, batch.shape[0], cl, c0, batch, h_start, h_end, w_start, w_end, out, argmax)

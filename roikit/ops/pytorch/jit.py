@@ -14,8 +14,10 @@ kernel and dtype compiles it (a few seconds) into numba's cache (``cache=True``:
 or ``NUMBA_CACHE_DIR``), and later processes load it from there in well under a second.
 
 Switch: ``ROIKIT_JIT=0`` in the environment, or ``with jit.disabled():`` (the tests use it to run the plain
-path). Threads: torch's ``torch.get_num_threads()``, capped by numba's pool; one kernel runs at a time (numba's
-default thread pool is not re-entrant), so ops called from several Python threads take turns.
+path). Threads: ``torch.get_num_threads()`` ranges of boxes (forward) or channels (backward), the calling thread
+and a small thread pool of this module; the kernels are serial and release the GIL. (numba's ``parallel=True``
+was tried first: its ``prange`` loops ran about 2x slower on one thread, and its OpenMP layer spun between kernels,
+slowing the torch ops around them 3-10x on 2 cores.)
 """
 from __future__ import annotations
 
@@ -23,6 +25,7 @@ import contextlib
 import functools
 import os
 import threading
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 from torch import Tensor
@@ -33,7 +36,6 @@ from ._crops import CHUNK_BUDGET, box_slices
 MAX_SAMPLES = 64  # samples per bin and axis the kernels take (sampling_ratio, or the adaptive ceil(bin))
 CHANNEL_BLOCK = 32  # channels per scratch block of the per-box forward kernels
 TRANSPOSED_BLOCK = 16  # channels per channels-last block of the map (one AVX-512 vector of float32)
-_LOCK = threading.Lock()
 _state = threading.local()
 
 
@@ -45,6 +47,22 @@ def _kernels():
     except ImportError:
         return None
     return _numba_kernels
+
+
+@functools.cache
+def _pool() -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(max_workers=max(1, (os.cpu_count() or 1) - 1), thread_name_prefix="roikit-jit")
+
+
+def _run(kernel, count: int, *args) -> None:
+    """``kernel(begin, end, *args)`` over ``0 .. count`` in one range per torch thread: the calling thread takes the
+    first, a thread pool the others (the kernels release the GIL and write disjoint parts of their outputs)."""
+    threads = max(1, min(torch.get_num_threads(), count, _pool()._max_workers + 1))
+    bounds = [count * i // threads for i in range(threads + 1)]
+    futures = [_pool().submit(kernel, bounds[i], bounds[i + 1], *args) for i in range(1, threads)]
+    kernel(bounds[0], bounds[1], *args)
+    for f in futures:
+        f.result()
 
 
 def enabled() -> bool:
@@ -67,16 +85,6 @@ def disabled():
 
 def _takes(*tensors: Tensor) -> bool:
     return enabled() and all(t.device.type == "cpu" for t in tensors)
-
-
-@contextlib.contextmanager
-def _launch():
-    """One kernel at a time, on torch's thread count."""
-    import numba
-
-    with _LOCK:
-        numba.set_num_threads(max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)))
-        yield _kernels()
 
 
 def _channel_chunks(input: Tensor, dtype: torch.dtype):
@@ -143,23 +151,10 @@ def _read_cells(low: Tensor, high: Tensor, valid: Tensor) -> Tensor:
 
 
 def _use_channels_last(cells: int, input: Tensor) -> bool:
-    """Read channels-last blocks of the whole map rather than a copy of each box's cells: when the boxes together
-    copy more than a quarter of the map's cells (torch transposes the map about 4 to 5 times faster per value
-    than the kernels copy a box's cells)."""
+    """Read channels-last blocks of the whole map (each thread transposes its own block, TRANSPOSED_BLOCK channels
+    at a time) rather than a copy of each box's cells: when the boxes together copy more cells than the map has."""
     n, _, h, w = input.shape
-    return 4 * cells > n * h * w
-
-
-def _channels_last_blocks(input: Tensor, dtype: torch.dtype):
-    """``(c0, block)``: the map as channels-last [N, H, W, B] blocks in ``dtype``, each at most TRANSPOSED_BLOCK
-    channels and CHUNK_BUDGET / 2 values; one block is held at a time (bounded by the map and a fixed chunk)."""
-    n, c, h, w = input.shape
-    step = max(1, min(TRANSPOSED_BLOCK, CHUNK_BUDGET // 2 // max(n * h * w, 1)))
-    block = None
-    for c0 in range(0, c, step):
-        del block  # the previous block goes before the next is made
-        block = input[:, c0:c0 + step].permute(0, 2, 3, 1).to(dtype).contiguous()
-        yield c0, block
+    return cells > n * h * w
 
 
 def roi_align_forward(input: Tensor, rois: Tensor, spatial_scale: float, pooled_height: int, pooled_width: int,
@@ -171,21 +166,22 @@ def roi_align_forward(input: Tensor, rois: Tensor, spatial_scale: float, pooled_
     dtype = compute_dtype(rois)
     pooled = (pooled_height, pooled_width)
     out = torch.empty((rois.shape[0], c, pooled_height, pooled_width), dtype=dtype)
+    kernels = _kernels()
     try:
-        with _launch() as kernels:
-            for sl, batch, y, x, count in _align_parts(rois, spatial_scale, pooled, sampling_ratio, aligned, h, w):
-                tables = (batch.numpy(), *_numpy(y), *_numpy(x), count.clamp(min=1).to(dtype).numpy())
-                cells = int((_read_cells(*y[:2], y[4]) * _read_cells(*x[:2], x[4])).sum())
-                if _use_channels_last(cells, input):
-                    for c0, block in _channels_last_blocks(input, dtype):
-                        kernels.roi_align_forward_cl(block.numpy(), c0, *tables, out[sl].numpy())
+        for sl, batch, y, x, count in _align_parts(rois, spatial_scale, pooled, sampling_ratio, aligned, h, w):
+            tables = (batch.numpy(), *_numpy(y), *_numpy(x), count.clamp(min=1).to(dtype).numpy())
+            cells = int((_read_cells(*y[:2], y[4]) * _read_cells(*x[:2], x[4])).sum())
+            transposed = _use_channels_last(cells, input)
+            for c0, c1, feat in _channel_chunks(input, dtype):
+                if transposed:  # channel blocks in parallel, each made channels-last by its thread
+                    _run(kernels.roi_align_forward_blocks, -(-(c1 - c0) // TRANSPOSED_BLOCK), feat.numpy(),
+                         TRANSPOSED_BLOCK, *tables, out[sl, c0:c1].numpy())
                     continue
-                for c0, c1, feat in _channel_chunks(input, dtype):
-                    whole = (c0, c1) == (0, c)
-                    part = out[sl] if whole else torch.empty((sl.stop - sl.start, c1 - c0, *pooled), dtype=dtype)
-                    kernels.roi_align_forward(feat.numpy(), *tables, part.numpy(), CHANNEL_BLOCK)
-                    if not whole:
-                        out[sl, c0:c1] = part
+                whole = (c0, c1) == (0, c)
+                part = out[sl] if whole else torch.empty((sl.stop - sl.start, c1 - c0, *pooled), dtype=dtype)
+                _run(kernels.roi_align_forward, len(batch), feat.numpy(), *tables, part.numpy(), CHANNEL_BLOCK)
+                if not whole:
+                    out[sl, c0:c1] = part
     except _Declined:
         return None
     return out.to(input.dtype)
@@ -200,16 +196,16 @@ def roi_align_backward(grad: Tensor, rois: Tensor, spatial_scale: float, pooled_
     dtype = compute_dtype(rois)
     pooled = (pooled_height, pooled_width)
     out = torch.zeros(shape, dtype=grad.dtype)
+    kernels = _kernels()
     try:
-        with _launch() as kernels:
-            for c0, c1, g in _channel_chunks(grad, dtype):
-                part = out if grad.dtype == dtype and (c0, c1) == (0, c) else \
-                    torch.zeros((n, c1 - c0, h, w), dtype=dtype)
-                for sl, batch, y, x, count in _align_parts(rois, spatial_scale, pooled, sampling_ratio, aligned, h, w):
-                    kernels.roi_align_backward(g[sl].contiguous().numpy(), batch.numpy(), *_numpy(y), *_numpy(x),
-                                               count.to(dtype).numpy(), part.numpy())
-                if part is not out:
-                    out[:, c0:c1] = part
+        for c0, c1, g in _channel_chunks(grad, dtype):
+            part = out if grad.dtype == dtype and (c0, c1) == (0, c) else \
+                torch.zeros((n, c1 - c0, h, w), dtype=dtype)
+            for sl, batch, y, x, count in _align_parts(rois, spatial_scale, pooled, sampling_ratio, aligned, h, w):
+                _run(kernels.roi_align_backward, c1 - c0, g[sl].contiguous().numpy(), batch.numpy(), *_numpy(y),
+                     *_numpy(x), count.to(dtype).numpy(), part.numpy())
+            if part is not out:
+                out[:, c0:c1] = part
     except _Declined:
         return None
     return out
@@ -227,24 +223,26 @@ def roi_pool_forward(input: Tensor, rois: Tensor, spatial_scale: float, pooled_h
     dtype = input.dtype if input.dtype in (torch.float32, torch.float64) else torch.float32
     out = torch.empty((k, c, pooled_height, pooled_width), dtype=dtype)
     argmax = torch.empty((k, c, pooled_height, pooled_width), dtype=torch.int32)
-    with _launch() as kernels:
-        for sl in _box_slices(k, 4 * (pooled_height + pooled_width)):
-            (hs, he), (ws, we) = clip_edges(box_cells(rois[sl], spatial_scale, pooled, rounding), (h, w))
-            rows = (he.amax(dim=1) - hs.amin(dim=1)).clamp(min=0)
-            cells = int((rows * (we.amax(dim=1) - ws.amin(dim=1)).clamp(min=0)).sum())
-            tables = tuple(t.contiguous().numpy() for t in (rois[sl, 0].long(), hs, he, ws, we))
-            if _use_channels_last(cells, input):
-                for c0, block in _channels_last_blocks(input, dtype):
-                    kernels.roi_pool_forward_cl(block.numpy(), c0, *tables, out[sl].numpy(), argmax[sl].numpy())
+    kernels = _kernels()
+    for sl in _box_slices(k, 4 * (pooled_height + pooled_width)):
+        (hs, he), (ws, we) = clip_edges(box_cells(rois[sl], spatial_scale, pooled, rounding), (h, w))
+        rows = (he.amax(dim=1) - hs.amin(dim=1)).clamp(min=0)
+        cells = int((rows * (we.amax(dim=1) - ws.amin(dim=1)).clamp(min=0)).sum())
+        tables = tuple(t.contiguous().numpy() for t in (rois[sl, 0].long(), hs, he, ws, we))
+        transposed = _use_channels_last(cells, input)
+        for c0, c1, feat in _channel_chunks(input, dtype):
+            if transposed:  # channel blocks in parallel, each made channels-last by its thread
+                _run(kernels.roi_pool_forward_blocks, -(-(c1 - c0) // TRANSPOSED_BLOCK), feat.numpy(),
+                     TRANSPOSED_BLOCK, *tables, out[sl, c0:c1].numpy(), argmax[sl, c0:c1].numpy())
                 continue
-            for c0, c1, feat in _channel_chunks(input, dtype):
-                whole = (c0, c1) == (0, c)
-                part = out[sl] if whole else torch.empty((sl.stop - sl.start, c1 - c0, *pooled), dtype=dtype)
-                arg = argmax[sl] if whole else torch.empty(part.shape, dtype=torch.int32)
-                kernels.roi_pool_forward(feat.numpy(), *tables, part.numpy(), arg.numpy(), CHANNEL_BLOCK)
-                if not whole:
-                    out[sl, c0:c1] = part
-                    argmax[sl, c0:c1] = arg
+            whole = (c0, c1) == (0, c)
+            part = out[sl] if whole else torch.empty((sl.stop - sl.start, c1 - c0, *pooled), dtype=dtype)
+            arg = argmax[sl] if whole else torch.empty(part.shape, dtype=torch.int32)
+            _run(kernels.roi_pool_forward, len(tables[0]), feat.numpy(), *tables, part.numpy(), arg.numpy(),
+                 CHANNEL_BLOCK)
+            if not whole:
+                out[sl, c0:c1] = part
+                argmax[sl, c0:c1] = arg
     return out.to(input.dtype), argmax
 
 
@@ -254,7 +252,6 @@ def roi_pool_backward(grad: Tensor, rois: Tensor, argmax: Tensor, shape: tuple[i
     if not _takes(grad, rois) or grad.dtype not in (torch.float32, torch.float64):
         return None
     out = torch.zeros((n, c, h * w), dtype=grad.dtype)
-    with _launch() as kernels:
-        kernels.roi_pool_backward(grad.contiguous().numpy(), rois[:, 0].long().contiguous().numpy(),
-                                  argmax.contiguous().numpy(), out.numpy())
+    _run(_kernels().roi_pool_backward, c, grad.contiguous().numpy(), rois[:, 0].long().contiguous().numpy(),
+         argmax.contiguous().numpy(), out.numpy())
     return out.reshape(shape)
