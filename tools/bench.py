@@ -3,7 +3,8 @@
     python tools/bench.py                 # CPU: the fixed workload (2 x 256 x 50 x 68, 512 boxes, 7 x 7)
     python tools/bench.py --device cuda   # GPU: the GPU workloads, with a correctness check first
     python tools/bench.py --sweep         # CPU: every op x box count x box size x output x dtype x threads,
-                                          # as a table, and a plot of the speed-up (--output-dir)
+                                          # as a table, and a plot of the speed-up (--output-dir); 64 and 1024
+                                          # boxes (about 5 min); --full: 64 256 1024 4096 (about 30 min)
 """
 from __future__ import annotations
 
@@ -18,10 +19,12 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's own)")
     parser.add_argument("--sweep", action="store_true",
                         help="CPU: the sweep (box counts of --boxes, three box sizes, 7x7 and 14x14, float32 and "
-                             "bfloat16, one thread and all threads, or only --threads; the whole default sweep takes "
-                             "well over half an hour on 2 cores, one box count on one thread setting about 5 min)")
-    parser.add_argument("--boxes", type=int, nargs="+", default=[64, 256, 1024, 4096],
-                        help="box counts of the sweep (default: 64 256 1024 4096)")
+                             "bfloat16, one thread and all threads, or only --threads). By default the quick sweep, "
+                             "64 and 1024 boxes (about 5 min on 2 idle cores, most of it torchvision's time); "
+                             "--full for 64, 256, 1024 and 4096 boxes (about 30 min)")
+    parser.add_argument("--full", action="store_true", help="--sweep over 64, 256, 1024 and 4096 boxes")
+    parser.add_argument("--boxes", type=int, nargs="+", default=None,
+                        help="box counts of the sweep (default: 64 1024; with --full 64 256 1024 4096)")
     parser.add_argument("--channels", type=int, default=256, help="feature channels of the sweep (default: 256)")
     parser.add_argument("--output-dir", default="outputs/bench",
                         help="where --sweep writes sweep.md, sweep.json and sweep.png (default: outputs/bench)")
@@ -32,6 +35,8 @@ def get_args_parser() -> argparse.ArgumentParser:
 def main(args: argparse.Namespace) -> int:
     import torch
 
+    if args.boxes is None:
+        args.boxes = [64, 256, 1024, 4096] if args.full else [64, 1024]
     if args.repeat <= 0 or args.channels <= 0 or min(args.boxes) <= 0:
         print("bench: --repeat, --channels and --boxes must be positive", file=sys.stderr)
         return 2
@@ -67,11 +72,19 @@ def _sweep(args, run_sweep, format_sweep, plot_sweep, machine) -> int:
         print(f"bench: --output-dir {out} is a file, not a folder", file=sys.stderr)
         return 2
     threads = None if args.threads is None else (args.threads,)
+    import os
+    import time
+
+    load_before, start = os.getloadavg(), time.time()
     rows = run_sweep(counts=args.boxes, channels=args.channels, threads=threads, progress=not args.no_progress)
-    table = f"CPU sweep on {machine()}\n\n{format_sweep(rows)}\n"
+    load_after = os.getloadavg()
+    loads = ", ".join(f"{a:.2f}" for a in load_before) + " before; " + ", ".join(f"{a:.2f}" for a in load_after)
+    table = (f"CPU sweep on {machine()}; {time.time() - start:.0f} s; load average (1, 5, 15 min) {loads} after\n\n"
+             f"{format_sweep(rows)}\n")
     print(table)
     atomic_write_text(out / "sweep.md", table)
-    atomic_save_json(out / "sweep.json", {"machine": machine(), "rows": rows})
+    atomic_save_json(out / "sweep.json", {"machine": machine(), "load_before": load_before, "load_after": load_after,
+                                          "rows": rows})
     plot_sweep(rows, out / "sweep.png")
     print(f"wrote {out / 'sweep.md'}, {out / 'sweep.json'} and {out / 'sweep.png'}")
     return 0

@@ -264,7 +264,8 @@ def format_sweep(rows: list[dict]) -> str:
 
 
 def plot_sweep(rows: list[dict], path) -> None:
-    """Speed-up against box count, one panel per op and pass, one line per box size (float32, all threads)."""
+    """Speed-up against box count: one panel per op (columns) and pass x thread count (rows), one line per box
+    size (colour) and output size (line style), float32; the goal dotted."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -272,29 +273,34 @@ def plot_sweep(rows: list[dict], path) -> None:
 
     from ..io import atomic_open
 
-    top = max(r["threads"] for r in rows)
     ops = list(dict.fromkeys(r["op"] for r in rows))
+    threads = sorted({r["threads"] for r in rows})
+    panels = [(mode, t) for mode in PASSES for t in threads]
+    colours = dict(zip(SIZES, ("tab:blue", "tab:orange", "tab:green")))
     styles = dict(zip(sorted({r["output"] for r in rows}), itertools.cycle(("-o", "--s", ":^"))))
-    fig, axes = plt.subplots(len(PASSES), len(ops), figsize=(4.2 * len(ops), 6.4), squeeze=False, sharex=True)
+    fig, axes = plt.subplots(len(panels), len(ops), figsize=(4.2 * len(ops), 2.9 * len(panels)), squeeze=False,
+                             sharex=True)
     for j, op in enumerate(ops):
-        for i, mode in enumerate(PASSES):
+        for i, (mode, t) in enumerate(panels):
             ax = axes[i][j]
             for size in SIZES:
                 for output, style in styles.items():
                     sel = [r for r in rows if (r["op"], r["mode"], r["size"], r["output"], r["threads"],
-                                               r["dtype"]) == (op, mode, size, output, top, "float32")]
+                                               r["dtype"]) == (op, mode, size, output, t, "float32")]
                     if sel:
-                        ax.plot([r["boxes"] for r in sel], [r["speedup"] for r in sel], style,
+                        ax.plot([r["boxes"] for r in sel], [r["speedup"] for r in sel], style, color=colours[size],
                                 label=f"{size}, {output}x{output}")
             ax.axhline(SWEEP_GOALS[mode], color="k", lw=0.8, ls=":")
             ax.axhline(1.0, color="grey", lw=0.8)
             ax.set_xscale("log", base=2)
-            ax.set_title(f"{op}: {mode}", fontsize=10)
+            ax.set_ylim(bottom=0)
+            ax.set_title(f"{op}: {mode}, {t} thread{'s' if t > 1 else ''}", fontsize=10)
             ax.set_ylabel("speed-up over torchvision" if j == 0 else "")
-            ax.set_xlabel("boxes" if i == len(PASSES) - 1 else "")
+            ax.set_xlabel("boxes" if i == len(panels) - 1 else "")
     axes[0][0].legend(fontsize=7)
-    fig.suptitle(f"roikit / torchvision time, float32, {top} threads (dotted: the goal)", fontsize=11)
+    fig.suptitle("roikit vs torchvision on the CPU, float32 (torchvision's time / roikit's; dotted: the goal)",
+                 fontsize=11)
     fig.tight_layout()
     with atomic_open(path, "wb") as f:
-        fig.savefig(f, format="png", dpi=110)
+        fig.savefig(f, format="png", dpi=100)
     plt.close(fig)
