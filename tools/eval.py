@@ -58,7 +58,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-images", type=_positive_int, default=None, metavar="N",
                         help="evaluate on the first N images only (a quick run)")
     parser.add_argument("--batch-size", type=_positive_int, default=None, metavar="N",
-                        help="images per batch (default: the config's data.eval_batch_size; 2 for torchvision)")
+                        help="images per batch (default: the config's data.eval_batch_size for a run; 1 for "
+                             "torchvision's, as its reference scripts score them: a batch pads its images to one size)")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default=None,
                         help="default: the config's train.device for a run, auto (CUDA when there is a GPU) else")
     parser.add_argument("--output-dir", default=None,

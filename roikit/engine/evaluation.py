@@ -82,7 +82,7 @@ def torchvision_target(model: str, weights: str | Path, annotations: str | Path,
     detector, names = load_torchvision_detector(name, weights, info.device, **_sizes(min_size, max_size))
     labels = label_to_category_id(names, list(dataset.coco.cats.values()), str(dataset.ann_file))
     return EvalTarget(detector, dataset, labels, info, about={"model": model, "weights": str(weights)},
-                      default_folder=Path("runs") / f"torchvision_{name}", batch_size=2,
+                      default_folder=Path("runs") / f"torchvision_{name}", batch_size=1,  # as torchvision scores them
                       description=f"{model} with {Path(weights).name}")
 
 
