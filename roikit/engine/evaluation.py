@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -49,8 +49,9 @@ class EvalTarget:
     """A detector and the COCO-format set it is scored on.
 
     ``label_to_cat_id`` maps the model's labels to the file's category ids; ``about`` goes into every metrics
-    file (what was evaluated); ``pooler_spec`` is a pooler the model was built with, not yet in its name (a roikit
-    run's --pooler); ``default_folder`` is where the outputs go unless told.
+    file (what was evaluated); ``pooler_spec`` is the --pooler spec a roikit run's model was built with (it names
+    the output files); ``default_folder`` is where the outputs go unless told; ``description`` names the model in
+    the log and the chart.
     """
 
     model: nn.Module
@@ -63,7 +64,7 @@ class EvalTarget:
     amp: bool = False
     num_workers: int = 0
     pooler_spec: str | None = None
-    description: str = field(default="")
+    description: str = ""
 
 
 def _sizes(min_size: int | None, max_size: int | None) -> dict[str, int]:
