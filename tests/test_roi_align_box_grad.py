@@ -217,3 +217,63 @@ def test_many_samples_approach_prroi_pool():
     assert errors[256] < errors[8] / 8  # the 1 / g rate (32 times the samples)
     assert errors[256] < 0.02 * exact.abs().max().item()
     assert math.isfinite(errors[32])
+
+
+# ---------------------------------------------------------------- the Triton kernel (run by Triton's interpreter)
+@pytest.fixture(scope="module")
+def kernel():
+    """roikit.ops.triton.roi_align_box_grad built for the interpreter (TRITON_INTERPRET=1, set by conftest.py)."""
+    pytest.importorskip("triton")
+    import importlib
+
+    names = ["_tiles", "roi_align", "roi_align_box_grad"]
+    mods = [importlib.import_module(f"roikit.ops.triton.{name}") for name in names]
+    if not all(any(type(v).__name__ == "InterpretedFunction" for v in vars(m).values()) for m in mods[1:]):
+        mods = [importlib.reload(m) for m in mods]
+    return mods[-1]
+
+
+def box_grad_reference(x, rois, grad, sampling_ratio, aligned, pool_max, pooled=(3, 2)):
+    from roikit.ops.pytorch import roi_align as ref_align
+    from roikit.ops.pytorch import roi_align_box_grad as ref
+
+    out, arg = ref_align.roi_align_forward(x, rois, SCALE, *pooled, sampling_ratio, aligned, pool_max)
+    return out, arg, ref.roi_align_box_backward(grad, x, rois, out, arg, SCALE, *pooled, sampling_ratio, aligned,
+                                                pool_max)
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # log2(0) of degenerate boxes, in the interpreter's numpy
+@pytest.mark.parametrize("pool_max", [False, True], ids=["avg", "max"])
+@pytest.mark.parametrize("aligned,sampling_ratio", [(False, 2), (True, -1), (True, 3)])
+def test_kernel_matches_reference(kernel, pool_max, aligned, sampling_ratio):
+    x, rois = features(dtype=torch.float32), ROIS.float()
+    grad = torch.randn(4, 3, 3, 2, generator=torch.Generator().manual_seed(5))
+    out, arg, want = box_grad_reference(x, rois, grad, sampling_ratio, aligned, pool_max)
+    got = kernel.roi_align_box_backward(grad, x, rois, out, arg, SCALE, 3, 2, sampling_ratio, aligned, pool_max)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
+    assert torch.equal(got, kernel.roi_align_box_backward(grad, x, rois, out, arg, SCALE, 3, 2, sampling_ratio,
+                                                          aligned, pool_max))  # no atomics: the same bits
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_kernel_half_channels_last_hostile_and_non_finite(kernel, dtype):
+    x = features(dtype=torch.float32)
+    x[1, 2, 4, 4] = float("inf")
+    x = x.to(dtype).contiguous(memory_format=torch.channels_last)
+    hostile = torch.tensor([[0, -1e30, -1e30, 1e30, 1e30], [1, -3e4, -50, 1e4, 3e4]])  # few samples on the map
+    grad = torch.randn(4, 3, 3, 2, generator=torch.Generator().manual_seed(6)).to(dtype)
+    for rois, pool_max, ratio in ((ROIS.float(), False, 2), (ROIS.float(), True, -1), (hostile, False, 1000),
+                                  (hostile, True, 1000)):
+        g = grad[:rois.shape[0]]
+        out, arg, want = box_grad_reference(x, rois, g, ratio, False, pool_max)
+        got = kernel.roi_align_box_backward(g, x, rois, out, arg, SCALE, 3, 2, ratio, False, pool_max)
+        assert got.dtype == torch.float32 and torch.equal(got.isnan(), want.isnan())
+        assert got.isnan().any() == (rois.shape[0] == 4)  # the inf cell: a NaN box gradient for a box reading it
+        torch.testing.assert_close(got.nan_to_num(), want.nan_to_num(), atol=1e-3, rtol=1e-3)
+    assert got[0].eq(0).all()  # edges clamped at 2^52 cells do not move the samples
+
+
+def test_kernel_registered_for_cuda():
+    for op in ("roi_align_box", "roi_align_box_grad"):
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(f"roikit::{op}", "CUDA"), op

@@ -286,7 +286,9 @@ def test_cuda_kernels_registered():
 # ---------------------------------------------------------------- compiled for a GPU, without one
 # The interpreter does not run Triton's compiler (typing, constexpr specialization of ints equal to 1): this script
 # compiles every kernel the launchers start for sm_90 instead of launching it, in a process without the interpreter
-# (the scheme of test_triton_kernels.py's test_kernels_compile_for_sm90).
+# (the scheme of test_triton_kernels.py's test_kernels_compile_for_sm90). It also compiles the kernel of
+# roi_align(box_grad=True) (roikit.ops.triton.roi_align_box_grad, tested in test_roi_align_box_grad.py), written
+# with these: one compile run for both.
 COMPILE_SCRIPT = r'''
 import time
 import torch
@@ -328,6 +330,7 @@ def compile_instead(self, *args, grid, warmup, **kwargs):
 
 JITFunction.run = compile_instead
 from roikit.ops.triton import ps_roi as PS
+from roikit.ops.triton import roi_align_box_grad as BG
 
 rois = torch.tensor([[0, 1.0, 1.5, 30.3, 20.2], [1, 0, 0, 52, 28]])
 for x in (torch.randn(2, 18, 7, 13), torch.randn(2, 9, 1, 1).bfloat16()):  # the second: C' = H = W = 1
@@ -337,6 +340,10 @@ for x in (torch.randn(2, 18, 7, 13), torch.randn(2, 9, 1, 1).bfloat16()):  # the
     for det in (False, True):
         PS.ps_roi_align_backward(out, rois, 0.25, 3, 3, 2, n, c, h, w, det)
         PS.ps_roi_pool_backward(pooled, rois, 0.25, 3, 3, n, c, h, w, det)
+    for aligned, pool_max in ((False, False), (True, True)):
+        arg = torch.zeros((2, c, 7, 7), dtype=torch.int64)
+        out = torch.zeros((2, c, 7, 7), dtype=x.dtype)
+        BG.roi_align_box_backward(out, x, rois, out, arg, 0.25, 7, 7, -1, aligned, pool_max)
 print(f"compiled {len(seen)} kernel variants for sm_90 in {sum(seen.values()):.0f} s")
 '''
 

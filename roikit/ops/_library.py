@@ -552,10 +552,19 @@ def _multilevel_roi_align_backward(grad, rois, spatial_scales, pooled_height, po
 
 @torch.library.register_kernel("roikit::roi_align_box", "cuda")
 def _roi_align_box(input, rois, spatial_scale, pooled_height, pooled_width, sampling_ratio, aligned, pool_max):
-    k = _triton("roi_align", input)  # roi_align's forward kernels; the box gradient runs the plain path
+    k = _triton("roi_align", input)  # roi_align's own forward kernels
     impl = _align if k is None else k
     return impl.roi_align_forward(input, rois, spatial_scale, pooled_height, pooled_width, sampling_ratio, aligned,
                                   pool_max)
+
+
+@torch.library.register_kernel("roikit::roi_align_box_grad", "cuda")
+def _roi_align_box_grad(grad, input, rois, output, argmax, spatial_scale, pooled_height, pooled_width,
+                        sampling_ratio, aligned, pool_max):
+    k = _triton("roi_align_box_grad", input)
+    impl = _align_box if k is None else k
+    return impl.roi_align_box_backward(grad, input, rois, output, argmax, spatial_scale, pooled_height, pooled_width,
+                                       sampling_ratio, aligned, pool_max)
 
 
 @torch.library.register_kernel("roikit::ps_roi_align", "cuda")

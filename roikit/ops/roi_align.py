@@ -51,8 +51,8 @@ def roi_align(
             everywhere: it jumps where a sample crosses a cell line or the map's border, where the adaptive sample
             count ``ceil(bin)`` changes, and (max) where the winning sample changes. With many samples it tends to
             the box gradient of :func:`roikit.ops.prroi_pool` (the exact integral) for bins on the map, as 1 / g
-            with g samples per axis. The box gradient runs the
-            plain-PyTorch path on every device (``roikit/ops/pytorch/roi_align_box_grad.py``).
+            with g samples per axis. The box gradient is always deterministic
+            (``roikit/ops/pytorch/roi_align_box_grad.py``; on CUDA a Triton kernel, one program per box).
 
     A sample outside ``[-1, H] x [-1, W]`` counts as 0; one inside is clamped to the map. Only the samples inside
     are read, so a box far larger than the map costs no more than the map: memory is the map, the output and a
