@@ -100,13 +100,12 @@ def _axis_with_slopes(start, bin_size, grid, pooled: int, length: int, slopes):
 
 
 def _avg_groups(sizes, pooled, height_width, channels: int):
-    """Groups of boxes whose crop, its transposed copy, the two gradient products and the weights fit
-    CHUNK_BUDGET together."""
+    """Groups of boxes whose crop, the two products with it and the weights fit CHUNK_BUDGET together."""
     (_, bin_h, gh), (_, bin_w, gw) = sizes
     my, ly = _box_costs(gh, bin_h, pooled[0], height_width[0])
     mx, lx = _box_costs(gw, bin_w, pooled[1], height_width[1])
     weights = 12 * (pooled[0] * my + pooled[1] * mx) + 12 * (pooled[0] * ly + pooled[1] * lx)
-    values = (2 * ly * lx + pooled[0] * lx + pooled[1] * ly) * channels
+    values = (ly * lx + 2 * pooled[0] * lx) * channels  # the crop, G Wx and Wy F
     return groups((weights + values).clamp(max=2.0**62).long())
 
 
@@ -155,9 +154,8 @@ def _avg_slice(feat: FeatureRows, grad: Tensor, batch: Tensor, sizes, slopes, po
         g = grad[idx]  # [B, C, PH, PW]
         gx = torch.einsum("bcpq,bqj->bpjc", g, wx)  # [B, PH, Lx, C]: the gradient carried to the columns
         rows = torch.bmm(gx.reshape(b, -1, lx * c), crop.reshape(b, ly, lx * c).transpose(1, 2))  # [B, PH, Ly]
-        gy = torch.einsum("bcpq,bpi->bqic", g, wy)  # [B, PW, Ly, C]
-        crop_t = crop.transpose(1, 2).reshape(b, lx, ly * c)
-        cols = torch.bmm(gy.reshape(b, -1, ly * c), crop_t.transpose(1, 2))  # [B, PW, Lx]
+        rows_read = torch.bmm(wy.to(crop.dtype), crop.reshape(b, ly, lx * c)).reshape(b, -1, lx, c)  # Wy F
+        cols = torch.einsum("bcpq,bpjc->bqj", g, rows_read)  # [B, PW, Lx]
         edges = torch.stack([(dxs * cols).sum((1, 2)), (dys * rows).sum((1, 2)), (dxe * cols).sum((1, 2)),
                              (dye * rows).sum((1, 2))], dim=1)  # [B, 4]: x1, y1, x2, y2
         result[:, 1:].index_add_(0, idx, edges)
