@@ -99,3 +99,25 @@ def test_peak_memory_sees_an_allocation():
         pytest.skip("the peak resident set cannot be reset here (/proc/self/clear_refs)")
     grown = bench.peak_memory(lambda: torch.ones(64 * 2**20 // 4))  # 64 MiB, written
     assert 56 * 2**20 < grown < 96 * 2**20
+
+
+def test_interleaved_repeats_only_near_the_goal():
+    def sleeper(ms):
+        return lambda: time.sleep(ms / 1000)
+
+    # 10x faster against a goal of 1.5x: the verdict cannot change, one round
+    ours, theirs, rounds = bench._interleaved(sleeper(2), sleeper(20), rounds=3, calls=1, goal=1.5)
+    assert rounds == 1 and theirs / ours > 5
+    # about the goal: every round runs
+    _, _, rounds = bench._interleaved(sleeper(10), sleeper(15), rounds=3, calls=1, goal=1.5)
+    assert rounds == 3
+
+
+def test_detector_times_per_image(tmp_path):
+    rows = bench.time_detectors(repeat=1, threads=(1,))
+    assert [(r["model"], r["pooler"]) for r in rows] == [
+        ("base_shapes", "roikit RoIAlign"), ("mobilenet_v3_fpn", "roikit RoIPooler"),
+        ("mobilenet_v3_fpn", "torchvision MultiScaleRoIAlign")]
+    for r in rows:
+        assert 0 < r["pooler_ms"] < r["total_ms"] and r["threads"] == 1
+    assert bench.format_detectors(rows).count("\n") == len(rows) + 1

@@ -3,7 +3,7 @@
     python tools/bench.py                 # CPU: the fixed workload (2 x 256 x 50 x 68, 512 boxes, 7 x 7)
     python tools/bench.py --device cuda   # GPU: the GPU workloads, with a correctness check first
     python tools/bench.py --sweep         # CPU: every op x box count x box size x output x dtype x threads,
-                                          # as a table, and a plot of the speed-up (--output-dir); 64 and 1024
+                                          # as a table, and a plot of the speed-up (--output-dir); 64 and 512
                                           # boxes (about 5 min); --full: 64 256 1024 4096 (about 30 min)
 """
 from __future__ import annotations
@@ -20,11 +20,14 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--sweep", action="store_true",
                         help="CPU: the sweep (box counts of --boxes, three box sizes, 7x7 and 14x14, float32 and "
                              "bfloat16, one thread and all threads, or only --threads). By default the quick sweep, "
-                             "64 and 1024 boxes (about 5 min on 2 idle cores, most of it torchvision's time); "
+                             "64 and 512 boxes (about 5 min on 2 idle cores, most of it torchvision's time); "
                              "--full for 64, 256, 1024 and 4096 boxes (about 30 min)")
     parser.add_argument("--full", action="store_true", help="--sweep over 64, 256, 1024 and 4096 boxes")
+    parser.add_argument("--detector", action="store_true",
+                        help="CPU inference time per image of roikit's base_shapes detector and torchvision's "
+                             "fasterrcnn_mobilenet_v3_large_fpn with roikit's pooler (random weights), 1 and 2 threads")
     parser.add_argument("--boxes", type=int, nargs="+", default=None,
-                        help="box counts of the sweep (default: 64 1024; with --full 64 256 1024 4096)")
+                        help="box counts of the sweep (default: 64 512; with --full 64 256 1024 4096)")
     parser.add_argument("--channels", type=int, default=256, help="feature channels of the sweep (default: 256)")
     parser.add_argument("--output-dir", default="outputs/bench",
                         help="where --sweep writes sweep.md, sweep.json and sweep.png (default: outputs/bench)")
@@ -36,7 +39,7 @@ def main(args: argparse.Namespace) -> int:
     import torch
 
     if args.boxes is None:
-        args.boxes = [64, 256, 1024, 4096] if args.full else [64, 1024]
+        args.boxes = [64, 256, 1024, 4096] if args.full else [64, 512]
     if args.repeat <= 0 or args.channels <= 0 or min(args.boxes) <= 0:
         print("bench: --repeat, --channels and --boxes must be positive", file=sys.stderr)
         return 2
@@ -56,6 +59,15 @@ def main(args: argparse.Namespace) -> int:
 
     if args.sweep:
         return _sweep(args, run_sweep, format_sweep, plot_sweep, machine)
+    if args.detector:
+        import os
+
+        from roikit.analysis.bench import format_detectors, time_detectors
+
+        print(f"Detectors on {machine()}, load average {os.getloadavg()[0]:.2f}")
+        print(format_detectors(time_detectors(args.repeat)))
+        print(f"load average after: {os.getloadavg()[0]:.2f}")
+        return 0
     print(f"CPU benchmark on {machine()}")
     print("torchvision's CPU kernels use one thread; roikit's use torch's thread pool.")
     print(format_rows(run_cpu_benchmark(args.repeat)))

@@ -177,15 +177,15 @@ def _timed(fn: Callable[[], object], calls: int) -> float:
     return statistics.median(times)
 
 
-def _interleaved(ours: Callable, theirs: Callable, rounds: int, calls: int,
-                 goal: float | None = None) -> tuple[float, float, int]:
+def _interleaved(ours: Callable, theirs: Callable, rounds: int, calls: int, goal: float | None = None,
+                 first: tuple[float, float] | None = None) -> tuple[float, float, int]:
     """Min over rounds of the median of timed calls, roikit and torchvision alternating (ms), and the rounds run.
 
     A round times ``calls`` calls of each side when a call takes under 25 ms, else one. With a ``goal``, rounds
-    stop after the first once the speed-up is clearly (1.4x) above or below it: the repeats go where they can
-    change the verdict."""
-    best = [float("inf"), float("inf")]
-    done = 0
+    stop once the speed-up is clearly (1.4x) above or below it: the repeats go where they can change the verdict.
+    ``first``: a round already timed (the sweep's memory calls), counted as the first."""
+    best = list(first) if first is not None else [float("inf"), float("inf")]
+    done = 0 if first is None else 1
     while done < rounds:
         if done and goal is not None and not goal / 1.4 < best[1] / best[0] < goal * 1.4:
             break
@@ -216,8 +216,9 @@ def run_sweep(counts: Iterable[int] = (64, 256, 1024, 4096), sizes: Iterable[str
               rounds: int = 3, calls: int = 3, progress: bool = True) -> list[dict]:
     """Every case of the sweep, one row each: times, speed-ups, peak memory (bytes, None off Linux), threads.
 
-    Per case (after one warm-up of every kernel): one call of each side measures its peak memory, then up to
-    ``rounds`` interleaved timed rounds (see :func:`_interleaved`; one where the speed-up is far from the goal)."""
+    Per case (after one warm-up of every kernel): one call of each side measures its peak memory and is the first
+    timed round; up to ``rounds - 1`` more interleaved rounds follow where the speed-up is near the goal (see
+    :func:`_interleaved`)."""
     all_threads = torch.get_num_threads()
     threads = tuple(dict.fromkeys((1, all_threads))) if threads is None else tuple(threads)
     g = torch.Generator().manual_seed(0)
@@ -232,14 +233,22 @@ def run_sweep(counts: Iterable[int] = (64, 256, 1024, 4096), sizes: Iterable[str
             maps = OrderedDict((k, v.to(dtype)) for k, v in pyramid.items()) if op == "pyramid" else \
                 OrderedDict(single=pyramid["2"].to(dtype))
             ours, theirs = _sweep_callables(op, maps, sweep_boxes(count, size), output, dtype, mode != "forward")
-            peak_ours, peak_tv = peak_memory(ours), peak_memory(theirs)  # also the case's warm-up
-            t_ours, t_tv, done = _interleaved(ours, theirs, rounds, calls, SWEEP_GOALS[mode])
+            (peak_ours, ms_ours), (peak_tv, ms_tv) = _memory_and_time(ours), _memory_and_time(theirs)
+            t_ours, t_tv, done = _interleaved(ours, theirs, rounds, calls, SWEEP_GOALS[mode], (ms_ours, ms_tv))
             rows.append(dict(op=op, mode=mode, boxes=count, size=size, output=output, dtype=str(dtype)[6:],
                              threads=t, roikit_ms=t_ours, torchvision_ms=t_tv, speedup=t_tv / t_ours,
                              roikit_peak=peak_ours, torchvision_peak=peak_tv, rounds=done))
     finally:
         torch.set_num_threads(all_threads)
     return rows
+
+
+def _memory_and_time(fn: Callable[[], object]) -> tuple[int | None, float]:
+    """Peak extra memory (bytes; None where it cannot be read) and time (ms) of one call of ``fn``."""
+    if peak_memory_available() is not None:
+        return None, _timed(fn, 1)
+    _, peak, seconds = measure_peak(fn)
+    return peak, seconds * 1000
 
 
 SWEEP_GOALS = {"forward": 1.5, "forward+backward": 2.0}  # speed-up over torchvision; memory: at most 1.5x
@@ -304,3 +313,79 @@ def plot_sweep(rows: list[dict], path) -> None:
     with atomic_open(path, "wb") as f:
         fig.savefig(f, format="png", dpi=100)
     plt.close(fig)
+
+
+# ---------------------------------------------------------------- detectors
+def time_detectors(repeat: int = 10, threads: Iterable[int] = (1, 2), seed: int = 0) -> list[dict]:
+    """CPU inference time per image of two detectors with random weights, and the part spent in the box pooler.
+
+    * ``base_shapes``: roikit's default detector (configs/base_shapes.yaml: small CNN at stride 16, RoIAlign
+      aligned, 300 proposals), one 320 x 320 image.
+    * ``mobilenet_v3_fpn``: torchvision's ``fasterrcnn_mobilenet_v3_large_fpn`` (resized to 480 x 640, 1,000
+      proposals) with its ``MultiScaleRoIAlign`` swapped for roikit's ``RoIPooler`` (the same sampling), one
+      640 x 480 image; and the same model with torchvision's own pooler.
+
+    Median of ``repeat`` runs after 2 warm-up runs. Only absolute imports of APIs that already existed at commit
+    4db371e, so the same code can time an older checkout (docs/benchmarks.md shows how).
+    """
+    from pathlib import Path
+
+    import torch
+    from torchvision.models.detection import fasterrcnn_mobilenet_v3_large_fpn
+
+    from roikit.engine.config import load_config
+    from roikit.modeling import build_detector, swap_roi_pooler
+
+    torch.manual_seed(seed)
+    config = Path(__file__).resolve().parents[2] / "configs" / "base_shapes.yaml"
+    cfg = load_config(config)
+    cfg["model"]["num_classes"] = 6  # the shapes set's classes
+    shapes = build_detector(cfg).eval()
+    tv_own = fasterrcnn_mobilenet_v3_large_fpn(weights=None, weights_backbone=None, min_size=480, max_size=640).eval()
+    tv_swapped = fasterrcnn_mobilenet_v3_large_fpn(weights=None, weights_backbone=None, min_size=480,
+                                                   max_size=640).eval()
+    tv_swapped.load_state_dict(tv_own.state_dict())
+    for model in (tv_own, tv_swapped):  # its pooler names maps '0' .. '3'; the backbone gives '0', '1' (and 'pool'):
+        model.roi_heads.box_roi_pool.featmap_names = ["0", "1"]  # torchvision's pooler skips the others silently
+    swap_roi_pooler(tv_swapped, "roi_align", aligned=False)
+    g = torch.Generator().manual_seed(seed)
+    cases = [("base_shapes", "roikit RoIAlign", shapes, torch.rand(3, 320, 320, generator=g)),
+             ("mobilenet_v3_fpn", "roikit RoIPooler", tv_swapped, torch.rand(3, 480, 640, generator=g)),
+             ("mobilenet_v3_fpn", "torchvision MultiScaleRoIAlign", tv_own, torch.rand(3, 480, 640, generator=g))]
+    before = torch.get_num_threads()
+    rows = []
+    try:
+        for t in threads:
+            torch.set_num_threads(t)
+            for name, pooler, model, image in cases:
+                pool_times = []
+
+                def start(module, args):
+                    module._bench_start = time.perf_counter()
+
+                def stop(module, args, output):
+                    pool_times.append((time.perf_counter() - module._bench_start) * 1000)
+
+                hooks = [model.roi_heads.box_roi_pool.register_forward_pre_hook(start),
+                         model.roi_heads.box_roi_pool.register_forward_hook(stop)]
+                with torch.no_grad():
+                    for _ in range(2):
+                        model([image])
+                    pool_times.clear()
+                    total = time_ms(lambda m=model, x=image: m([x]), repeat=repeat, warmup=0)
+                for h in hooks:
+                    h.remove()
+                rows.append(dict(model=name, pooler=pooler, threads=t, image=f"{image.shape[2]} x {image.shape[1]}",
+                                 total_ms=total, pooler_ms=statistics.median(pool_times)))
+    finally:
+        torch.set_num_threads(before)
+    return rows
+
+
+def format_detectors(rows: list[dict]) -> str:
+    lines = ["| model | pooler | threads | image | per image (ms) | in the pooler (ms) |",
+             "|---|---|---:|---|---:|---:|"]
+    for r in rows:
+        lines.append(f"| {r['model']} | {r['pooler']} | {r['threads']} | {r['image']} | {r['total_ms']:.1f} | "
+                     f"{r['pooler_ms']:.1f} |")
+    return "\n".join(lines)
