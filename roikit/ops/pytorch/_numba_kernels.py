@@ -307,3 +307,4 @@ def roi_pool_forward_blocks(begin, end, feat, block, batch, h_start, h_end, w_st
         c0 = b * block
         cl = _transposed_block(feat, c0, min(block, channels - c0))
         roi_pool_forward_cl(0, batch.shape[0], cl, c0, batch, h_start, h_end, w_start, w_end, out, argmax)
+
