@@ -332,7 +332,7 @@ def test_train_then_eval_end_to_end(tiny_config, tmp_path, capsys):
 
     assert run_tool(eval_tool, ["--config", str(tiny_config), "--checkpoint", ckpt, "--no-progress",
                                 "--pooler", "roi_pool:rounding=integer"]) == 0
-    saved = json.loads((run / "eval_roi_pool_rounding=integer_metrics.json").read_text())
+    saved = json.loads((run / "eval_roi_pool-rounding-integer_metrics.json").read_text())
     assert saved["pooler"]["op"] == "roi_pool" and saved["pooler"]["options"] == {"rounding": "integer"}
     capsys.readouterr()
     # options of the configured op are laid over the configured ones (aligned=True stays), and printed in full
@@ -340,7 +340,7 @@ def test_train_then_eval_end_to_end(tiny_config, tmp_path, capsys):
                                 "--pooler", "roi_align:sampling_ratio=0"]) == 0
     assert ("with RoIPooler(featmap_names=['0'], output_size=(7, 7), sampling_ratio=0, op='roi_align', "
             "aligned=True)") in capsys.readouterr().out
-    saved = json.loads((run / "eval_roi_align_sampling_ratio=0_metrics.json").read_text())
+    saved = json.loads((run / "eval_roi_align-sampling_ratio-0_metrics.json").read_text())
     assert saved["pooler"] == {"op": "roi_align", "output_size": 7, "sampling_ratio": 0, "options": {"aligned": True}}
 
 

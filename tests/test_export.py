@@ -265,15 +265,8 @@ def test_region_path_of_torchvision_detector_exports():
     _check_region_path(region, torch.rand(1, 3, 160, 160, generator=torch.Generator().manual_seed(1)), False)
 
 
-# The whole detector (RPN, NMS, pooler, box head, post-processing) needs one change in roikit itself:
-# roikit/ops/_utils.py convert_boxes_to_rois builds the batch column with torch.full((len(b), 1), ...); len() of
-# the proposals, whose number is data-dependent, cannot be traced (torch.export: "Could not extract specialized
-# integer from data-dependent expression"). torch.full((b.shape[0], 1), ...) keeps it symbolic.
-NEEDS_CONVERT_FIX = pytest.mark.xfail(strict=True, reason="roikit.ops._utils.convert_boxes_to_rois: len(b) -> "
-                                                          "b.shape[0] (see the comment above)")
-
-
-@NEEDS_CONVERT_FIX
+# The whole detector (RPN, NMS, pooler, box head, post-processing): the number of proposals is data-dependent, so
+# convert_boxes_to_rois builds the batch column from b.shape[0] (len(b) cannot be traced by torch.export).
 @pytest.mark.parametrize("build", [_roikit_detector, lambda: _mobilenet_detector(op="roi_align", aligned=True)],
                          ids=["roikit_small_cnn", "torchvision_mobilenet_fpn"])
 def test_whole_detector_torch_export_matches_eager(build):

@@ -69,7 +69,7 @@ def convert_boxes_to_rois(boxes: BoxesType, input: Tensor) -> Tensor:
         else:
             cat = torch.cat(list(boxes), dim=0)
             idx = torch.cat(
-                [torch.full((len(b), 1), i, dtype=cat.dtype, device=cat.device) for i, b in enumerate(boxes)], dim=0
+                [torch.full((b.shape[0], 1), i, dtype=cat.dtype, device=cat.device) for i, b in enumerate(boxes)], dim=0
             )
             rois = torch.cat([idx, cat], dim=1)
     elif isinstance(boxes, Tensor):
