@@ -132,3 +132,15 @@ def test_declines_what_it_does_not_take():
     with jit.disabled():
         assert not jit.enabled() and jit.roi_pool_forward(x, many, 1.0, 7, 7, "torchvision") is None
     assert jit.enabled()
+
+
+def test_roi_pool_bfloat16_gradient_is_torchvision_in_float32(make_rois):
+    # distinct values: no ties, so each bin's cell is the same in bfloat16 and float32; every sum rounded once
+    rois = make_rois(k=20, dtype=torch.float32)
+    x = torch.randperm(2 * C * 13 * 17, generator=torch.Generator().manual_seed(3)).reshape(2, C, 13, 17)
+    x = (x.to(torch.float32) / 64).bfloat16()
+    grad = torch.randn(20, C, 3, 3, generator=torch.Generator().manual_seed(4)).bfloat16()
+    xt, xr = x.float().requires_grad_(), x.clone().requires_grad_()
+    torchvision.ops.roi_pool(xt, rois, 3, 0.5).backward(grad.float())
+    roi_pool(xr, rois, 3, 0.5).backward(grad)
+    assert torch.equal(xr.grad, xt.grad.bfloat16())

@@ -254,11 +254,18 @@ def roi_pool_forward(input: Tensor, rois: Tensor, spatial_scale: float, pooled_h
 
 
 def roi_pool_backward(grad: Tensor, rois: Tensor, argmax: Tensor, shape: tuple[int, int, int, int]) -> Tensor | None:
-    """RoIPool's gradient with respect to the map, [N, C, H, W] in ``grad``'s dtype, or None."""
+    """RoIPool's gradient with respect to the map, [N, C, H, W] in ``grad``'s dtype, or None. Half types add in
+    float32 (a block of channels at a time) and round once at the end."""
     n, c, h, w = shape
-    if not _takes(grad, rois) or grad.dtype not in (torch.float32, torch.float64):
+    if not _takes(grad, rois):
         return None
+    dtype = grad.dtype if grad.dtype in (torch.float32, torch.float64) else torch.float32
     out = torch.zeros((n, c, h * w), dtype=grad.dtype)
-    _run(_kernels().roi_pool_backward, c, grad.contiguous().numpy(), rois[:, 0].long().contiguous().numpy(),
-         argmax.contiguous().numpy(), out.numpy())
+    batch = rois[:, 0].long().contiguous().numpy()
+    for c0, c1, g in _channel_chunks(grad, dtype):
+        part = out if (c0, c1) == (0, c) and dtype == grad.dtype else torch.zeros((n, c1 - c0, h * w), dtype=dtype)
+        _run(_kernels().roi_pool_backward, c1 - c0, g.numpy(), batch, argmax[:, c0:c1].contiguous().numpy(),
+             part.numpy())
+        if part is not out:
+            out[:, c0:c1] = part
     return out.reshape(shape)
