@@ -125,7 +125,8 @@ def test_same_bits_on_one_and_two_threads(make_rois):
 
 
 def test_declines_what_it_does_not_take():
-    x = torch.randn(1, 2, 8, 8)
+    x = torch.randn(1, jit.MIN_CHANNELS, 8, 8)
+    assert jit.roi_align_forward(x[:, :1], torch.tensor([[0.0, 1, 1, 5, 5]]), 1.0, 7, 7, 2, True) is None
     many = torch.tensor([[0.0, 0.0, 0.0, 8.0 * (jit.MAX_SAMPLES + 1) * 7, 8.0]])  # adaptive: 65+ samples per bin
     assert jit.roi_align_forward(x, many, 1.0, 7, 7, -1, True) is None
     assert jit.roi_align_forward(x, many, 1.0, 7, 7, 2, True) is not None

@@ -2,9 +2,9 @@
 
 ``roi_align_forward`` / ``roi_pool_forward`` (and their backwards) in this package call these launchers first on
 CPU tensors; a launcher returns ``None`` for what it does not take (numba missing, the path switched off, max
-pooling, more than ``MAX_SAMPLES`` samples per bin and axis, a map with 2^31 cells or more per plane), and the
-plain path runs instead. The launchers build every table with :mod:`roikit.ops.geometry` (the plain path's code),
-so both paths sample the same points with the same weights.
+pooling, more than ``MAX_SAMPLES`` samples per bin and axis, RoIAlign on fewer than ``MIN_CHANNELS`` channels, a
+map with 2^31 cells or more per plane), and the plain path runs instead. The launchers build every table with
+:mod:`roikit.ops.geometry` (the plain path's code), so both paths sample the same points with the same weights.
 
 Results: RoIPool and RoIAlign forward and backward give torchvision's bits (tests/test_jit_kernels.py); the plain
 path's RoIAlign (matrix products) agrees to rounding.
@@ -34,6 +34,8 @@ from ..geometry import box_cells, clip_edges, compute_dtype, sample_coord, sampl
 from ._crops import CHUNK_BUDGET, box_slices
 
 MAX_SAMPLES = 64  # samples per bin and axis the kernels take (sampling_ratio, or the adaptive ceil(bin))
+MIN_CHANNELS = 8  # RoIAlign with fewer channels runs the plain path: its sample tables, built with torch ops per
+# box and sample, then cost more than the kernels save (a million boxes on one channel: 22 s against 4 s)
 CHANNEL_BLOCK = 32  # channels per scratch block of the per-box forward kernels
 TRANSPOSED_BLOCK = 64  # channels per channels-last block of the map, at most (64 ran 1.4x faster than 16)
 _state = threading.local()
@@ -168,7 +170,7 @@ def roi_align_forward(input: Tensor, rois: Tensor, spatial_scale: float, pooled_
                       sampling_ratio: int, aligned: bool) -> Tensor | None:
     """Average RoIAlign [K, C, PH, PW] in the map's dtype, or None when this path does not take the call."""
     n, c, h, w = input.shape
-    if not _takes(input, rois) or h * w >= 2**31:
+    if not _takes(input, rois) or h * w >= 2**31 or c < MIN_CHANNELS:
         return None
     dtype = compute_dtype(rois)
     pooled = (pooled_height, pooled_width)
@@ -198,7 +200,7 @@ def roi_align_backward(grad: Tensor, rois: Tensor, spatial_scale: float, pooled_
                        shape: tuple[int, int, int, int], sampling_ratio: int, aligned: bool) -> Tensor | None:
     """Gradient of average RoIAlign with respect to the map, [N, C, H, W] in ``grad``'s dtype, or None."""
     n, c, h, w = shape
-    if not _takes(grad, rois) or h * w >= 2**31:
+    if not _takes(grad, rois) or h * w >= 2**31 or c < MIN_CHANNELS:
         return None
     dtype = compute_dtype(rois)
     pooled = (pooled_height, pooled_width)
