@@ -4,7 +4,8 @@
     python tools/bench.py --device cuda   # GPU: the GPU workloads, with a correctness check first
     python tools/bench.py --sweep         # CPU: every op x box count x box size x output x dtype x threads,
                                           # as a table, and a plot of the speed-up (--output-dir); 64 and 512
-                                          # boxes (about 5 min); --full: 64 256 1024 4096 (about 30 min)
+                                          # boxes (about 8 min for both thread settings, 3 for one);
+                                          # --full: 64 256 1024 4096 (about 30 min)
 """
 from __future__ import annotations
 
@@ -20,7 +21,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--sweep", action="store_true",
                         help="CPU: the sweep (box counts of --boxes, three box sizes, 7x7 and 14x14, float32 and "
                              "bfloat16, one thread and all threads, or only --threads). By default the quick sweep, "
-                             "64 and 512 boxes (about 5 min on 2 idle cores, most of it torchvision's time); "
+                             "64 and 512 boxes (about 8 min on 2 cores for both thread settings, 3 with --threads N; "
+                             "most of it torchvision's time); "
                              "--full for 64, 256, 1024 and 4096 boxes (about 30 min)")
     parser.add_argument("--full", action="store_true", help="--sweep over 64, 256, 1024 and 4096 boxes")
     parser.add_argument("--detector", action="store_true",
