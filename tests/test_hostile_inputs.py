@@ -21,6 +21,9 @@ from __future__ import annotations
 
 import functools
 import math
+import subprocess
+import sys
+from pathlib import Path
 
 import naive
 import pytest
@@ -31,6 +34,7 @@ from hypothesis import strategies as st
 
 from roikit.layers import RoIPooler
 from roikit.ops import multilevel_roi_align, prroi_pool, roi_align, roi_pool, roi_spp
+from roikit.utils.memory import measure_peak
 
 MiB = 2**20
 SLACK = 64 * MiB  # torchvision's peak + this is always allowed
@@ -235,9 +239,7 @@ def _million_boxes():
     return torch.cat([torch.zeros(k, 1), xy, (xy + wh).clamp(max=49.9)], 1)
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("op", ["roi_pool", "roi_align"])
-def test_bounded_memory_a_million_boxes(peak_memory, op):
+def _a_million_boxes(op):
     # One channel: torchvision's peak is then its outputs, 188 MiB (roi_align) and 375 MiB (roi_pool: output and
     # argmax), so whatever roikit keeps per box shows. The boxes lie inside the 50 x 50 map, 0.5 to 10.5 px.
     x = torch.randn(1, 1, 50, 50, generator=torch.Generator().manual_seed(1))
@@ -246,12 +248,23 @@ def test_bounded_memory_a_million_boxes(peak_memory, op):
         tv_call, rk_call = (lambda: torchvision.ops.roi_pool(x, rois, 7, 1.0)), (lambda: roi_pool(x, rois, 7, 1.0))
     else:
         tv_call, rk_call = (lambda: torchvision.ops.roi_align(x, rois, 7, 1.0, -1)), (lambda: roi_align(x, rois, 7))
-    out = check_bounded(peak_memory, f"{op}-1M-boxes", rk_call, tv_call)
+    out = check_bounded(measure_peak, f"{op}-1M-boxes", rk_call, tv_call)
     expected = tv_call()
     if op == "roi_pool":
         assert torch.equal(out, expected)
     else:
         torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("op", ["roi_pool", "roi_align"])
+def test_bounded_memory_a_million_boxes(peak_memory, op):
+    """Measured in a fresh process: the heap a long test session leaves behind changes these 200-400 MiB peaks
+    (roi_align: 230 MiB alone, 321 MiB after the whole suite, while torchvision's stays at 187-193 MiB)."""
+    script = (f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); "
+              f"import test_hostile_inputs; test_hostile_inputs._a_million_boxes({op!r})")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
 
 
 # -------------------------------------------------------------------------------------- the measurer itself
