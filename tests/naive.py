@@ -9,7 +9,7 @@ import math
 import torch
 
 
-def _bilinear(f, y, x):
+def bilinear(f, y, x):
     """torchvision's bilinear_interpolate on one channel map f [H, W]; returns (value, [(i, j, weight)])."""
     h, w = f.shape
     if y < -1.0 or y > h or x < -1.0 or x > w:
@@ -55,7 +55,7 @@ def roi_align(x, rois, out, scale, sampling_ratio, aligned, pool="avg"):
                        for iy in range(max(gh, 0)) for ix in range(max(gw, 0))]
                 for ch in range(c):
                     f = x[b, ch]
-                    vals = [_bilinear(f, yy, xx) for yy, xx in pts]
+                    vals = [bilinear(f, yy, xx) for yy, xx in pts]
                     if pool == "avg":
                         y[k, ch, p, q] = sum(v for v, _ in vals) / count
                         weights[(k, ch, p, q)] = [(b, i, j, wt / count) for _, taps in vals for i, j, wt in taps]

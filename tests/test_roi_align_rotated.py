@@ -2,7 +2,7 @@
 (and at 90 / 180 degrees on a turned map), a naive float64 loop, gradcheck, and the Triton kernels (interpreter).
 
 The naive loop below shares no code with roikit: one Python loop per box, bin and sample, written from the
-formulas of detectron2's and mmcv's ROIAlignRotated kernels.
+formulas of detectron2's and mmcv's ROIAlignRotated kernels (one bilinear sample: tests/naive.py's, torchvision's rule).
 """
 from __future__ import annotations
 
@@ -15,33 +15,12 @@ import torch.fx
 import torchvision
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from naive import bilinear
 
 from roikit.ops import RoIAlignRotated, deterministic_backward, roi_align_rotated
 
 
 # ---------------------------------------------------------------- the naive loop (the expected function)
-def _bilinear(f, y, x):
-    """One bilinear sample of f [H, W] (torchvision's rule): (value, [(i, j, weight)]); 0 and no taps off the map."""
-    h, w = f.shape
-    if y < -1.0 or y > h or x < -1.0 or x > w:
-        return 0.0, []
-    y, x = max(y, 0.0), max(x, 0.0)
-    i0, j0 = int(y), int(x)
-    if i0 >= h - 1:
-        i0 = i1 = h - 1
-        y = float(i0)
-    else:
-        i1 = i0 + 1
-    if j0 >= w - 1:
-        j0 = j1 = w - 1
-        x = float(j0)
-    else:
-        j1 = j0 + 1
-    ly, lx = y - i0, x - j0
-    taps = [(i0, j0, (1 - ly) * (1 - lx)), (i0, j1, (1 - ly) * lx), (i1, j0, ly * (1 - lx)), (i1, j1, ly * lx)]
-    return sum(wt * float(f[i, j]) for i, j, wt in taps), taps
-
-
 def naive(x, rois, pooled, scale, sampling_ratio, aligned=True, clockwise=False, radians=False):
     """Output [K, C, PH, PW] (float64) and the gradient weights {(k, c, ph, pw): [(n, i, j, weight)]}."""
     _, channels, _, _ = x.shape
@@ -73,7 +52,7 @@ def naive(x, rois, pooled, scale, sampling_ratio, aligned=True, clockwise=False,
                         xx = -w / 2 + q * bw + (ix + 0.5) * bw / gw
                         points.append((yy * c - xx * s + cy, yy * s + xx * c + cx))
                 for ch in range(channels):
-                    samples = [_bilinear(x[n, ch], y, xp) for y, xp in points]
+                    samples = [bilinear(x[n, ch], y, xp) for y, xp in points]
                     out[k, ch, p, q] = sum(v for v, _ in samples) / count
                     weights[(k, ch, p, q)] = [(n, i, j, wt / count) for _, taps in samples for i, j, wt in taps]
     return out, weights
