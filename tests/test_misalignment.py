@@ -14,10 +14,10 @@ import torch
 from roikit.analysis import misalignment as mis
 from roikit.analysis.misalignment_report import bin_weights
 from roikit.analysis.reference import exact_bin_means, stride_map
-from roikit.analysis.rules import DEFAULT_RULES, RULES, Rule, make_rules
+from roikit.analysis.rules import DEFAULT_RULES, STUDY_RULES, Rule, get_rule, make_rules
 from roikit.ops.geometry import bin_edges
 
-ALL = make_rules(list(RULES))
+ALL = make_rules(list(STUDY_RULES))  # the detector poolers and ps_roi_pool
 NAMES = [r.name for r in ALL]
 
 
@@ -207,6 +207,40 @@ def test_roi_pool_bins_read_from_the_op_are_bin_edges():
         assert torch.equal(w > 0, expected), rounding
 
 
+def test_ps_roi_pool_by_hand():
+    # 665 px box at stride 32: round(20.78) = 21 cells, no +1: bins of exactly 3 cells [3p, 3p + 3), centres
+    # (3p + 1.5) 32 = 96p + 48 against 95p + 47.5: p + 0.5 px late on each axis; reads 21 cells = 672 px.
+    ps = measure([[0, 0, 665, 665]], (1024, 1024), 32)["ps_roi_pool"]
+    e = np.arange(7) + 0.5
+    assert ps["centre_px"][0] == pytest.approx(mean_distance(e, e))
+    assert ps["iou"][0] == pytest.approx(665**2 / 672**2) and ps["coverage"][0] == pytest.approx(1.0)
+    # The far edge: a 120 px image has 4 cells at stride 32; box [40, 120): round(1.25) = 1, round(3.75) = 4,
+    # 3 cells, one bin [1, 4), clipped to [1, 3): torchvision's forward never reads the last cell. Its centre is
+    # cell 2.0 = 64 px against 80 px; it reads [32, 96) px: IoU 56^2 / (80^2 + 64^2 - 56^2).
+    ps = measure([[40, 40, 120, 120]], (120, 120), 32, p=1)["ps_roi_pool"]
+    assert ps["centre_px"][0] == pytest.approx(16 * math.sqrt(2))
+    assert ps["iou"][0] == pytest.approx(56**2 / (80**2 + 64**2 - 56**2))
+
+
+def test_ps_roi_pool_rectangles_are_what_torchvision_averages():
+    # bin_weights (the study's rectangles, from geometry.ps_roi_pool_edges) against torchvision's forward on a
+    # random map copied into P * P channels; boxes on every edge, where the last row and column are never read.
+    import torchvision
+
+    rng = np.random.default_rng(5)
+    boxes = random_boxes(rng, 20, 90, 70)
+    w = bin_weights(get_rule("ps_roi_pool"), boxes, (90, 70), 8, 3)  # [K, 3, 3, 12, 9]
+    fmap = torch.from_numpy(rng.standard_normal((1, 1, 12, 9)))
+    rois = torch.cat([torch.zeros(len(boxes), 1, dtype=torch.float64), torch.from_numpy(boxes)], 1)
+    expected = torchvision.ops.ps_roi_pool(fmap.repeat(1, 9, 1, 1), rois, 3, 1 / 8)[:, 0]
+    torch.testing.assert_close(torch.einsum("kpquv,uv->kpq", w, fmap[0, 0]), expected)
+    # the crop error pools whole maps with those rectangles: it must be the op's own output
+    exact = torch.zeros(len(boxes), 3, 3, 1, dtype=torch.float64)
+    errors = mis.crop_errors(fmap, np.zeros(len(boxes), int), boxes, make_rules(["ps_roi_pool"]), 8, exact, 3,
+                             dtype=torch.float64)
+    np.testing.assert_allclose(errors[0], expected.abs().mean(dim=(1, 2)).numpy(), atol=1e-12)
+
+
 def test_stride_map_averages_the_pixels_of_each_cell():
     picture = torch.from_numpy(np.random.default_rng(0).random((37, 50, 3))).permute(2, 0, 1)[None]
     fmap = stride_map(picture, 16)
@@ -236,7 +270,8 @@ def test_crop_error_on_a_ramp_by_hand():
     # stride-8 cell holds 8 v + 3.5: both are "centre - 0.5", so a rule whose bin averages the ramp with weights
     # centred dx px off the true centre is off by exactly |dx| grey levels.
     # Box [16, 128) at stride 8: cells 2..15, 7 bins of 2 cells; torchvision reads 3 cells a bin (+4 px),
-    # the unaligned samplers are half a cell (+4 px) late, integer rounding and aligned RoIAlign are exact.
+    # the unaligned samplers are half a cell (+4 px) late, integer rounding and aligned RoIAlign are exact, and so
+    # is ps_roi_pool (round(2) = 2, round(16) = 16: 14 cells, no +1, bins of 2).
     img = np.repeat(np.repeat(np.arange(256, dtype=np.uint8)[None, :, None], 256, 0), 3, 2)
     boxes = np.array([[16.0, 16.0, 128.0, 128.0]])
     exact = exact_bin_means([img], np.zeros(1, int), boxes, 7)
@@ -244,7 +279,7 @@ def test_crop_error_on_a_ramp_by_hand():
     assert maps.shape == (1, 3, 32, 32) and maps[0, 0, 0, :3].tolist() == [3.5, 11.5, 19.5]
     errors = mis.crop_errors(maps, np.zeros(1, int), boxes, ALL, 8, exact, 7, dtype=torch.float64)[:, 0]
     expected = {"roi_pool_torchvision": 4, "roi_pool_integer": 0, "roi_align_aligned": 0, "roi_align_unaligned": 4,
-                "prroi_pool": 4, "prroi_pool_aligned": 0}
+                "prroi_pool": 4, "prroi_pool_aligned": 0, "ps_roi_pool": 0}
     assert dict(zip(NAMES, errors)) == pytest.approx(expected, abs=1e-9)
 
 
@@ -296,6 +331,8 @@ def test_malformed_file_is_a_clear_error(tmp_path, content, message):
 def test_bad_settings():
     with pytest.raises(ValueError, match="unknown rule"):
         make_rules(["roi_pool"])
+    with pytest.raises(ValueError, match="explained by tools/explain.py, not measured"):
+        make_rules(["ps_roi_align"])
     with pytest.raises(ValueError, match="stride"):
         mis.measure_boxes(np.zeros((0, 4)), np.zeros((0, 2)), ALL, 0)
     with pytest.raises(ValueError, match="x2 > x1"):

@@ -2,6 +2,7 @@
 
     python tools/misalignment.py                                  # the synthetic shapes val set, with its images
     python tools/misalignment.py --annotations instances_val2017.json --images val2017 --strides 16 32
+    python tools/misalignment.py --rules roi_pool_torchvision ps_roi_pool roi_align_aligned   # R-FCN's rounding too
     python tools/misalignment.py --annotations ../shared/data/coco-mini/annotations/instances_val2017.json \
         --images ../shared/data/coco-mini/val2017      # real photographs: coco-mini's val boxes
 
@@ -18,7 +19,7 @@ from pathlib import Path
 
 from roikit.analysis import misalignment as mis
 from roikit.analysis import misalignment_report as report
-from roikit.analysis.rules import DEFAULT_RULES, RULES, make_rules
+from roikit.analysis.rules import DEFAULT_RULES, STUDY_RULES, make_rules
 from roikit.io import atomic_save_json, atomic_write_text, output_dir
 from roikit.utils.threads import add_threads_argument, torch_threads
 
@@ -33,7 +34,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--no-images", action="store_true", help="skip the crop error even for the default set")
     parser.add_argument("--data-root", default="data/shapes", help="synthetic data set folder (default: %(default)s)")
     parser.add_argument("--rules", nargs="+", default=list(DEFAULT_RULES), metavar="RULE",
-                        help=f"rules to compare, from: {', '.join(RULES)} (default: %(default)s)")
+                        help=f"rules to compare, from: {', '.join(STUDY_RULES)} (ps_roi_pool: R-FCN's position-"
+                             "sensitive pooling, its own rounding; default: %(default)s)")
     parser.add_argument("--sampling-ratio", type=int, default=2,
                         help="roi_align samples per bin and axis, <= 0 adaptive (default: %(default)s)")
     parser.add_argument("--strides", type=int, nargs="+", default=[4, 8, 16, 32], metavar="S",

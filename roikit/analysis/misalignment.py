@@ -1,7 +1,8 @@
 """Box misalignment: what each pooling rule does to real boxes, measured through the ops themselves.
 
 For a box, a stride ``s`` and a ``P x P`` output, each rule (``roi_pool`` with either rounding, ``roi_align``
-aligned or not, ``prroi_pool``) gives every output bin a weight on every feature cell. Three measures follow:
+aligned or not, ``prroi_pool``, ``ps_roi_pool``) gives every output bin a weight on every feature cell. Three
+measures follow:
 
 1. **Bin-centre error.** The weight map of bin ``b`` is ``w_b = d out_b / d F`` for a one-channel map ``F`` (the
    op's average-pooling form; for ``roi_pool``, the cells of the bin the op reads, uniformly). Its weighted centre
@@ -27,6 +28,11 @@ How the ops are read:
   the max of the negative its first, so the op's own output gives the rectangle ``[hs, he) x [ws, we)`` of every
   bin (0 marks an empty bin). Its average-pooling form averages that rectangle; the crop error uses that form, so
   it measures where the rule looks, not max against mean.
+* ``ps_roi_pool`` (selectable, not a default rule: R-FCN's position-sensitive pooling, whose rounding is its own:
+  no ``+ 1`` cell) averages whole cells too; its rectangles come from its own rule function,
+  :func:`roikit.ops.geometry.ps_roi_pool_edges`, which the op itself calls (the op would need ``P * P`` copies of
+  the map, one per bin; the tests check that its gradient reads the same rectangles). It is measured as the
+  average-pooling form of ``roi_pool`` is.
 
 Batching: for the first two measures each box is measured on a small window of its feature map, moved by whole
 cells (a shift of whole strides in pixels, which every rule's rounding follows exactly for power-of-two strides).
@@ -54,6 +60,7 @@ import torch
 from torch import Tensor
 
 from roikit.data.coco import read_annotation_file
+from roikit.ops.geometry import ps_roi_pool_edges
 
 from .reference import exact_bin_means, stride_map
 from .rules import Rule
@@ -241,10 +248,13 @@ def _plan_windows(boxes: np.ndarray, image_hw: np.ndarray, stride: int, pooled: 
 # ------------------------------------------------------------------------------------------------ reading a rule
 def roi_pool_bins(rule: Rule, rois: Tensor, hm: int, wm: int, output_size: int, scale: float,
                   dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """The rectangle of cells each bin of ``roi_pool`` reads, from the op's own output on two ramps.
+    """The rectangle of cells each bin of ``roi_pool`` reads, from the op's own output on two ramps (for
+    ``ps_roi_pool``: from its rule function, :func:`roikit.ops.geometry.ps_roi_pool_edges`, on an ``hm x wm`` map).
 
     Returns ``hs, he, ws, we`` [B, P, P] (long) and ``nonempty`` [B, P, P]. ``rois`` hold batch index 0.
     """
+    if rule.op == "ps_roi_pool":
+        return _ps_roi_pool_bins(rois.to(dtype), hm, wm, output_size, scale)
     if hm * wm >= 1 << 24 and dtype != torch.float64:
         dtype = torch.float64  # the ramp must hold every cell index exactly
     ramp = torch.arange(1, hm * wm + 1, dtype=dtype).reshape(1, 1, hm, wm)
@@ -254,6 +264,16 @@ def roi_pool_bins(rule: Rule, rois: Tensor, hm: int, wm: int, output_size: int, 
     nonempty = last >= 0
     hs, ws = first.div(wm, rounding_mode="floor"), first.remainder(wm)
     he, we = last.div(wm, rounding_mode="floor") + 1, last.remainder(wm) + 1
+    zero = torch.zeros_like(hs)
+    return (torch.where(nonempty, hs, zero), torch.where(nonempty, he, zero), torch.where(nonempty, ws, zero),
+            torch.where(nonempty, we, zero), nonempty)
+
+
+def _ps_roi_pool_bins(rois: Tensor, hm: int, wm: int, p: int, scale: float):
+    (hs, he), (ws, we) = ps_roi_pool_edges(rois, scale, (p, p), (hm, wm))  # [B, P] each, clipped to the map
+    hs, he = hs[:, :, None].expand(-1, -1, p), he[:, :, None].expand(-1, -1, p)  # rows depend on the bin's row
+    ws, we = ws[:, None, :].expand(-1, p, -1), we[:, None, :].expand(-1, p, -1)
+    nonempty = (he > hs) & (we > ws)
     zero = torch.zeros_like(hs)
     return (torch.where(nonempty, hs, zero), torch.where(nonempty, he, zero), torch.where(nonempty, ws, zero),
             torch.where(nonempty, we, zero), nonempty)
