@@ -1,0 +1,61 @@
+"""multilevel_roi_align (one fused op over the pyramid's maps): forward and backward ops, their fake kernels,
+autograd, autocast and CUDA dispatch."""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ..pytorch import multilevel_roi_align as _multilevel
+from ._common import features_backward, register_autograd, register_cuda
+
+
+@torch.library.custom_op("roikit::multilevel_roi_align", mutates_args=())
+def multilevel_roi_align_op(features: list[Tensor], rois: Tensor, spatial_scales: list[float], pooled_height: int,
+                            pooled_width: int, sampling_ratio: int, aligned: bool, canonical_scale: int,
+                            canonical_level: int) -> Tensor:
+    return _multilevel.multilevel_roi_align_forward(features, rois, spatial_scales, pooled_height, pooled_width,
+                                                    sampling_ratio, aligned, canonical_scale, canonical_level)
+
+
+@multilevel_roi_align_op.register_fake
+def _(features, rois, spatial_scales, pooled_height, pooled_width, sampling_ratio, aligned, canonical_scale,
+      canonical_level):
+    return features[0].new_empty((rois.shape[0], features[0].shape[1], pooled_height, pooled_width))
+
+
+@torch.library.custom_op("roikit::multilevel_roi_align_backward", mutates_args=())
+def multilevel_roi_align_backward_op(grad: Tensor, rois: Tensor, spatial_scales: list[float], pooled_height: int,
+                                     pooled_width: int, batch_size: int, channels: int, heights: list[int],
+                                     widths: list[int], sampling_ratio: int, aligned: bool, canonical_scale: int,
+                                     canonical_level: int, deterministic: bool) -> list[Tensor]:
+    return _multilevel.multilevel_roi_align_backward(grad, rois, spatial_scales, pooled_height, pooled_width,
+                                                     batch_size, channels, heights, widths, sampling_ratio, aligned,
+                                                     canonical_scale, canonical_level)
+
+
+@multilevel_roi_align_backward_op.register_fake
+def _(grad, rois, spatial_scales, pooled_height, pooled_width, batch_size, channels, heights, widths, sampling_ratio,
+      aligned, canonical_scale, canonical_level, deterministic):
+    return [grad.new_empty((batch_size, channels, h, w)) for h, w in zip(heights, widths)]
+
+
+def _setup(ctx, inputs, output):
+    features, rois, spatial_scales, pooled_height, pooled_width, sampling_ratio, aligned, cs, cl = inputs
+    ctx.save_for_backward(rois)
+    n, c = features[0].shape[:2]
+    ctx.settings = (list(spatial_scales), pooled_height, pooled_width, n, c, [f.shape[2] for f in features],
+                    [f.shape[3] for f in features], sampling_ratio, aligned, cs, cl)
+
+
+def _backward_maps(grad, rois, spatial_scales, pooled_height, pooled_width, batch_size, channels, heights, widths,
+                   *_):
+    """The gradient for the kernels, or None (the plain path) when a map of the pyramid is empty."""
+    empty_map = any(h * w == 0 for h, w in zip(heights, widths)) or batch_size * channels == 0
+    return None if empty_map else [grad]
+
+
+register_autograd(multilevel_roi_align_op, features_backward(multilevel_roi_align_backward_op), _setup)
+register_cuda(multilevel_roi_align_op, _multilevel.multilevel_roi_align_forward, "multilevel_roi_align",
+              lambda features, *_: features)
+register_cuda(multilevel_roi_align_backward_op, _multilevel.multilevel_roi_align_backward, "multilevel_roi_align",
+              _backward_maps, deterministic=True)

@@ -1,0 +1,50 @@
+"""prroi_pool: forward and backward ops, their fake kernels, autograd (features and boxes), autocast and CUDA
+dispatch."""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ..pytorch import prroi_pool as _prroi
+from ._common import deterministic_backward_enabled, register_autograd, register_cuda
+
+
+@torch.library.custom_op("roikit::prroi_pool", mutates_args=())
+def prroi_pool_op(input: Tensor, rois: Tensor, spatial_scale: float, pooled_height: int, pooled_width: int,
+                  aligned: bool) -> Tensor:
+    return _prroi.prroi_pool_forward(input, rois, spatial_scale, pooled_height, pooled_width, aligned)
+
+
+@prroi_pool_op.register_fake
+def _(input, rois, spatial_scale, pooled_height, pooled_width, aligned):
+    return input.new_empty((rois.shape[0], input.shape[1], pooled_height, pooled_width))
+
+
+@torch.library.custom_op("roikit::prroi_pool_backward", mutates_args=())
+def prroi_pool_backward_op(grad: Tensor, input: Tensor, rois: Tensor, spatial_scale: float, pooled_height: int,
+                           pooled_width: int, aligned: bool, deterministic: bool) -> tuple[Tensor, Tensor]:
+    return _prroi.prroi_pool_backward(grad, input, rois, spatial_scale, pooled_height, pooled_width, aligned)
+
+
+@prroi_pool_backward_op.register_fake
+def _(grad, input, rois, spatial_scale, pooled_height, pooled_width, aligned, deterministic):
+    return input.new_empty(input.shape), rois.new_empty(rois.shape)  # the kernels return contiguous tensors
+
+
+def _setup(ctx, inputs, output):
+    input, rois, spatial_scale, pooled_height, pooled_width, aligned = inputs
+    ctx.save_for_backward(input, rois)
+    ctx.settings = (spatial_scale, pooled_height, pooled_width, aligned)
+
+
+def _backward(ctx, grad):  # the features' and the boxes' gradients
+    input, rois = ctx.saved_tensors
+    grad_input, grad_rois = prroi_pool_backward_op(grad.contiguous(), input, rois, *ctx.settings,
+                                                   deterministic_backward_enabled())
+    return grad_input, grad_rois, None, None, None, None
+
+
+register_autograd(prroi_pool_op, _backward, _setup)
+register_cuda(prroi_pool_op, _prroi.prroi_pool_forward, "prroi_pool", lambda input, *_: [input])
+register_cuda(prroi_pool_backward_op, _prroi.prroi_pool_backward, "prroi_pool", lambda grad, input, *_: [input],
+              deterministic=True)
