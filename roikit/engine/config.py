@@ -59,10 +59,12 @@ DEFAULTS: dict[str, Any] = {
             "positive_fraction": 0.5,
         },
         "pooler": {
-            "op": "roi_align",  # roi_align | roi_pool | prroi_pool | roi_spp
+            "op": "roi_align",  # roi_align | roi_pool | prroi_pool | roi_spp | ps_roi_align | ps_roi_pool
+            #                    | roi_align_rotated | deform_roi_pool
             "output_size": 7,
             "sampling_ratio": 2,
-            "options": {"aligned": True},  # the op's own settings: aligned, pool, rounding, levels
+            "options": {"aligned": True},  # the op's own settings: aligned, pool, rounding, levels; deform_roi_pool:
+            # gamma, modulated, deform_fc_channels (channels: the backbone's, set by the builder)
         },
         "box_head": {  # region features -> 3x3 convs -> head pool -> fc layers (roikit.modeling.box_head)
             "conv_dims": [],

@@ -3,7 +3,8 @@
 :class:`RoIPooler` has the call signature of ``torchvision.ops.MultiScaleRoIAlign`` (features dict, list of
 proposals, image sizes), so it drops into torchvision's detection models, and takes the op by name:
 ``"roi_align"``, ``"roi_pool"``, ``"prroi_pool"``, ``"roi_spp"``, ``"ps_roi_align"``, ``"ps_roi_pool"`` or
-``"roi_align_rotated"`` (rotated boxes ``(cx, cy, w, h, angle)``), with that op's own settings.
+``"roi_align_rotated"`` (rotated boxes ``(cx, cy, w, h, angle)``), with that op's own settings, or
+``"deform_roi_pool"``, which learns its bins' offsets (one offset head per level, :mod:`.deform_pooler`).
 """
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from ..ops import (
+    DeformRoIPool,
     PrRoIPool,
     PSRoIAlign,
     PSRoIPool,
@@ -24,6 +26,7 @@ from ..ops import (
     autocast_to_float32,
     convert_boxes_to_rois,
     convert_rotated_boxes_to_rois,
+    deform_roi_pool,
     multilevel_roi_align,
     prroi_pool,
     ps_roi_align,
@@ -36,11 +39,13 @@ from ..ops import (
 )
 from ..utils.checks import pair
 from ..utils.fx import fx_leaf
+from .deform_pooler import DEFORM_OP, DeformRoIPoolLevels, refuse_deform_options
 
 OPS = {"roi_align": (RoIAlign, roi_align), "roi_pool": (RoIPool, roi_pool), "prroi_pool": (PrRoIPool, prroi_pool),
        "roi_spp": (RoISPP, roi_spp), "ps_roi_align": (PSRoIAlign, ps_roi_align),
-       "ps_roi_pool": (PSRoIPool, ps_roi_pool), "roi_align_rotated": (RoIAlignRotated, roi_align_rotated)}
-SAMPLED = ("roi_align", "ps_roi_align", "roi_align_rotated")  # the ops that take sampling_ratio
+       "ps_roi_pool": (PSRoIPool, ps_roi_pool), "roi_align_rotated": (RoIAlignRotated, roi_align_rotated),
+       DEFORM_OP: (DeformRoIPool, deform_roi_pool)}
+SAMPLED = ("roi_align", "ps_roi_align", "roi_align_rotated", DEFORM_OP)  # the ops that take sampling_ratio
 ROTATED = "roi_align_rotated"  # boxes (cx, cy, w, h, angle) instead of (x1, y1, x2, y2)
 
 
@@ -77,13 +82,16 @@ class RoIPooler(nn.Module):
     Args:
         featmap_names (List[str]): the feature maps to use, finest first.
         output_size (int or Tuple[int, int]): bins per box (ignored by ``roi_spp``, whose ``levels`` set its size).
-        sampling_ratio (int): samples per bin and axis for ``roi_align`` and ``ps_roi_align`` (the others take none).
+        sampling_ratio (int): samples per bin and axis for ``roi_align``, ``ps_roi_align``, ``roi_align_rotated``
+            and ``deform_roi_pool`` (the others take none).
         op (str): ``"roi_align"``, ``"roi_pool"``, ``"prroi_pool"``, ``"roi_spp"``, or the position-sensitive
             ``"ps_roi_align"`` / ``"ps_roi_pool"`` (R-FCN: ``C' * PH * PW`` channels in, ``C'`` out), or
-            ``"roi_align_rotated"`` (rotated boxes, see :func:`roikit.ops.roi_align_rotated`).
+            ``"roi_align_rotated"`` (rotated boxes, see :func:`roikit.ops.roi_align_rotated`), or
+            ``"deform_roi_pool"`` (learned offsets, see :class:`~roikit.layers.deform_pooler.DeformRoIPoolLevels`).
         canonical_scale, canonical_level (int): the FPN level rule, see :func:`assign_boxes_to_levels`.
         **op_options: the op's own settings (``aligned``, ``pool``, ``rounding``, ``levels``, ``clockwise``,
-            ``angle_unit``).
+            ``angle_unit``; ``deform_roi_pool``: ``channels`` (required), ``gamma``, ``modulated``,
+            ``deform_fc_channels``).
 
     The op's module is built (and its settings checked) once, here. ``torch.fx`` traces the pooler as one call,
     as torchvision's ``MultiScaleRoIAlign``.
@@ -107,7 +115,13 @@ class RoIPooler(nn.Module):
         if op != "roi_spp":
             options["output_size"] = self.output_size
         module, self._function = OPS[op]
-        module(**options)  # checks every setting now, not at the first batch (TypeError: a setting it lacks)
+        self.deform = None  # deform_roi_pool's offset heads: weights, one pack per level
+        if op == DEFORM_OP:
+            self.deform = DeformRoIPoolLevels(len(self.featmap_names), self.output_size, sampling_ratio,
+                                              **op_options)
+        else:
+            refuse_deform_options(op, op_options)
+            module(**options)  # checks every setting now, not at the first batch (TypeError: a setting it lacks)
         self._options = options
         # one op for a whole pyramid (it assigns the levels itself): a single fused launch on CUDA
         self.fused = op == "roi_align" and op_options.get("pool", "avg") == "avg"
@@ -120,7 +134,9 @@ class RoIPooler(nn.Module):
             return (channels // (self.output_size[0] * self.output_size[1]), *self.output_size)
         return (channels, *self.output_size)
 
-    def _pool(self, feature: Tensor, rois: Tensor, scale: float) -> Tensor:
+    def _pool(self, feature: Tensor, rois: Tensor, scale: float, level: int = 0) -> Tensor:
+        if self.deform is not None:
+            return self.deform(feature, rois, scale, level)
         return self._function(feature, rois, spatial_scale=scale, **self._options)
 
     def forward(self, x: dict[str, Tensor], boxes: list[Tensor], image_shapes: list[tuple[int, int]]) -> Tensor:
@@ -175,5 +191,5 @@ def _pool_regions(pooler: RoIPooler, x: dict[str, Tensor], boxes: list[Tensor],
         out = features[0].new_zeros((rois.shape[0], *pooler.output_shape(features[0].shape[1])))
         for level, (feature, scale) in enumerate(zip(features, scales)):
             idx = torch.nonzero(levels == level).squeeze(1)
-            out = out.index_put((idx,), pooler._pool(feature, rois[idx], scale))
+            out = out.index_put((idx,), pooler._pool(feature, rois[idx], scale, level))
     return out if dtype is None else out.to(dtype)

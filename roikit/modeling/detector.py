@@ -15,6 +15,7 @@ from torchvision.models.detection.roi_heads import RoIHeads
 from torchvision.models.detection.rpn import RegionProposalNetwork, RPNHead
 from torchvision.models.detection.transform import GeneralizedRCNNTransform
 
+from ..layers.deform_pooler import DEFORM_OP
 from ..layers.poolers import RoIPooler
 from ..utils.checks import check_choice, check_int
 from .backbones import SmallConvNet, resnet_fpn
@@ -52,11 +53,19 @@ def build_backbone(cfg: dict) -> tuple[nn.Module, list[str], list[str]]:
     return backbone, ["0", "1", "2", "3", "pool"], ["0", "1", "2", "3"]
 
 
-def build_pooler(cfg: dict, featmap_names: list[str]) -> RoIPooler:
+def build_pooler(cfg: dict, featmap_names: list[str], channels: int | None = None) -> RoIPooler:
+    """``cfg["model"]["pooler"]`` -> the pooler; ``channels`` (the backbone's) sizes deform_roi_pool's offset
+    heads unless the options give them (then they must agree)."""
     p = cfg["model"]["pooler"]
+    options = dict(p["options"])
+    if p["op"] == DEFORM_OP and channels is not None:
+        given = options.setdefault("channels", channels)
+        if given != channels:
+            raise ValueError(f"model.pooler.options.channels is {given!r} but the backbone gives {channels} "
+                             f"channels (leave it out: the builder takes the backbone's)")
     try:
         return RoIPooler(featmap_names, output_size=p["output_size"], sampling_ratio=p["sampling_ratio"], op=p["op"],
-                         **p["options"])
+                         **options)
     except TypeError as e:  # an option the op does not take
         raise ValueError(f"model.pooler.options {p['options']} for {p['op']}: {e}") from e
 
@@ -104,7 +113,7 @@ def build_detector(cfg: dict) -> GeneralizedRCNN:
         nms_thresh=rpn_cfg["nms_thresh"],
     )
 
-    pooler = build_pooler(cfg, pooled_names)
+    pooler = build_pooler(cfg, pooled_names, backbone.out_channels)
     box_head = build_box_head(cfg, pooler.output_shape(backbone.out_channels))
     predictor = FastRCNNPredictor(in_features=box_head.out_features, num_classes=num_classes)
     r = m["roi_heads"]
