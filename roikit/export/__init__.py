@@ -35,6 +35,7 @@ def onnx_translation_table() -> dict[Callable, Callable]:
     ``roi_align_rotated`` has no translation yet. The translations are for inference: the argmax outputs of
     ``roi_pool`` and ``roi_align(pool="max")`` are not exported (zeros)."""
     from . import _onnx_ops as t
+    from ._onnx_rotated import roi_align_rotated
 
     roikit = torch.ops.roikit
     return {
@@ -45,6 +46,7 @@ def onnx_translation_table() -> dict[Callable, Callable]:
         roikit.ps_roi_align.default: t.ps_roi_align,
         roikit.ps_roi_pool.default: t.ps_roi_pool,
         roikit.deform_roi_pool.default: t.deform_roi_pool,
+        roikit.roi_align_rotated.default: roi_align_rotated,
     }
 
 
@@ -58,7 +60,26 @@ def onnx_export(model: torch.nn.Module, args: tuple[Any, ...], f: str | None = N
     """
     table = {**onnx_translation_table(), **(custom_translation_table or {})}
     with export_friendly_nms():
-        return torch.onnx.export(model, args, f, dynamo=True, custom_translation_table=table, **kwargs)
+        try:
+            return torch.onnx.export(model, args, f, dynamo=True, custom_translation_table=table, **kwargs)
+        except Exception as error:  # a setting a translation refuses: its own message, not the exporter's report
+            refused = _refusal(error)
+            if refused is None:
+                raise
+            raise ValueError(str(refused)) from error
+
+
+def _refusal(error: BaseException | None) -> BaseException | None:
+    """The :class:`~roikit.export._onnx_rotated.UnsupportedExport` in the chain of causes of ``error``, if any."""
+    from ._onnx_rotated import UnsupportedExport
+
+    seen = set()
+    while error is not None and id(error) not in seen:
+        if isinstance(error, UnsupportedExport):
+            return error
+        seen.add(id(error))
+        error = error.__cause__ or error.__context__
+    return None
 
 
 def torch_export(model: torch.nn.Module, args: tuple[Any, ...], **kwargs) -> torch.export.ExportedProgram:
