@@ -305,3 +305,21 @@ def test_fx_traces_the_deform_pooler_as_one_call():
         model.pooler.deform.packs[1].offset_fc[-1].bias.fill_(0.7)
     torch.testing.assert_close(traced(features, BOXES), model(features, BOXES), rtol=0, atol=0)
     assert not torch.equal(model(features, BOXES), _expected(features, BOXES, 2))
+
+
+def test_autocast_pools_in_float32_and_gives_the_features_dtype():
+    """Under autocast the ops run in float32 and the offset heads in bfloat16 (their Linear layers): bfloat16
+    features come back bfloat16, within bfloat16 rounding of the float32 pooling."""
+    torch.manual_seed(0)
+    pooler = RoIPooler(["0", "1", "2"], 7, 2, op="deform_roi_pool", channels=3, deform_fc_channels=16,
+                       modulated=True)
+    with torch.no_grad():
+        for pack in pooler.deform.packs:
+            pack.offset_fc[-1].bias.uniform_(-1, 1)
+    features = _pyramid(dtype=torch.float32)
+    boxes = [b.float() for b in BOXES]
+    expected = pooler(features, boxes, [(IMAGE, IMAGE)] * 2)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = pooler({k: v.bfloat16() for k, v in features.items()}, boxes, [(IMAGE, IMAGE)] * 2)
+    assert got.dtype == torch.bfloat16
+    torch.testing.assert_close(got.float(), expected, rtol=0.02, atol=0.02)
