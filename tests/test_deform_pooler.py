@@ -323,3 +323,18 @@ def test_autocast_pools_in_float32_and_gives_the_features_dtype():
         got = pooler({k: v.bfloat16() for k, v in features.items()}, boxes, [(IMAGE, IMAGE)] * 2)
     assert got.dtype == torch.bfloat16
     torch.testing.assert_close(got.float(), expected, rtol=0.02, atol=0.02)
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf])
+def test_a_box_reading_a_non_finite_cell_pools_nan_and_the_others_are_unaffected(bad):
+    """Its offsets are non-finite (0 * nan in the fc), which deform_roi_pool refuses; the pooler gives that box
+    NaN instead of failing the batch, and the other boxes torchvision's roi_align(aligned=True)."""
+    features = _pyramid()
+    features["0"][1, 2, 7, 40] = bad  # image 1, level 2 (stride 4): cell (x, y) = (40, 7), in box 2 of image 1
+    pooler = _pooler()
+    got = pooler(features, BOXES, [(IMAGE, IMAGE)] * 2)
+    expected = _expected(features, BOXES, 2)
+    hit = torch.zeros(len(got), dtype=torch.bool)
+    hit[len(BOXES[0]) + 2] = True
+    assert got[hit].isnan().all()
+    torch.testing.assert_close(got[~hit], expected[~hit], rtol=0, atol=1e-12)

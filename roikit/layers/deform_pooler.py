@@ -14,7 +14,8 @@ Both heads' last layers start at zero, so a fresh pooler is ``roi_align(aligned=
 
 Boxes go to levels by RoIPooler's FPN rule (:func:`~roikit.layers.poolers.assign_boxes_to_levels`); for maps of
 strides 4-32 (levels 2-5) it is mmdet's ``map_roi_levels`` with ``finest_scale=56``,
-``floor(log2(sqrt(area) / 56))`` clamped to the levels. Every level's heads run on every call, on no boxes where
+``floor(log2(sqrt(area) / 56))`` clamped to the levels. A box that reads a non-finite cell gets non-finite
+offsets and pools NaN (roi_align would give it NaN too). Every level's heads run on every call, on no boxes where
 none go to it, so each weight gets a gradient (zero there), as DistributedDataParallel wants (mmdet adds
 ``0 * sum(parameters)`` for the same reason).
 """
@@ -24,6 +25,7 @@ import math
 import numbers
 from collections.abc import Mapping
 
+import torch
 from torch import Tensor, nn
 
 from ..ops import DeformRoIPoolPack, ModulatedDeformRoIPoolPack, deform_roi_pool
@@ -96,10 +98,14 @@ class DeformRoIPoolLevels(nn.Module):
         plain = deform_roi_pool(feature, rois, None, size, spatial_scale, ratio, self.gamma)
         flat = plain.flatten(1)  # [K, C * PH * PW]
         offset = pack.offset_fc(flat).view(flat.shape[0], 2, *size).to(plain.dtype)  # (autocast: half out of fc)
-        out = deform_roi_pool(feature, rois, offset, size, spatial_scale, ratio, self.gamma)
+        # a box that read a non-finite cell has non-finite offsets (the op refuses them): it pools NaN, as it would
+        # under roi_align; the other boxes are unaffected
+        finite = torch.isfinite(offset).flatten(1).all(1)[:, None, None, None]
+        out = deform_roi_pool(feature, rois, torch.where(finite, offset, 0.0), size, spatial_scale, ratio,
+                              self.gamma)
         if self.modulated:
             out = out * pack.mask_fc(flat).view(flat.shape[0], 1, *size).to(out.dtype)
-        return out
+        return torch.where(finite, out, math.nan)
 
     def extra_repr(self) -> str:
         return f"channels={self.channels}, gamma={self.gamma}, modulated={self.modulated}"
