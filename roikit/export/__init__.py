@@ -32,8 +32,10 @@ def onnx_translation_table() -> dict[Callable, Callable]:
     ``MaxRoiPool`` (both rounding rules), ``multilevel_roi_align`` the FPN level rule and ``RoiAlign`` per level,
     ``roi_align(pool="max")``, ``prroi_pool``, ``ps_roi_align`` and ``ps_roi_pool`` two ``MatMul``s with per-box
     weight matrices, ``deform_roi_pool`` the same with per-bin weights. ``roi_spp`` is ``roi_pool`` at each level.
-    ``roi_align_rotated`` has no translation yet. The translations are for inference: the argmax outputs of
-    ``roi_pool`` and ``roi_align(pool="max")`` are not exported (zeros)."""
+    ``roi_align_rotated`` (fixed ``sampling_ratio > 0`` only; adaptive sampling raises ``ValueError``) lays out its
+    rotated samples with ``Cos`` / ``Sin``, ``Gather``s their four bilinear taps and pools chunks of boxes in a
+    ``Scan``, so memory does not grow with the number of boxes. The translations are for inference: the argmax
+    outputs of ``roi_pool`` and ``roi_align(pool="max")`` are not exported (zeros)."""
     from . import _onnx_ops as t
     from ._onnx_rotated import roi_align_rotated
 
@@ -56,7 +58,8 @@ def onnx_export(model: torch.nn.Module, args: tuple[Any, ...], f: str | None = N
     under :func:`export_friendly_nms`. Returns the ``ONNXProgram`` (``.save(path)``; ``f`` also writes it).
 
     ``kwargs`` go to ``torch.onnx.export`` (``input_names``, ``dynamic_shapes``, ``opset_version``, ...). Put the
-    model in eval mode first; the export traces it for the given ``args``.
+    model in eval mode first; the export traces it for the given ``args``. A setting that a translation cannot
+    export (``roi_align_rotated`` with adaptive sampling) raises ``ValueError`` with the translation's message.
     """
     table = {**onnx_translation_table(), **(custom_translation_table or {})}
     with export_friendly_nms():

@@ -15,6 +15,9 @@ builds the op from standard ONNX operators (opset 18), so the exported model run
   ``roi_align(pool="max")`` ``K * C * (PH G) * (PW G)`` with ``G`` samples per bin and axis (with adaptive
   sampling, ``G`` is the largest box's ``ceil(bin size)``: a huge box is expensive here, unlike in roikit's kernels).
 
+``roi_align_rotated`` is in :mod:`roikit.export._onnx_rotated` (explicit rotated samples, a ``Scan`` over chunks
+of boxes).
+
 ONNX's own ``RoiAlign`` ``mode="max"`` is not used: onnxruntime takes the largest of the 4 weighted taps
 ``w_i * v_i`` of each sample instead of the largest interpolated sample ``sum_i w_i v_i`` (mmcv's and roikit's).
 """
