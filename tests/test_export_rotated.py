@@ -128,6 +128,24 @@ def test_rotated_off_map_samples_read_nothing(exported):
             np.testing.assert_allclose(out, want.numpy(), rtol=0, atol=MAX_ERROR)  # NaN where PyTorch has NaN
 
 
+def test_rotated_reads_nothing_it_cannot_read(exported):
+    """An empty map pools zeros (as PyTorch); a batch index out of range, which eager mode refuses, pools zeros in
+    onnxruntime instead of failing in Gather."""
+    _, session = exported
+    boxes = _boxes(5, (13, 17), 4)
+    for size in ((0, 17), (13, 0)):
+        x = torch.randn(2, 4, *size)
+        _check(session, x, boxes)
+    boxes[:, 0] = torch.tensor([0.0, 1, 2, -1, 7])
+    x = torch.randn(2, 4, 13, 17, generator=torch.Generator().manual_seed(5))
+    outs = session.run(None, {"x": x.numpy(), "boxes": boxes.numpy()})
+    with torch.no_grad():
+        expected = Rotated()(x, boxes[:2])
+    for out, want in zip(outs, expected):
+        np.testing.assert_allclose(out[:2], want.numpy(), rtol=0, atol=MAX_ERROR)
+        assert np.all(out[2:] == 0)
+
+
 def test_rotated_adaptive_sampling_is_refused():
     class Adaptive(torch.nn.Module):
         def forward(self, x, boxes):

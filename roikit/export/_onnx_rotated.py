@@ -8,7 +8,8 @@ samples are laid out explicitly, as roikit's CPU path does (``roikit.ops.pytorch
   ``y = yy cos - xx sin + cy``, ``x = yy sin + xx cos + cx``;
 * a sample outside ``[-1, H] x [-1, W]`` is 0; one inside is clamped to the map and read through its four bilinear
   taps (``Floor``, the last row / column taken twice with weight 0), ``Gather``ed from the map as rows of a
-  channels-last ``[N H W, C]`` copy; the bin is the mean of its ``g * g`` samples.
+  channels-last ``[N H W, C]`` copy; the bin is the mean of its ``g * g`` samples. A sample that cannot read the
+  map (off it, a batch index out of range, an empty map) reads an extra zero row, so ``Gather`` never fails.
 
 **Bounded memory.** The boxes are pooled in chunks of ``B`` by an ONNX ``Scan``: ``B = max(1, CHUNK_VALUES //
 (PH PW g^2 4 (C + 8)))``, so one iteration holds at most about ``CHUNK_VALUES`` values (16 MiB of float32) of
@@ -91,9 +92,11 @@ def _bin_samples(start, bin_size, pooled: int, grid: int):
     return op.Add(op.Add(s, op.Mul(p, b)), op.Div(op.Mul(op.Add(i, _like(0.5, start)), b), _like(float(grid), start)))
 
 
-def _pool_chunk(rois, values, height, width, spatial_scale: float, pooled: tuple[int, int], grid: int,
-                aligned: bool, clockwise: bool, radians: bool):
-    """Rotated RoIAlign of the boxes ``rois`` [B, 6] (compute dtype) on ``values`` [N H W, C]: [B, C, PH, PW]."""
+def _pool_chunk(rois, values, size, spatial_scale: float, pooled: tuple[int, int], grid: int, aligned: bool,
+                clockwise: bool, radians: bool):
+    """Rotated RoIAlign of the boxes ``rois`` [B, 6] (compute dtype) on ``values`` [N H W + 1, C] (the map's cells,
+    then a row of zeros), ``size`` = (N, H, W) ([1] int64 each): [B, C, PH, PW]."""
+    n, height, width = size
     scale, limit = _like(spatial_scale, rois), _like(MAX_CELLS, rois)
     offset = _like(0.5 if aligned else 0.0, rois)
     cx, cy, w, h = (op.Clip(op.Mul(_column(rois, i), scale), op.Neg(limit), limit) for i in (1, 2, 3, 4))
@@ -120,12 +123,20 @@ def _pool_chunk(rois, values, height, width, spatial_scale: float, pooled: tuple
                    op.And(op.GreaterOrEqual(x, minus_one), op.LessOrEqual(x, op.CastLike(width, rois))))
     y_low, y_high, wy_low, wy_high = _taps(y, valid, height)
     x_low, x_high, wx_low, wx_high = _taps(x, valid, width)
-    base = op.Mul(op.Unsqueeze(op.Cast(_column(rois, 0), to=INT64), per_box), height)  # image n's first row
+    batch = op.Unsqueeze(op.Cast(_column(rois, 0), to=INT64), per_box)
+    # samples that read the map; the others (off the map, a batch index out of range, an empty map) read the zero
+    # row, so Gather never fails
+    zero = _const([0])
+    reads = op.And(op.And(valid, op.And(op.GreaterOrEqual(batch, zero), op.Less(batch, n))),
+                   op.And(op.Greater(height, zero), op.Greater(width, zero)))
+    zero_row = op.Mul(op.Mul(n, height), width)
+    base = op.Mul(batch, height)  # image n's first row
     total = None
     for row, wr in ((y_low, wy_low), (y_high, wy_high)):
         row_start = op.Mul(op.Add(base, op.Cast(row, to=INT64)), width)
         for col, wc in ((x_low, wx_low), (x_high, wx_high)):
-            read = op.Gather(values, op.Add(row_start, op.Cast(col, to=INT64)), axis=0)  # [B, PH, G, PW, G, C]
+            index = op.Where(reads, op.Add(row_start, op.Cast(col, to=INT64)), zero_row)
+            read = op.Gather(values, index, axis=0)  # [B, PH, G, PW, G, C]
             tap = op.Mul(read, op.Unsqueeze(op.Mul(wr, wc), _const([5])))
             total = tap if total is None else op.Add(total, tap)
     # an off-map sample reads nothing (its cell may hold NaN); bins: the mean of g * g samples
@@ -148,6 +159,8 @@ def roi_align_rotated(input, rois, spatial_scale: float, pooled_height: int, poo
     n, c, height, width = (_dim(input, i) for i in range(4))
     values = op.Reshape(op.Transpose(op.Cast(input, to=compute.value), perm=[0, 2, 3, 1]),
                         op.Concat(op.Mul(op.Mul(n, height), width), c, axis=0))  # [N H W, C]
+    zeros = op.ConstantOfShape(op.Concat(_const([1]), c, axis=0), value=ir.tensor(np.zeros((1,), np.float32)))
+    values = op.Concat(values, op.CastLike(zeros, values), axis=0)  # [N H W + 1, C]: the last row reads 0
     per_box = _const([pooled_height * pooled_width * grid * grid * 4])
     chunk = op.Max(op.Div(_const([CHUNK_VALUES]), op.Mul(per_box, op.Add(c, _const([8])))), _const([1]))  # [1]
     k = _dim(rois, 0)
@@ -156,7 +169,7 @@ def roi_align_rotated(input, rois, spatial_scale: float, pooled_height: int, poo
     chunks = op.Reshape(padded, op.Concat(trips, chunk, _const([6]), axis=0))  # [T, B, 6]
 
     def body(boxes):
-        return _pool_chunk(boxes, values, height, width, spatial_scale, (pooled_height, pooled_width), grid,
+        return _pool_chunk(boxes, values, (n, height, width), spatial_scale, (pooled_height, pooled_width), grid,
                            aligned, clockwise, radians)
 
     stacked = op.Scan(chunks, body=_scan_body(body, compute, f"roi_align_rotated{next(_names)}"), num_scan_inputs=1)
