@@ -9,10 +9,14 @@ in that order: the same bits on every run.
 Two gathers share this: :func:`gather_bins` for entries that do not depend on the channel (a bilinear tap or an
 integral weight: the entry names a bin, and every channel of that bin contributes), and :func:`segment_sum` for
 entries that already name one value each (roi_pool's argmax routing).
+
+The ops' launchers share the set-up too: :func:`entry_batches` splits the boxes' entry slots into launches and gives
+each its buffers, and the bilinear ops' entry kernels write a sample's 4 taps with :func:`store_tap_entries`.
 """
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import NamedTuple
 
 import torch
 import triton
@@ -51,6 +55,69 @@ def entry_launches(slots: Tensor, max_slots: int) -> Iterator[tuple[int, int, in
             base = torch.cumsum(chunk, 0) - chunk
             yield start, end - start, 0, int(chunk.max()), base, total
         start = end
+
+
+class EntryBatch(NamedTuple):
+    """One launch of an entry kernel: boxes ``k0 .. k0 + kc - 1``, slots ``[slot0, slot0 + width)`` (as
+    :func:`entry_launches`), ``base`` [kc] on the device, the buffers of its entries, grid and block, and whether it
+    is the first launch (its gather writes ``out`` instead of adding to it)."""
+    k0: int
+    kc: int
+    slot0: int
+    width: int
+    base: Tensor
+    keys: Tensor
+    src: Tensor
+    weight: Tensor
+    tag: Tensor | None
+    grid: tuple[int, int]
+    block: int
+    first: bool
+
+
+def entry_batches(window: Tensor, bins: int, max_entries: int, taps: int, device: torch.device,
+                  tag: bool = False) -> Iterator[EntryBatch]:
+    """The launches of a deterministic backward, in a fixed order, each with fresh buffers.
+
+    ``window`` [K, 2] (int64): the rows and columns of slots each bin of box k gets, so the box has
+    ``bins * WY * WX`` slots (read on the host: one sync) of ``taps`` entries each. The slots are split by
+    :func:`entry_launches` into launches of at most ``max_entries`` entries; each gets keys and src (int64), weight
+    (float32) and, with ``tag``, tag (int64) buffers of its ``total * taps`` entries, and the grid
+    ``(kc, cdiv(width, block))`` of its entry kernel (up to 256 slots a program).
+    """
+    slots = bins * window.cpu().prod(dim=1)  # [K]
+    for i, (k0, kc, slot0, width, base, total) in enumerate(entry_launches(slots, max_entries // taps)):
+        keys = torch.empty((total * taps,), dtype=torch.int64, device=device)
+        src = torch.empty_like(keys)
+        weight = torch.empty(keys.shape, dtype=torch.float32, device=device)
+        tags = torch.empty_like(keys) if tag else None
+        block = min(triton.next_power_of_2(width), 256)
+        yield EntryBatch(k0, kc, slot0, width, base.to(device), keys, src, weight, tags,
+                         (kc, triton.cdiv(width, block)), block, i == 0)
+
+
+@triton.jit
+def store_tap_entries(key_ptr, src_ptr, w_ptr, e, mask, ok, cell0, W, num_cells, src, scale,
+                      y_lo, y_hi, x_lo, x_hi, hy, ly, hx, lx, tag_ptr=None, tag=None):
+    """A bilinear sample's 4 taps as the entries ``e + t``, written where ``mask``: taps (y_lo, x_lo), (y_lo, x_hi),
+    (y_hi, x_lo), (y_hi, x_hi) with weights hy hx, hy lx, ly hx, ly lx. Entry: key ``cell0 + y * W + x`` (the
+    unused key ``num_cells`` where not ``ok`` or the tap's weight is 0), ``src`` (its bin), ``weight * scale`` and,
+    given ``tag_ptr``, ``tag``. Every argument a [BLOCK] vector or a scalar."""
+    for t in tl.static_range(4):
+        if t == 0:
+            ry, rx, w = y_lo, x_lo, hy * hx
+        elif t == 1:
+            ry, rx, w = y_lo, x_hi, hy * lx
+        elif t == 2:
+            ry, rx, w = y_hi, x_lo, ly * hx
+        else:
+            ry, rx, w = y_hi, x_hi, ly * lx
+        used = ok & (w != 0.0)
+        tl.store(key_ptr + e + t, tl.where(used, cell0 + ry * W + rx, num_cells), mask=mask)
+        tl.store(src_ptr + e + t, src, mask=mask)
+        tl.store(w_ptr + e + t, w * scale, mask=mask)
+        if tag_ptr is not None:
+            tl.store(tag_ptr + e + t, tag, mask=mask)
 
 
 def sort_entries(keys: Tensor, num_keys: int) -> tuple[Tensor, Tensor]:

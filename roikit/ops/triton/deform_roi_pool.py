@@ -21,7 +21,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._deterministic import MAX_ENTRIES, entry_launches, gather_bins
+from ._deterministic import MAX_ENTRIES, entry_batches, gather_bins, store_tap_entries
 from ._tiles import blocks, box_tile
 from .roi_align import (
     _align_bins,
@@ -207,19 +207,8 @@ def _deform_entries_kernel(
     cell0 = n * H * W
     src = k * (PH * PW) + p
     e = (tl.load(base_ptr + kl) + j - slot0) * 4
-    for t in tl.static_range(4):
-        if t == 0:
-            ry, rx, w = y_lo, x_lo, hy * hx
-        elif t == 1:
-            ry, rx, w = y_lo, x_hi, hy * lx
-        elif t == 2:
-            ry, rx, w = y_hi, x_lo, ly * hx
-        else:
-            ry, rx, w = y_hi, x_hi, ly * lx
-        used = ok & (w != 0.0)
-        tl.store(key_ptr + e + t, tl.where(used, cell0 + ry * W + rx, num_cells), mask=j_ok)
-        tl.store(src_ptr + e + t, src, mask=j_ok)
-        tl.store(w_ptr + e + t, w * scale, mask=j_ok)
+    store_tap_entries(key_ptr, src_ptr, w_ptr, e, j_ok, ok, cell0, W, num_cells, src, scale,
+                      y_lo, y_hi, x_lo, x_hi, hy, ly, hx, lx)
 
 
 def deform_roi_pool_forward(input: Tensor, rois: Tensor, offset: Tensor | None, spatial_scale: float,
@@ -298,16 +287,9 @@ def _deterministic_into(gin: Tensor, grad: Tensor, rois: Tensor, off: Tensor, ha
         rois, off, lo_y, lo_x, window, h, w, *settings, PH=pooled_height, PW=pooled_width, HAS_OFFSET=has_offset,
         BLOCK_P=triton.next_power_of_2(bins),
     )
-    slots = bins * window.cpu().prod(dim=1)  # [K] sample slots per box
-    first = True
-    for k0, kc, slot0, width, base, total in entry_launches(slots, MAX_ENTRIES // 4):
-        keys = torch.empty((total * 4,), dtype=torch.int64, device=gin.device)
-        src = torch.empty_like(keys)
-        weight = torch.empty(keys.shape, dtype=torch.float32, device=gin.device)
-        block = min(triton.next_power_of_2(width), 256)
-        _deform_entries_kernel[(kc, triton.cdiv(width, block))](
-            rois, off, lo_y, lo_x, window, base.to(gin.device), keys, src, weight, k0, slot0, width, n * h * w, h, w,
-            *settings, PH=pooled_height, PW=pooled_width, HAS_OFFSET=has_offset, BLOCK=block,
+    for b in entry_batches(window, bins, MAX_ENTRIES, 4, gin.device):  # 4 taps a sample slot
+        _deform_entries_kernel[b.grid](
+            rois, off, lo_y, lo_x, window, b.base, b.keys, b.src, b.weight, b.k0, b.slot0, b.width, n * h * w, h, w,
+            *settings, PH=pooled_height, PW=pooled_width, HAS_OFFSET=has_offset, BLOCK=b.block,
         )
-        gather_bins(gin, keys, src, weight, None, grad, None, accumulate=not first)
-        first = False
+        gather_bins(gin, b.keys, b.src, b.weight, None, grad, None, accumulate=not b.first)

@@ -23,7 +23,7 @@ import triton.language as tl
 from torch import Tensor
 
 from ..geometry import MAX_CELLS
-from ._deterministic import MAX_ENTRIES, entry_launches, gather_bins
+from ._deterministic import MAX_ENTRIES, entry_batches, gather_bins
 from ._tiles import blocks, box_tile
 
 _MAX_CELLS = tl.constexpr(float(MAX_CELLS))  # box coordinates in cells are clamped to +-2^52, as the reference
@@ -335,18 +335,11 @@ def prroi_pool_backward(grad: Tensor, input: Tensor, rois: Tensor, spatial_scale
                                       BLOCK_P=block_p)
         return gin.to(input.dtype), grois.to(rois.dtype)
     window = _windows(rois, spatial_scale, (pooled_height, pooled_width), (h, w), aligned)
-    slots = pooled * window.prod(dim=1)  # [K] entry slots per box
-    window = window.to(grad.device)
-    first = True
-    for k0, kc, slot0, width, base, total in entry_launches(slots, MAX_ENTRIES):
-        keys = torch.empty((total,), dtype=torch.int64, device=grad.device)
-        src = torch.empty_like(keys)
-        weight = torch.empty(keys.shape, dtype=torch.float32, device=grad.device)
-        block = min(triton.next_power_of_2(width), 256)
-        _prroi_entries_kernel[(kc, triton.cdiv(width, block))](
-            rois, window, base.to(grad.device), keys, src, weight, k0, slot0, width, n * h * w, h, w,
-            float(spatial_scale), PH=pooled_height, PW=pooled_width, ALIGNED=bool(aligned), BLOCK=block,
+    on_device = window.to(grad.device)
+    for b in entry_batches(window, pooled, MAX_ENTRIES, 1, grad.device):  # one entry a cell slot
+        _prroi_entries_kernel[b.grid](
+            rois, on_device, b.base, b.keys, b.src, b.weight, b.k0, b.slot0, b.width, n * h * w, h, w,
+            float(spatial_scale), PH=pooled_height, PW=pooled_width, ALIGNED=bool(aligned), BLOCK=b.block,
         )
-        gather_bins(gin, keys, src, weight, None, grad, None, accumulate=not first)
-        first = False
+        gather_bins(gin, b.keys, b.src, b.weight, None, grad, None, accumulate=not b.first)
     return gin.to(input.dtype), grois.to(rois.dtype)

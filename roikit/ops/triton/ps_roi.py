@@ -32,7 +32,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._deterministic import MAX_ENTRIES, entry_launches, gather_bins
+from ._deterministic import MAX_ENTRIES, entry_batches, gather_bins
 from ._tiles import blocks, box_tile
 from .roi_align import (
     _align_box,
@@ -165,27 +165,20 @@ def ps_roi_align_backward(grad: Tensor, rois: Tensor, spatial_scale: float, pool
         rois, lo_y, lo_x, window, height, width, float(spatial_scale), ratio, PH=pooled_height, PW=pooled_width,
         ALIGNED=True, BLOCK_H=triton.next_power_of_2(pooled_height), BLOCK_W=triton.next_power_of_2(pooled_width),
     )
-    slots = pooled * window.cpu().prod(dim=1)  # [K] sample slots per box (4 entries each)
     hw = height * width
     planes = gin.view(batch_size, c_out, pooled * height, width)  # one "cell" per (bin, y, x): see the docstring
-    first = True
-    for k0, kc, slot0, span, base, total in entry_launches(slots, MAX_ENTRIES // 4):
-        keys = torch.empty((total * 4,), dtype=torch.int64, device=gin.device)
-        src = torch.empty_like(keys)
-        weight = torch.empty(keys.shape, dtype=torch.float32, device=gin.device)
-        tag = torch.empty_like(keys)  # (the sample index, which only max pooling reads)
-        block = min(triton.next_power_of_2(span), 256)
-        _roi_align_entries_kernel[(kc, triton.cdiv(span, block))](
-            rois, lo_y, lo_x, window, base.to(gin.device), keys, src, weight, tag, k0, slot0, span,
+    # 4 taps a sample slot; the tag (the sample index) is written by the kernel but only max pooling reads it
+    for b in entry_batches(window, pooled, MAX_ENTRIES, 4, gin.device, tag=True):
+        _roi_align_entries_kernel[b.grid](
+            rois, lo_y, lo_x, window, b.base, b.keys, b.src, b.weight, b.tag, b.k0, b.slot0, b.width,
             batch_size * hw, height, width, float(spatial_scale), ratio, PH=pooled_height, PW=pooled_width,
-            ALIGNED=True, POOL_MAX=False, BLOCK=block,
+            ALIGNED=True, POOL_MAX=False, BLOCK=b.block,
         )
         # key n H W + pixel -> the bin's plane: (n P + p) H W + pixel (unused entries: past the last cell)
-        image = keys // hw
-        keys = torch.where(keys < batch_size * hw, (image * pooled + src % pooled) * hw + (keys - image * hw),
+        image = b.keys // hw
+        keys = torch.where(b.keys < batch_size * hw, (image * pooled + b.src % pooled) * hw + (b.keys - image * hw),
                            planes.numel() // c_out)
-        gather_bins(planes, keys, src, weight, None, grad, None, accumulate=not first)
-        first = False
+        gather_bins(planes, keys, b.src, b.weight, None, grad, None, accumulate=not b.first)
     return gin.to(grad.dtype)
 
 
@@ -348,20 +341,12 @@ def ps_roi_pool_backward(grad: Tensor, rois: Tensor, spatial_scale: float, poole
     window = torch.empty((k, 2), dtype=torch.int64, device=gin.device)
     _ps_pool_window_kernel[(k,)](rois, window, height, width, float(spatial_scale), PH=pooled_height,
                                  PW=pooled_width, BLOCK_P=triton.next_power_of_2(pooled))
-    slots = pooled * window.cpu().prod(dim=1)  # [K]
     planes = gin.view(batch_size, c_out, pooled * height, width)  # one "cell" per (bin, y, x)
     num_cells = batch_size * pooled * height * width
-    window = window.to(gin.device)
-    first = True
-    for k0, kc, slot0, span, base, total in entry_launches(slots, MAX_ENTRIES):
-        keys = torch.empty((total,), dtype=torch.int64, device=gin.device)
-        src = torch.empty_like(keys)
-        weight = torch.empty(keys.shape, dtype=torch.float32, device=gin.device)
-        block = min(triton.next_power_of_2(span), 256)
-        _ps_pool_entries_kernel[(kc, triton.cdiv(span, block))](
-            rois, window, base.to(gin.device), keys, src, weight, k0, slot0, span, num_cells, height, width,
-            float(spatial_scale), PH=pooled_height, PW=pooled_width, BLOCK=block,
+    for b in entry_batches(window, pooled, MAX_ENTRIES, 1, gin.device):  # one entry a cell slot
+        _ps_pool_entries_kernel[b.grid](
+            rois, window, b.base, b.keys, b.src, b.weight, b.k0, b.slot0, b.width, num_cells, height, width,
+            float(spatial_scale), PH=pooled_height, PW=pooled_width, BLOCK=b.block,
         )
-        gather_bins(planes, keys, src, weight, None, grad, None, accumulate=not first)
-        first = False
+        gather_bins(planes, b.keys, b.src, b.weight, None, grad, None, accumulate=not b.first)
     return gin.to(grad.dtype)

@@ -29,7 +29,7 @@ import triton.language as tl
 from torch import Tensor
 
 from ..geometry import MAX_CELLS, MAX_GRID
-from ._deterministic import MAX_ENTRIES, entry_launches, gather_bins
+from ._deterministic import MAX_ENTRIES, entry_batches, gather_bins, store_tap_entries
 from ._tiles import blocks, box_tile
 
 # the reference's bounds (roikit.ops.geometry): box coordinates in cells clamped to +-2^52, at most MAX_GRID samples
@@ -355,20 +355,8 @@ def _roi_align_entries_kernel(
     src = k * (PH * PW) + p
     tag = iy * gw.to(tl.int64) + ix
     e = (tl.load(base_ptr + kl) + j - slot0) * 4
-    for t in tl.static_range(4):
-        if t == 0:
-            cy, cx, w = y_lo, x_lo, hy * hx
-        elif t == 1:
-            cy, cx, w = y_lo, x_hi, hy * lx
-        elif t == 2:
-            cy, cx, w = y_hi, x_lo, ly * hx
-        else:
-            cy, cx, w = y_hi, x_hi, ly * lx
-        used = ok & (w != 0.0)
-        tl.store(key_ptr + e + t, tl.where(used, cell0 + cy * W + cx, num_cells), mask=j_ok)
-        tl.store(src_ptr + e + t, src, mask=j_ok)
-        tl.store(w_ptr + e + t, w * scale, mask=j_ok)
-        tl.store(tag_ptr + e + t, tag, mask=j_ok)
+    store_tap_entries(key_ptr, src_ptr, w_ptr, e, j_ok, ok, cell0, W, num_cells, src, scale,
+                      y_lo, y_hi, x_lo, x_hi, hy, ly, hx, lx, tag_ptr, tag)
 
 
 def roi_align_forward(input: Tensor, rois: Tensor, spatial_scale: float, pooled_height: int, pooled_width: int,
@@ -430,7 +418,8 @@ def deterministic_backward_into(gin: Tensor, grad: Tensor, rois: Tensor, argmax:
                                 pooled_height: int, pooled_width: int, sampling_ratio: int, aligned: bool,
                                 pool_max: bool) -> None:
     """Add the gradient of ``rois`` (contiguous grad [K, C, PH, PW]) into ``gin`` [N, C, H, W] float32, in an
-    order fixed by the boxes: launch by launch (:func:`entry_launches`), each cell's entries in generation order.
+    order fixed by the boxes: launch by launch (``_deterministic.entry_batches``), each cell's entries in generation
+    order.
 
     Box k gets ``PH * PW * WY * WX`` sample slots, its window ``(WY, WX)`` the longest run of samples on the map of
     any of its bins (one sync with the host): bounded by the map (about ``2 H + 6`` rows with adaptive sampling),
@@ -448,19 +437,11 @@ def deterministic_backward_into(gin: Tensor, grad: Tensor, rois: Tensor, argmax:
         ALIGNED=bool(aligned), BLOCK_H=triton.next_power_of_2(pooled_height),
         BLOCK_W=triton.next_power_of_2(pooled_width),
     )
-    slots = pooled * window.cpu().prod(dim=1)  # [K] sample slots per box
-    first = True
-    for k0, kc, slot0, width, base, total in entry_launches(slots, MAX_ENTRIES // 4):
-        keys = torch.empty((total * 4,), dtype=torch.int64, device=gin.device)
-        src = torch.empty_like(keys)
-        weight = torch.empty(keys.shape, dtype=torch.float32, device=gin.device)
-        tag = torch.empty_like(keys)
-        block = min(triton.next_power_of_2(width), 256)
-        _roi_align_entries_kernel[(kc, triton.cdiv(width, block))](
-            rois, lo_y, lo_x, window, base.to(gin.device), keys, src, weight, tag, k0, slot0, width, n * h * w, h, w,
+    for b in entry_batches(window, pooled, MAX_ENTRIES, 4, gin.device, tag=True):  # 4 taps a sample slot
+        _roi_align_entries_kernel[b.grid](
+            rois, lo_y, lo_x, window, b.base, b.keys, b.src, b.weight, b.tag, b.k0, b.slot0, b.width, n * h * w, h, w,
             float(spatial_scale), ratio, PH=pooled_height, PW=pooled_width, ALIGNED=bool(aligned),
-            POOL_MAX=bool(pool_max), BLOCK=block,
+            POOL_MAX=bool(pool_max), BLOCK=b.block,
         )
-        gather_bins(gin, keys, src, weight, tag if pool_max else None, grad, argmax if pool_max else None,
-                    accumulate=not first)
-        first = False
+        gather_bins(gin, b.keys, b.src, b.weight, b.tag if pool_max else None, grad, argmax if pool_max else None,
+                    accumulate=not b.first)

@@ -28,7 +28,7 @@ import triton.language as tl
 from torch import Tensor
 
 from ..geometry import MAX_CELLS, MAX_GRID
-from ._deterministic import MAX_ENTRIES, entry_launches, gather_bins
+from ._deterministic import MAX_ENTRIES, entry_batches, gather_bins, store_tap_entries
 from ._tiles import blocks, box_tile
 
 _MAX_CELLS = tl.constexpr(float(MAX_CELLS))
@@ -286,19 +286,8 @@ def _entries_kernel(
     cell0 = n * H * W
     src = k * (PH * PW) + p
     e = (tl.load(base_ptr + kl) + j - slot0) * 4
-    for t in tl.static_range(4):
-        if t == 0:
-            ry, rx, wt = y_lo, x_lo, hy * hx
-        elif t == 1:
-            ry, rx, wt = y_lo, x_hi, hy * lx
-        elif t == 2:
-            ry, rx, wt = y_hi, x_lo, ly * hx
-        else:
-            ry, rx, wt = y_hi, x_hi, ly * lx
-        used = ok & (wt != 0.0)
-        tl.store(key_ptr + e + t, tl.where(used, cell0 + ry * W + rx, num_cells), mask=j_ok)
-        tl.store(src_ptr + e + t, src, mask=j_ok)
-        tl.store(w_ptr + e + t, wt * scale, mask=j_ok)
+    store_tap_entries(key_ptr, src_ptr, w_ptr, e, j_ok, ok, cell0, W, num_cells, src, scale,
+                      y_lo, y_hi, x_lo, x_hi, hy, ly, hx, lx)
 
 
 def _trig(rois: Tensor, clockwise: bool, radians: bool) -> Tensor:
@@ -370,17 +359,10 @@ def roi_align_rotated_backward(grad: Tensor, rois: Tensor, spatial_scale: float,
     _windows_kernel[(k,)](rois, trig, lo_y, n_y, lo_x, n_x, window, height, width, float(spatial_scale), ratio,
                           **settings, BLOCK_H=triton.next_power_of_2(pooled_height),
                           BLOCK_W=triton.next_power_of_2(pooled_width))
-    slots = pooled * window.cpu().prod(dim=1)  # [K] sample slots per box (one sync with the host)
-    first = True
-    for k0, kc, slot0, span, base, total in entry_launches(slots, MAX_ENTRIES // 4):
-        keys = torch.empty((total * 4,), dtype=torch.int64, device=gin.device)
-        src = torch.empty_like(keys)
-        weight = torch.empty(keys.shape, dtype=torch.float32, device=gin.device)
-        block = min(triton.next_power_of_2(span), 256)
-        _entries_kernel[(kc, triton.cdiv(span, block))](
-            rois, trig, lo_y, n_y, lo_x, n_x, window, base.to(gin.device), keys, src, weight, k0, slot0, span,
-            batch_size * height * width, height, width, float(spatial_scale), ratio, **settings, BLOCK=block,
+    for b in entry_batches(window, pooled, MAX_ENTRIES, 4, gin.device):  # 4 taps a sample slot
+        _entries_kernel[b.grid](
+            rois, trig, lo_y, n_y, lo_x, n_x, window, b.base, b.keys, b.src, b.weight, b.k0, b.slot0, b.width,
+            batch_size * height * width, height, width, float(spatial_scale), ratio, **settings, BLOCK=b.block,
         )
-        gather_bins(gin, keys, src, weight, None, grad, None, accumulate=not first)
-        first = False
+        gather_bins(gin, b.keys, b.src, b.weight, None, grad, None, accumulate=not b.first)
     return gin.to(grad.dtype)
