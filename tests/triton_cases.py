@@ -1,0 +1,112 @@
+"""What the Triton kernel tests (test_triton_*.py) share: the kernel modules built for Triton's interpreter, small
+inputs with odd shapes (C = 3, a 7 x 13 map) and awkward boxes (partly or wholly outside the map, zero-size,
+reversed), tolerances, a time limit for the bounded-work cases, a map with non-finite cells.
+
+Importing this module sets ``TRITON_INTERPRET=1`` before any kernel module is imported (@triton.jit reads it then),
+and leaves it set: the interpreter reads it again while it launches (restoring it makes triton's lazy imports fail).
+"""
+import os
+
+os.environ["TRITON_INTERPRET"] = "1"
+
+import contextlib  # noqa: E402
+import importlib  # noqa: E402
+import signal  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+pytest.importorskip("triton")
+
+KERNEL_MODULES = ["_deterministic", "roi_align", "roi_pool", "prroi_pool", "multilevel_roi_align"]
+
+
+def _interpreted(module) -> bool:
+    return any(type(v).__name__ == "InterpretedFunction" for v in vars(module).values())
+
+
+def _load():
+    """The kernel modules, built for the interpreter (re-imported if something imported them before)."""
+    mods = {name: importlib.import_module(f"roikit.ops.triton.{name}") for name in KERNEL_MODULES}
+    if not all(_interpreted(m) for m in mods.values()):
+        mods = {name: importlib.reload(mods[name]) for name in KERNEL_MODULES}
+    return mods
+
+
+K = _load()
+RA, RP, PR, ML = K["roi_align"], K["roi_pool"], K["prroi_pool"], K["multilevel_roi_align"]
+
+SCALE = 0.25
+PH, PW = 3, 2
+TOL = {torch.float32: dict(atol=1e-5, rtol=1e-5), torch.float16: dict(atol=1e-2, rtol=1e-2),
+       torch.bfloat16: dict(atol=3e-2, rtol=3e-2)}
+
+
+def make_input(dtype=torch.float32, channels_last=False, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(2, 3, 7, 13, generator=g).to(dtype)  # odd: C = 3, a 7 x 13 map (28 x 52 px at stride 4)
+    x[0, 1, 2, 4:6] = 2.5  # a tie for the max ops
+    return x.contiguous(memory_format=torch.channels_last) if channels_last else x
+
+
+def make_rois(dtype=torch.float32):
+    return torch.tensor([
+        [0, 1.0, 1.5, 30.3, 20.2],  # inside
+        [1, -10.0, -5.0, 8.0, 40.0],  # partly outside
+        [0, 5.0, 5.0, 5.0, 5.0],  # zero size
+        [1, 20.0, 20.0, 3.0, 4.0],  # reversed
+        [0, 100.0, 100.0, 120.0, 130.0],  # wholly outside
+        [1, 0.0, 0.0, 52.0, 28.0],  # the whole map
+        [0, 10.5, 6.25, 22.0, 14.0],  # small, a few cells
+    ], dtype=torch.float64).to(dtype)
+
+
+def close(actual, expected, dtype, msg):
+    torch.testing.assert_close(actual.float(), expected.float(), **TOL[dtype], msg=msg)
+
+
+@contextlib.contextmanager
+def time_limit(seconds: float):
+    """Raise TimeoutError (inside the interpreted kernel, which reports it as an InterpreterError) after ``seconds``."""
+    def expire(signum, frame):
+        raise TimeoutError(f"over {seconds} s: the kernel's work is not bounded by the map")
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def small_map(seed=0, size=10):
+    return torch.randn(1, 2, size, size, generator=torch.Generator().manual_seed(seed))
+
+
+def assert_same_non_finite(out, expected, msg):
+    assert torch.equal(out.isnan(), expected.isnan()), f"{msg}: NaN where the reference has none, or not"
+    assert torch.equal(out == float("inf"), expected == float("inf")), f"{msg}: +inf"
+    assert torch.equal(out == float("-inf"), expected == float("-inf")), f"{msg}: -inf"
+    finite = expected.isfinite()
+    torch.testing.assert_close(out[finite], expected[finite], atol=1e-5, rtol=1e-5, msg=msg)
+
+
+NON_FINITE_ROIS = torch.tensor([
+    [0, -6.0, -6.0, 1.5, 1.5],  # partly off the map at the NaN corner cell (0, 0)
+    [0, -5.0, 2.0, 0.4, 6.0],  # off-map samples next to the corner: they read nothing
+    [0, 2.0, 1.0, 6.0, 5.0],  # over the +inf and the -inf cell
+    [0, 4.0, 3.0, 4.0, 3.0],  # zero size on the +inf cell: a sample exactly on it (weight 0 on a neighbour)
+    [0, 3.0, 2.0, 5.0, 4.0],  # samples on whole cells next to the +inf cell
+    [0, 6.5, 6.5, 9.0, 9.0],  # far from every non-finite cell
+    [0, 0.0, 0.0, 9.0, 9.0],  # the whole map
+])
+
+
+def non_finite_map():
+    x = small_map(seed=3)
+    x[0, 0, 0, 0] = float("nan")
+    x[0, 1, 3, 4] = float("inf")  # (y, x) = (3, 4)
+    x[0, 0, 3, 4] = float("inf")
+    x[0, 0, 2, 3] = float("-inf")
+    return x
+
