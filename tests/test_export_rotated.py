@@ -177,21 +177,26 @@ def _pyramid_inputs(seed, k=12):
 
 
 def test_rotated_pooler_two_levels_in_onnxruntime():
-    """The FPN level rule on sqrt(w h), then roi_align_rotated per level: the same as PyTorch on other boxes of the
-    same count (the count is fixed at export, see the next test)."""
+    """The FPN level rule on sqrt(w h), then roi_align_rotated per level: the same as PyTorch on other boxes
+    of the traced count or another (the box count is dynamic)."""
     model = Pyramid().eval()
     maps, boxes = _pyramid_inputs(0)
-    session = _session(_quiet_export(model, (*maps, boxes)))
-    for seed in (0, 1):
-        maps, boxes = _pyramid_inputs(seed)
+    session = _session(_quiet_export(model, (*maps, boxes),
+                                     dynamic_shapes={"p3": None, "p4": None, "boxes": {0: Dim("K")}}))
+    for seed, k in ((0, 12), (1, 12), (2, 5), (3, 20)):
+        maps, boxes = _pyramid_inputs(seed, k)
         out = session.run(None, {"p3": maps[0].numpy(), "p4": maps[1].numpy(), "boxes": boxes.numpy()})[0]
         with torch.no_grad():
             np.testing.assert_allclose(out, model(*maps, boxes).numpy(), rtol=0, atol=MAX_ERROR)
 
 
-@pytest.mark.xfail(strict=True, reason="convert_rotated_boxes_to_rois builds the batch column with len(b), which "
-                   "torch.export specializes to the traced box count (b.shape[0] would not); remove when fixed")
 def test_rotated_pooler_exports_with_a_dynamic_box_count():
+    """torch.export with the box count dynamic: the program traced on 12 boxes pools 5 and 20 as eager does."""
+    model = Pyramid().eval()
     maps, boxes = _pyramid_inputs(0)
-    torch.export.export(Pyramid().eval(), (*maps, boxes), strict=False,
-                        dynamic_shapes={"p3": None, "p4": None, "boxes": {0: Dim("K")}})
+    program = torch.export.export(model, (*maps, boxes), strict=False,
+                                  dynamic_shapes={"p3": None, "p4": None, "boxes": {0: Dim("K")}})
+    for seed, k in ((1, 5), (2, 20)):
+        maps, boxes = _pyramid_inputs(seed, k)
+        with torch.no_grad():
+            torch.testing.assert_close(program.module()(*maps, boxes), model(*maps, boxes), rtol=0, atol=0)

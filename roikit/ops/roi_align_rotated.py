@@ -115,7 +115,7 @@ def convert_rotated_boxes_to_rois(boxes: RotatedBoxesType, input: Tensor, aligne
         if len(boxes) == 0:
             rois = input.new_zeros((0, 6))
         else:
-            rois = torch.cat([torch.cat([torch.full((len(b), 1), i, dtype=b.dtype, device=b.device), b], dim=1)
+            rois = torch.cat([torch.cat([torch.full((b.shape[0], 1), i, dtype=b.dtype, device=b.device), b], dim=1)
                               for i, b in enumerate(boxes)], dim=0)
     elif isinstance(boxes, Tensor):
         if boxes.dim() != 2 or boxes.shape[1] != 6:
