@@ -9,6 +9,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from . import jit
 from .roi_align import roi_align_backward, roi_align_forward
 
 
@@ -46,28 +47,60 @@ def pyramid_levels(rois: Tensor, spatial_scales: Sequence[float], canonical_scal
     return torch.where(torch.isnan(level), -1, level.nan_to_num(0).to(torch.int64) - k_min)
 
 
-def multilevel_roi_align_forward(features: list[Tensor], rois: Tensor, spatial_scales: list[float], pooled_height: int,
-                       pooled_width: int, sampling_ratio: int, aligned: bool, canonical_scale: int,
-                       canonical_level: int) -> Tensor:
+def _zeros(shape: tuple[int, ...], like: Tensor) -> Tensor:
+    """Zeros in ``like``'s dtype and device; on the CPU from :func:`jit.fresh_tensor` (pages zero-filled by the OS
+    when first written, huge pages from 4 MiB: a level no box reads costs nothing, the others a fraction of
+    ``torch.zeros``)."""
+    if like.device.type == "cpu" and like.dtype in jit.FRESH_DTYPES:
+        return jit.fresh_tensor(shape, like.dtype)
+    return like.new_zeros(shape)
+
+
+def _boxes_per_level(rois: Tensor, spatial_scales: list[float], canonical_scale: int,
+                     canonical_level: int) -> list[Tensor | None]:
+    """The boxes of each level (indices into ``rois``), None for a level without boxes, and ``slice(None)`` in
+    place of the indices when every box is on that level (no gather, no scatter)."""
     levels = pyramid_levels(rois, spatial_scales, canonical_scale, canonical_level)
-    first = features[0]
-    out = first.new_zeros((rois.shape[0], first.shape[1], pooled_height, pooled_width))
-    for level, (feature, scale) in enumerate(zip(features, spatial_scales)):
+    per_level = []
+    for level in range(len(spatial_scales)):
         idx = torch.nonzero(levels == level).squeeze(1)
-        if idx.numel():
-            out[idx] = roi_align_forward(feature, rois[idx], scale, pooled_height, pooled_width,
-                                                sampling_ratio, aligned, False)[0].to(out.dtype)
+        per_level.append(None if idx.numel() == 0 else slice(None) if idx.numel() == rois.shape[0] else idx)
+    return per_level
+
+
+def multilevel_roi_align_forward(features: list[Tensor], rois: Tensor, spatial_scales: list[float], pooled_height: int,
+                                 pooled_width: int, sampling_ratio: int, aligned: bool, canonical_scale: int,
+                                 canonical_level: int) -> Tensor:
+    """[K, C, PH, PW]: each box pooled from its level by :func:`roi_align_forward` (one call per level with boxes;
+    when all boxes share a level, that call's result is the output). A box without a level gives zeros."""
+    first = features[0]
+    per_level = _boxes_per_level(rois, spatial_scales, canonical_scale, canonical_level)
+    for level, idx in enumerate(per_level):
+        if isinstance(idx, slice):
+            out = roi_align_forward(features[level], rois, spatial_scales[level], pooled_height, pooled_width,
+                                    sampling_ratio, aligned, False)[0]
+            return out.to(first.dtype)
+    out = _zeros((rois.shape[0], first.shape[1], pooled_height, pooled_width), first)
+    for level, idx in enumerate(per_level):
+        if idx is not None:
+            out[idx] = roi_align_forward(features[level], rois[idx], spatial_scales[level], pooled_height,
+                                         pooled_width, sampling_ratio, aligned, False)[0].to(out.dtype)
     return out
 
 
 def multilevel_roi_align_backward(grad: Tensor, rois: Tensor, spatial_scales: list[float], pooled_height: int,
-                        pooled_width: int, batch_size: int, channels: int, heights: list[int], widths: list[int],
-                        sampling_ratio: int, aligned: bool, canonical_scale: int, canonical_level: int) -> list[Tensor]:
-    levels = pyramid_levels(rois, spatial_scales, canonical_scale, canonical_level)
+                                  pooled_width: int, batch_size: int, channels: int, heights: list[int],
+                                  widths: list[int], sampling_ratio: int, aligned: bool, canonical_scale: int,
+                                  canonical_level: int) -> list[Tensor]:
+    """The gradient of each level's map, [N, C, H_l, W_l]: :func:`roi_align_backward` of the level's boxes, zeros
+    (:func:`_zeros`) for a level without boxes."""
+    per_level = _boxes_per_level(rois, spatial_scales, canonical_scale, canonical_level)
     empty = torch.empty((0,), dtype=torch.int64, device=grad.device)
     grads = []
-    for level, (scale, height, width) in enumerate(zip(spatial_scales, heights, widths)):
-        idx = torch.nonzero(levels == level).squeeze(1)
-        grads.append(roi_align_backward(grad[idx], rois[idx], empty, scale, pooled_height, pooled_width,
-                                               batch_size, channels, height, width, sampling_ratio, aligned, False))
+    for idx, scale, height, width in zip(per_level, spatial_scales, heights, widths):
+        if idx is None:
+            grads.append(_zeros((batch_size, channels, height, width), grad))
+            continue
+        grads.append(roi_align_backward(grad[idx], rois[idx], empty, scale, pooled_height, pooled_width, batch_size,
+                                        channels, height, width, sampling_ratio, aligned, False))
     return grads
