@@ -4,7 +4,6 @@ ids with gaps), and the one-line errors of tools/train.py for bad data."""
 from __future__ import annotations
 
 import copy
-import importlib.util
 import json
 import re
 from pathlib import Path
@@ -13,6 +12,7 @@ import cv2
 import numpy as np
 import pytest
 import yaml
+from _helpers import load_tool, run_tool
 from pycocotools.cocoeval import COCOeval
 
 from roikit.data import CocoDetection
@@ -25,19 +25,8 @@ needs_coco_mini = pytest.mark.skipif(not (COCO_MINI / "annotations" / "instances
                                             f"into the project)")
 
 
-def _load_tool(name: str):
-    spec = importlib.util.spec_from_file_location(f"roikit_tool_{name}", REPO / "tools" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-train_tool = _load_tool("train")
-eval_tool = _load_tool("eval")
-
-
-def run_tool(tool, argv: list[str]) -> int:
-    return tool.main(tool.get_args_parser().parse_intermixed_args(argv))
+train_tool = load_tool("train")
+eval_tool = load_tool("eval")
 
 
 @pytest.fixture

@@ -165,13 +165,19 @@ def test_resume_continues_with_identical_state(tiny_config, tmp_path, monkeypatc
     assert [r["iter"] for r in _metrics(resumed) if r["type"] == "train"] == [1, 2, 3, 3, 4]
 
 
-def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
-    model = torch.nn.Linear(3, 2)
+def _checkpoint_parts(model) -> dict:
+    """What save_checkpoint takes besides the path and the iteration: ``model`` with SGD, a constant schedule and a
+    disabled scaler."""
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda it: 1.0)
     scaler = torch.amp.GradScaler("cuda", enabled=False)
+    return dict(model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler, cfg={"model": {}})
+
+
+def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
+    model = torch.nn.Linear(3, 2)
     path = tmp_path / CHECKPOINT_NAME
-    kwargs = dict(model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler, cfg={"model": {}})
+    kwargs = _checkpoint_parts(model)
     save_checkpoint(path, iteration=1, **kwargs)
     before = path.read_bytes()
 
@@ -217,11 +223,8 @@ def test_non_finite_weights_stop_training_and_keep_the_last_good_checkpoint(tiny
 
 def test_checkpoints_with_non_finite_values_are_neither_written_nor_loaded(tmp_path):
     model = torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.BatchNorm1d(2))
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda it: 1.0)
-    scaler = torch.amp.GradScaler("cuda", enabled=False)
     path = tmp_path / CHECKPOINT_NAME
-    kwargs = dict(model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler, cfg={"model": {}})
+    kwargs = _checkpoint_parts(model)
     save_checkpoint(path, iteration=1, **kwargs)
     before = path.read_bytes()
     assert first_non_finite(model.state_dict()) is None

@@ -6,7 +6,6 @@ the path they take is the one the official weights take.
 """
 from __future__ import annotations
 
-import importlib.util
 import json
 import re
 from pathlib import Path
@@ -14,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from _helpers import load_tool
 from torch import nn
 from torchvision.models import detection
 
@@ -45,14 +45,7 @@ CPU = DistInfo(0, 1, 0, torch.device("cpu"))
 pytestmark = pytest.mark.skipif(not VAL_JSON.is_file(), reason=f"coco-mini is not at {COCO_MINI} (see issue 12)")
 
 
-def _load_tool(name: str):
-    spec = importlib.util.spec_from_file_location(f"roikit_tool_{name}", REPO / "tools" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-eval_tool = _load_tool("eval")
+eval_tool = load_tool("eval")
 
 
 def run_eval(argv: list[str]) -> int:
