@@ -9,6 +9,9 @@ the channel picked per bin. ``ps_roi_pool``: the mean of whole cells, read from 
 cumulative sums in float64), so each bin costs four reads whatever its size; the backward spreads each bin's
 gradient over its cells through a difference table. Both follow the tap rules for non-finite cells (an output is
 NaN or infinite only if a cell it averages is).
+
+On CPU tensors each function first tries the numba kernels (:mod:`roikit.ops.pytorch.jit_ps`: ps_roi_align with
+torchvision's bits, ps_roi_pool with this path's float64 means); this path runs where they decline or are off.
 """
 from __future__ import annotations
 
@@ -16,6 +19,7 @@ import torch
 from torch import Tensor
 
 from ..geometry import compute_dtype, ps_roi_pool_edges, sampling_grid
+from . import jit_ps
 from ._crops import FeatureRows, add_back
 from .roi_align import _axis, _groups
 
@@ -28,6 +32,9 @@ def ps_roi_align_forward(input: Tensor, rois: Tensor, spatial_scale: float, pool
     out = input.new_zeros((k, c // (pooled_height * pooled_width), pooled_height, pooled_width))
     if k == 0 or out.numel() == 0 or input.numel() == 0:
         return out
+    fast = jit_ps.ps_roi_align_forward(input, rois, spatial_scale, pooled_height, pooled_width, sampling_ratio)
+    if fast is not None:  # the numba kernels (roikit.ops.pytorch.jit_ps), where they take the call
+        return fast
     feat = FeatureRows(input, compute_dtype(rois))
     sizes = sampling_grid(rois, spatial_scale, pooled, sampling_ratio, True)
     (y1, bin_h, gh), (x1, bin_w, gw) = sizes
@@ -45,6 +52,9 @@ def ps_roi_align_backward(grad: Tensor, rois: Tensor, spatial_scale: float, pool
     shape = (batch_size, channels, height, width)
     if rois.shape[0] == 0 or grad.numel() == 0 or batch_size * channels * height * width == 0:
         return grad.new_zeros(shape)
+    fast = jit_ps.ps_roi_align_backward(grad, rois, spatial_scale, pooled_height, pooled_width, shape, sampling_ratio)
+    if fast is not None:
+        return fast
     dtype, pooled = compute_dtype(rois), (pooled_height, pooled_width)
     sizes = sampling_grid(rois, spatial_scale, pooled, sampling_ratio, True)
     (y1, bin_h, gh), (x1, bin_w, gw) = sizes
@@ -77,6 +87,9 @@ def ps_roi_pool_forward(input: Tensor, rois: Tensor, spatial_scale: float, poole
     out = input.new_zeros((k, c_out, pooled_height, pooled_width))
     if k == 0 or out.numel() == 0 or input.numel() == 0:
         return out
+    fast = jit_ps.ps_roi_pool_forward(input, rois, spatial_scale, pooled_height, pooled_width)
+    if fast is not None:  # the numba kernels (roikit.ops.pytorch.jit_ps), where they take the call
+        return fast
     (hs, he), (ws, we) = ps_roi_pool_edges(rois, spatial_scale, pooled, (h, w))  # [K, P] each
     batch = rois[:, 0].long()
     channel = _channel_of_bin(c_out, pooled, input.device)[None]  # [1, C', PH, PW]
@@ -111,6 +124,9 @@ def ps_roi_pool_backward(grad: Tensor, rois: Tensor, spatial_scale: float, poole
     shape = (batch_size, channels, height, width)
     if rois.shape[0] == 0 or grad.numel() == 0 or batch_size * channels * height * width == 0:
         return grad.new_zeros(shape)
+    fast = jit_ps.ps_roi_pool_backward(grad, rois, spatial_scale, pooled_height, pooled_width, shape)
+    if fast is not None:
+        return fast
     pooled = (pooled_height, pooled_width)
     (hs, he), (ws, we) = ps_roi_pool_edges(rois, spatial_scale, pooled, (height, width))
     batch = rois[:, 0].long()

@@ -1,0 +1,210 @@
+"""numba kernels of the CPU fast path for the position-sensitive ops: ps_roi_align and ps_roi_pool, both ways.
+
+Imported only through :mod:`roikit.ops.pytorch.jit_ps`, which builds their tables with :mod:`roikit.ops.geometry`
+(the plain path's code) and runs ranges of channels on :func:`roikit.ops.pytorch.jit._run`'s threads.
+
+Channels: input channel ``c`` belongs to output channel ``c // (PH * PW)`` and bin ``(ph, pw) = divmod(c % (PH *
+PW), PW)``, so the output [K, C', PH, PW] is the matrix ``out[k, c]`` [K, C]. Every kernel runs input channels
+``begin .. end`` (of a block of channels starting at ``c_offset``) and, for each, every box in order: one channel's
+plane stays in cache over all boxes, no two threads touch one output value or one gradient cell, and each cell's
+additions come in a fixed order (boxes, then samples or cells), whatever the thread count.
+
+* ``ps_roi_align``: torchvision's sum for each bin, ``acc += w1 * v1 + w2 * v2 + w3 * v3 + w4 * v4`` over the
+  samples, then ``acc / count`` (equal bits); the backward adds ``g * w / count`` to the four taps in torchvision's
+  order (boxes, samples, taps): equal bits.
+* ``ps_roi_pool``: the plain path's mean in float64. Two ways, picked per call by their cost: *direct* sums each
+  bin's cells in float64 (cost: the bins' cells), *table* builds a channel's summed-area table exactly as the plain
+  path does (``cumsum`` over rows, then columns, in float64) and reads four entries per bin (cost: the plane). The
+  backward likewise adds ``g / area`` straight to the cells in float64, or replays the plain path's difference
+  table (four corners, ``cumsum`` twice). The table ways give the plain path's bits; the direct ways the same sums
+  added in another order (float64: equal bits after rounding to float32 unless a float64 sum rounds).
+"""
+from __future__ import annotations
+
+import numba as nb
+import numpy as np
+
+
+@nb.njit(cache=True, nogil=True)
+def _bin_of(channel, ph_count, pw_count):
+    b = channel % (ph_count * pw_count)
+    return b // pw_count, b % pw_count
+
+
+# ---------------------------------------------------------------- ps_roi_align
+@nb.njit(cache=True, nogil=True)
+def ps_roi_align_forward(begin, end, feat, c_offset, batch, y_low, y_high, y_wlow, y_whigh, y_valid, x_low, x_high,
+                         x_wlow, x_whigh, x_valid, count, out):
+    """feat [N, B, H, W] (the map's channels ``c_offset ..``); batch [K]; y tables [K, PH, GY], x tables [K, PW, GX]
+    (as ``jit._axis_table``); count [K] (``max(gh * gw, 1)``, feat's dtype); out [K, C], columns written."""
+    ph_count, gy_count = y_low.shape[1], y_low.shape[2]
+    pw_count, gx_count = x_low.shape[1], x_low.shape[2]
+    if batch.shape[0] == 0:
+        return
+    zero = count[0] - count[0]  # 0 in feat's dtype (count >= 1; `* 0` with an int would make a float64)
+    for c in range(begin, end):
+        channel = c_offset + c
+        ph, pw = _bin_of(channel, ph_count, pw_count)
+        for k in range(batch.shape[0]):
+            plane = feat[batch[k], c]
+            acc = zero  # torchvision's order: acc += w1 * v1 + w2 * v2 + w3 * v3 + w4 * v4, then acc / count
+            for iy in range(gy_count):
+                if not y_valid[k, ph, iy]:
+                    continue
+                a0, a1 = y_low[k, ph, iy], y_high[k, ph, iy]
+                hy, ly = y_wlow[k, ph, iy], y_whigh[k, ph, iy]
+                for ix in range(gx_count):
+                    if not x_valid[k, pw, ix]:
+                        continue
+                    b0, b1 = x_low[k, pw, ix], x_high[k, pw, ix]
+                    hx, lx = x_wlow[k, pw, ix], x_whigh[k, pw, ix]
+                    acc += (hy * hx) * plane[a0, b0] + (hy * lx) * plane[a0, b1] + (ly * hx) * plane[a1, b0] \
+                        + (ly * lx) * plane[a1, b1]
+            out[k, channel] = acc / count[k]
+
+
+@nb.njit(cache=True, nogil=True)
+def ps_roi_align_backward(begin, end, grad, c_offset, batch, y_low, y_high, y_wlow, y_whigh, y_valid, x_low, x_high,
+                          x_wlow, x_whigh, x_valid, count, out):
+    """grad [K, C]; tables as the forward's (count: ``gh * gw``); out [N, B, H, W] (zeros, the map's channels
+    ``c_offset ..``), added into."""
+    ph_count, gy_count = y_low.shape[1], y_low.shape[2]
+    pw_count, gx_count = x_low.shape[1], x_low.shape[2]
+    for c in range(begin, end):
+        channel = c_offset + c
+        ph, pw = _bin_of(channel, ph_count, pw_count)
+        for k in range(grad.shape[0]):
+            plane = out[batch[k], c]
+            g, n = grad[k, channel], count[k]
+            for iy in range(gy_count):
+                if not y_valid[k, ph, iy]:
+                    continue
+                r0, r1 = y_low[k, ph, iy], y_high[k, ph, iy]
+                hy, ly = y_wlow[k, ph, iy], y_whigh[k, ph, iy]
+                for ix in range(gx_count):
+                    if not x_valid[k, pw, ix]:
+                        continue
+                    q0, q1 = x_low[k, pw, ix], x_high[k, pw, ix]
+                    hx, lx = x_wlow[k, pw, ix], x_whigh[k, pw, ix]
+                    plane[r0, q0] += g * (hy * hx) / n
+                    plane[r0, q1] += g * (hy * lx) / n
+                    plane[r1, q0] += g * (ly * hx) / n
+                    plane[r1, q1] += g * (ly * lx) / n
+
+
+# ---------------------------------------------------------------- ps_roi_pool
+@nb.njit(cache=True, nogil=True)
+def _summed_area(plane, table):
+    """``table`` [H + 1, W + 1] (float64) = the plane's summed-area table as the plain path computes it (the plane
+    zero-padded on top and left, ``cumsum`` down the rows, then along each row), non-finite cells read as 0.
+    Returns whether every cell was finite."""
+    height, width = plane.shape
+    finite = True
+    table[0, :] = 0.0
+    for i in range(height):
+        above, row, src = table[i], table[i + 1], plane[i]
+        row[0] = above[0] + 0.0
+        for j in range(width):
+            v = np.float64(src[j])
+            if not np.isfinite(v):
+                finite = False
+                v = 0.0
+            row[j + 1] = above[j + 1] + v
+    for i in range(height + 1):  # the cumsum along each row
+        row = table[i]
+        acc = 0.0
+        for j in range(width + 1):
+            acc += row[j]
+            row[j] = acc
+    return finite
+
+
+@nb.njit(cache=True, nogil=True)
+def _direct_mean(plane, h0, h1, w0, w1):
+    total = 0.0
+    for h in range(h0, h1):
+        row = plane[h]
+        for w in range(w0, w1):
+            total += np.float64(row[w])
+    return total / ((h1 - h0) * (w1 - w0))
+
+
+@nb.njit(cache=True, nogil=True)
+def ps_roi_pool_forward(begin, end, feat, c_offset, batch, h_start, h_end, w_start, w_end, out, table_way):
+    """feat [N, B, H, W] (channels ``c_offset ..``); batch [K]; bin edges [K, PH] / [K, PW] (int64, clipped);
+    out [K, C], columns written: each bin's mean in float64, rounded once to out's dtype; 0 for an empty bin.
+    ``table_way``: read summed-area tables (a channel with a non-finite cell is summed directly)."""
+    n_count, _, height, width = feat.shape
+    ph_count, pw_count = h_start.shape[1], w_start.shape[1]
+    tables = np.empty((n_count if table_way else 0, height + 1, width + 1), np.float64)
+    for c in range(begin, end):
+        channel = c_offset + c
+        ph, pw = _bin_of(channel, ph_count, pw_count)
+        direct = not table_way
+        if table_way:
+            for n in range(n_count):
+                if not _summed_area(feat[n, c], tables[n]):
+                    direct = True
+        for k in range(batch.shape[0]):
+            h0, h1, w0, w1 = h_start[k, ph], h_end[k, ph], w_start[k, pw], w_end[k, pw]
+            if h1 <= h0 or w1 <= w0:
+                out[k, channel] = 0
+            elif direct:
+                out[k, channel] = _direct_mean(feat[batch[k], c], h0, h1, w0, w1)
+            else:
+                t = tables[batch[k]]
+                out[k, channel] = ((t[h1, w1] - t[h0, w1]) - t[h1, w0] + t[h0, w0]) / ((h1 - h0) * (w1 - w0))
+
+
+@nb.njit(cache=True, nogil=True)
+def ps_roi_pool_backward(begin, end, grad, c_offset, batch, h_start, h_end, w_start, w_end, out, table_way):
+    """grad [K, C]; edges as the forward's; out [N, B, H, W], written: each bin's ``grad / area`` (float64) on every
+    cell it averaged, summed in float64 per channel and rounded once to out's dtype."""
+    n_count, _, height, width = out.shape
+    ph_count, pw_count = h_start.shape[1], w_start.shape[1]
+    acc = np.empty((n_count, height + 1, width + 1), np.float64)
+    for c in range(begin, end):
+        channel = c_offset + c
+        ph, pw = _bin_of(channel, ph_count, pw_count)
+        acc[:] = 0.0
+        if table_way:  # the plain path's difference table: four corners (one corner for every box at a time)
+            for corner in range(4):
+                for k in range(grad.shape[0]):
+                    h0, h1, w0, w1 = h_start[k, ph], h_end[k, ph], w_start[k, pw], w_end[k, pw]
+                    if h1 <= h0 or w1 <= w0:
+                        continue
+                    value = np.float64(grad[k, channel]) / ((h1 - h0) * (w1 - w0))
+                    if corner == 0:
+                        acc[batch[k], h0, w0] += value
+                    elif corner == 1:
+                        acc[batch[k], h0, w1] += -value
+                    elif corner == 2:
+                        acc[batch[k], h1, w0] += -value
+                    else:
+                        acc[batch[k], h1, w1] += value
+            for n in range(n_count):
+                plane = acc[n]
+                for i in range(1, height + 1):  # cumsum down the rows, then along each row
+                    plane[i] += plane[i - 1]
+                for i in range(height):
+                    row = plane[i]
+                    total = 0.0
+                    for j in range(width):
+                        total += row[j]
+                        row[j] = total
+        else:
+            for k in range(grad.shape[0]):
+                h0, h1, w0, w1 = h_start[k, ph], h_end[k, ph], w_start[k, pw], w_end[k, pw]
+                if h1 <= h0 or w1 <= w0:
+                    continue
+                value = np.float64(grad[k, channel]) / ((h1 - h0) * (w1 - w0))
+                plane = acc[batch[k]]
+                for h in range(h0, h1):
+                    row = plane[h]
+                    for w in range(w0, w1):
+                        row[w] += value
+        for n in range(n_count):
+            src, dst = acc[n], out[n, c]
+            for i in range(height):
+                for j in range(width):
+                    dst[i, j] = src[i, j]

@@ -1,0 +1,193 @@
+"""The numba path of ps_roi_align / ps_roi_pool (roikit/ops/pytorch/jit_ps.py) against torchvision and the plain path.
+
+ps_roi_align: torchvision's CPU kernels are the oracle, bit for bit (the same sums in the same order), forward and
+backward, on 1 and 2 threads. ps_roi_pool: the plain path (float64 summed-area tables, shares no kernel code) is
+the oracle: its bits for the forward both ways and for the table-way backward, a float64 rounding for the direct
+backward; torchvision within float32 rounding (it sums in float32), and its gradient where no bin touches the map's
+last row or column (there roikit's gradient is its forward's own, tests/test_ps_roi.py).
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+import torchvision
+
+from roikit.ops import ps_roi_align, ps_roi_pool
+from roikit.ops.pytorch import jit, jit_ps
+
+pytestmark = pytest.mark.skipif(not jit_ps._takes(torch.zeros(1)), reason="numba is not installed (the plain path runs)")
+
+POOLED = (3, 2)
+C = 3 * POOLED[0] * POOLED[1]  # three output channels
+
+
+@pytest.fixture(params=[1, 2])
+def threads(request):
+    previous = torch.get_num_threads()
+    torch.set_num_threads(request.param)
+    yield request.param
+    torch.set_num_threads(previous)
+
+
+@pytest.fixture(params=["direct", "table"])
+def pool_way(request, monkeypatch):
+    """Force one of ps_roi_pool's two ways (direct sums, summed-area tables)."""
+    monkeypatch.setattr(jit_ps, "_table_way", lambda cells, shape: request.param == "table")
+    return request.param
+
+
+def _map(dtype, seed=0, layout="contiguous"):
+    x = torch.randn(2, C, 13, 17, dtype=torch.float64, generator=torch.Generator().manual_seed(seed)).to(dtype)
+    return x.to(memory_format=torch.channels_last) if layout == "channels_last" else x
+
+
+def _rois(dtype, k=40, reversed_boxes=True, seed=0):
+    """Boxes inside, across and outside a 13 x 17 map at spatial_scale 0.5; some reversed, one of zero size."""
+    g = torch.Generator().manual_seed(seed)
+    xy = torch.rand(k, 2, generator=g, dtype=torch.float64) * 44 - 6
+    wh = torch.rand(k, 2, generator=g, dtype=torch.float64) * 24 + 0.2
+    rois = torch.cat([torch.randint(0, 2, (k, 1), generator=g).double(), xy, xy + wh], 1)
+    rois[0, 1:] = torch.tensor([40.0, 30, 60, 50])  # wholly outside the map
+    if reversed_boxes:
+        rois[1, 3:] = rois[1, 1:3] - 3
+        rois[2, 3:] = rois[2, 1:3]
+    return rois.to(dtype)
+
+
+def _run_both(op, x, rois, grad=None):
+    """(output, map gradient) on the numba path and on the plain path."""
+    results = []
+    for off in (False, True):
+        xx = x.clone().requires_grad_()
+        if off:
+            with jit.disabled():
+                out = op(xx, rois)
+                out.backward(grad)
+        else:
+            out = op(xx, rois)
+            out.backward(grad)
+        results.append((out.detach(), xx.grad))
+    return results
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("sampling_ratio", [-1, 0, 1, 2, 5])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_ps_roi_align_equals_torchvision_bit_for_bit(threads, dtype, sampling_ratio, layout):
+    # torchvision divides a degenerate box's empty adaptive grid by 0 (NaN): none drawn there
+    rois = _rois(dtype, reversed_boxes=sampling_ratio > 0)
+    x = _map(dtype, layout=layout)
+    xt, xr = x.clone().requires_grad_(), x.clone().requires_grad_()
+    expected = torchvision.ops.ps_roi_align(xt, rois, POOLED, 0.5, sampling_ratio)
+    out = ps_roi_align(xr, rois, POOLED, 0.5, sampling_ratio)
+    assert torch.equal(out, expected), f"forward: max diff {(out - expected).abs().max():.3g}"
+    grad = torch.randn(expected.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(1)).to(dtype)
+    expected.backward(grad)
+    out.backward(grad)
+    assert torch.equal(xr.grad, xt.grad), f"backward: max diff {(xr.grad - xt.grad).abs().max():.3g}"
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 1e-2), (torch.float16, 2e-3)])
+def test_ps_roi_align_agrees_with_the_plain_path(threads, dtype, tol):
+    """Half types compute in float32 on both paths; adaptive sampling with reversed and zero-size boxes (0 there)."""
+    rois = _rois(dtype)
+    x = _map(dtype, seed=3)
+    grad = torch.randn(len(rois), 3, *POOLED, generator=torch.Generator().manual_seed(2)).to(dtype)
+    (out, gx), (ref, gref) = _run_both(lambda t, r: ps_roi_align(t, r, POOLED, 0.5, -1), x, rois, grad)
+    assert out.dtype == gx.dtype == dtype
+    assert not out[1:3].any()  # the reversed and the zero-size box: no sample
+    torch.testing.assert_close(out, ref, atol=tol, rtol=tol)
+    torch.testing.assert_close(gx, gref, atol=tol, rtol=tol)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_ps_roi_pool_forward_equals_the_plain_path(threads, pool_way, dtype, layout):
+    rois = _rois(dtype)
+    x = _map(dtype, seed=4, layout=layout)
+    out = ps_roi_pool(x, rois, POOLED, 0.5)
+    with jit.disabled():
+        ref = ps_roi_pool(x, rois, POOLED, 0.5)
+    if dtype == torch.float64:  # float64 means: the two ways' sums round differently (direct: torchvision's bits)
+        torch.testing.assert_close(out, ref, atol=1e-13, rtol=1e-13)
+    else:
+        assert torch.equal(out, ref), f"max diff {(out - ref).abs().max():.3g}"
+    if dtype == torch.float32:
+        torch.testing.assert_close(out, torchvision.ops.ps_roi_pool(x, rois, POOLED, 0.5), atol=1e-6, rtol=1e-6)
+
+
+def test_ps_roi_pool_non_finite_cells_follow_the_plain_path(pool_way):
+    """NaN, +inf and -inf cells: a bin is NaN or infinite exactly where the plain path's is (the table way sums
+    such a channel directly)."""
+    x = _map(torch.float32, seed=5)
+    x[0, 0, 2, 3], x[1, 7, 5, 5], x[1, 7, 6, 6], x[0, 11, 0:4, 0:4] = float("nan"), float("inf"), float("-inf"), \
+        float("inf")
+    rois = _rois(torch.float32, k=60)
+    out = ps_roi_pool(x, rois, POOLED, 0.5)
+    with jit.disabled():
+        ref = ps_roi_pool(x, rois, POOLED, 0.5)
+    assert not torch.isfinite(ref).all()
+    torch.testing.assert_close(out, ref, atol=0, rtol=0, equal_nan=True)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_ps_roi_pool_backward_agrees_with_the_plain_path(threads, pool_way, dtype):
+    """The table way replays the plain path's difference table (its bits in float32 and the half types); the direct
+    way adds the same float64 values in another order (where the plain path's table leaves a cancellation residue
+    of ~1e-16 in a cell no bin reads, the direct way gives 0)."""
+    rois = _rois(dtype)
+    x = _map(dtype, seed=6)
+    grad = torch.randn(len(rois), 3, *POOLED, generator=torch.Generator().manual_seed(7)).to(dtype)
+    (_, gx), (_, gref) = _run_both(lambda t, r: ps_roi_pool(t, r, POOLED, 0.5), x, rois, grad)
+    assert gx.dtype == dtype
+    if pool_way == "table" and dtype != torch.float64:
+        assert torch.equal(gx, gref), f"max diff {(gx - gref).abs().max():.3g}"
+    else:
+        torch.testing.assert_close(gx, gref, atol=1e-12, rtol=2 * torch.finfo(dtype).eps)
+
+
+def test_ps_roi_pool_backward_equals_torchvision_away_from_the_border(pool_way):
+    """Boxes whose bins stay off the map's last row and column: torchvision's gradient (to float32 rounding)."""
+    x = _map(torch.float32, seed=8)
+    rois = torch.tensor([[0, 0.0, 0, 20, 16], [1, 3.3, 2.2, 25.1, 19.7], [0, 6, 4, 6, 4], [1, 10, 10, 30, 21]])
+    grad = torch.randn(len(rois), 3, *POOLED, generator=torch.Generator().manual_seed(9))
+    xr, xt = x.clone().requires_grad_(), x.clone().requires_grad_()
+    ps_roi_pool(xr, rois, POOLED, 0.5).backward(grad)
+    torchvision.ops.ps_roi_pool(xt, rois, POOLED, 0.5).backward(grad)
+    torch.testing.assert_close(xr.grad, xt.grad, atol=1e-6, rtol=1e-6)
+
+
+def test_threads_give_the_same_bits():
+    x, rois = _map(torch.float32, seed=10), _rois(torch.float32, k=50, reversed_boxes=False)
+    results = []
+    for n in (1, 2):
+        torch.set_num_threads(n)
+        results.append([_run_both(op, x, rois, torch.ones(50, 3, *POOLED))[0]
+                        for op in (lambda t, r: ps_roi_align(t, r, POOLED, 0.5, 2),
+                                   lambda t, r: ps_roi_pool(t, r, POOLED, 0.5))])
+    for (o1, g1), (o2, g2) in zip(*results):
+        assert torch.equal(o1, o2) and torch.equal(g1, g2)
+
+
+def test_what_the_numba_path_declines_or_skips():
+    x, rois = _map(torch.float32), _rois(torch.float32, k=5, reversed_boxes=False)
+    # more than jit.MAX_SAMPLES samples per bin and axis: the plain path runs (and agrees with torchvision)
+    assert jit_ps.ps_roi_align_forward(x, rois, 0.5, 3, 2, jit.MAX_SAMPLES + 1) is None
+    torch.testing.assert_close(ps_roi_align(x, rois, POOLED, 0.5, jit.MAX_SAMPLES + 1),
+                               torchvision.ops.ps_roi_align(x, rois, POOLED, 0.5, jit.MAX_SAMPLES + 1))
+    with jit.disabled():  # the switch
+        assert jit_ps.ps_roi_pool_forward(x, rois, 0.5, 3, 2) is None
+    for op in (lambda t, r: ps_roi_align(t, r, POOLED, 0.5, 2), lambda t, r: ps_roi_pool(t, r, POOLED, 0.5)):
+        xx = x.clone().requires_grad_()
+        out = op(xx, rois[:0])  # no boxes
+        out.sum().backward()
+        assert out.shape == (0, 3, *POOLED) and not xx.grad.any()
+
+
+def test_non_contiguous_channel_slice():
+    """A channel slice of a bigger map (a non-contiguous view) reads the right channels."""
+    big = torch.randn(2, 2 * C, 13, 17, generator=torch.Generator().manual_seed(11))
+    x, rois = big[:, 5:5 + C], _rois(torch.float32, reversed_boxes=False)
+    assert not x.is_contiguous()
+    assert torch.equal(ps_roi_align(x, rois, POOLED, 0.5, 2), torchvision.ops.ps_roi_align(x, rois, POOLED, 0.5, 2))
+    assert torch.equal(ps_roi_pool(x, rois, POOLED, 0.5), ps_roi_pool(x.contiguous(), rois, POOLED, 0.5))
