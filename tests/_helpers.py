@@ -77,6 +77,20 @@ def deform_case(seed=0, dtype=torch.float64, k=6, size=(9, 11), pooled=(3, 2)):
 
 
 # ---------------------------------------------------------------- comparisons
+def assert_compiled_matches_eager(f, *inputs, loss=torch.sum):
+    """``torch.compile(f, fullgraph=True, backend="aot_eager")`` gives ``f``'s output on ``inputs`` and the gradients
+    of ``loss(output)`` for every input, exactly."""
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    eager_inputs = [t.detach().clone().requires_grad_() for t in inputs]
+    compiled_inputs = [t.detach().clone().requires_grad_() for t in inputs]
+    eager, comp = f(*eager_inputs), compiled(*compiled_inputs)
+    torch.testing.assert_close(comp, eager, atol=0, rtol=0)
+    loss(eager).backward()
+    loss(comp).backward()
+    for e, c in zip(eager_inputs, compiled_inputs):
+        torch.testing.assert_close(c.grad, e.grad, atol=0, rtol=0)
+
+
 def assert_same_non_finite_and_close(out, expected, tol, what=""):
     """NaN where expected has NaN, +inf / -inf where it has them, and the finite values to ``tol`` (relative, and
     absolute relative to the largest finite value)."""

@@ -7,7 +7,7 @@ import time
 
 import pytest
 import torch
-from _helpers import deform_case
+from _helpers import assert_compiled_matches_eager, deform_case
 
 from roikit.ops import (
     DeformRoIPool,
@@ -130,15 +130,7 @@ def test_torch_compile_fullgraph_matches_eager():
     def f(a, o):
         return deform_roi_pool(a, rois, o, (3, 2), 0.5, 2, 0.1)
 
-    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
-    xe, oe = x.clone().requires_grad_(), offset.clone().requires_grad_()
-    xc, oc = x.clone().requires_grad_(), offset.clone().requires_grad_()
-    eager, comp = f(xe, oe), compiled(xc, oc)
-    torch.testing.assert_close(comp, eager, atol=0, rtol=0)
-    eager.square().sum().backward()
-    comp.square().sum().backward()
-    torch.testing.assert_close(xc.grad, xe.grad, atol=0, rtol=0)
-    torch.testing.assert_close(oc.grad, oe.grad, atol=0, rtol=0)
+    assert_compiled_matches_eager(f, x, offset, loss=lambda out: out.square().sum())
 
 
 def test_pack_compiles_and_autocasts():

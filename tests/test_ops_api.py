@@ -3,6 +3,7 @@ import pytest
 import torch
 import torch.fx
 import torchvision
+from _helpers import assert_compiled_matches_eager
 
 from roikit.ops import (
     PrRoIPool,
@@ -123,14 +124,7 @@ def test_opcheck(case):
 @pytest.mark.parametrize("name", list(OPS))
 def test_torch_compile_fullgraph_matches_eager(name):
     x, rois = inputs()
-    f = OPS[name]
-    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
-    xe, xc = x.clone().requires_grad_(), x.clone().requires_grad_()
-    eager, comp = f(xe, rois), compiled(xc, rois)
-    torch.testing.assert_close(comp, eager, atol=0, rtol=0)
-    eager.sum().backward()
-    comp.sum().backward()
-    torch.testing.assert_close(xc.grad, xe.grad, atol=0, rtol=0)
+    assert_compiled_matches_eager(lambda t: OPS[name](t, rois), x)
 
 
 def test_torch_compile_inductor_roi_align_in_a_model():

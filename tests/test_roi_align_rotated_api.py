@@ -7,7 +7,7 @@ import naive
 import pytest
 import torch
 import torch.fx
-from _helpers import random_rotated_rois, triton_module
+from _helpers import assert_compiled_matches_eager, random_rotated_rois, triton_module
 
 from roikit.ops import RoIAlignRotated, deterministic_backward, roi_align_rotated
 
@@ -100,13 +100,7 @@ def test_opcheck_and_compile_fullgraph():
     def f(t):
         return roi_align_rotated(t, rois, 3, 0.5, 2)
 
-    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
-    xe, xc = x.detach().clone().requires_grad_(), x.detach().clone().requires_grad_()
-    eager, comp = f(xe), compiled(xc)
-    torch.testing.assert_close(comp, eager, atol=0, rtol=0)
-    eager.sum().backward()
-    comp.sum().backward()
-    torch.testing.assert_close(xc.grad, xe.grad, atol=0, rtol=0)
+    assert_compiled_matches_eager(f, x)
 
 
 def test_autocast_runs_in_float32():
