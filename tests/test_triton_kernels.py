@@ -4,7 +4,7 @@ Triton, and every kernel compiled for a GPU (sm_90) without one.
 The kernels of each op family are tested on the CPU by Triton's interpreter (``TRITON_INTERPRET=1``) against the
 plain-PyTorch reference in their own files: ``test_triton_roi_align.py``, ``test_triton_roi_pool.py`` (and RoISPP),
 ``test_triton_prroi_pool.py``, ``test_triton_multilevel.py``, ``test_triton_ps_roi.py``, and the Triton cases of
-``test_roi_align_rotated.py``, ``test_deform_roi_pool.py`` and ``test_roi_align_box_grad.py``. Shared inputs and
+``test_roi_align_rotated_api.py``, ``test_deform_roi_pool_triton.py`` and ``test_roi_align_box_grad.py``. Shared inputs and
 helpers: ``triton_cases.py``.
 """
 import os

@@ -8,7 +8,7 @@ outside the map, zero-size and reversed, no boxes, hostile boxes under a time li
 """
 import os
 
-# before any kernel module is imported (@triton.jit reads it then), and left set (see test_triton_kernels.py)
+# before any kernel module is imported (@triton.jit reads it then), and left set (see triton_cases.py)
 os.environ["TRITON_INTERPRET"] = "1"
 
 import contextlib  # noqa: E402
