@@ -6,6 +6,7 @@ channels), so that a session with a GPU does not spend its minutes on a script t
 """
 from __future__ import annotations
 
+import gc
 import time
 
 import pytest
@@ -82,7 +83,12 @@ def test_sweep_rows_table_and_plot(tmp_path):
         assert r["speedup"] == pytest.approx(r["torchvision_ms"] / r["roikit_ms"])
         assert r["threads"] == 1 and r["dtype"] in ("float32", "bfloat16")
     table = bench.format_sweep(rows)
-    assert table.count("\n") == len(rows) + 1 and all(w in table for w in ("roi_align", "roi_pool", "pyramid"))
+    assert table.count("\n") == len(rows) + 1 and all(f"| {op} |" in table for op in bench.SWEEP_OPS)
+    # the position-sensitive ops read 1 group of 2 x 2 = 4 channels (the multiple of 4 nearest to 2), the others 2
+    assert {r["op"]: r["channels"] for r in rows} == dict(roi_align=2, roi_pool=2, ps_roi_align=4, ps_roi_pool=4,
+                                                           pyramid=2)
+    assert "| ps_roi_align | forward | 4 | small | 2 | 4 | float32 | 1 |" in table
+    assert gc.get_freeze_count() == 0  # the sweep's gc.freeze is undone
     bench.plot_sweep(rows, tmp_path / "sweep.png")
     assert (tmp_path / "sweep.png").read_bytes().startswith(b"\x89PNG")
 
@@ -111,6 +117,36 @@ def test_interleaved_repeats_only_near_the_goal():
     # about the goal: every round runs
     _, _, rounds = bench._interleaved(sleeper(10), sleeper(15), rounds=3, calls=1, goal=1.5)
     assert rounds == 3
+    # 10x slower: a miss takes a second round to confirm, then stops
+    ours, theirs, rounds = bench._interleaved(sleeper(20), sleeper(2), rounds=3, calls=1, goal=1.5)
+    assert rounds == 2 and ours / theirs > 5
+
+
+def test_interleaved_calls_per_round_fit_the_round_budget():
+    calls = {"ours": 0, "theirs": 0}
+
+    def counted(side, ms):
+        def fn():
+            calls[side] += 1
+            time.sleep(ms / 1000)
+        return fn
+
+    # 30 ms calls in a 100 ms round: 3 calls each after the given first round (at most calls=5)
+    bench._interleaved(counted("ours", 30), counted("theirs", 30), rounds=2, calls=5, goal=1.0, first=(30.0, 30.0),
+                       round_ms=100)
+    assert calls == {"ours": 3, "theirs": 3}
+    # a call longer than the round: one call each
+    calls.update(ours=0, theirs=0)
+    bench._interleaved(counted("ours", 30), counted("theirs", 30), rounds=2, calls=5, goal=1.0, first=(30.0, 30.0),
+                       round_ms=10)
+    assert calls == {"ours": 1, "theirs": 1}
+
+
+def test_ps_channels_nearest_multiple_of_the_bins():
+    assert bench.ps_channels(256, 7) == 245  # 5 x 49 (6 x 49 = 294 is farther)
+    assert bench.ps_channels(256, 14) == 196  # 1 x 196 (2 x 196 = 392 is farther)
+    assert bench.ps_channels(2, 7) == 49  # at least one group
+    assert bench.ps_channels(100, 3) == 99
 
 
 def test_detector_times_per_image(tmp_path):

@@ -3,16 +3,19 @@
 Fixed workload (:func:`run_cpu_benchmark`): 2 images of 256 x 50 x 68 features (stride 16), 512 boxes of 16 to
 316 px, 7 x 7 bins, sampling_ratio 2, aligned=True; roi_align and roi_pool; forward alone and forward + backward.
 
-Sweep (:func:`run_sweep`): every op with a torchvision counterpart (``roi_align``, ``roi_pool``, and
-``RoIPooler`` against ``MultiScaleRoIAlign`` on a 4-level pyramid) x box count x box size (small 16-64 px, mixed
-16-316 px, large 256-800 px) x output 7 / 14 x float32 / bfloat16 x one thread / all threads, forward and
-forward + backward, with the peak memory of each side. The two sides are timed interleaved (one round of
-roikit, one of torchvision, again), each round's median kept, and the smallest median of the rounds reported, so
-a load that comes and goes hits both. torchvision's CPU kernels have no bfloat16: its bfloat16 rows cast to
-float32 and back, as a user of torchvision would.
+Sweep (:func:`run_sweep`): every op with a torchvision counterpart (``roi_align``, ``roi_pool``, ``ps_roi_align``,
+``ps_roi_pool``, and ``RoIPooler`` against ``MultiScaleRoIAlign`` on a 4-level pyramid) x box count x box size
+(small 16-64 px, mixed 16-316 px, large 256-800 px) x output 7 / 14 x float32 / bfloat16 x one thread / all
+threads, forward and forward + backward, with the peak memory of each side. The position-sensitive ops take
+``C' * PH * PW`` channels: the multiple of ``PH * PW`` nearest to the sweep's C (:func:`ps_channels`: 245 for 7 x 7
+and 196 for 14 x 14 at C = 256). The two sides are timed interleaved (one round of roikit, one of torchvision,
+again), each round's median kept, and the smallest median of the rounds reported, so a load that comes and goes
+hits both. torchvision's CPU kernels have no bfloat16: its bfloat16 rows cast to float32 and back, as a user of
+torchvision would.
 """
 from __future__ import annotations
 
+import gc
 import itertools
 import platform
 import statistics
@@ -25,7 +28,7 @@ import torchvision
 from tqdm import tqdm
 
 from ..layers import RoIPooler
-from ..ops import roi_align, roi_pool
+from ..ops import ps_roi_align, ps_roi_pool, roi_align, roi_pool
 from ..utils.memory import measure_peak, peak_memory_available
 
 
@@ -101,7 +104,14 @@ def format_rows(rows: list[dict]) -> str:
 # ---------------------------------------------------------------- sweep
 SIZES = {"small": (16.0, 64.0), "mixed": (16.0, 316.0), "large": (256.0, 800.0)}  # box side in pixels
 IMAGE_HW = (800, 1088)  # the pyramid's image; the single map is its stride-16 level: 50 x 68
-SWEEP_OPS = ("roi_align", "roi_pool", "pyramid")
+SWEEP_OPS = ("roi_align", "roi_pool", "ps_roi_align", "ps_roi_pool", "pyramid")
+POSITION_SENSITIVE = ("ps_roi_align", "ps_roi_pool")
+SINGLE_MAP = {  # (roikit's op, torchvision's op, extra arguments) of the single-map ops
+    "roi_align": (roi_align, torchvision.ops.roi_align, {"sampling_ratio": 2, "aligned": False}),
+    "roi_pool": (roi_pool, torchvision.ops.roi_pool, {}),
+    "ps_roi_align": (ps_roi_align, torchvision.ops.ps_roi_align, {"sampling_ratio": 2}),
+    "ps_roi_pool": (ps_roi_pool, torchvision.ops.ps_roi_pool, {}),
+}
 PASSES = ("forward", "forward+backward")
 
 
@@ -111,6 +121,13 @@ def peak_memory(fn: Callable[[], object]) -> int | None:
     if peak_memory_available() is not None:
         return None
     return measure_peak(fn)[1]
+
+
+def ps_channels(channels: int, output: int) -> int:
+    """Input channels of the position-sensitive ops for ``output x output`` bins: the multiple of ``output**2``
+    nearest to ``channels`` (at least one group): 245 (5 x 49) for 7 x 7 and 196 (1 x 196) for 14 x 14 at 256."""
+    bins = output * output
+    return max(1, round(channels / bins)) * bins
 
 
 def sweep_boxes(count: int, size: str, seed: int = 0) -> list[torch.Tensor]:
@@ -127,16 +144,19 @@ def sweep_boxes(count: int, size: str, seed: int = 0) -> list[torch.Tensor]:
 
 def _sweep_callables(op: str, features: OrderedDict, boxes: list[torch.Tensor], output: int, dtype: torch.dtype,
                      backward: bool) -> tuple[Callable[[], object], Callable[[], object]]:
-    """(roikit, torchvision) closures of one case; each runs one pass. The backward is fed a fixed contiguous
-    gradient (as a box head gives), made once outside the timed calls, into fresh leaves."""
+    """(roikit, torchvision) closures of one case; each runs one pass. ``features``: the pyramid for ``"pyramid"``,
+    else one map (``C' * output**2`` channels for the position-sensitive ops). The backward is fed a fixed
+    contiguous gradient (as a box head gives), made once outside the timed calls, into fresh leaves."""
     shapes = [IMAGE_HW] * 2
     names = list(features)[:1] if op != "pyramid" else list(features)
     if op == "pyramid":
         ours = RoIPooler(names, output, 2, "roi_align")
         theirs = torchvision.ops.MultiScaleRoIAlign(names, output, 2)
     else:
-        ours = theirs = None
+        ours, theirs, extra = SINGLE_MAP[op]
     channels = next(iter(features.values())).shape[1]
+    if op in POSITION_SENSITIVE:
+        channels //= output * output
     grad = torch.randn(sum(len(b) for b in boxes), channels, output, output, generator=torch.Generator().manual_seed(1))
     grad = grad.to(dtype)
 
@@ -152,11 +172,8 @@ def _sweep_callables(op: str, features: OrderedDict, boxes: list[torch.Tensor], 
                 if op == "pyramid":
                     out = (ours if side == "roikit" else theirs)(maps, boxes, shapes)
                 else:
-                    f = {("roikit", "roi_align"): roi_align, ("torchvision", "roi_align"): torchvision.ops.roi_align,
-                         ("roikit", "roi_pool"): roi_pool, ("torchvision", "roi_pool"): torchvision.ops.roi_pool}
                     b = [x.to(next(iter(maps.values())).dtype) for x in boxes]
-                    extra = {"sampling_ratio": 2, "aligned": False} if op == "roi_align" else {}
-                    out = f[side, op](maps[names[0]], b, output, 1 / 16, **extra)
+                    out = (ours if side == "roikit" else theirs)(maps[names[0]], b, output, 1 / 16, **extra)
                 if cast:
                     out = out.to(dtype)
                 if backward:
@@ -165,6 +182,9 @@ def _sweep_callables(op: str, features: OrderedDict, boxes: list[torch.Tensor], 
         return call
 
     return run("roikit"), run("torchvision")
+
+
+ROUND_MS = 150.0  # a round's calls of one side take about this long (at least one call)
 
 
 def _timed(fn: Callable[[], object], calls: int) -> float:
@@ -178,34 +198,54 @@ def _timed(fn: Callable[[], object], calls: int) -> float:
 
 
 def _interleaved(ours: Callable, theirs: Callable, rounds: int, calls: int, goal: float | None = None,
-                 first: tuple[float, float] | None = None) -> tuple[float, float, int]:
+                 first: tuple[float, float] | None = None, round_ms: float = ROUND_MS) -> tuple[float, float, int]:
     """Min over rounds of the median of timed calls, roikit and torchvision alternating (ms), and the rounds run.
 
-    A round times ``calls`` calls of each side when a call takes under 25 ms, else one. With a ``goal``, rounds
-    stop once the speed-up is clearly (1.4x) above or below it: the repeats go where they can change the verdict.
-    ``first``: a round already timed (the sweep's memory calls), counted as the first."""
+    A round times as many calls of each side as fit in about ``round_ms`` (one at least, ``calls`` at most), so a
+    long case costs a few calls and a short one its median of ``calls``. With a ``goal``, rounds stop once the
+    speed-up is clearly (1.4x) above it, or clearly below it after two rounds (a miss is confirmed: one slow call,
+    a load spike or the memory call's fresh pages, cannot make it alone): the repeats go where they can change the
+    verdict. ``first``: a round already timed (the sweep's memory calls), counted as the first."""
     best = list(first) if first is not None else [float("inf"), float("inf")]
     done = 0 if first is None else 1
     while done < rounds:
-        if done and goal is not None and not goal / 1.4 < best[1] / best[0] < goal * 1.4:
+        ratio = best[1] / best[0] if done else None
+        if ratio is not None and goal is not None and (ratio >= goal * 1.4 or (ratio <= goal / 1.4 and done >= 2)):
             break
-        n = calls if done == 0 or min(best) < 25 else 1
+        n = calls if done == 0 else max(1, min(calls, int(round_ms / max(best[0], best[1], 1e-3))))
         best[0] = min(best[0], _timed(ours, n))
         best[1] = min(best[1], _timed(theirs, n))
         done += 1
     return best[0], best[1], done
 
 
+def _pyramid(channels: int, generator: torch.Generator | None = None) -> OrderedDict:
+    """The sweep's 4-level pyramid of 2 images of ``IMAGE_HW``: strides 4, 8, 16, 32, ``channels`` each."""
+    return OrderedDict((str(i), torch.randn(2, channels, IMAGE_HW[0] // s, IMAGE_HW[1] // s, generator=generator))
+                       for i, s in enumerate((4, 8, 16, 32)))
+
+
+def _case_maps(op: str, pyramid: OrderedDict, output: int, dtype: torch.dtype,
+               generator: torch.Generator | None = None) -> OrderedDict:
+    """The maps a case reads: the pyramid, its stride-16 level, or for the position-sensitive ops a stride-16 map
+    of :func:`ps_channels` channels (random, from ``generator``)."""
+    if op == "pyramid":
+        return OrderedDict((k, v.to(dtype)) for k, v in pyramid.items())
+    single = pyramid["2"]
+    if op in POSITION_SENSITIVE:
+        n, c, h, w = single.shape
+        single = torch.randn(n, ps_channels(c, output), h, w, generator=generator)
+    return OrderedDict(single=single.to(dtype))
+
+
 def warm_up(ops: Iterable[str] = SWEEP_OPS, dtypes: Iterable[torch.dtype] = (torch.float32, torch.bfloat16)) -> float:
     """One tiny call of every case's code (loads numba's compiled kernels, compiling them the first time), so
     that no timed call pays it. Returns the seconds it took."""
     start = time.perf_counter()
-    pyramid = OrderedDict((str(i), torch.randn(2, 4, IMAGE_HW[0] // s, IMAGE_HW[1] // s))
-                          for i, s in enumerate((4, 8, 16, 32)))
+    pyramid = _pyramid(8)
     for dtype, op, backward in itertools.product(dtypes, ops, (False, True)):
-        maps = OrderedDict((k, v.to(dtype)) for k, v in pyramid.items()) if op == "pyramid" else \
-            OrderedDict(single=pyramid["2"].to(dtype))
-        for fn in _sweep_callables(op, maps, sweep_boxes(8, "mixed"), 7, dtype, backward):
+        maps = _case_maps(op, pyramid, 2, dtype)
+        for fn in _sweep_callables(op, maps, sweep_boxes(8, "mixed"), 2, dtype, backward):
             fn()
     return time.perf_counter() - start
 
@@ -214,32 +254,43 @@ def run_sweep(counts: Iterable[int] = (64, 256, 1024, 4096), sizes: Iterable[str
               outputs: Iterable[int] = (7, 14), dtypes: Iterable[torch.dtype] = (torch.float32, torch.bfloat16),
               threads: Iterable[int] | None = None, ops: Iterable[str] = SWEEP_OPS, channels: int = 256,
               rounds: int = 3, calls: int = 3, progress: bool = True) -> list[dict]:
-    """Every case of the sweep, one row each: times, speed-ups, peak memory (bytes, None off Linux), threads.
+    """Every case of the sweep, one row each: times, speed-ups, peak memory (bytes, None off Linux), input channels,
+    threads.
 
     Per case (after one warm-up of every kernel): one call of each side measures its peak memory and is the first
     timed round; up to ``rounds - 1`` more interleaved rounds follow where the speed-up is near the goal (see
-    :func:`_interleaved`)."""
+    :func:`_interleaved`). The objects alive after the warm-up are frozen out of Python's garbage collector for the
+    sweep (``gc.freeze``): a full collection of torch's objects takes 0.2-0.5 s, and the memory measure collects
+    before every call (it ran twice per case, most of the sweep's time, and a collection that fell inside a timed
+    call added as much to that call)."""
     all_threads = torch.get_num_threads()
     threads = tuple(dict.fromkeys((1, all_threads))) if threads is None else tuple(threads)
     g = torch.Generator().manual_seed(0)
-    pyramid = OrderedDict((str(i), torch.randn(2, channels, IMAGE_HW[0] // s, IMAGE_HW[1] // s, generator=g))
-                          for i, s in enumerate((4, 8, 16, 32)))
+    pyramid = _pyramid(channels, g)
+    ps_maps = {o: _case_maps("ps_roi_align", pyramid, o, torch.float32, g)["single"] for o in outputs}
     cases = list(itertools.product(threads, dtypes, ops, sizes, counts, outputs, PASSES))
     rows = []
+    frozen = gc.get_freeze_count() == 0
     try:
         warm_up(ops, dtypes)
+        if frozen:
+            gc.collect()
+            gc.freeze()
         for t, dtype, op, size, count, output, mode in tqdm(cases, desc="sweep", unit="case", disable=not progress):
             torch.set_num_threads(t)
-            maps = OrderedDict((k, v.to(dtype)) for k, v in pyramid.items()) if op == "pyramid" else \
-                OrderedDict(single=pyramid["2"].to(dtype))
+            maps = OrderedDict(single=ps_maps[output].to(dtype)) if op in POSITION_SENSITIVE else \
+                _case_maps(op, pyramid, output, dtype)
             ours, theirs = _sweep_callables(op, maps, sweep_boxes(count, size), output, dtype, mode != "forward")
             (peak_ours, ms_ours), (peak_tv, ms_tv) = _memory_and_time(ours), _memory_and_time(theirs)
             t_ours, t_tv, done = _interleaved(ours, theirs, rounds, calls, SWEEP_GOALS[mode], (ms_ours, ms_tv))
             rows.append(dict(op=op, mode=mode, boxes=count, size=size, output=output, dtype=str(dtype)[6:],
-                             threads=t, roikit_ms=t_ours, torchvision_ms=t_tv, speedup=t_tv / t_ours,
-                             roikit_peak=peak_ours, torchvision_peak=peak_tv, rounds=done))
+                             channels=next(iter(maps.values())).shape[1], threads=t, roikit_ms=t_ours,
+                             torchvision_ms=t_tv, speedup=t_tv / t_ours, roikit_peak=peak_ours,
+                             torchvision_peak=peak_tv, rounds=done))
     finally:
         torch.set_num_threads(all_threads)
+        if frozen:
+            gc.unfreeze()
     return rows
 
 
@@ -259,14 +310,16 @@ def _mib(value: int | None) -> str:
 
 
 def format_sweep(rows: list[dict]) -> str:
-    """A markdown table of the sweep, one row per case, with the goal met or missed."""
-    lines = ["| op | pass | boxes | size | out | dtype | threads | roikit (ms) | torchvision (ms) | speed-up | "
-             "peak roikit / tv (MiB) | goal |", "|---|---|---:|---|---:|---|---:|---:|---:|---:|---:|---|"]
+    """A markdown table of the sweep, one row per case, with the goal met or missed. C: the input channels (the
+    position-sensitive ops take a multiple of PH * PW, see :func:`ps_channels`)."""
+    lines = ["| op | pass | boxes | size | out | C | dtype | threads | roikit (ms) | torchvision (ms) | speed-up | "
+             "peak roikit / tv (MiB) | goal |", "|---|---|---:|---|---:|---:|---|---:|---:|---:|---:|---:|---|"]
     for r in rows:
         memory_ok = None in (r["roikit_peak"], r["torchvision_peak"]) or \
             r["roikit_peak"] <= 1.5 * r["torchvision_peak"] + 2**20
         met = r["speedup"] >= SWEEP_GOALS[r["mode"]] and memory_ok
-        lines.append(f"| {r['op']} | {r['mode']} | {r['boxes']} | {r['size']} | {r['output']} | {r['dtype']} | "
+        lines.append(f"| {r['op']} | {r['mode']} | {r['boxes']} | {r['size']} | {r['output']} | "
+                     f"{r.get('channels', '-')} | {r['dtype']} | "
                      f"{r['threads']} | {r['roikit_ms']:.1f} | {r['torchvision_ms']:.1f} | {r['speedup']:.2f}x | "
                      f"{_mib(r['roikit_peak'])} / {_mib(r['torchvision_peak'])} | {'met' if met else 'missed'} |")
     return "\n".join(lines)
