@@ -138,81 +138,93 @@ def _direct_mean(feat, n, c, h0, h1, w0, w1):
 
 
 @nb.njit(cache=True, nogil=True)
-def ps_roi_pool_forward(begin, end, feat, c_offset, batch, h_start, h_end, w_start, w_end, out, table_way):
-    """feat [N, B, H, W] (channels ``c_offset ..``); batch [K]; bin edges [K, PH] / [K, PW] (int64, clipped);
-    out [K, C], columns written: each bin's mean in float64, rounded once to out's dtype; 0 for an empty bin.
-    ``table_way``: read summed-area tables (a channel with a non-finite cell is summed directly)."""
-    n_count, _, height, width = feat.shape
-    ph_count, pw_count = h_start.shape[1], w_start.shape[1]
-    tables = np.empty((n_count if table_way else 0, height + 1, width + 1), np.float64)
-    for c in range(begin, end):
-        channel = c_offset + c
-        ph, pw = _bin_of(channel, ph_count, pw_count)
-        direct = not table_way
-        if table_way:
-            for n in range(n_count):
-                if not _summed_area(feat[n, c], tables[n]):
-                    direct = True
-        for k in range(batch.shape[0]):
-            h0, h1, w0, w1 = h_start[k, ph], h_end[k, ph], w_start[k, pw], w_end[k, pw]
-            if h1 <= h0 or w1 <= w0:
-                out[k, channel] = 0
-            elif direct:
-                out[k, channel] = _direct_mean(feat, batch[k], c, h0, h1, w0, w1)
-            else:
-                n = batch[k]
-                out[k, channel] = ((tables[n, h1, w1] - tables[n, h0, w1]) - tables[n, h1, w0] + tables[n, h0, w0]) \
-                    / ((h1 - h0) * (w1 - w0))
+def _block_bins(c0, c1, c_offset, ph_count, pw_count, bin_h, bin_w):
+    for c in range(c0, c1):
+        bin_h[c - c0], bin_w[c - c0] = _bin_of(c_offset + c, ph_count, pw_count)
 
 
 @nb.njit(cache=True, nogil=True)
-def ps_roi_pool_backward(begin, end, grad, c_offset, batch, h_start, h_end, w_start, w_end, out, table_way):
+def ps_roi_pool_forward(begin, end, feat, c_offset, batch, h_start, h_end, w_start, w_end, out, table_way, block):
+    """feat [N, B, H, W] (channels ``c_offset ..``); batch [K]; bin edges [K, PH] / [K, PW] (int64, clipped);
+    out [K, C], columns written: each bin's mean in float64, rounded once to out's dtype; 0 for an empty bin.
+    ``table_way``: read summed-area tables (a channel with a non-finite cell is summed directly). ``block``
+    channels at a time (their tables together: ``block * N * (H + 1) * (W + 1)`` float64)."""
+    n_count, _, height, width = feat.shape
+    ph_count, pw_count = h_start.shape[1], w_start.shape[1]
+    tables = np.empty((block if table_way else 0, n_count, height + 1, width + 1), np.float64)
+    bin_h, bin_w = np.empty(block, np.int64), np.empty(block, np.int64)
+    direct = np.empty(block, np.bool_)
+    for c0 in range(begin, end, block):
+        c1 = min(c0 + block, end)
+        _block_bins(c0, c1, c_offset, ph_count, pw_count, bin_h, bin_w)
+        for c in range(c0, c1):
+            direct[c - c0] = not table_way
+            if table_way:
+                for n in range(n_count):
+                    if not _summed_area(feat[n, c], tables[c - c0, n]):
+                        direct[c - c0] = True
+        for k in range(batch.shape[0]):
+            n = batch[k]
+            for c in range(c0, c1):
+                b = c - c0
+                h0, h1, w0, w1 = h_start[k, bin_h[b]], h_end[k, bin_h[b]], w_start[k, bin_w[b]], w_end[k, bin_w[b]]
+                if h1 <= h0 or w1 <= w0:
+                    out[k, c_offset + c] = 0
+                elif direct[b]:
+                    out[k, c_offset + c] = _direct_mean(feat, n, c, h0, h1, w0, w1)
+                else:
+                    out[k, c_offset + c] = ((tables[b, n, h1, w1] - tables[b, n, h0, w1]) - tables[b, n, h1, w0]
+                                            + tables[b, n, h0, w0]) / ((h1 - h0) * (w1 - w0))
+
+
+@nb.njit(cache=True, nogil=True)
+def ps_roi_pool_backward(begin, end, grad, c_offset, batch, h_start, h_end, w_start, w_end, out, table_way, block):
     """grad [K, C]; edges as the forward's; out [N, B, H, W], written: each bin's ``grad / area`` (float64) on every
-    cell it averaged, summed in float64 per channel and rounded once to out's dtype."""
+    cell it averaged, summed in float64 per channel and rounded once to out's dtype; ``block`` channels at a time."""
     n_count, _, height, width = out.shape
     ph_count, pw_count = h_start.shape[1], w_start.shape[1]
-    acc = np.empty((n_count, height + 1, width + 1), np.float64)
-    for c in range(begin, end):
-        channel = c_offset + c
-        ph, pw = _bin_of(channel, ph_count, pw_count)
+    acc = np.empty((block, n_count, height + 1, width + 1), np.float64)
+    bin_h, bin_w = np.empty(block, np.int64), np.empty(block, np.int64)
+    for c0 in range(begin, end, block):
+        c1 = min(c0 + block, end)
+        _block_bins(c0, c1, c_offset, ph_count, pw_count, bin_h, bin_w)
         acc[:] = 0.0
-        if table_way:  # the plain path's difference table: four corners (one corner for every box at a time)
-            for corner in range(4):
-                for k in range(grad.shape[0]):
-                    h0, h1, w0, w1 = h_start[k, ph], h_end[k, ph], w_start[k, pw], w_end[k, pw]
+        # the table way replays the plain path's difference table: a corner for every box, then the next corner
+        for corner in range(4 if table_way else 1):
+            for k in range(grad.shape[0]):
+                n = batch[k]
+                for c in range(c0, c1):
+                    b = c - c0
+                    h0, h1 = h_start[k, bin_h[b]], h_end[k, bin_h[b]]
+                    w0, w1 = w_start[k, bin_w[b]], w_end[k, bin_w[b]]
                     if h1 <= h0 or w1 <= w0:
                         continue
-                    value = np.float64(grad[k, channel]) / ((h1 - h0) * (w1 - w0))
-                    if corner == 0:
-                        acc[batch[k], h0, w0] += value
+                    value = np.float64(grad[k, c_offset + c]) / ((h1 - h0) * (w1 - w0))
+                    if not table_way:  # straight onto the cells
+                        for h in range(h0, h1):
+                            for w in range(w0, w1):
+                                acc[b, n, h, w] += value
+                    elif corner == 0:
+                        acc[b, n, h0, w0] += value
                     elif corner == 1:
-                        acc[batch[k], h0, w1] += -value
+                        acc[b, n, h0, w1] += -value
                     elif corner == 2:
-                        acc[batch[k], h1, w0] += -value
+                        acc[b, n, h1, w0] += -value
                     else:
-                        acc[batch[k], h1, w1] += value
+                        acc[b, n, h1, w1] += value
+        for c in range(c0, c1):
             for n in range(n_count):
-                plane = acc[n]
-                for i in range(1, height + 1):  # cumsum down the rows, then along each row
-                    plane[i] += plane[i - 1]
+                plane = acc[c - c0, n]
+                if table_way:
+                    for i in range(1, height + 1):  # cumsum down the rows, then along each row
+                        plane[i] += plane[i - 1]
+                    for i in range(height):
+                        row = plane[i]
+                        total = 0.0
+                        for j in range(width):
+                            total += row[j]
+                            row[j] = total
+                dst = out[n, c]
                 for i in range(height):
-                    row = plane[i]
-                    total = 0.0
                     for j in range(width):
-                        total += row[j]
-                        row[j] = total
-        else:
-            for k in range(grad.shape[0]):
-                h0, h1, w0, w1 = h_start[k, ph], h_end[k, ph], w_start[k, pw], w_end[k, pw]
-                if h1 <= h0 or w1 <= w0:
-                    continue
-                value = np.float64(grad[k, channel]) / ((h1 - h0) * (w1 - w0))
-                n = batch[k]
-                for h in range(h0, h1):
-                    for w in range(w0, w1):
-                        acc[n, h, w] += value
-        for n in range(n_count):
-            src, dst = acc[n], out[n, c]
-            for i in range(height):
-                for j in range(width):
-                    dst[i, j] = src[i, j]
+                        dst[i, j] = plane[i, j]

@@ -23,6 +23,9 @@ from ..geometry import compute_dtype, ps_roi_pool_edges, sampling_grid
 from ._crops import CHUNK_BUDGET, box_slices
 from .jit import MAX_SAMPLES, _axis_table, _channel_chunks, _run, enabled
 
+POOL_BLOCK = 16  # channels ps_roi_pool's kernels run at a time (each box's output row written in runs)
+POOL_SCRATCH = 1 << 18  # float64 values of a thread's tables (2 MiB), at most, unless one channel needs more
+
 
 @functools.cache
 def _kernels():
@@ -128,6 +131,13 @@ def _table_way(cells: float, shape: tuple[int, int, int, int]) -> bool:
     return cells > 2 * n * (h + 1) * (w + 1)
 
 
+def _pool_block(shape: tuple[int, int, int, int]) -> int:
+    """Channels ps_roi_pool's kernels take at a time: POOL_BLOCK, fewer where their float64 planes (each thread's
+    ``block * N * (H + 1) * (W + 1)``) would exceed POOL_SCRATCH values."""
+    n, _, h, w = shape
+    return max(1, min(POOL_BLOCK, POOL_SCRATCH // max(n * (h + 1) * (w + 1), 1)))
+
+
 def ps_roi_pool_forward(input: Tensor, rois: Tensor, spatial_scale: float, pooled_height: int,
                         pooled_width: int) -> Tensor | None:
     """[K, C', PH, PW] in the map's dtype, or None."""
@@ -140,7 +150,8 @@ def ps_roi_pool_forward(input: Tensor, rois: Tensor, spatial_scale: float, poole
     batch = rois[:, 0].long().contiguous().numpy()
     out = torch.empty((rois.shape[0], c), dtype=dtype)
     for c0, c1, feat in _channel_chunks(input, dtype):
-        _run(_kernels().ps_roi_pool_forward, c1 - c0, feat.numpy(), c0, batch, *edges, out.numpy(), table_way)
+        _run(_kernels().ps_roi_pool_forward, c1 - c0, feat.numpy(), c0, batch, *edges, out.numpy(), table_way,
+             _pool_block(input.shape))
     return out.reshape(rois.shape[0], -1, *pooled).to(input.dtype)
 
 
@@ -158,7 +169,8 @@ def ps_roi_pool_backward(grad: Tensor, rois: Tensor, spatial_scale: float, poole
     out = torch.empty(shape, dtype=grad.dtype)
     for c0, c1 in _channel_ranges(shape, grad.dtype == dtype):
         part = out if grad.dtype == dtype else torch.empty((n, c1 - c0, h, w), dtype=dtype)
-        _run(_kernels().ps_roi_pool_backward, c1 - c0, g, c0, batch, *edges, part.numpy(), table_way)
+        _run(_kernels().ps_roi_pool_backward, c1 - c0, g, c0, batch, *edges, part.numpy(), table_way,
+             _pool_block(shape))
         if part is not out:
             out[:, c0:c1] = part
     return out
