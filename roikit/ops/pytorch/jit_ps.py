@@ -118,17 +118,19 @@ def _channel_ranges(shape: tuple[int, int, int, int], whole: bool):
 
 
 def _pool_edges(rois: Tensor, spatial_scale: float, pooled: tuple[int, int], shape: tuple[int, int, int, int]):
-    """The bins' edges as contiguous int64 arrays, and whether the summed-area way is the cheaper: the bins' cells
-    per channel (what the direct way reads) against two passes over a channel's planes (building its table)."""
+    """The bins' edges as contiguous int64 arrays, and whether the summed-area way is the cheaper."""
     (hs, he), (ws, we) = ps_roi_pool_edges(rois, spatial_scale, pooled, shape[2:])
     cells = float(((he - hs).clamp(min=0).sum(1).double() * (we - ws).clamp(min=0).sum(1).double()).sum())
-    return tuple(t.contiguous().numpy() for t in (hs, he, ws, we)), _table_way(cells / (pooled[0] * pooled[1]), shape)
+    return tuple(t.contiguous().numpy() for t in (hs, he, ws, we)), \
+        _table_way(rois.shape[0], cells / (pooled[0] * pooled[1]), shape)
 
 
-def _table_way(cells: float, shape: tuple[int, int, int, int]) -> bool:
-    """Whether a channel's bins read more cells than two passes over its planes (a summed-area table) cost."""
+def _table_way(boxes: int, cells: float, shape: tuple[int, int, int, int]) -> bool:
+    """Whether the summed-area way is the cheaper for a channel: its bins (``boxes``, reading ``cells`` cells
+    together) cost about 6 table entries each plus 2 a cell when summed directly (measured: 18 ns a bin of one
+    cell direct, 9 ns by the table, 2 ns an entry of the table)."""
     n, _, h, w = shape
-    return cells > 2 * n * (h + 1) * (w + 1)
+    return 6 * boxes + 2 * cells > n * (h + 1) * (w + 1)
 
 
 def _pool_block(shape: tuple[int, int, int, int]) -> int:
