@@ -6,9 +6,12 @@ rule (``assign_boxes_to_levels``); a detector trained a step and saved must give
 """
 from __future__ import annotations
 
+import contextlib
 import importlib.util
+import io
 import json
 import math
+import warnings
 from pathlib import Path
 
 import pytest
@@ -255,35 +258,61 @@ def test_train_tool_two_iterations_then_eval(tmp_path, capsys):
     assert json.loads((run / "eval_metrics.json").read_text())["AP"] == pytest.approx(final[0]["AP"])
 
 
-def test_region_path_exports_with_the_deform_pooler():
-    """torch.export of backbone -> deform RoIPooler -> box head -> predictor on given proposals: the eager result
-    (offsets made non-zero, so the offset heads are in the graph for real)."""
-    from roikit.export import torch_export
+class RegionPath(torch.nn.Module):
+    """backbone -> RoIPooler -> box head -> predictor on given proposals of one image: (class logits, deltas)."""
 
+    def __init__(self, detector):
+        super().__init__()
+        self.detector = detector
+
+    def forward(self, images, boxes):
+        heads = self.detector.roi_heads
+        pooled = heads.box_roi_pool(self.detector.backbone(images), [boxes], [tuple(images.shape[-2:])])
+        return heads.box_predictor(heads.box_head(pooled))
+
+
+def _region_path():
+    """A tiny detector's region path with a modulated deform pooler whose offsets are not zero (so the offset
+    heads are in the graph for real), an image and proposals."""
     torch.manual_seed(0)
-    cfg = _tiny_cfg("deform_roi_pool:modulated=true,deform_fc_channels=32")
-    detector = build_detector(cfg).eval()
+    detector = build_detector(_tiny_cfg("deform_roi_pool:modulated=true,deform_fc_channels=32")).eval()
     with torch.no_grad():
         detector.roi_heads.box_roi_pool.deform.packs[0].offset_fc[-1].bias.uniform_(-1, 1)
-
-    class RegionPath(torch.nn.Module):
-        def __init__(self, detector):
-            super().__init__()
-            self.detector = detector
-
-        def forward(self, images, boxes):
-            heads = self.detector.roi_heads
-            pooled = heads.box_roi_pool(self.detector.backbone(images), [boxes], [tuple(images.shape[-2:])])
-            return heads.box_predictor(heads.box_head(pooled))
-
-    region = RegionPath(detector)
     images = torch.rand(1, 3, 96, 96, generator=torch.Generator().manual_seed(1))
     boxes = torch.tensor([[0.0, 0, 90, 90], [10, 20, 60, 90], [30, 30, 40, 45], [70, 2, 71, 9]])
+    return RegionPath(detector), images, boxes
+
+
+def test_region_path_exports_with_the_deform_pooler():
+    """torch.export of the region path gives the eager result."""
+    from roikit.export import torch_export
+
+    region, images, boxes = _region_path()
     with torch.no_grad():
         expected = region(images, boxes)
         program = torch_export(region, (images, boxes))
         for got, want in zip(program.module()(images, boxes), expected):
             torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
+
+
+@pytest.mark.slow  # about 8 s of CPU (the ONNX export)
+def test_region_path_with_the_deform_pooler_in_onnxruntime():
+    """The same exported to ONNX (roikit.export.onnx_export) and run in onnxruntime: the eager result."""
+    ort = pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxscript")
+    from roikit.export import onnx_export
+
+    region, images, boxes = _region_path()
+    with torch.no_grad():
+        expected = region(images, boxes)
+    with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        program = onnx_export(region, (images, boxes))
+    session = ort.InferenceSession(program.model_proto.SerializeToString(), providers=["CPUExecutionProvider"])
+    names = [i.name for i in session.get_inputs()]
+    got = session.run(None, {names[0]: images.numpy(), names[1]: boxes.numpy()})
+    for g, want in zip(got, expected):
+        torch.testing.assert_close(torch.from_numpy(g), want, rtol=0, atol=1e-5)
 
 
 def test_fx_traces_the_deform_pooler_as_one_call():
