@@ -2,9 +2,11 @@
 
     python tools/bench.py                 # CPU: the fixed workload (2 x 256 x 50 x 68, 512 boxes, 7 x 7)
     python tools/bench.py --device cuda   # GPU: the GPU workloads, with a correctness check first
-    python tools/bench.py --sweep         # CPU: every op x box count x box size x output x dtype x threads,
+    python tools/bench.py --sweep         # CPU: every op (roi_align, roi_pool, ps_roi_align, ps_roi_pool,
+                                          # the FPN pyramid) x box count x box size x output x dtype x threads,
                                           # as a table, and a plot of the speed-up (--output-dir); 64 and 512
-                                          # boxes (about 8 min for both thread settings, 3 for one);
+                                          # boxes (measured: 321 s for both thread settings on 2 shared cores
+                                          # at load 2; half of it one call of each side of each row);
                                           # --full: 64 256 1024 4096 (about 30 min)
 """
 from __future__ import annotations
@@ -21,7 +23,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--sweep", action="store_true",
                         help="CPU: the sweep (box counts of --boxes, three box sizes, 7x7 and 14x14, float32 and "
                              "bfloat16, one thread and all threads, or only --threads). By default the quick sweep, "
-                             "64 and 512 boxes (about 8 min on 2 cores for both thread settings, 3 with --threads N; "
+                             "64 and 512 boxes (measured: 321 s on 2 shared cores at load 2 for both thread settings; "
                              "most of it torchvision's time); "
                              "--full for 64, 256, 1024 and 4096 boxes (about 30 min)")
     parser.add_argument("--full", action="store_true", help="--sweep over 64, 256, 1024 and 4096 boxes")
@@ -30,7 +32,9 @@ def get_args_parser() -> argparse.ArgumentParser:
                              "fasterrcnn_mobilenet_v3_large_fpn with roikit's pooler (random weights), 1 and 2 threads")
     parser.add_argument("--boxes", type=int, nargs="+", default=None,
                         help="box counts of the sweep (default: 64 512; with --full 64 256 1024 4096)")
-    parser.add_argument("--channels", type=int, default=256, help="feature channels of the sweep (default: 256)")
+    parser.add_argument("--channels", type=int, default=256,
+                        help="feature channels of the sweep (default: 256); the position-sensitive ops take the "
+                             "multiple of PH*PW nearest to it (245 for 7x7, 196 for 14x14 at 256)")
     parser.add_argument("--output-dir", default="outputs/bench",
                         help="where --sweep writes sweep.md, sweep.json and sweep.png (default: outputs/bench)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -43,16 +47,16 @@ def main(args: argparse.Namespace) -> int:
     if args.boxes is None:
         args.boxes = [64, 256, 1024, 4096] if args.full else [64, 512]
     if args.repeat <= 0 or args.channels <= 0 or min(args.boxes) <= 0:
-        print("bench: --repeat, --channels and --boxes must be positive", file=sys.stderr)
+        print("bench.py: error: --repeat, --channels and --boxes must be positive", file=sys.stderr)
         return 2
     if args.threads is not None:
         if args.threads <= 0:
-            print("bench: --threads must be positive", file=sys.stderr)
+            print("bench.py: error: --threads must be positive", file=sys.stderr)
             return 2
         torch.set_num_threads(args.threads)
     if args.device == "cuda":
         if not torch.cuda.is_available():
-            print("bench: --device cuda needs a CUDA GPU and none is visible", file=sys.stderr)
+            print("bench.py: error: --device cuda needs a CUDA GPU and none is visible", file=sys.stderr)
             return 2
         from roikit.analysis.bench_cuda import main as cuda_main
 
@@ -83,7 +87,7 @@ def _sweep(args, run_sweep, format_sweep, plot_sweep, machine) -> int:
 
     out = Path(args.output_dir)
     if out.exists() and not out.is_dir():
-        print(f"bench: --output-dir {out} is a file, not a folder", file=sys.stderr)
+        print(f"bench.py: error: --output-dir {out} is a file, not a folder", file=sys.stderr)
         return 2
     threads = None if args.threads is None else (args.threads,)
     import os
