@@ -117,20 +117,23 @@ def _channel_ranges(shape: tuple[int, int, int, int], whole: bool):
         yield c0, min(c0 + step, c)
 
 
-def _pool_edges(rois: Tensor, spatial_scale: float, pooled: tuple[int, int], shape: tuple[int, int, int, int]):
+def _pool_edges(rois: Tensor, spatial_scale: float, pooled: tuple[int, int], shape: tuple[int, int, int, int],
+                backward: bool = False):
     """The bins' edges as contiguous int64 arrays, and whether the summed-area way is the cheaper."""
     (hs, he), (ws, we) = ps_roi_pool_edges(rois, spatial_scale, pooled, shape[2:])
     cells = float(((he - hs).clamp(min=0).sum(1).double() * (we - ws).clamp(min=0).sum(1).double()).sum())
     return tuple(t.contiguous().numpy() for t in (hs, he, ws, we)), \
-        _table_way(rois.shape[0], cells / (pooled[0] * pooled[1]), shape)
+        _table_way(rois.shape[0], cells / (pooled[0] * pooled[1]), shape, backward)
 
 
-def _table_way(boxes: int, cells: float, shape: tuple[int, int, int, int]) -> bool:
-    """Whether the summed-area way is the cheaper for a channel: its bins (``boxes``, reading ``cells`` cells
-    together) cost about 6 table entries each plus 2 a cell when summed directly (measured: 18 ns a bin of one
-    cell direct, 9 ns by the table, 2 ns an entry of the table)."""
+def _table_way(boxes: int, cells: float, shape: tuple[int, int, int, int], backward: bool) -> bool:
+    """Whether the table way is the cheaper for a channel, in units of a table entry: forward, its bins (``boxes``,
+    reading ``cells`` cells together) cost about 6 entries each plus 2 a cell when summed directly (measured: 18 ns
+    a bin of one cell direct, 9 ns by the table, 2 ns an entry); backward, the difference table's four passes over
+    the boxes cost about 24 entries a box more than the direct way's one."""
     n, _, h, w = shape
-    return 6 * boxes + 2 * cells > n * (h + 1) * (w + 1)
+    planes = n * (h + 1) * (w + 1)
+    return 2 * cells - 24 * boxes > planes if backward else 6 * boxes + 2 * cells > planes
 
 
 def _pool_block(shape: tuple[int, int, int, int]) -> int:
@@ -165,7 +168,7 @@ def ps_roi_pool_backward(grad: Tensor, rois: Tensor, spatial_scale: float, poole
         return None
     pooled = (pooled_height, pooled_width)
     dtype = grad.dtype if grad.dtype in (torch.float32, torch.float64) else torch.float32
-    edges, table_way = _pool_edges(rois, spatial_scale, pooled, shape)
+    edges, table_way = _pool_edges(rois, spatial_scale, pooled, shape, backward=True)
     batch = rois[:, 0].long().contiguous().numpy()
     g = grad.reshape(rois.shape[0], c).to(dtype).contiguous().numpy()
     out = torch.empty(shape, dtype=grad.dtype)
