@@ -191,3 +191,17 @@ def test_non_contiguous_channel_slice():
     assert not x.is_contiguous()
     assert torch.equal(ps_roi_align(x, rois, POOLED, 0.5, 2), torchvision.ops.ps_roi_align(x, rois, POOLED, 0.5, 2))
     assert torch.equal(ps_roi_pool(x, rois, POOLED, 0.5), ps_roi_pool(x.contiguous(), rois, POOLED, 0.5))
+
+
+def test_many_slices_of_boxes_give_the_same_results(monkeypatch):
+    """Tables built a few boxes at a time (TABLE_BUDGET shrunk): still torchvision's bits / the plain path's."""
+    monkeypatch.setattr(jit_ps, "TABLE_BUDGET", 40)
+    x, rois = _map(torch.float32, seed=12), _rois(torch.float32, k=30, reversed_boxes=False)
+    xr, xt = x.clone().requires_grad_(), x.clone().requires_grad_()
+    out, expected = ps_roi_align(xr, rois, POOLED, 0.5, -1), torchvision.ops.ps_roi_align(xt, rois, POOLED, 0.5, -1)
+    out.sum().backward()
+    expected.sum().backward()
+    assert torch.equal(out, expected) and torch.equal(xr.grad, xt.grad)
+    with jit.disabled():
+        ref = ps_roi_pool(x, rois, POOLED, 0.5)
+    assert torch.equal(ps_roi_pool(x, rois, POOLED, 0.5), ref)

@@ -145,7 +145,7 @@ def _block_bins(c0, c1, c_offset, ph_count, pw_count, bin_h, bin_w):
 
 @nb.njit(cache=True, nogil=True)
 def ps_roi_pool_forward(begin, end, feat, c_offset, batch, h_start, h_end, w_start, w_end, out, table_way, block):
-    """feat [N, B, H, W] (channels ``c_offset ..``); batch [K]; bin edges [K, PH] / [K, PW] (int64, clipped);
+    """feat [N, B, H, W] (channels ``c_offset ..``); batch [K]; bin edges [K, PH] / [K, PW] (int32, clipped);
     out [K, C], columns written: each bin's mean in float64, rounded once to out's dtype; 0 for an empty bin.
     ``table_way``: read summed-area tables (a channel with a non-finite cell is summed directly). ``block``
     channels at a time (their tables together: ``block * N * (H + 1) * (W + 1)`` float64)."""

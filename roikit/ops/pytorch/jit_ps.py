@@ -24,6 +24,7 @@ from ._crops import CHUNK_BUDGET, box_slices
 from .jit import MAX_SAMPLES, _axis_table, _channel_chunks, _run, enabled
 
 POOL_BLOCK = 16  # channels ps_roi_pool's kernels run at a time (each box's output row written in runs)
+TABLE_BUDGET = 1 << 16  # samples (or bin edges) per axis of a slice of boxes' tables
 POOL_SCRATCH = 1 << 18  # float64 values of a thread's tables (2 MiB), at most, unless one channel needs more
 
 
@@ -47,17 +48,18 @@ class _Declined(Exception):
 
 def _align_parts(rois: Tensor, spatial_scale: float, pooled: tuple[int, int], sampling_ratio: int, height: int,
                  width: int):
-    """``(slice, batch, y tables, x tables, gh * gw)`` a slice of boxes at a time (tables of at most CHUNK_BUDGET
-    entries together), with ``aligned=True`` geometry. Raises :class:`_Declined` (before the first slice's tables
-    when there is one slice of boxes) for a box with more than MAX_SAMPLES samples per bin and axis; a negative
-    count (a reversed box, adaptive sampling) is a bin without samples."""
+    """``(slice, batch, y tables, x tables, gh * gw)`` a slice of boxes at a time (at most TABLE_BUDGET samples per
+    axis together: the tables and their temporaries stay a small part of the output's memory), ``aligned=True``
+    geometry. Raises :class:`_Declined` (before the first slice's tables when there is one slice of boxes) for a
+    box with more than MAX_SAMPLES samples per bin and axis; a negative count (a reversed box, adaptive sampling)
+    is a bin without samples."""
     for outer in box_slices(rois.shape[0]):
         (y1, bin_h, gh), (x1, bin_w, gw) = sampling_grid(rois[outer], spatial_scale, pooled, sampling_ratio, True)
         most_y, most_x = max(int(gh.max()), 1), max(int(gw.max()), 1)
         if max(most_y, most_x) > MAX_SAMPLES:
             raise _Declined
         batch = rois[outer, 0].long()
-        step = max(1, CHUNK_BUDGET // (4 * (pooled[0] * most_y + pooled[1] * most_x)))
+        step = max(1, TABLE_BUDGET // (pooled[0] * most_y + pooled[1] * most_x))
         for start in range(0, outer.stop - outer.start, step):
             sl = slice(start, min(start + step, outer.stop - outer.start))
             y = tuple(t.numpy() for t in _axis_table(y1[sl], bin_h[sl], gh[sl], pooled[0], most_y, height))
@@ -120,9 +122,16 @@ def _channel_ranges(shape: tuple[int, int, int, int], whole: bool):
 def _pool_edges(rois: Tensor, spatial_scale: float, pooled: tuple[int, int], shape: tuple[int, int, int, int],
                 backward: bool = False):
     """The bins' edges as contiguous int64 arrays, and whether the summed-area way is the cheaper."""
-    (hs, he), (ws, we) = ps_roi_pool_edges(rois, spatial_scale, pooled, shape[2:])
-    cells = float(((he - hs).clamp(min=0).sum(1).double() * (we - ws).clamp(min=0).sum(1).double()).sum())
-    return tuple(t.contiguous().numpy() for t in (hs, he, ws, we)), \
+    k = rois.shape[0]
+    edges = [torch.empty((k, pooled[i // 2]), dtype=torch.int32) for i in range(4)]  # int32: the map has < 2^31
+    cells = 0.0
+    for start in range(0, k, TABLE_BUDGET // (pooled[0] + pooled[1])):  # geometry's temporaries, a slice at a time
+        sl = slice(start, min(start + TABLE_BUDGET // (pooled[0] + pooled[1]), k))
+        (hs, he), (ws, we) = ps_roi_pool_edges(rois[sl], spatial_scale, pooled, shape[2:])
+        cells += float(((he - hs).clamp(min=0).sum(1).double() * (we - ws).clamp(min=0).sum(1).double()).sum())
+        for table, part in zip(edges, (hs, he, ws, we)):
+            table[sl] = part
+    return tuple(t.numpy() for t in edges), \
         _table_way(rois.shape[0], cells / (pooled[0] * pooled[1]), shape, backward)
 
 
