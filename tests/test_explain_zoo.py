@@ -118,6 +118,20 @@ def test_rotated_at_30_degrees_keeps_its_bin_centres():
         assert e.centre_error_px == pytest.approx([0.0] * 7, abs=1e-9)
 
 
+def test_rotated_box_off_the_image_by_hand():
+    # x [-64, 64) at stride 32, 2 bins of 2 cells, aligned: x1 = -2 - 0.5 cells, samples at -2, -1 | 0, 1. The one
+    # at -2 lies outside [-1, W] and counts 0 (1 sample in 4 of every row); the one at -1 is clamped to cell 0. So
+    # bin 0 is cell 0 alone: centre 16 px against the true -32 px (+48); bin 1 reads cells 0, 1: centre 32 px, exact.
+    # y [0, 64): 2 bins of 1 cell, samples at -0.25 (clamped to cell 0), 0.25 | 0.75, 1.25: bin 0's centre is
+    # (0.5 + 0.75 * 0.5 + 0.25 * 1.5) / 2 = 0.625 cells = 20 px against 16 (+4); bin 1 is exact.
+    x, y = explain_rotated("roi_align_rotated", (-64, 0, 64, 64), 32, output_size=2, angle=0)
+    assert x.centre_error_px == pytest.approx([48.0, 0.0]) and y.centre_error_px == pytest.approx([4.0, 0.0])
+    assert x.bins == [(0.0, 1.0), (0.0, 2.0)] and y.bins == [(0.0, 2.0), (0.0, 3.0)]
+    assert "25.0% of its samples land off the map and count 0" in x.steps[5]
+    assert not any(step.startswith("edge") for step in explain_rotated("roi_align_rotated", (0, 0, 665, 665), 32,
+                                                                        angle=180)[0].steps)
+
+
 # ------------------------------------------------------------------------------------------------ deform_roi_pool
 def test_deform_roi_pool_at_offset_0_is_roi_align_aligned():
     for box in ((0, 0, 665, 665), (10, 20, 300, 180)):

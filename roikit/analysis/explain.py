@@ -91,6 +91,10 @@ def _sample_shift(aligned: bool, rotated: bool = False) -> str:
     return "no -0.5 cell shift (aligned=False): every sample lands half a cell (s / 2 px) too far right"
 
 
+def _count(sampling_ratio: int) -> str:
+    return str(sampling_ratio) if sampling_ratio > 0 else "ceil(bin size)"
+
+
 def _maps_step(p: int) -> str:
     return (f"maps   bin (p, q) of output channel c reads only input channel (c * {p} + p) * {p} + q "
             f"({p * p} maps; here {p * p} copies of one)")
@@ -171,7 +175,7 @@ def explain_axis(rule: str, lo: float, hi: float, stride: int, output_size: int 
                              f"{op.gamma * offset * size:+.2f} cells ({op.gamma * offset * (hi - lo):+.2f} px): "
                              "every bin and its samples move by that" if offset else
                              "offset 0: no bin moves (roi_align, aligned=True)")
-            steps.append(f"samples {sampling_ratio} per bin and axis, {_sample_shift(op.aligned)}")
+            steps.append(f"samples {_count(sampling_ratio)} per bin and axis, {_sample_shift(op.aligned)}")
             if op.op == "ps_roi_align":
                 steps.append(_maps_step(p))
     errors = [c - t for c, t in zip(centres, ideal)]
@@ -213,6 +217,10 @@ def explain_rotated(rule: str, box: Sequence[float], stride: int, output_size: i
     feat = torch.zeros(1, 1, height, width, dtype=torch.float64, requires_grad=True)
     rois = torch.tensor([[0.0, x1, y1, x2, y2]], dtype=torch.float64)
     out = op.pool(feat, rois, p, 1.0 / s, angle=angle)[0, 0]  # [P, P]
+    with torch.no_grad():  # on a map of ones a bin is the share of its samples on the map (the others count 0)
+        on_map = op.pool(torch.ones_like(feat), rois, p, 1.0 / s, angle=angle).mean().item()
+    edge = [] if on_map > 1 - 1e-9 else [f"edge   the turned box leaves the image (pixel 0 is its edge): "
+                                         f"{100 * (1 - on_map):.1f}% of its samples land off the map and count 0"]
     u = (torch.arange(height, dtype=torch.float64) + 0.5) * s  # cell centres, px
     v = (torch.arange(width, dtype=torch.float64) + 0.5) * s
     items = []
@@ -242,7 +250,8 @@ def explain_rotated(rule: str, box: Sequence[float], stride: int, output_size: i
             f"size   {_fmt(extent)} / {s} = {size:.2f} cells, no rounding: bin = {size / p:.2f} cells",
             "turn   samples lie on the box's own grid (xx, yy) from its centre, turned by t: "
             "x = cx + xx cos t + yy sin t, y = cy - xx sin t + yy cos t",
-            f"samples {sampling_ratio} per bin and axis, {_sample_shift(op.aligned, True)}",
+            f"samples {_count(sampling_ratio)} per bin and axis, {_sample_shift(op.aligned, True)}",
+            *edge,
             f"read   {len(read)} cells = {len(read) * s} px along the image's {'x' if along_x else 'y'} for the box's "
             f"{_fmt(extent)} px",
         ]
