@@ -157,3 +157,25 @@ def test_detector_times_per_image(tmp_path):
     for r in rows:
         assert 0 < r["pooler_ms"] < r["total_ms"] and r["threads"] == 1
     assert bench.format_detectors(rows).count("\n") == len(rows) + 1
+
+
+def test_zoo_table_ratios_are_to_the_last_case_of_each_group():
+    from roikit.analysis.bench_zoo import format_zoo
+
+    rows = [{"op": "a", "pass": "forward", "case": "ours", "ms": 2.0},
+            {"op": "a", "pass": "forward", "case": "ref", "ms": 3.0},
+            {"op": "b", "pass": "forward", "case": "ours", "ms": 4.0},
+            {"op": "b", "pass": "forward", "case": "ref", "ms": 1.0}]
+    lines = format_zoo(rows).splitlines()[2:]
+    assert [line.rsplit("|", 2)[1].strip() for line in lines] == ["1.50x", "1.00x", "0.25x", "1.00x"]
+
+
+def test_zoo_times_every_case():
+    from roikit.analysis import bench_zoo
+
+    rows = bench_zoo.time_zoo(repeat=1, rounds=1, num_boxes=4)
+    groups = {(r["op"], r["pass"]) for r in rows}
+    assert groups == {("roi_align_rotated", "forward"), ("roi_align_rotated", "forward+backward"),
+                      ("deform_roi_pool", "forward"), ("deform_roi_pool", "forward+backward"),
+                      ("roi_align box_grad", "forward+backward")}
+    assert len(rows) == 15 and all(r["ms"] > 0 for r in rows)

@@ -8,6 +8,8 @@
                                           # boxes (measured: 321 s for both thread settings on 2 shared cores
                                           # at load 2; half of it one call of each side of each row);
                                           # --full: 64 256 1024 4096 (about 30 min)
+    python tools/bench.py --zoo           # CPU: rotated, deformable and box-gradient RoIAlign against the
+                                          # torchvision op each equals at angle 0 / offset 0
 """
 from __future__ import annotations
 
@@ -30,6 +32,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--detector", action="store_true",
                         help="CPU inference time per image of roikit's base_shapes detector and torchvision's "
                              "fasterrcnn_mobilenet_v3_large_fpn with roikit's pooler (random weights), 1 and 2 threads")
+    parser.add_argument("--zoo", action="store_true",
+                        help="CPU: roi_align_rotated, deform_roi_pool and roi_align(box_grad=True) against the "
+                             "torchvision op each equals at angle 0 / offset 0 (512 boxes, 7x7, float32)")
     parser.add_argument("--boxes", type=int, nargs="+", default=None,
                         help="box counts of the sweep (default: 64 512; with --full 64 256 1024 4096)")
     parser.add_argument("--channels", type=int, default=256,
@@ -65,8 +70,16 @@ def main(args: argparse.Namespace) -> int:
 
     if args.sweep:
         return _sweep(args, run_sweep, format_sweep, plot_sweep, machine)
-    if args.detector:
+    if args.detector or args.zoo:
         import os
+
+        if args.zoo:
+            from roikit.analysis.bench_zoo import format_zoo, time_zoo
+
+            print(f"Zoo ops on {machine()}, load average {os.getloadavg()[0]:.2f}")
+            print(format_zoo(time_zoo(min(args.repeat, 5))))
+            print(f"load average after: {os.getloadavg()[0]:.2f}")
+            return 0
 
         from roikit.analysis.bench import format_detectors, time_detectors
 
