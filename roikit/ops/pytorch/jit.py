@@ -109,7 +109,8 @@ def _box_slices(count: int, per_box: int):
         yield slice(start, min(start + step, count))
 
 
-_NUMPY_TYPES = {torch.float32: "float32", torch.float64: "float64", torch.float16: "float16", torch.bfloat16: "int16"}
+_NUMPY_TYPES = {torch.float32: "float32", torch.float64: "float64", torch.float16: "float16", torch.bfloat16: "int16",
+               torch.int32: "int32"}
 FRESH_DTYPES = tuple(_NUMPY_TYPES)  # the dtypes fresh_tensor makes
 
 
@@ -246,8 +247,8 @@ def roi_pool_forward(input: Tensor, rois: Tensor, spatial_scale: float, pooled_h
     k = rois.shape[0]
     pooled = (pooled_height, pooled_width)
     dtype = input.dtype if input.dtype in (torch.float32, torch.float64) else torch.float32
-    out = torch.empty((k, c, pooled_height, pooled_width), dtype=dtype)
-    argmax = torch.empty((k, c, pooled_height, pooled_width), dtype=torch.int32)
+    out = fresh_tensor((k, c, pooled_height, pooled_width), dtype, zeros=False)
+    argmax = fresh_tensor((k, c, pooled_height, pooled_width), torch.int32, zeros=False)
     kernels = _kernels()
     for sl in _box_slices(k, 4 * (pooled_height + pooled_width)):
         (hs, he), (ws, we) = clip_edges(box_cells(rois[sl], spatial_scale, pooled, rounding), (h, w))
@@ -278,10 +279,10 @@ def roi_pool_backward(grad: Tensor, rois: Tensor, argmax: Tensor, shape: tuple[i
     if not _takes(grad, rois):
         return None
     dtype = grad.dtype if grad.dtype in (torch.float32, torch.float64) else torch.float32
-    out = torch.zeros((n, c, h * w), dtype=grad.dtype)
+    out = fresh_tensor((n, c, h * w), grad.dtype)
     batch = rois[:, 0].long().contiguous().numpy()
     for c0, c1, g in _channel_chunks(grad, dtype):
-        part = out if (c0, c1) == (0, c) and dtype == grad.dtype else torch.zeros((n, c1 - c0, h * w), dtype=dtype)
+        part = out if (c0, c1) == (0, c) and dtype == grad.dtype else fresh_tensor((n, c1 - c0, h * w), dtype)
         _run(_kernels().roi_pool_backward, c1 - c0, g.numpy(), batch, argmax[:, c0:c1].contiguous().numpy(),
              part.numpy())
         if part is not out:
