@@ -106,3 +106,24 @@ def assert_same_non_finite_and_close(out, expected, tol, what=""):
     finite = torch.isfinite(expected)
     scale = max(1.0, float(expected[finite].abs().max())) if finite.any() else 1.0
     torch.testing.assert_close(out[finite], expected[finite], rtol=tol, atol=tol * scale, msg=lambda m: what + m)
+
+
+# ---------------------------------------------------------------- ONNX
+def quiet_onnx_export(model, args, **kwargs):
+    """``roikit.export.onnx_export`` without the exporter's progress lines and warnings."""
+    import contextlib
+    import io
+    import warnings
+
+    from roikit.export import onnx_export
+
+    with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return onnx_export(model, args, **kwargs)
+
+
+def ort_session(program):
+    """An onnxruntime CPU session of an ``ONNXProgram``."""
+    import onnxruntime
+
+    return onnxruntime.InferenceSession(program.model_proto.SerializeToString(), providers=["CPUExecutionProvider"])

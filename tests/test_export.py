@@ -4,17 +4,15 @@ torch.export / torch.compile.
 The oracle of every ONNX check is the PyTorch op on the same inputs (each op is itself exact to torchvision or its
 naive loop in its own test file); the onnxruntime outputs must agree to float32 rounding.
 """
-import contextlib
-import io
-import warnings
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from _helpers import ort_session, quiet_onnx_export
 from torch.export import Dim
 
-from roikit.export import batched_nms, export_friendly_nms, onnx_export, torch_export
+from roikit.export import batched_nms, export_friendly_nms, torch_export
 from roikit.ops import (
     deform_roi_pool,
     multilevel_roi_align,
@@ -30,15 +28,6 @@ ort = pytest.importorskip("onnxruntime")
 pytest.importorskip("onnxscript")
 REPO = Path(__file__).parents[1]
 
-
-def _quiet_export(model, args, **kwargs):
-    with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return onnx_export(model, args, **kwargs)
-
-
-def _session(program):
-    return ort.InferenceSession(program.model_proto.SerializeToString(), providers=["CPUExecutionProvider"])
 
 
 class _Op(torch.nn.Module):
@@ -77,11 +66,11 @@ def test_op_in_onnxruntime_matches_pytorch(name, make_rois):
     g = torch.Generator().manual_seed(0)
     x = torch.randn(2, channels, 13, 17, generator=g)
     rois = make_rois(k=12, n=2, size=(13, 17), scale=1 / 8, dtype=torch.float32)
-    program = _quiet_export(model, (x, rois), dynamic_shapes={"x": {2: Dim("H"), 3: Dim("W")},
+    program = quiet_onnx_export(model, (x, rois), dynamic_shapes={"x": {2: Dim("H"), 3: Dim("W")},
                                                               "boxes": {0: Dim("K")}})
     assert {o.domain for o in program.model_proto.opset_import} <= {"", "ai.onnx"}  # standard ops only
     torch.testing.assert_close(torch_export(model, (x, rois)).module()(x, rois), model(x, rois), rtol=0, atol=0)
-    session = _session(program)
+    session = ort_session(program)
     other = torch.randn(2, channels, 9, 21, generator=g)
     for features, boxes in ((x, rois), (other, make_rois(k=7, n=2, size=(9, 21), scale=1 / 8, seed=1,
                                                          dtype=torch.float32)), (x, rois[:0])):
@@ -96,7 +85,7 @@ def test_op_in_onnxruntime_matches_pytorch(name, make_rois):
                                                ("roi_pool integer", "MaxRoiPool")])
 def test_ops_with_an_onnx_operator_use_it(name, onnx_op):
     fn, channels = OPS[name]
-    program = _quiet_export(_Op(fn), (torch.randn(1, channels, 8, 8), torch.tensor([[0.0, 1, 2, 40, 50]])))
+    program = quiet_onnx_export(_Op(fn), (torch.randn(1, channels, 8, 8), torch.tensor([[0.0, 1, 2, 40, 50]])))
     assert onnx_op in {node.op_type for node in program.model_proto.graph.node}
 
 
@@ -111,9 +100,9 @@ def test_multilevel_roi_align_in_onnxruntime():
     maps = [torch.randn(2, 4, 64 // s, 64 // s, generator=g) for s in (4, 8, 16)]
     boxes = torch.tensor([[0, 1.0, 2, 30, 20], [1, 0, 0, 250, 250], [0, 10, 10, 120, 100], [1, 5, 5, 4, 50],
                           [0, 0, 0, 112, 112], [1, 0, 0, 224, 224], [0, 3, 4, 9, 8]])
-    program = _quiet_export(Pyramid(), (*maps, boxes), dynamic_shapes={"f0": None, "f1": None, "f2": None,
+    program = quiet_onnx_export(Pyramid(), (*maps, boxes), dynamic_shapes={"f0": None, "f1": None, "f2": None,
                                                                         "boxes": {0: Dim("K")}})
-    session = _session(program)
+    session = ort_session(program)
     for b in (boxes, boxes[2:4], boxes[:0]):
         out = session.run(None, dict(zip(["f0", "f1", "f2", "boxes"], [m.numpy() for m in maps] + [b.numpy()])))[0]
         np.testing.assert_allclose(out, Pyramid()(*maps, b).numpy(), rtol=0, atol=MAX_ERROR)
@@ -130,9 +119,9 @@ def test_deform_roi_pool_in_onnxruntime(with_offset, make_rois):
     x = torch.randn(2, 5, 13, 17, generator=g)
     rois = make_rois(k=9, n=2, size=(13, 17), scale=1 / 8, dtype=torch.float32, reversed_boxes=False)
     offset = torch.randn(9, 2, 3, 4, generator=g)
-    program = _quiet_export(Deform(), (x, rois, offset), dynamic_shapes={"x": None, "boxes": {0: Dim("K")},
+    program = quiet_onnx_export(Deform(), (x, rois, offset), dynamic_shapes={"x": None, "boxes": {0: Dim("K")},
                                                                          "offset": {0: Dim("K")}})
-    session = _session(program)
+    session = ort_session(program)
     for b, o in ((rois, offset), (rois[:4], offset[:4] * 30), (rois[:0], offset[:0])):
         feed = {"x": x.numpy(), "boxes": b.numpy(), "offset": o.numpy()}
         out = session.run(None, {i.name: feed[i.name] for i in session.get_inputs()})[0]
@@ -160,9 +149,9 @@ def test_onnxruntime_roialign_max_is_not_the_max_of_samples():
     assert session.run(None, {"X": x, "rois": box, "batch": np.array([0])})[0].item() == 1.0
     ours = roi_align(torch.from_numpy(x), torch.tensor([[0.0, 0.5, 0.5, 1.5, 1.5]]), 1, 1.0, 1, True, pool="max")
     assert ours.item() == 2.5
-    program = _quiet_export(_Op(lambda x, b: roi_align(x, b, 1, 1.0, 1, True, pool="max")),
+    program = quiet_onnx_export(_Op(lambda x, b: roi_align(x, b, 1, 1.0, 1, True, pool="max")),
                             (torch.from_numpy(x), torch.tensor([[0.0, 0.5, 0.5, 1.5, 1.5]])))
-    assert _session(program).run(None, {"x": x, "boxes": np.array([[0, 0.5, 0.5, 1.5, 1.5]], np.float32)})[0] \
+    assert ort_session(program).run(None, {"x": x, "boxes": np.array([[0, 0.5, 0.5, 1.5, 1.5]], np.float32)})[0] \
         .item() == 2.5
 
 
@@ -240,7 +229,7 @@ def _check_region_path(region, images, compile_too):
             compiled = torch.compile(region, fullgraph=True, backend="eager")
             for got, want in zip(compiled(images, PROPOSALS), expected):
                 torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
-    onnx_out = _session(_quiet_export(region, (images, PROPOSALS))).run(
+    onnx_out = ort_session(quiet_onnx_export(region, (images, PROPOSALS))).run(
         None, {"images": images.numpy(), "boxes": PROPOSALS.numpy()})
     for got, want in zip(onnx_out, expected):
         np.testing.assert_allclose(got, want.numpy(), rtol=0, atol=1e-5)
@@ -284,7 +273,7 @@ def test_whole_roikit_detector_in_onnxruntime():
     """torch.onnx falls back to torch.export(strict=True) here, which traces len() of the proposals (see above)."""
     detections = Detections(_roikit_detector())
     image = torch.rand(3, 320, 320, generator=torch.Generator().manual_seed(2))
-    session = _session(_quiet_export(detections, (image,)))
+    session = ort_session(quiet_onnx_export(detections, (image,)))
     with torch.no_grad(), export_friendly_nms():
         for img in (image, torch.rand(3, 320, 320, generator=torch.Generator().manual_seed(3))):
             boxes, scores, labels = session.run(None, {session.get_inputs()[0].name: img.numpy()})

@@ -5,17 +5,14 @@ The oracle is the PyTorch op on the same inputs (tested against mmcv's and detec
 tests/test_roi_align_rotated.py), plus a hand-worked 90-degree case. Errors stay at float32 rounding of the sample
 positions (a position of ~70 cells is known to ~4e-6 cells; times the map's slope).
 """
-import contextlib
-import io
 import math
-import warnings
 
 import numpy as np
 import pytest
 import torch
+from _helpers import ort_session, quiet_onnx_export
 from torch.export import Dim
 
-from roikit.export import onnx_export
 from roikit.layers.poolers import RoIPooler
 from roikit.ops import roi_align_rotated
 
@@ -27,15 +24,6 @@ MAX_ERROR = 2e-5  # float32 rounding of rotated sample positions (|values| up to
 SETTINGS = [(aligned, clockwise) for aligned in (True, False) for clockwise in (False, True)]
 OUTPUT, SCALE, SAMPLING = (3, 4), 1 / 8, 2
 
-
-def _quiet_export(model, args, **kwargs):
-    with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return onnx_export(model, args, **kwargs)
-
-
-def _session(program):
-    return ort.InferenceSession(program.model_proto.SerializeToString(), providers=["CPUExecutionProvider"])
 
 
 class Rotated(torch.nn.Module):
@@ -70,9 +58,9 @@ def exported():
     per_box = OUTPUT[0] * OUTPUT[1] * SAMPLING * SAMPLING * 4 * (x.shape[1] + 8)
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(rotated, "CHUNK_VALUES", 3 * per_box)
-        program = _quiet_export(Rotated(), (x, _boxes(10, (13, 17), 0)),
+        program = quiet_onnx_export(Rotated(), (x, _boxes(10, (13, 17), 0)),
                                 dynamic_shapes={"x": {2: Dim("H"), 3: Dim("W")}, "boxes": {0: Dim("K")}})
-    return program, _session(program)
+    return program, ort_session(program)
 
 
 def _check(session, x, boxes):
@@ -109,7 +97,7 @@ def test_rotated_hand_worked_quarter_turn():
 
     x = torch.arange(16.0).reshape(1, 1, 4, 4)
     box = torch.tensor([[0.0, 2.0, 2.0, 2.0, 2.0, 90.0]])
-    ccw, cw = _session(_quiet_export(Turn(), (x, box))).run(None, {"x": x.numpy(), "boxes": box.numpy()})
+    ccw, cw = ort_session(quiet_onnx_export(Turn(), (x, box))).run(None, {"x": x.numpy(), "boxes": box.numpy()})
     np.testing.assert_allclose(ccw[0, 0], [[9.0, 5.0], [10.0, 6.0]], rtol=0, atol=1e-5)
     np.testing.assert_allclose(cw[0, 0], [[6.0, 10.0], [5.0, 9.0]], rtol=0, atol=1e-5)
 
@@ -152,7 +140,7 @@ def test_rotated_adaptive_sampling_is_refused():
             return roi_align_rotated(x, boxes, 7, SCALE, 0)
 
     with pytest.raises(ValueError, match=r"sampling_ratio=0 .* fixed sampling_ratio > 0"):
-        _quiet_export(Adaptive(), (torch.randn(1, 2, 8, 8), torch.tensor([[0.0, 20, 20, 30, 10, 45]])))
+        quiet_onnx_export(Adaptive(), (torch.randn(1, 2, 8, 8), torch.tensor([[0.0, 20, 20, 30, 10, 45]])))
 
 
 # ---------------------------------------------------------------- a rotated RoIPooler over a pyramid
@@ -181,7 +169,7 @@ def test_rotated_pooler_two_levels_in_onnxruntime():
     of the traced count or another (the box count is dynamic)."""
     model = Pyramid().eval()
     maps, boxes = _pyramid_inputs(0)
-    session = _session(_quiet_export(model, (*maps, boxes),
+    session = ort_session(quiet_onnx_export(model, (*maps, boxes),
                                      dynamic_shapes={"p3": None, "p4": None, "boxes": {0: Dim("K")}}))
     for seed, k in ((0, 12), (1, 12), (2, 5), (3, 20)):
         maps, boxes = _pyramid_inputs(seed, k)
