@@ -179,3 +179,22 @@ def test_zoo_times_every_case():
                       ("deform_roi_pool", "forward"), ("deform_roi_pool", "forward+backward"),
                       ("roi_align box_grad", "forward+backward")}
     assert len(rows) == 15 and all(r["ms"] > 0 for r in rows)
+
+
+def test_sweep_cli_runs_only_the_named_ops(tmp_path, capsys):
+    """``--ops`` limits the sweep to those ops (every row of the JSON is one of them); an unknown op is a one-line
+    error naming it, before any timing."""
+    import json
+
+    from _helpers import load_tool, run_tool
+
+    tool = load_tool("bench")
+    argv = ["--sweep", "--boxes", "4", "--channels", "2", "--threads", "1", "--repeat", "1", "--no-progress",
+            "--output-dir", str(tmp_path)]
+    assert run_tool(tool, argv + ["--ops", "roi_pool"]) == 0
+    rows = json.loads((tmp_path / "sweep.json").read_text())["rows"]
+    assert {r["op"] for r in rows} == {"roi_pool"} and len(rows) == 3 * 2 * 2 * 2  # sizes x outputs x dtypes x passes
+    capsys.readouterr()
+    assert run_tool(tool, argv + ["--ops", "roi_pool", "roi_wrap"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "roi_wrap" in err and "roi_pool" not in err.split(":", 2)[2].split("(")[0]

@@ -7,7 +7,8 @@
                                           # as a table, and a plot of the speed-up (--output-dir); 64 and 512
                                           # boxes (measured: 321 s for both thread settings on 2 shared cores
                                           # at load 2; half of it one call of each side of each row);
-                                          # --full: 64 256 1024 4096 (about 30 min)
+                                          # --full: 64 256 1024 4096 (about 30 min);
+                                          # --ops roi_pool pyramid: only those ops
     python tools/bench.py --zoo           # CPU: rotated, deformable and box-gradient RoIAlign against the
                                           # torchvision op each equals at angle 0 / offset 0
 """
@@ -40,6 +41,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--channels", type=int, default=256,
                         help="feature channels of the sweep (default: 256); the position-sensitive ops take the "
                              "multiple of PH*PW nearest to it (245 for 7x7, 196 for 14x14 at 256)")
+    parser.add_argument("--ops", nargs="+", default=None, metavar="OP",
+                        help="ops of the sweep (default: all: roi_align roi_pool ps_roi_align ps_roi_pool pyramid)")
     parser.add_argument("--output-dir", default="outputs/bench",
                         help="where --sweep writes sweep.md, sweep.json and sweep.png (default: outputs/bench)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -103,11 +106,19 @@ def _sweep(args, run_sweep, format_sweep, plot_sweep, machine) -> int:
         print(f"bench.py: error: --output-dir {out} is a file, not a folder", file=sys.stderr)
         return 2
     threads = None if args.threads is None else (args.threads,)
+    from roikit.analysis.bench import SWEEP_OPS
+
+    unknown = sorted(set(args.ops or ()) - set(SWEEP_OPS))
+    if unknown:
+        print(f"bench.py: error: --ops {' '.join(unknown)}: not a sweep op (choose from {' '.join(SWEEP_OPS)})",
+              file=sys.stderr)
+        return 2
     import os
     import time
 
     load_before, start = os.getloadavg(), time.time()
-    rows = run_sweep(counts=args.boxes, channels=args.channels, threads=threads, progress=not args.no_progress)
+    rows = run_sweep(counts=args.boxes, channels=args.channels, threads=threads, ops=args.ops or SWEEP_OPS,
+                     progress=not args.no_progress)
     load_after = os.getloadavg()
     loads = ", ".join(f"{a:.2f}" for a in load_before) + " before; " + ", ".join(f"{a:.2f}" for a in load_after)
     table = (f"CPU sweep on {machine()}; {time.time() - start:.0f} s; load average (1, 5, 15 min) {loads} after\n\n"
