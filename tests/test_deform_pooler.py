@@ -13,25 +13,31 @@ import json
 import math
 import warnings
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
 import yaml
 from torchvision.ops import roi_align as tv_roi_align
 
+from roikit.analysis.rules import RULES
 from roikit.data import make_shapes_dataset
 from roikit.engine import load_config
 from roikit.engine.checkpoint import CHECKPOINT_NAME, load_checkpoint
+from roikit.engine.coco_eval import METRICS
 from roikit.engine.config import apply_overrides, pooler_override
+from roikit.engine.rule_sweep import BASELINE, evaluate_rules
 from roikit.engine.trainer import METRICS_NAME
 from roikit.io import read_jsonl
 from roikit.layers import RoIPooler
 from roikit.layers.poolers import assign_boxes_to_levels
 from roikit.modeling import build_detector
+from roikit.utils.distributed import DistInfo
 
 REPO = Path(__file__).resolve().parents[1]
 STRIDES = (4, 8, 16)  # FPN levels 2, 3, 4
 IMAGE = 320
+CPU = DistInfo(0, 1, 0, torch.device("cpu"))
 
 
 def _pyramid(channels: int = 3, batch: int = 2, dtype=torch.float64) -> dict[str, torch.Tensor]:
@@ -253,9 +259,59 @@ def test_train_tool_two_iterations_then_eval(tmp_path, capsys):
     state = torch.load(run / CHECKPOINT_NAME, weights_only=True)["model"]
     assert state["roi_heads.box_roi_pool.deform.packs.0.offset_fc.4.weight"].abs().sum() > 0  # it learned
     capsys.readouterr()
-    assert evaluate.main(evaluate.get_args_parser().parse_intermixed_args(
-        ["--checkpoint", str(run / CHECKPOINT_NAME), "--no-progress"])) == 0
+
+    def run_eval(checkpoint: Path, *flags: str) -> int:
+        return evaluate.main(evaluate.get_args_parser().parse_intermixed_args(
+            ["--checkpoint", str(checkpoint), "--no-progress", *flags]))
+
+    assert run_eval(run / CHECKPOINT_NAME) == 0
     assert json.loads((run / "eval_metrics.json").read_text())["AP"] == pytest.approx(final[0]["AP"])
+
+    # --pooler all: the learned offsets are the baseline, each rule pools the same features without them
+    assert run_eval(run / CHECKPOINT_NAME, "--pooler", "all") == 0
+    assert "| baseline (RoIPooler deform_roi_pool) |" in capsys.readouterr().out
+    rows = {r["rule"]: r for r in json.loads((run / "eval_all_rules.json").read_text())["rows"]}
+    assert list(rows) == [BASELINE, *RULES] and rows[BASELINE]["same_as"] is None
+    assert rows[BASELINE]["AP"] == pytest.approx(final[0]["AP"])
+    # oracle for a rule's row: the deform pooler with its offset head's last layer zeroed pools as
+    # roi_align(aligned=True) at its sampling ratio (test_a_fresh_pooler_is_roi_align_aligned), i.e. as the rule
+    # roi_align_aligned (sampling_ratio 2, the config's)
+    assert RULES["roi_align_aligned"].settings() == {"op": "roi_align", "aligned": True, "sampling_ratio": 2}
+    saved = torch.load(run / CHECKPOINT_NAME, weights_only=False)
+    for key in [k for k in saved["model"] if ".offset_fc.4." in k]:
+        saved["model"][key].zero_()
+    unmoved = tmp_path / "unmoved"
+    unmoved.mkdir()
+    torch.save(saved, unmoved / CHECKPOINT_NAME)
+    assert run_eval(unmoved / CHECKPOINT_NAME) == 0
+    scores = json.loads((unmoved / "eval_metrics.json").read_text())
+    for metric in METRICS:
+        assert rows["roi_align_aligned"][metric] == pytest.approx(scores[metric], abs=1e-6), metric
+
+    def detections(path: Path) -> torch.Tensor:  # [D, 6]: image id, category id, box, score; in the file's order
+        found = json.loads(path.read_text())
+        return torch.tensor([[d["image_id"], d["category_id"], *d["bbox"], d["score"]] for d in found])
+
+    expected = detections(unmoved / "eval_results.json")
+    assert len(expected) > 0
+    torch.testing.assert_close(detections(run / f"{rows['roi_align_aligned']['stem']}_results.json"), expected)
+    learned = detections(run / "eval_results.json")  # the learned offsets move the bins: other scores
+    assert learned.shape != expected.shape or not torch.allclose(learned, expected)
+
+
+@pytest.mark.parametrize(("op", "options", "why"), [
+    ("roi_spp", {"levels": (7,)}, r"roi_spp, which gives each box's pyramid of bins flattened level by level"),
+    ("ps_roi_align", {}, r"ps_roi_align, which is position-sensitive: its box head reads C / \(PH \* PW\)"),
+    ("ps_roi_pool", {}, r"ps_roi_pool, which is position-sensitive"),
+    ("roi_align_rotated", {}, r"roi_align_rotated, which pools rotated boxes \(cx, cy, w, h, angle\)"),
+])
+def test_the_rule_sweep_refuses_a_pooler_no_rule_stands_in_for(op, options, why, tmp_path):
+    """--pooler all takes deform_roi_pool (its bins are C x PH x PW, as the rules'), and refuses, saying why, the
+    poolers whose features or boxes no rule gives; before reading any image."""
+    model = SimpleNamespace(roi_heads=SimpleNamespace(box_roi_pool=RoIPooler(["0"], 7, 2, op=op, **options)))
+    with pytest.raises(ValueError, match=rf"box pooler is {why}.*: no rule can stand in for it; evaluate it with its "
+                                         r"own pooler \(leave out --pooler all\)"):
+        evaluate_rules(model, None, {1: 1}, CPU, tmp_path)
 
 
 class RegionPath(torch.nn.Module):

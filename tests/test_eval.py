@@ -224,7 +224,7 @@ def test_pooler_all_on_a_roikit_checkpoint_with_its_own_config(roikit_run, capsy
     assert run_eval(["--checkpoint", str(ckpt), "--annotations", str(VAL_JSON), "--images", str(VAL_IMAGES),
                      "--pooler", "all", "--max-images", "2"]) == 0
     printed = capsys.readouterr().out
-    assert "| baseline (RoIPooler) |" in printed and "The baseline pools as roi_align_aligned" in printed
+    assert "| baseline (RoIPooler roi_align) |" in printed and "The baseline pools as roi_align_aligned" in printed
     scores = json.loads((roikit_run / "eval_all_rules.json").read_text())
     assert scores["iteration"] == 7 and [r["rule"] for r in scores["rows"]] == [BASELINE, *RULES]
     assert format_rule_table(scores["rows"]).count("\n| ") == 1 + len(RULES)

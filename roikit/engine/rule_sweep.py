@@ -14,7 +14,11 @@ the images (the backbone and RPN once, the box head once per rule); the scores c
     print(format_rule_table(rows))
 
 torchvision's ``MultiScaleRoIAlign`` is ``roi_align`` with ``aligned=False``: the baseline row of a torchvision
-model and the ``roi_align_unaligned`` row agree (the two poolers differ by float rounding only).
+model and the ``roi_align_unaligned`` row agree (the two poolers differ by float rounding only). A model trained
+with ``deform_roi_pool`` is swept too: its baseline moves the bins by the learned offsets, each rule pools the same
+``C x PH x PW`` bins unmoved (``roi_align(aligned=True)`` at the same sampling ratio is the deform pooler with
+its offsets at zero). ``roi_spp``,
+the position-sensitive ops and ``roi_align_rotated`` give features or take boxes no rule does: refused.
 """
 from __future__ import annotations
 
@@ -180,12 +184,23 @@ def evaluate_detections(model: nn.Module, dataset, label_to_cat_id: Mapping[int,
                     results_file=results_file, amp=amp, progress=progress)
 
 
+# the box poolers no rule can stand in for, and why (the others pool upright boxes into C x PH x PW bins, as the
+# rules do; deform_roi_pool too: its learned offsets move the bins, the rules pool them unmoved)
+_NO_STAND_IN = {
+    "roi_spp": "gives each box's pyramid of bins flattened level by level (C x bins), not the rules' C x PH x PW",
+    "ps_roi_align": "is position-sensitive: its box head reads C / (PH * PW) channels per bin, a rule would give C",
+    "ps_roi_pool": "is position-sensitive: its box head reads C / (PH * PW) channels per bin, a rule would give C",
+    "roi_align_rotated": "pools rotated boxes (cx, cy, w, h, angle), the rules upright ones",
+}
+
+
 def _rule_poolers(model: nn.Module, rules: Sequence[Rule], prefix: str) -> list[tuple[str, str, str, nn.Module]]:
-    """(row name, pooler spec, file stem, pooler) of the model's own pooler and of each rule's, built now."""
+    """(row name, pooler spec, file stem, pooler) of the model's own pooler and of each rule's, built now.
+    ValueError for a box pooler whose features no rule can stand in for."""
     own = model.roi_heads.box_roi_pool
-    if isinstance(own, RoIPooler) and own.op not in ("roi_align", "roi_pool", "prroi_pool"):
-        raise ValueError(f"this model's box pooler is {own.op}, whose features are laid out otherwise than the "
-                         f"C x PH x PW bins of the rules: no rule can stand in for it")
+    if isinstance(own, RoIPooler) and own.op in _NO_STAND_IN:
+        raise ValueError(f"this model's box pooler is {own.op}, which {_NO_STAND_IN[own.op]}: no rule can stand "
+                         f"in for it; evaluate it with its own pooler (leave out --pooler all)")
     poolers = [(BASELINE, " ".join(repr(own).split()), prefix, own)]
     for rule in rules:
         spec = rule_spec(rule)
@@ -288,6 +303,13 @@ def baseline_difference(rows: Sequence[dict]) -> tuple[str, float] | None:
     return twin["rule"], max(abs(100 * base[m] - 100 * twin[m]) for m in METRICS)
 
 
+def _pooler_name(spec: str) -> str:
+    """A baseline row's pooler in a few words: its class and, for a roikit one, its op (``"RoIPooler
+    deform_roi_pool"``)."""
+    op = re.search(r"op='(\w+)'", spec)
+    return spec.split("(")[0] + (f" {op.group(1)}" if op else "")
+
+
 def _cell(value: float) -> str:
     return f"{100 * value:.1f}" if value >= 0 else "-"  # COCOeval's -1: no ground truth of that size
 
@@ -297,7 +319,7 @@ def format_rule_table(rows: Sequence[dict]) -> str:
     pools as it does."""
     lines = ["| rule | " + " | ".join(METRICS) + " |", "|---|" + "---:|" * len(METRICS)]
     for r in rows:
-        name = f"{r['rule']} ({r['pooler'].split('(')[0]})" if r["rule"] == BASELINE else r["rule"]
+        name = f"{r['rule']} ({_pooler_name(r['pooler'])})" if r["rule"] == BASELINE else r["rule"]
         lines.append(f"| {name} | " + " | ".join(_cell(r[m]) for m in METRICS) + " |")
     diff = baseline_difference(rows)
     if diff is not None:
@@ -321,7 +343,7 @@ def plot_rule_scores(rows: Sequence[dict], path: str | Path, title: str = "") ->
     for i, r in enumerate(rows):
         base = r["rule"] == BASELINE
         colours.append("0.7" if base else RULES[r["rule"]].plot_colour)
-        names.append(f"baseline: {r['pooler'].split('(')[0]}" if base else r["rule"])
+        names.append(f"baseline: {_pooler_name(r['pooler'])}" if base else r["rule"])
         xs = [j + (i - (len(rows) - 1) / 2) * width for j in range(len(METRICS))]
         bars = ax.bar(xs, [max(100 * r[m], 0.0) for m in METRICS], width=width, label=names[-1], color=colours[-1],
                       hatch="//" if base else None, edgecolor="0.3", linewidth=0.4)
