@@ -297,6 +297,9 @@ def test_train_tool_two_iterations_then_eval(tmp_path, capsys):
     torch.testing.assert_close(detections(run / f"{rows['roi_align_aligned']['stem']}_results.json"), expected)
     learned = detections(run / "eval_results.json")  # the learned offsets move the bins: other scores
     assert learned.shape != expected.shape or not torch.allclose(learned, expected)
+    # one rule alone (--pooler SPEC: the model built with that pooler, the offset heads' tensors passed over)
+    assert run_eval(run / CHECKPOINT_NAME, "--pooler", "roi_align:aligned=true") == 0
+    torch.testing.assert_close(detections(run / "eval_roi_align-aligned-true_results.json"), expected)
 
 
 @pytest.mark.parametrize(("op", "options", "why"), [

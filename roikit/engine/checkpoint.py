@@ -16,7 +16,7 @@ from ..utils.distributed import DistInfo, all_gather_object, is_main_process, un
 from .config import DEFAULTS, config_difference, merge_config
 
 __all__ = ["CHECKPOINT_NAME", "save_checkpoint", "read_checkpoint", "check_state_dict", "load_checkpoint",
-           "first_non_finite"]
+           "first_non_finite", "without_unplaced"]
 
 CHECKPOINT_NAME = "checkpoint.pth"
 
@@ -111,13 +111,24 @@ def check_state_dict(model: torch.nn.Module, state: dict[str, torch.Tensor], whe
         raise ValueError(f"{where} does not match the model of the config: {'; '.join(parts)}")
 
 
+def without_unplaced(model: torch.nn.Module, state: dict[str, torch.Tensor],
+                     prefix: str | None) -> dict[str, torch.Tensor]:
+    """``state`` less its tensors under the key ``prefix`` that ``model`` has no place for (all of it: None)."""
+    if not prefix:
+        return state
+    own = model.state_dict()
+    return {k: v for k, v in state.items() if k in own or not k.startswith(prefix)}
+
+
 def load_checkpoint(path: str | Path, *, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None,
                     scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
                     scaler: torch.amp.GradScaler | None = None, cfg: dict | None = None,
-                    info: DistInfo | None = None) -> int:
+                    info: DistInfo | None = None, leave_out: str | None = None) -> int:
     """Load what ``path`` holds into the given objects; returns the iteration it was saved at.
 
     With ``cfg``, the checkpoint's model config must be the same (another model is an error, not a warm start).
+    ``leave_out``: a key prefix under which the checkpoint's tensors that ``model`` has no place for are passed
+    over (e.g. ``"roi_heads.box_roi_pool."``: the offset heads of a deform pooler, evaluated with another pooler).
     With ``info``, this rank's random state is restored when the world size is the one it was saved with.
     """
     ckpt = read_checkpoint(path)
@@ -125,11 +136,12 @@ def load_checkpoint(path: str | Path, *, model: torch.nn.Module, optimizer: torc
         diff = config_difference(ckpt["config"].get("model"), cfg["model"], "model", ("checkpoint", "config"))
         if diff:
             raise ValueError(f"checkpoint {path} was trained with another model config ({diff})")
-    check_state_dict(model, ckpt["model"], f"checkpoint {path}")
-    bad = first_non_finite(ckpt["model"])
+    state = without_unplaced(model, ckpt["model"], leave_out)
+    check_state_dict(model, state, f"checkpoint {path}")
+    bad = first_non_finite(state)
     if bad:
         raise ValueError(f"checkpoint {path} holds non-finite values in {bad}: the weights are spoilt")
-    model.load_state_dict(ckpt["model"])
+    model.load_state_dict(state)
     for obj, key in ((optimizer, "optimizer"), (scheduler, "scheduler"), (scaler, "scaler")):
         if obj is not None:
             if key not in ckpt:

@@ -21,11 +21,13 @@ from torchvision.models.detection.generalized_rcnn import GeneralizedRCNN
 
 from ..data.shapes import SHAPE_CLASSES
 from ..modeling import build_detector
-from .checkpoint import check_state_dict, load_checkpoint, read_checkpoint
+from .checkpoint import check_state_dict, load_checkpoint, read_checkpoint, without_unplaced
 from .config import apply_overrides
 from .trainer import CONFIG_NAME
 
 __all__ = ["checkpoint_config", "load_detector", "class_names_of", "to_tensor", "detect"]
+
+_BOX_POOLER = "roi_heads.box_roi_pool."  # the state_dict keys of a detector's box pooler
 
 
 def checkpoint_config(checkpoint: str | Path, overrides: Iterable[str] = ()) -> dict:
@@ -45,7 +47,8 @@ def load_detector(cfg: dict, checkpoint: str | Path, device: torch.device | str 
 
     ``model.num_classes`` left None in ``cfg`` is read from the config saved in the checkpoint. With
     ``same_model_config`` the checkpoint's model config must be the one of ``cfg``; without it (the same weights
-    with another pooler, as ``tools/eval.py --pooler``) only its tensors must fit the model. ValueError for a
+    with another pooler, as ``tools/eval.py --pooler``) only its tensors must fit the model, less those of its box
+    pooler that the model's pooler has no place for (a deform pooler's offset heads). ValueError for a
     checkpoint that is missing, unreadable, spoilt or made for another model, and for a config no model can be
     built from; ``config_file`` (the file ``cfg`` came from) is named in the error when the checkpoint does not fit
     its model, with the run's own ``config.yaml`` beside the checkpoint.
@@ -58,16 +61,18 @@ def load_detector(cfg: dict, checkpoint: str | Path, device: torch.device | str 
             raise ValueError(f"checkpoint {checkpoint} has no config; set model.num_classes=N")
         cfg = apply_overrides(cfg, [f"model.num_classes={n}"])
     model = build_detector(cfg)
+    leave_out = None if same_model_config else _BOX_POOLER
     if config_file is not None:  # a config given by hand: when it does not fit, point at the run's own
         try:
-            check_state_dict(model, saved["model"], f"checkpoint {checkpoint}")
+            check_state_dict(model, without_unplaced(model, saved["model"], leave_out), f"checkpoint {checkpoint}")
         except ValueError as e:
             run_config = Path(checkpoint).parent / CONFIG_NAME
             hint = (f"the run's own config is {run_config}" if run_config.is_file() else
                     "leave out the config to use the one saved in the checkpoint")
             raise ValueError(f"{e} (the config is {config_file}; {hint})") from None
     del saved
-    iteration = load_checkpoint(checkpoint, model=model, cfg=cfg if same_model_config else None)
+    iteration = load_checkpoint(checkpoint, model=model, cfg=cfg if same_model_config else None,
+                                leave_out=leave_out)
     return model.to(device).eval(), cfg, iteration
 
 
