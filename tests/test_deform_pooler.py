@@ -18,6 +18,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 import yaml
+from torchvision.models import detection
 from torchvision.ops import roi_align as tv_roi_align
 
 from roikit.analysis.rules import RULES
@@ -31,7 +32,7 @@ from roikit.engine.trainer import METRICS_NAME
 from roikit.io import read_jsonl
 from roikit.layers import RoIPooler
 from roikit.layers.poolers import assign_boxes_to_levels
-from roikit.modeling import build_detector
+from roikit.modeling import build_detector, swap_roi_pooler
 from roikit.utils.distributed import DistInfo
 
 REPO = Path(__file__).resolve().parents[1]
@@ -426,3 +427,57 @@ def test_a_box_reading_a_non_finite_cell_pools_nan_and_the_others_are_unaffected
     hit[len(BOXES[0]) + 2] = True
     assert got[hit].isnan().all()
     torch.testing.assert_close(got[~hit], expected[~hit], rtol=0, atol=1e-12)
+
+
+def _detections(model: torch.nn.Module, images: list[torch.Tensor]) -> list[dict[str, torch.Tensor]]:
+    with torch.no_grad():
+        return model.eval()(images)
+
+
+def _assert_same_detections(got: list[dict], expected: list[dict]) -> None:
+    assert sum(len(e["boxes"]) for e in expected) > 0
+    for g, e in zip(got, expected):
+        for key in ("boxes", "scores", "labels"):
+            torch.testing.assert_close(g[key], e[key], msg=key)
+
+
+def test_swap_to_the_deform_pooler_reads_the_channels_from_a_roikit_detector():
+    """swap_roi_pooler(op="deform_roi_pool") without channels=: the backbone's (small_cnn's last width, 16); the
+    fresh offset heads are zero, so the swapped detector detects as with roi_align(aligned=True)."""
+    cfg = apply_overrides(_tiny_cfg("roi_align:aligned=true,sampling_ratio=2"), ["model.roi_heads.score_thresh=0.0"])
+    torch.manual_seed(0)
+    model = build_detector(cfg)
+    images, _ = _batch()
+    expected = _detections(model, images)
+    swap_roi_pooler(model, op="deform_roi_pool", deform_fc_channels=32)
+    pooler = model.roi_heads.box_roi_pool
+    assert pooler.deform.channels == 16 and pooler.deform.packs[0].offset_fc[0].in_features == 16 * 49
+    _assert_same_detections(_detections(model, images), expected)
+    swap_roi_pooler(model, op="deform_roi_pool", channels=8)  # an override is taken as given
+    assert model.roi_heads.box_roi_pool.deform.channels == 8
+
+
+def test_swap_to_the_deform_pooler_reads_the_channels_from_a_torchvision_detector():
+    """fasterrcnn_mobilenet_v3_large_fpn: FPN maps of 256 channels (backbone.out_channels; without it, the box
+    head's fc6 reads 256 x 7 x 7); a model that tells them nowhere is refused, naming channels=."""
+    torch.manual_seed(0)
+    model = detection.fasterrcnn_mobilenet_v3_large_fpn(weights=None, weights_backbone=None, num_classes=4,
+                                                        min_size=160, max_size=160, box_score_thresh=0.0)
+    images = [torch.rand(3, 160, 128, generator=torch.Generator().manual_seed(3))]
+    swap_roi_pooler(model, op="roi_align", aligned=True)  # the deform pooler's zero-offset twin
+    expected = _detections(model, images)
+    del model.backbone.out_channels
+    swap_roi_pooler(model, op="deform_roi_pool", deform_fc_channels=16)
+    assert model.roi_heads.box_roi_pool.deform.channels == 256  # from fc6: 12544 = 256 x 49
+    _assert_same_detections(_detections(model, images), expected)
+    model.backbone.out_channels = 256
+    swap_roi_pooler(model, op="deform_roi_pool", deform_fc_channels=16)
+    assert model.roi_heads.box_roi_pool.deform.channels == 256
+    del model.backbone.out_channels
+    model.roi_heads.box_head = torch.nn.Identity()  # now only the old (deform) pooler tells the channels
+    swap_roi_pooler(model, op="deform_roi_pool", gamma=0.2)
+    assert model.roi_heads.box_roi_pool.deform.channels == 256 and model.roi_heads.box_roi_pool.deform.gamma == 0.2
+    swap_roi_pooler(model, op="roi_align")
+    with pytest.raises(ValueError, match=r"swap_roi_pooler: op='deform_roi_pool' needs the feature maps' channels "
+                                         r"for its offset heads, and FasterRCNN tells them nowhere .*: give channels=C"):
+        swap_roi_pooler(model, op="deform_roi_pool")

@@ -21,7 +21,7 @@ from torchvision.models import detection
 from torchvision.models.detection.generalized_rcnn import GeneralizedRCNN
 
 __all__ = ["TORCHVISION_MODELS", "COCO_CATEGORY_NAMES", "parse_model_name", "load_torchvision_detector",
-           "label_to_category_id"]
+           "label_to_category_id", "given_feature_maps"]
 
 # name -> (builder, state-dict key prefixes that are not loaded)
 TORCHVISION_MODELS = {
@@ -109,22 +109,34 @@ def load_torchvision_detector(name: str, weights: str | Path, device: torch.devi
 
 
 def _pool_only_given_maps(model: GeneralizedRCNN) -> None:
-    """Make the box pooler name only the feature maps the backbone gives.
+    """Make the box pooler name only the feature maps the backbone gives (see :func:`given_feature_maps`). The
+    unswapped model computes the same either way: its pooler sees the same maps, and finds the same levels from
+    their sizes."""
+    pooler = model.roi_heads.box_roi_pool
+    used = given_feature_maps(model, pooler.featmap_names)
+    if used != list(pooler.featmap_names):
+        pooler.featmap_names = used
+
+
+def given_feature_maps(model: GeneralizedRCNN, names: list[str]) -> list[str]:
+    """Those of ``names`` that ``model.backbone`` gives, in their order.
 
     ``fasterrcnn_mobilenet_v3_large_fpn``'s ``MultiScaleRoIAlign`` names maps "0" to "3" while its backbone gives
     "0", "1" and "pool"; torchvision's pooler skips the missing names silently, roikit's ``RoIPooler`` (what
-    ``swap_roi_pooler`` puts in) refuses them. The unswapped model computes the same either way: its pooler sees
-    the same maps, and finds the same levels from their sizes.
+    ``swap_roi_pooler`` puts in) refuses them. Runs the backbone once on a small image of zeros, in eval mode (in
+    training mode BatchNorm would take it into its running statistics).
     """
-    pooler = model.roi_heads.box_roi_pool
-    was_training = model.backbone.training
-    model.backbone.eval()  # in training mode BatchNorm would take this image into its running statistics
-    with torch.no_grad():
-        given = model.backbone(torch.zeros(1, 3, 64, 64)).keys()  # the names do not depend on the image size
-    model.backbone.train(was_training)
-    used = [name for name in pooler.featmap_names if name in given]
-    if used != list(pooler.featmap_names):
-        pooler.featmap_names = used
+    backbone = model.backbone
+    was_training = backbone.training
+    param = next(backbone.parameters(), None)
+    backbone.eval()
+    try:
+        with torch.no_grad():  # the names do not depend on the image size
+            given = backbone(torch.zeros(1, 3, 64, 64, device=None if param is None else param.device,
+                                         dtype=None if param is None else param.dtype)).keys()
+    finally:
+        backbone.train(was_training)
+    return [name for name in names if name in given]
 
 
 def label_to_category_id(class_names: tuple[str, ...], categories: list[dict], where: str) -> dict[int, int]:
