@@ -38,6 +38,7 @@ MIN_CHANNELS = 8  # RoIAlign with fewer channels runs the plain path: its sample
 # box and sample, then cost more than the kernels save (a million boxes on one channel: 22 s against 4 s)
 CHANNEL_BLOCK = 32  # channels per scratch block of the per-box forward kernels
 TRANSPOSED_BLOCK = 64  # channels per channels-last block of the map, at most (64 ran 1.4x faster than 16)
+BACKWARD_BLOCK = 16  # channels the RoIAlign backward adds at once (one vector per tap)
 _state = threading.local()
 
 
@@ -229,7 +230,7 @@ def roi_align_backward(grad: Tensor, rois: Tensor, spatial_scale: float, pooled_
             part = out if grad.dtype == dtype and (c0, c1) == (0, c) else fresh_tensor((n, c1 - c0, h, w), dtype)
             for sl, batch, y, x, count in _align_parts(rois, spatial_scale, pooled, sampling_ratio, aligned, h, w):
                 _run(kernels.roi_align_backward, c1 - c0, g[sl].contiguous().numpy(), batch.numpy(), *_numpy(y),
-                     *_numpy(x), count.to(dtype).numpy(), part.numpy())
+                     *_numpy(x), count.to(dtype).numpy(), part.numpy(), BACKWARD_BLOCK)
             if part is not out:
                 out[:, c0:c1] = part
     except _Declined:
