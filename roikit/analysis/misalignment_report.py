@@ -14,16 +14,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .misalignment import (
-    BUCKETS,
-    METRICS,
-    READ_THRESHOLD,
-    BoxSet,
-    check_output_size,
-    check_stride,
-    load_image,
-    roi_pool_bins,
-)
+from .misalignment import BUCKETS, METRICS, READ_THRESHOLD, check_output_size, check_stride, roi_pool_bins
+from .misalignment_boxes import BoxSet, load_image
 from .rules import Rule
 
 __all__ = ["bin_weights", "format_tables", "plot_error_vs_size", "pick_examples", "draw_examples"]
