@@ -24,6 +24,8 @@ from __future__ import annotations
 import numba as nb
 import numpy as np
 
+from ._numba_ps_tables import align_axis, align_taps, value
+
 BLOCK = 16  # channels of a block: every box runs a block of channels at a time (its output row is written in
 # runs of BLOCK values, not one value per cache line)
 
@@ -36,37 +38,49 @@ def _bin_of(channel, ph_count, pw_count):
 
 # ---------------------------------------------------------------- ps_roi_align
 @nb.njit(cache=True, nogil=True)
-def ps_roi_align_forward(begin, end, feat, c_offset, batch, y_low, y_high, y_wlow, y_whigh, y_valid, x_low, x_high,
-                         x_wlow, x_whigh, x_valid, count, out):
-    """feat [N, B, H, W] (the map's channels ``c_offset ..``); batch [K]; y tables [K, PH, GY], x tables [K, PW, GX]
-    (as ``jit._axis_table``); count [K] (``max(gh * gw, 1)``, feat's dtype); out [K, C], columns written."""
-    ph_count, gy_count = y_low.shape[1], y_low.shape[2]
-    pw_count, gx_count = x_low.shape[1], x_low.shape[2]
-    if batch.shape[0] == 0:
-        return
-    zero = count[0] - count[0]  # 0 in feat's dtype (count >= 1; `* 0` with an int would make a float64)
-    bin_h, bin_w = np.empty(BLOCK, np.int64), np.empty(BLOCK, np.int64)
-    for c0 in range(begin, end, BLOCK):
-        for c in range(c0, min(c0 + BLOCK, end)):
-            bin_h[c - c0], bin_w[c - c0] = _bin_of(c_offset + c, ph_count, pw_count)
-        for k in range(batch.shape[0]):
-            n = batch[k]
-            for c in range(c0, min(c0 + BLOCK, end)):
-                channel, ph, pw = c_offset + c, bin_h[c - c0], bin_w[c - c0]
-                acc = zero  # torchvision's order: acc += w1 * v1 + w2 * v2 + w3 * v3 + w4 * v4, then acc / count
-                for iy in range(gy_count):
-                    if not y_valid[k, ph, iy]:
+def ps_roi_align_forward(begin, end, feat, c_offset, rois, scale, ph_count, pw_count, sampling_ratio, most_y, most_x,
+                         out):
+    """Boxes ``begin .. end``: feat [N, B, H, W] (the map's channels ``c_offset ..``; float32, float64, or bfloat16
+    as int16 bits); rois [K, 5] and ``scale`` in the compute dtype; most_y / most_x: the most samples per bin and
+    axis of any box (the scratch's size); out [K, C] (compute dtype), columns ``c_offset ..`` of the rows written.
+
+    Each box's taps come from ``_numba_ps_tables`` into this thread's scratch, then its channels run in order, the
+    bin stepping along with the channel (no division per channel)."""
+    _, c_count, height, width = feat.shape
+    t = out.dtype.type
+    y_low, y_high = np.empty((1, ph_count, most_y), np.int64), np.empty((1, ph_count, most_y), np.int64)
+    y_wlow, y_whigh = np.empty((1, ph_count, most_y), out.dtype), np.empty((1, ph_count, most_y), out.dtype)
+    y_valid = np.empty((1, ph_count, most_y), np.bool_)
+    x_low, x_high = np.empty((1, pw_count, most_x), np.int64), np.empty((1, pw_count, most_x), np.int64)
+    x_wlow, x_whigh = np.empty((1, pw_count, most_x), out.dtype), np.empty((1, pw_count, most_x), out.dtype)
+    x_valid = np.empty((1, pw_count, most_x), np.bool_)
+    first_h, first_w = _bin_of(c_offset, ph_count, pw_count)
+    for k in range(begin, end):
+        n = np.int64(rois[k, 0])
+        y1, bin_h, gh = align_axis(rois, k, scale, ph_count, sampling_ratio, 2, 4)
+        x1, bin_w, gw = align_axis(rois, k, scale, pw_count, sampling_ratio, 1, 3)
+        align_taps(y1, bin_h, gh, ph_count, height, y_low, y_high, y_wlow, y_whigh, y_valid, 0)
+        align_taps(x1, bin_w, gw, pw_count, width, x_low, x_high, x_wlow, x_whigh, x_valid, 0)
+        count = t(max(gh * gw, 1))
+        gy, gx = min(max(gh, 0), most_y), min(max(gw, 0), most_x)
+        ph, pw = first_h, first_w
+        for c in range(c_count):
+            plane = feat[n, c]
+            acc = t(0.0)  # torchvision's order: acc += w1 * v1 + w2 * v2 + w3 * v3 + w4 * v4, then acc / count
+            for iy in range(gy):
+                if not y_valid[0, ph, iy]:
+                    continue
+                a0, a1, hy, ly = y_low[0, ph, iy], y_high[0, ph, iy], y_wlow[0, ph, iy], y_whigh[0, ph, iy]
+                for ix in range(gx):
+                    if not x_valid[0, pw, ix]:
                         continue
-                    a0, a1 = y_low[k, ph, iy], y_high[k, ph, iy]
-                    hy, ly = y_wlow[k, ph, iy], y_whigh[k, ph, iy]
-                    for ix in range(gx_count):
-                        if not x_valid[k, pw, ix]:
-                            continue
-                        b0, b1 = x_low[k, pw, ix], x_high[k, pw, ix]
-                        hx, lx = x_wlow[k, pw, ix], x_whigh[k, pw, ix]
-                        acc += (hy * hx) * feat[n, c, a0, b0] + (hy * lx) * feat[n, c, a0, b1] \
-                            + (ly * hx) * feat[n, c, a1, b0] + (ly * lx) * feat[n, c, a1, b1]
-                out[k, channel] = acc / count[k]
+                    b0, b1, hx, lx = x_low[0, pw, ix], x_high[0, pw, ix], x_wlow[0, pw, ix], x_whigh[0, pw, ix]
+                    acc += (hy * hx) * value(plane[a0, b0]) + (hy * lx) * value(plane[a0, b1]) \
+                        + (ly * hx) * value(plane[a1, b0]) + (ly * lx) * value(plane[a1, b1])
+            out[k, c_offset + c] = acc / count
+            pw += 1
+            if pw == pw_count:
+                pw, ph = 0, ph + 1 if ph + 1 < ph_count else 0
 
 
 @nb.njit(cache=True, nogil=True)
@@ -114,7 +128,7 @@ def _summed_area(plane, table):
         above, row, src = table[i], table[i + 1], plane[i]
         row[0] = above[0] + 0.0
         for j in range(width):
-            v = np.float64(src[j])
+            v = np.float64(value(src[j]))
             if not np.isfinite(v):
                 finite = False
                 v = 0.0
@@ -133,7 +147,7 @@ def _direct_mean(feat, n, c, h0, h1, w0, w1):
     total = 0.0
     for h in range(h0, h1):
         for w in range(w0, w1):
-            total += np.float64(feat[n, c, h, w])
+            total += np.float64(value(feat[n, c, h, w]))
     return total / ((h1 - h0) * (w1 - w0))
 
 
@@ -141,6 +155,28 @@ def _direct_mean(feat, n, c, h0, h1, w0, w1):
 def _block_bins(c0, c1, c_offset, ph_count, pw_count, bin_h, bin_w):
     for c in range(c0, c1):
         bin_h[c - c0], bin_w[c - c0] = _bin_of(c_offset + c, ph_count, pw_count)
+
+
+@nb.njit(cache=True, nogil=True)
+def ps_roi_pool_forward_boxes(begin, end, feat, c_offset, batch, h_start, h_end, w_start, w_end, out):
+    """The direct way, boxes ``begin .. end``: feat [N, B, H, W] (channels ``c_offset ..``; float32, float64 or
+    bfloat16 bits); batch [K]; bin edges [K, PH] / [K, PW] (clipped); out [K, C], columns ``c_offset ..`` of the rows
+    written: each bin's cells summed in float64, divided by its area, rounded once to out's dtype; 0 when empty."""
+    _, c_count, _, _ = feat.shape
+    ph_count, pw_count = h_start.shape[1], w_start.shape[1]
+    first_h, first_w = _bin_of(c_offset, ph_count, pw_count)
+    for k in range(begin, end):
+        n = batch[k]
+        ph, pw = first_h, first_w
+        for c in range(c_count):
+            h0, h1, w0, w1 = h_start[k, ph], h_end[k, ph], w_start[k, pw], w_end[k, pw]
+            if h1 <= h0 or w1 <= w0:
+                out[k, c_offset + c] = 0
+            else:
+                out[k, c_offset + c] = _direct_mean(feat, n, c, h0, h1, w0, w1)
+            pw += 1
+            if pw == pw_count:
+                pw, ph = 0, ph + 1 if ph + 1 < ph_count else 0
 
 
 @nb.njit(cache=True, nogil=True)

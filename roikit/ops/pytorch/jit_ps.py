@@ -3,89 +3,121 @@
 
 Each launcher returns ``None`` for what it does not take (numba missing, the path switched off with
 ``ROIKIT_JIT=0`` or ``jit.disabled()``, a tensor off the CPU, more than ``jit.MAX_SAMPLES`` samples per bin and
-axis, a map with 2^31 cells or more per plane), and the plain path runs instead. Tables come from
-:mod:`roikit.ops.geometry` (the plain path's code); threads split the channels (``torch.get_num_threads()`` ranges),
-so every result is the same on any thread count.
+axis, a map with 2^31 cells or more per plane), and the plain path runs instead. The boxes' samples and bin edges
+come from ``_numba_ps_tables`` (geometry's arithmetic, operation by operation, in numba: a few microseconds where
+building them with torch ops cost 0.2-0.3 ms a call). Threads split the boxes (forward) or the channels (backward,
+ps_roi_pool's summed-area way) in ``torch.get_num_threads()`` ranges, so every result is the same on any thread
+count; a call with little work runs on the calling thread alone (handing ranges to the pool costs more there).
 
 Results: ``ps_roi_align`` forward and backward give torchvision's bits in float32 and float64 (the same sums in the
 same order); ``ps_roi_pool`` gives the plain path's float64 mean, rounded once (its bits, or a float64 rounding
-apart where a sum rounds; never seen in the tests), and its backward (this forward's own gradient). Half types
-compute in float32 on converted blocks of channels and round at the end.
+apart where a sum rounds; never seen in the tests), and its backward (this forward's own gradient). bfloat16 maps are
+read as they are (their bits widen exactly to float32), float16 ones through float32 copies of blocks of channels;
+half types compute in float32 (ps_roi_align) or float64 (ps_roi_pool) and round once at the end.
 """
 from __future__ import annotations
 
 import functools
 
+import numpy as np
 import torch
 from torch import Tensor
 
-from ..geometry import compute_dtype, ps_roi_pool_edges, sampling_grid
-from ._crops import CHUNK_BUDGET, box_slices
-from .jit import MAX_SAMPLES, _axis_table, _channel_chunks, _run, enabled
+from ..geometry import compute_dtype
+from ._crops import CHUNK_BUDGET
+from .jit import MAX_SAMPLES, _channel_chunks, _run, enabled, fresh_tensor
 
-POOL_BLOCK = 16  # channels ps_roi_pool's kernels run at a time (each box's output row written in runs)
-TABLE_BUDGET = 1 << 16  # samples (or bin edges) per axis of a slice of boxes' tables
+POOL_BLOCK = 16  # channels ps_roi_pool's summed-area kernels run at a time
+TABLE_BUDGET = 1 << 16  # samples per axis of a slice of boxes' tables (the backward's)
 POOL_SCRATCH = 1 << 18  # float64 values of a thread's tables (2 MiB), at most, unless one channel needs more
+SERIAL_WORK = 1 << 14  # samples (ps_roi_align) or bins (ps_roi_pool) below which a call runs on the calling thread
 
 
 @functools.cache
 def _kernels():
-    """The numba kernel module, or None when numba cannot be imported."""
+    """The numba kernel modules ``(kernels, tables)``, or None when numba cannot be imported."""
     try:
-        from . import _numba_ps_kernels
+        from . import _numba_ps_kernels, _numba_ps_tables
     except ImportError:
         return None
-    return _numba_ps_kernels
+    return _numba_ps_kernels, _numba_ps_tables
 
 
 def _takes(*tensors: Tensor) -> bool:
     return enabled() and _kernels() is not None and all(t.device.type == "cpu" for t in tensors)
 
 
-class _Declined(Exception):
-    """A box with more than MAX_SAMPLES samples per bin and axis: the plain path runs the call."""
+def _launch(kernel, count: int, work: int, *args) -> None:
+    """``kernel(begin, end, *args)`` over ``0 .. count``: on the calling thread when ``work`` is small, else in
+    ranges on :func:`roikit.ops.pytorch.jit._run`'s threads."""
+    if work < SERIAL_WORK or torch.get_num_threads() == 1:
+        kernel(0, count, *args)
+    else:
+        _run(kernel, count, *args)
 
 
-def _align_parts(rois: Tensor, spatial_scale: float, pooled: tuple[int, int], sampling_ratio: int, height: int,
-                 width: int):
-    """``(slice, batch, y tables, x tables, gh * gw)`` a slice of boxes at a time (at most TABLE_BUDGET samples per
-    axis together: the tables and their temporaries stay a small part of the output's memory), ``aligned=True``
-    geometry. Raises :class:`_Declined` (before the first slice's tables when there is one slice of boxes) for a
-    box with more than MAX_SAMPLES samples per bin and axis; a negative count (a reversed box, adaptive sampling)
-    is a bin without samples."""
-    for outer in box_slices(rois.shape[0]):
-        (y1, bin_h, gh), (x1, bin_w, gw) = sampling_grid(rois[outer], spatial_scale, pooled, sampling_ratio, True)
-        most_y, most_x = max(int(gh.max()), 1), max(int(gw.max()), 1)
-        if max(most_y, most_x) > MAX_SAMPLES:
-            raise _Declined
-        batch = rois[outer, 0].long()
-        step = max(1, TABLE_BUDGET // (pooled[0] * most_y + pooled[1] * most_x))
-        for start in range(0, outer.stop - outer.start, step):
-            sl = slice(start, min(start + step, outer.stop - outer.start))
-            y = tuple(t.numpy() for t in _axis_table(y1[sl], bin_h[sl], gh[sl], pooled[0], most_y, height))
-            x = tuple(t.numpy() for t in _axis_table(x1[sl], bin_w[sl], gw[sl], pooled[1], most_x, width))
-            yield slice(outer.start + sl.start, outer.start + sl.stop), batch[sl].contiguous().numpy(), y, x, \
-                gh[sl] * gw[sl]
+def _boxes(rois: Tensor, spatial_scale: float):
+    """``(rois, scale)``: the boxes as a contiguous [K, 5] array of the compute dtype and the scale as a scalar of it
+    (torch multiplies a float32 tensor by a Python float in float32)."""
+    dtype = compute_dtype(rois)
+    scalar = np.float64 if dtype == torch.float64 else np.float32
+    return rois.to(dtype).contiguous().numpy(), scalar(spatial_scale)
+
+
+def _map_chunks(input: Tensor, dtype: torch.dtype):
+    """``(c0, c1, map array)`` for the kernels: a contiguous bfloat16 map as its int16 bits (the kernels widen each
+    cell to float32) when ``dtype`` is float32, else :func:`roikit.ops.pytorch.jit._channel_chunks` in ``dtype``."""
+    if input.dtype == torch.bfloat16 and dtype == torch.float32 and input.is_contiguous():
+        yield 0, input.shape[1], input.view(torch.int16).numpy()
+        return
+    for c0, c1, feat in _channel_chunks(input, dtype):
+        yield c0, c1, feat.numpy()
+
+
+# ---------------------------------------------------------------- ps_roi_align
+def _most_samples(rois: np.ndarray, scale, pooled: tuple[int, int], sampling_ratio: int) -> tuple[int, int] | None:
+    """The most samples per bin along y and x over all boxes, or None above MAX_SAMPLES (the plain path runs)."""
+    if sampling_ratio > 0:
+        most_y = most_x = sampling_ratio
+    else:
+        most_y, most_x = _kernels()[1].most_samples(rois, scale, pooled[0], pooled[1], sampling_ratio)
+    return None if max(most_y, most_x) > MAX_SAMPLES else (int(most_y), int(most_x))
 
 
 def ps_roi_align_forward(input: Tensor, rois: Tensor, spatial_scale: float, pooled_height: int, pooled_width: int,
                          sampling_ratio: int) -> Tensor | None:
     """[K, C', PH, PW] in the map's dtype, or None when this path does not take the call."""
     n, c, h, w = input.shape
-    pooled = (pooled_height, pooled_width)
     if not _takes(input, rois) or h * w >= 2**31:
         return None
-    dtype = compute_dtype(rois)
-    out = torch.empty((rois.shape[0], c), dtype=dtype)  # out[k, c] is output (k, c // PH PW, bin c % PH PW)
-    try:
-        for sl, batch, y, x, count in _align_parts(rois, spatial_scale, pooled, sampling_ratio, h, w):
-            count = count.clamp(min=1).to(dtype).numpy()
-            for c0, c1, feat in _channel_chunks(input, dtype):
-                _run(_kernels().ps_roi_align_forward, c1 - c0, feat.numpy(), c0, batch, *y, *x, count,
-                     out[sl].numpy())
-    except _Declined:
+    boxes, scale = _boxes(rois, spatial_scale)
+    most = _most_samples(boxes, scale, (pooled_height, pooled_width), sampling_ratio)
+    if most is None:
         return None
-    return out.reshape(rois.shape[0], -1, *pooled).to(input.dtype)
+    dtype = compute_dtype(rois)
+    k = rois.shape[0]
+    out = fresh_tensor((k, c), dtype, zeros=False)  # out[k, c] is output (k, c // PH PW, bin c % PH PW)
+    work = k * c * min(most[0] * most[1], 16)
+    for c0, _, feat in _map_chunks(input, dtype):
+        _launch(_kernels()[0].ps_roi_align_forward, k, work, feat, c0, boxes, scale, pooled_height, pooled_width,
+                sampling_ratio, most[0], most[1], out.numpy())
+    return out.reshape(k, -1, pooled_height, pooled_width).to(input.dtype)
+
+
+def _align_tables(boxes: np.ndarray, scale, pooled: tuple[int, int], sampling_ratio: int, height: int, width: int,
+                  most: tuple[int, int], dtype: torch.dtype):
+    """``(slice, batch, y tables, x tables, gh * gw)`` a slice of boxes at a time (at most TABLE_BUDGET samples per
+    axis together); the tables as ``_numba_ps_tables.align_tables`` fills them."""
+    k = boxes.shape[0]
+    step = max(1, TABLE_BUDGET // (pooled[0] * most[0] + pooled[1] * most[1]))
+    real = np.float64 if dtype == torch.float64 else np.float32
+    for start in range(0, k, step):
+        b = min(step, k - start)
+        y = tuple(np.empty((b, pooled[0], most[0]), t) for t in (np.int32, np.int32, real, real, np.bool_))
+        x = tuple(np.empty((b, pooled[1], most[1]), t) for t in (np.int32, np.int32, real, real, np.bool_))
+        batch, count = np.empty(b, np.int64), np.empty(b, real)
+        _kernels()[1].align_tables(boxes, start, scale, sampling_ratio, height, width, batch, *y, *x, count)
+        yield slice(start, start + b), batch, y, x, count
 
 
 def ps_roi_align_backward(grad: Tensor, rois: Tensor, spatial_scale: float, pooled_height: int, pooled_width: int,
@@ -95,19 +127,22 @@ def ps_roi_align_backward(grad: Tensor, rois: Tensor, spatial_scale: float, pool
     pooled = (pooled_height, pooled_width)
     if not _takes(grad, rois) or h * w >= 2**31:
         return None
+    boxes, scale = _boxes(rois, spatial_scale)
+    most = _most_samples(boxes, scale, pooled, sampling_ratio)
+    if most is None:
+        return None
     dtype = compute_dtype(rois)
     g = grad.reshape(rois.shape[0], c).to(dtype).contiguous()
-    out = torch.zeros(shape, dtype=grad.dtype)
-    try:
-        for c0, c1 in _channel_ranges(shape, grad.dtype == dtype):
-            part = out if grad.dtype == dtype else torch.zeros((n, c1 - c0, h, w), dtype=dtype)
-            for sl, batch, y, x, count in _align_parts(rois, spatial_scale, pooled, sampling_ratio, h, w):
-                _run(_kernels().ps_roi_align_backward, c1 - c0, g[sl].numpy(), c0, batch, *y, *x,
-                     count.to(dtype).numpy(), part.numpy())
-            if part is not out:
-                out[:, c0:c1] = part
-    except _Declined:
-        return None
+    whole = grad.dtype == dtype
+    out = fresh_tensor(shape, grad.dtype, zeros=whole)
+    work = rois.shape[0] * c * min(most[0] * most[1], 16)
+    for c0, c1 in _channel_ranges(shape, whole):
+        part = out if whole else fresh_tensor((n, c1 - c0, h, w), dtype)
+        for sl, batch, y, x, count in _align_tables(boxes, scale, pooled, sampling_ratio, h, w, most, dtype):
+            _launch(_kernels()[0].ps_roi_align_backward, c1 - c0, work, g[sl].numpy(), c0, batch, *y, *x, count,
+                    part.numpy())
+        if part is not out:
+            out[:, c0:c1] = part
     return out
 
 
@@ -119,20 +154,18 @@ def _channel_ranges(shape: tuple[int, int, int, int], whole: bool):
         yield c0, min(c0 + step, c)
 
 
+# ---------------------------------------------------------------- ps_roi_pool
 def _pool_edges(rois: Tensor, spatial_scale: float, pooled: tuple[int, int], shape: tuple[int, int, int, int],
                 backward: bool = False):
-    """The bins' edges as contiguous int64 arrays, and whether the summed-area way is the cheaper."""
+    """``(batch, edges, table_way)``: the boxes' batch indices [K] and bin edges ``(h_start, h_end)`` [K, PH],
+    ``(w_start, w_end)`` [K, PW] (int32: the map has < 2^31 cells per plane), and whether the summed-area way is
+    the cheaper."""
     k = rois.shape[0]
-    edges = [torch.empty((k, pooled[i // 2]), dtype=torch.int32) for i in range(4)]  # int32: the map has < 2^31
-    cells = 0.0
-    for start in range(0, k, TABLE_BUDGET // (pooled[0] + pooled[1])):  # geometry's temporaries, a slice at a time
-        sl = slice(start, min(start + TABLE_BUDGET // (pooled[0] + pooled[1]), k))
-        (hs, he), (ws, we) = ps_roi_pool_edges(rois[sl], spatial_scale, pooled, shape[2:])
-        cells += float(((he - hs).clamp(min=0).sum(1).double() * (we - ws).clamp(min=0).sum(1).double()).sum())
-        for table, part in zip(edges, (hs, he, ws, we)):
-            table[sl] = part
-    return tuple(t.numpy() for t in edges), \
-        _table_way(rois.shape[0], cells / (pooled[0] * pooled[1]), shape, backward)
+    boxes, scale = _boxes(rois, spatial_scale)
+    batch = np.empty(k, np.int64)
+    edges = tuple(np.empty((k, pooled[i // 2]), np.int32) for i in range(4))
+    cells = _kernels()[1].pool_edges(boxes, scale, shape[2], shape[3], batch, *edges)
+    return batch, edges, _table_way(k, cells, shape, backward)
 
 
 def _table_way(boxes: int, cells: float, shape: tuple[int, int, int, int], backward: bool) -> bool:
@@ -152,21 +185,28 @@ def _pool_block(shape: tuple[int, int, int, int]) -> int:
     return max(1, min(POOL_BLOCK, POOL_SCRATCH // max(n * (h + 1) * (w + 1), 1)))
 
 
+def _pool_dtype(dtype: torch.dtype) -> torch.dtype:
+    """ps_roi_pool's output before the final cast: the map's dtype, float64 for the half types (one rounding)."""
+    return dtype if dtype in (torch.float32, torch.float64) else torch.float64
+
+
 def ps_roi_pool_forward(input: Tensor, rois: Tensor, spatial_scale: float, pooled_height: int,
                         pooled_width: int) -> Tensor | None:
     """[K, C', PH, PW] in the map's dtype, or None."""
     n, c, h, w = input.shape
     if not _takes(input, rois) or h * w >= 2**31:
         return None
-    pooled = (pooled_height, pooled_width)
-    dtype = input.dtype if input.dtype in (torch.float32, torch.float64) else torch.float32
-    edges, table_way = _pool_edges(rois, spatial_scale, pooled, input.shape)
-    batch = rois[:, 0].long().contiguous().numpy()
-    out = torch.empty((rois.shape[0], c), dtype=dtype)
-    for c0, c1, feat in _channel_chunks(input, dtype):
-        _run(_kernels().ps_roi_pool_forward, c1 - c0, feat.numpy(), c0, batch, *edges, out.numpy(), table_way,
-             _pool_block(input.shape))
-    return out.reshape(rois.shape[0], -1, *pooled).to(input.dtype)
+    k = rois.shape[0]
+    batch, edges, table_way = _pool_edges(rois, spatial_scale, (pooled_height, pooled_width), input.shape)
+    out = fresh_tensor((k, c), _pool_dtype(input.dtype), zeros=False)
+    kernels = _kernels()[0]
+    for c0, c1, feat in _map_chunks(input, input.dtype if input.dtype == torch.float64 else torch.float32):
+        if table_way:
+            _run(kernels.ps_roi_pool_forward, c1 - c0, feat, c0, batch, *edges, out.numpy(), True,
+                 _pool_block(input.shape))
+        else:
+            _launch(kernels.ps_roi_pool_forward_boxes, k, k * c, feat, c0, batch, *edges, out.numpy())
+    return out.reshape(k, -1, pooled_height, pooled_width).to(input.dtype)
 
 
 def ps_roi_pool_backward(grad: Tensor, rois: Tensor, spatial_scale: float, pooled_height: int, pooled_width: int,
@@ -175,15 +215,13 @@ def ps_roi_pool_backward(grad: Tensor, rois: Tensor, spatial_scale: float, poole
     n, c, h, w = shape
     if not _takes(grad, rois) or h * w >= 2**31:
         return None
-    pooled = (pooled_height, pooled_width)
     dtype = grad.dtype if grad.dtype in (torch.float32, torch.float64) else torch.float32
-    edges, table_way = _pool_edges(rois, spatial_scale, pooled, shape, backward=True)
-    batch = rois[:, 0].long().contiguous().numpy()
+    batch, edges, table_way = _pool_edges(rois, spatial_scale, (pooled_height, pooled_width), shape, backward=True)
     g = grad.reshape(rois.shape[0], c).to(dtype).contiguous().numpy()
-    out = torch.empty(shape, dtype=grad.dtype)
+    out = fresh_tensor(shape, grad.dtype, zeros=False)
     for c0, c1 in _channel_ranges(shape, grad.dtype == dtype):
-        part = out if grad.dtype == dtype else torch.empty((n, c1 - c0, h, w), dtype=dtype)
-        _run(_kernels().ps_roi_pool_backward, c1 - c0, g, c0, batch, *edges, part.numpy(), table_way,
+        part = out if grad.dtype == dtype else fresh_tensor((n, c1 - c0, h, w), dtype, zeros=False)
+        _run(_kernels()[0].ps_roi_pool_backward, c1 - c0, g, c0, batch, *edges, part.numpy(), table_way,
              _pool_block(shape))
         if part is not out:
             out[:, c0:c1] = part
