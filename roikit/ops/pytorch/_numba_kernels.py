@@ -109,6 +109,50 @@ def _local_axis(low, high, valid):
 
 
 @nb.njit(cache=True, nogil=True)
+def _copy_cells(image, c0, cb, rows, cols, scratch):
+    """``scratch[i, j, c] = image[c0 + c, rows[i], cols[j]]`` for ``c < cb``: image [C, H, W], scratch [rows, cols,
+    >= cb]. 8 channels' rows at a time, so each scratch cell gets 8 consecutive values per pass (measured: 1.3x
+    faster than a channel at a time)."""
+    nr, nc = rows.shape[0], cols.shape[0]
+    whole = cb - cb % 8
+    for i in range(nr):
+        r, dst = rows[i], scratch[i]
+        for c in range(c0, c0 + whole, 8):
+            p0, p1, p2, p3 = image[c, r], image[c + 1, r], image[c + 2, r], image[c + 3, r]
+            p4, p5, p6, p7 = image[c + 4, r], image[c + 5, r], image[c + 6, r], image[c + 7, r]
+            d = c - c0
+            for j in range(nc):
+                q, cell = cols[j], dst[j]
+                cell[d], cell[d + 1], cell[d + 2], cell[d + 3] = p0[q], p1[q], p2[q], p3[q]
+                cell[d + 4], cell[d + 5], cell[d + 6], cell[d + 7] = p4[q], p5[q], p6[q], p7[q]
+        for c in range(c0 + whole, c0 + cb):
+            row = image[c, r]
+            for j in range(nc):
+                dst[j, c - c0] = row[cols[j]]
+
+
+@nb.njit(cache=True, nogil=True)
+def _store_cells(scratch, image, c0, cb, rows, cols):
+    """The reverse of :func:`_copy_cells`: ``image[c0 + c, rows[i], cols[j]] = scratch[i, j, c]``."""
+    nr, nc = rows.shape[0], cols.shape[0]
+    whole = cb - cb % 8
+    for i in range(nr):
+        r, src = rows[i], scratch[i]
+        for c in range(c0, c0 + whole, 8):
+            p0, p1, p2, p3 = image[c, r], image[c + 1, r], image[c + 2, r], image[c + 3, r]
+            p4, p5, p6, p7 = image[c + 4, r], image[c + 5, r], image[c + 6, r], image[c + 7, r]
+            d = c - c0
+            for j in range(nc):
+                q, cell = cols[j], src[j]
+                p0[q], p1[q], p2[q], p3[q] = cell[d], cell[d + 1], cell[d + 2], cell[d + 3]
+                p4[q], p5[q], p6[q], p7[q] = cell[d + 4], cell[d + 5], cell[d + 6], cell[d + 7]
+        for c in range(c0 + whole, c0 + cb):
+            row = image[c, r]
+            for j in range(nc):
+                row[cols[j]] = src[j, c - c0]
+
+
+@nb.njit(cache=True, nogil=True)
 def roi_align_forward(begin, end, feat, batch, y_low, y_high, y_wlow, y_whigh, y_valid, x_low, x_high, x_wlow,
                       x_whigh, x_valid, count, out, block):
     """feat [N, C, H, W]; batch [K]; y tables [K, PH, GY]; x tables [K, PW, GX]; count [K] (``max(gh * gw, 1)``
@@ -127,12 +171,7 @@ def roi_align_forward(begin, end, feat, batch, y_low, y_high, y_wlow, y_whigh, y
         for c0 in range(0, channels, block):
             cb = min(block, channels - c0)
             _prefetch_cells(feat, n, c0 + block, c0 + 2 * block, rows, cols)  # on their way while this block runs
-            for cc in range(cb):
-                plane = feat[n, c0 + cc]
-                for i in range(nr):
-                    row = plane[rows[i]]
-                    for j in range(nc):
-                        scratch[i, j, cc] = row[cols[j]]
+            _copy_cells(feat[n], c0, cb, rows, cols, scratch)
             for ph in range(ph_count):
                 for pw in range(pw_count):
                     acc[:] = 0
@@ -251,15 +290,12 @@ def roi_align_backward(begin, end, grad, batch, y_low, y_high, y_wlow, y_whigh, 
             if nr == 0 or nc == 0:
                 continue
             scratch = np.empty((nr, nc, cb), out.dtype)
+            _copy_cells(out[n], c0, cb, rows, cols, scratch)
             for cc in range(cb):
-                plane, g = out[n, c0 + cc], grad[k, c0 + cc]
+                g = grad[k, c0 + cc]
                 for ph in range(ph_count):
                     for pw in range(pw_count):
                         grads[ph, pw, cc] = g[ph, pw]
-                for i in range(nr):
-                    row = plane[rows[i]]
-                    for j in range(nc):
-                        scratch[i, j, cc] = row[cols[j]]
             total = count[k]
             for ph in range(ph_count):
                 for pw in range(pw_count):
@@ -287,12 +323,7 @@ def roi_align_backward(begin, end, grad, batch, y_low, y_high, y_wlow, y_whigh, 
                             s = scratch[a1, b1]
                             for cc in range(cb):
                                 s[cc] += g[cc] * w4 / total
-            for cc in range(cb):
-                plane = out[n, c0 + cc]
-                for i in range(nr):
-                    row = plane[rows[i]]
-                    for j in range(nc):
-                        row[cols[j]] = scratch[i, j, cc]
+            _store_cells(scratch, out[n], c0, cb, rows, cols)
 
 
 @nb.njit(cache=True, nogil=True)
