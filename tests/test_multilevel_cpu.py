@@ -79,3 +79,33 @@ def test_fresh_tensor_is_zero_and_writable():
         assert t.dtype == dtype and t.shape == (3, 1000, 1500) and not t.any()
         t[1, 2, 3] = 2.0
         assert t.sum().item() == 2.0
+
+
+def test_each_level_picks_its_own_read_path_with_torchvision_bits(monkeypatch):
+    # one small box on the finest level (copying its cells beats transposing the level), many large boxes on the
+    # coarser ones (they read the level's cells many times over: transposing it wins): both paths in one call
+    feats = _pyramid(channels=24)
+    sides = [20.0] + [240.0, 300, 520, 700, 600] * 8
+    boxes = _boxes(sides, seed=4)
+    taken = []
+
+    def spy(cells, input):
+        taken.append((input.shape[-2:], original(cells, input)))
+        return taken[-1][1]
+
+    original = jit._use_channels_last
+    monkeypatch.setattr(jit, "_use_channels_last", spy)
+    ours, theirs = RoIPooler(NAMES, 7, 2, "roi_align"), torchvision.ops.MultiScaleRoIAlign(NAMES, 7, 2)
+    expected, expected_grads = _run(theirs, feats, boxes)
+    before = torch.get_num_threads()
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            taken.clear()
+            out, grads = _run(ours, feats, boxes)
+            assert torch.equal(out, expected)
+            assert all(torch.equal(got, want) for got, want in zip(grads, expected_grads))
+            assert (torch.Size([32, 40]), False) in taken  # the finest level: per-box copies
+            assert any(path for _, path in taken)  # a coarser level: channels-last blocks
+    finally:
+        torch.set_num_threads(before)
