@@ -2,14 +2,14 @@
 CUDA dispatch to the Triton kernels."""
 from __future__ import annotations
 
-import contextlib
-import threading
 from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor
 
-_state = threading.local()
+from ...utils.switches import ThreadSwitch
+
+_deterministic = ThreadSwitch()
 
 
 def deterministic_backward_enabled() -> bool:
@@ -18,18 +18,12 @@ def deterministic_backward_enabled() -> bool:
     On when ``torch.use_deterministic_algorithms(True)`` is in force, or inside :func:`deterministic_backward`.
     The CPU path is always deterministic; the flag chooses the CUDA kernels.
     """
-    return bool(getattr(_state, "deterministic", False)) or torch.are_deterministic_algorithms_enabled()
+    return _deterministic.on or torch.are_deterministic_algorithms_enabled()
 
 
-@contextlib.contextmanager
 def deterministic_backward(enabled: bool = True):
-    """Ask for deterministic backward kernels inside a ``with`` block."""
-    previous = getattr(_state, "deterministic", False)
-    _state.deterministic = enabled
-    try:
-        yield
-    finally:
-        _state.deterministic = previous
+    """Ask for deterministic backward kernels inside a ``with`` block (this thread)."""
+    return _deterministic.set(enabled)
 
 
 def register_autograd(op, backward: Callable, setup_context: Callable) -> None:

@@ -21,15 +21,14 @@ slowing the torch ops around them 3-10x on 2 cores.)
 """
 from __future__ import annotations
 
-import contextlib
 import functools
 import os
-import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
 from torch import Tensor
 
+from ...utils.switches import ThreadSwitch
 from ..geometry import box_cells, clip_edges, compute_dtype, sample_coord, sample_taps, sampling_grid
 from ._crops import CHUNK_BUDGET, box_slices
 
@@ -42,7 +41,7 @@ BACKWARD_BLOCK = 16  # channels the RoIAlign backward adds at once (one vector p
 ALIGN_COPY_COST = 3  # a cell the per-box RoIAlign forward copies costs about 3 map cells made channels-last
 # (fitted on 96 cases: pyramid levels of strides 4-32 x 8-512 boxes x 3 sizes x 7/14 bins; 3 lost 1.5% of the best
 # time, 1 lost 7%)
-_state = threading.local()
+_plain = ThreadSwitch()  # on inside disabled(): the plain path, this thread
 
 
 @functools.cache
@@ -56,16 +55,18 @@ def _kernels():
 
 
 @functools.cache
-def _pool() -> ThreadPoolExecutor:
-    return ThreadPoolExecutor(max_workers=max(1, (os.cpu_count() or 1) - 1), thread_name_prefix="roikit-jit")
+def _pool(workers: int) -> ThreadPoolExecutor:
+    """A pool of ``workers`` threads (one for each torch thread but the caller's; threads start as work comes)."""
+    return ThreadPoolExecutor(max_workers=workers, thread_name_prefix="roikit-jit")
 
 
 def _run(kernel, count: int, *args) -> None:
     """``kernel(begin, end, *args)`` over ``0 .. count`` in one range per torch thread: the calling thread takes the
     first, a thread pool the others (the kernels release the GIL and write disjoint parts of their outputs)."""
-    threads = max(1, min(torch.get_num_threads(), count, _pool()._max_workers + 1))
+    threads = max(1, min(torch.get_num_threads(), count))
+    pool = _pool(max(1, torch.get_num_threads() - 1))  # sized by the torch threads, not the CPUs
     bounds = [count * i // threads for i in range(threads + 1)]
-    futures = [_pool().submit(kernel, bounds[i], bounds[i + 1], *args) for i in range(1, threads)]
+    futures = [pool.submit(kernel, bounds[i], bounds[i + 1], *args) for i in range(1, threads)]
     kernel(bounds[0], bounds[1], *args)
     for f in futures:
         f.result()
@@ -73,20 +74,14 @@ def _run(kernel, count: int, *args) -> None:
 
 def enabled() -> bool:
     """True when the numba path is on: numba importable, ``ROIKIT_JIT`` not ``0``, not inside :func:`disabled`."""
-    if getattr(_state, "off", False) or os.environ.get("ROIKIT_JIT", "1") == "0":
+    if _plain.on or os.environ.get("ROIKIT_JIT", "1") == "0":
         return False
     return _kernels() is not None
 
 
-@contextlib.contextmanager
 def disabled():
     """Run the plain-PyTorch path inside a ``with`` block (this thread)."""
-    previous = getattr(_state, "off", False)
-    _state.off = True
-    try:
-        yield
-    finally:
-        _state.off = previous
+    return _plain.set(True)
 
 
 def _takes(*tensors: Tensor) -> bool:
