@@ -169,13 +169,13 @@ def _pool_edges(rois: Tensor, spatial_scale: float, pooled: tuple[int, int], sha
 
 
 def _table_way(boxes: int, cells: float, shape: tuple[int, int, int, int], backward: bool) -> bool:
-    """Whether the table way is the cheaper for a channel, in units of a table entry: forward, its bins (``boxes``,
-    reading ``cells`` cells together) cost about 6 entries each plus 2 a cell when summed directly (measured: 18 ns
-    a bin of one cell direct, 9 ns by the table, 2 ns an entry); backward, the difference table's four passes over
-    the boxes cost about 24 entries a box more than the direct way's one."""
+    """Whether the summed-area way is the cheaper for a channel, in units of a table entry (about 1.5 ns: a plane's
+    table costs its ``N * (H + 1) * (W + 1)`` entries). Measured per channel on the sweep's map (2 x 50 x 68):
+    forward, direct ~6 ns a bin plus ~1.1 ns a cell against ~2 ns a bin by the table; backward, direct ~15 ns a
+    bin plus ~3 ns a cell (zeroed, added to, written) against ~22 ns a bin for the difference table's corners."""
     n, _, h, w = shape
     planes = n * (h + 1) * (w + 1)
-    return 2 * cells - 24 * boxes > planes if backward else 6 * boxes + 2 * cells > planes
+    return 2 * cells - 5 * boxes > planes if backward else 3 * boxes + 0.75 * cells > planes
 
 
 def _pool_block(shape: tuple[int, int, int, int]) -> int:
@@ -218,11 +218,15 @@ def ps_roi_pool_backward(grad: Tensor, rois: Tensor, spatial_scale: float, poole
     dtype = grad.dtype if grad.dtype in (torch.float32, torch.float64) else torch.float32
     batch, edges, table_way = _pool_edges(rois, spatial_scale, (pooled_height, pooled_width), shape, backward=True)
     g = grad.reshape(rois.shape[0], c).to(dtype).contiguous().numpy()
-    out = fresh_tensor(shape, grad.dtype, zeros=False)
-    for c0, c1 in _channel_ranges(shape, grad.dtype == dtype):
-        part = out if grad.dtype == dtype else fresh_tensor((n, c1 - c0, h, w), dtype, zeros=False)
-        _run(_kernels()[0].ps_roi_pool_backward, c1 - c0, g, c0, batch, *edges, part.numpy(), table_way,
-             _pool_block(shape))
+    whole = grad.dtype == dtype
+    out = fresh_tensor(shape, grad.dtype, zeros=whole and not table_way)
+    kernels = _kernels()[0]
+    for c0, c1 in _channel_ranges(shape, whole):
+        part = out if whole else fresh_tensor((n, c1 - c0, h, w), dtype, zeros=not table_way)
+        if table_way:
+            _run(kernels.ps_roi_pool_backward, c1 - c0, g, c0, batch, *edges, part.numpy(), True, _pool_block(shape))
+        else:
+            _launch(kernels.ps_roi_pool_backward_cells, c1 - c0, g.shape[0] * c, g, c0, batch, *edges, part.numpy())
         if part is not out:
             out[:, c0:c1] = part
     return out
