@@ -2,9 +2,11 @@
 comparison of non-finite results. (The naive reference loops are in tests/naive.py; fixtures in tests/conftest.py.)"""
 from __future__ import annotations
 
+import contextlib
 import importlib
 import importlib.util
 import os
+import signal
 from pathlib import Path
 
 import pytest
@@ -12,6 +14,24 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 INF = float("inf")
+
+
+# ---------------------------------------------------------------- a time limit
+@contextlib.contextmanager
+def time_limit(seconds: float, *, cpu: bool = False, why: str = "the work is not bounded"):
+    """Raise TimeoutError inside the block once ``seconds`` have passed: wall-clock time, or with ``cpu`` the
+    process's CPU time (all its threads: robust to a loaded machine). The signal is handled between Python steps
+    (in an interpreted Triton kernel, which reports it as an InterpreterError); main thread only."""
+    def expire(signum, frame):
+        raise TimeoutError(f"over {seconds:.1f} {'CPU ' if cpu else ''}s: {why}")
+    which, timer = (signal.SIGPROF, signal.ITIMER_PROF) if cpu else (signal.SIGALRM, signal.ITIMER_REAL)
+    previous = signal.signal(which, expire)
+    signal.setitimer(timer, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(timer, 0)
+        signal.signal(which, previous)
 
 
 # ---------------------------------------------------------------- tools/*.py, in process

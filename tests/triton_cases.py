@@ -9,10 +9,9 @@ import os
 
 os.environ["TRITON_INTERPRET"] = "1"
 
-import contextlib  # noqa: E402
 import importlib  # noqa: E402
-import signal  # noqa: E402
 
+import _helpers  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
@@ -65,18 +64,9 @@ def close(actual, expected, dtype, msg):
     torch.testing.assert_close(actual.float(), expected.float(), **TOL[dtype], msg=msg)
 
 
-@contextlib.contextmanager
 def time_limit(seconds: float):
     """Raise TimeoutError (inside the interpreted kernel, which reports it as an InterpreterError) after ``seconds``."""
-    def expire(signum, frame):
-        raise TimeoutError(f"over {seconds} s: the kernel's work is not bounded by the map")
-    previous = signal.signal(signal.SIGALRM, expire)
-    signal.setitimer(signal.ITIMER_REAL, seconds)
-    try:
-        yield
-    finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, previous)
+    return _helpers.time_limit(seconds, why="the kernel's work is not bounded by the map")
 
 
 def small_map(seed=0, size=10):
