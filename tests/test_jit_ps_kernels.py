@@ -4,15 +4,19 @@ ps_roi_align: torchvision's CPU kernels are the oracle, bit for bit (the same su
 backward, on 1 and 2 threads. ps_roi_pool: the plain path (float64 summed-area tables, shares no kernel code) is
 the oracle: its bits for the forward both ways and for the table-way backward, a float64 rounding for the direct
 backward; torchvision within float32 rounding (it sums in float32), and its gradient where no bin touches the map's
-last row or column (there roikit's gradient is its forward's own, tests/test_ps_roi.py).
+last row or column (there roikit's gradient is its forward's own, tests/test_ps_roi.py). The kernels' per-box
+samples and bin edges (numba, _numba_ps_tables.py) equal roikit.ops.geometry's on hostile boxes.
 """
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 import torchvision
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from roikit.ops import ps_roi_align, ps_roi_pool
+from roikit.ops import geometry, ps_roi_align, ps_roi_pool
 from roikit.ops.pytorch import jit, jit_ps
 
 pytestmark = pytest.mark.skipif(not jit_ps._takes(torch.zeros(1)), reason="numba is not installed (the plain path runs)")
@@ -205,3 +209,101 @@ def test_many_slices_of_boxes_give_the_same_results(monkeypatch):
     with jit.disabled():
         ref = ps_roi_pool(x, rois, POOLED, 0.5)
     assert torch.equal(ps_roi_pool(x, rois, POOLED, 0.5), ref)
+
+
+# ---------------------------------------------------------------- the numba tables against geometry
+def _hostile_rois(dtype):
+    """Boxes a table must survive: reversed, zero-size, off the map on every side, huge (finite) and tiny, corners
+    on half cells (rounding ties), the last batch index; plus random ones."""
+    g = torch.Generator().manual_seed(20)
+    rows = [[0, 1.0, 2.0, 30.0, 20.0], [1, 30.0, 20.0, 1.0, 2.0], [0, 5.0, 5.0, 5.0, 5.0], [1, -50, -40, -10, -5],
+            [0, 100, 90, 300, 200], [1, -1e30, -3e29, 1e30, 4e29], [0, 1e-30, 0, 2e-30, 1e-30], [1, 2.5, 3.5, 7.5, 9.5],
+            [0, -0.5, -1.5, 0.5, 1.5], [1, 33.0, 25.0, 34.0, 26.0], [0, 3e7, 1e7, 3e7 + 2, 1e7 + 3]]
+    xy = torch.rand(30, 2, generator=g, dtype=torch.float64) * 60 - 15
+    wh = torch.rand(30, 2, generator=g, dtype=torch.float64) * 40 - 5
+    rand = torch.cat([torch.randint(0, 2, (30, 1), generator=g).double(), xy, xy + wh], 1)
+    return torch.cat([torch.tensor(rows, dtype=torch.float64), rand]).to(dtype)
+
+
+def _geometry_taps(rois, scale, pooled, ratio, size, most):
+    """geometry's sample taps, [K, P, G] per axis (the plain path's arithmetic), and gh * gw."""
+    grid = geometry.sampling_grid(rois, scale, pooled, ratio, True)
+    axes = []
+    for (start, bin_size, count), p, g, length in zip(grid, pooled, most, size):
+        pp, ii = torch.arange(p)[None, :, None], torch.arange(g)[None, None, :]
+        coord = geometry.sample_coord(start[:, None, None], bin_size[:, None, None], count[:, None, None], pp, ii)
+        valid = (ii < count[:, None, None]) & (coord >= -1.0) & (coord <= length)
+        axes.append((*geometry.sample_taps(coord, valid, length), valid))
+    return axes, grid[0][2] * grid[1][2]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("scale", [0.5, 1 / 3, 0.1, 1 / 16, 2.0])
+@pytest.mark.parametrize("ratio", [-1, 0, 1, 3])
+def test_numba_sample_tables_equal_geometry(dtype, scale, ratio):
+    rois, pooled, size = _hostile_rois(dtype), (3, 2), (13, 17)
+    _, tables = jit_ps._kernels()
+    boxes, s = jit_ps._boxes(rois, scale)
+    most_y, most_x = tables.most_samples(boxes, s, *pooled, ratio)
+    grid = geometry.sampling_grid(rois, scale, pooled, ratio, True)
+    assert (most_y, most_x) == (max(int(grid[0][2].max()), 1), max(int(grid[1][2].max()), 1))
+    most = (min(most_y, 8), min(most_x, 8))  # the huge boxes' counts are capped: the first 8 samples compared
+    keep = [i for i in range(len(rois)) if max(int(grid[0][2][i]), int(grid[1][2][i])) <= 8]
+    rois = rois[keep]
+    boxes, s = jit_ps._boxes(rois, scale)
+    (sl, batch, y, x, count), = jit_ps._align_tables(boxes, s, pooled, ratio, *size, most, geometry.compute_dtype(rois))
+    (ey, ex), ecount = _geometry_taps(rois, scale, pooled, ratio, size, most)
+    assert np.array_equal(batch, rois[:, 0].long().numpy())
+    assert np.array_equal(count, ecount.to(geometry.compute_dtype(rois)).numpy())
+    for got, expected in ((y, ey), (x, ex)):
+        for name, a, b in zip(("low", "high", "w_low", "w_high", "valid"), got, expected):
+            b = b.numpy()
+            assert np.array_equal(a, b.astype(a.dtype)), f"{name}: {np.argwhere(a != b)[:5]}"
+            assert a.dtype == np.bool_ or np.array_equal(np.signbit(a), np.signbit(b)), name
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("scale", [0.5, 1 / 3, 0.1, 1 / 16, 2.0])
+@pytest.mark.parametrize("pooled", [(3, 2), (7, 7), (1, 1)])
+def test_numba_bin_edges_equal_geometry(dtype, scale, pooled):
+    rois = _hostile_rois(dtype)
+    batch, edges, _ = jit_ps._pool_edges(rois, scale, pooled, (2, 6, 13, 17))
+    expected = geometry.ps_roi_pool_edges(rois, scale, pooled, (13, 17))
+    assert np.array_equal(batch, rois[:, 0].long().numpy())
+    for got, want in zip(edges, (*expected[0], *expected[1])):
+        assert np.array_equal(got, want.numpy()), np.argwhere(got != want.numpy())[:5]
+
+
+def test_bfloat16_maps_are_read_without_a_copy_exactly():
+    """A bfloat16 map's cells widen exactly to float32: the outputs equal torchvision's on the float32 copy, rounded
+    to bfloat16 (ps_roi_align), and the plain path's (ps_roi_pool); gradients as the plain path's."""
+    x = _map(torch.float32, seed=21).bfloat16()
+    rois = _rois(torch.float32, k=40, reversed_boxes=False)
+    out = ps_roi_align(x, rois, POOLED, 0.5, 2)
+    assert torch.equal(out, torchvision.ops.ps_roi_align(x.float(), rois, POOLED, 0.5, 2).bfloat16())
+    with jit.disabled():
+        ref = ps_roi_pool(x, rois, POOLED, 0.5)
+    assert torch.equal(ps_roi_pool(x, rois, POOLED, 0.5), ref)
+
+
+@settings(max_examples=40, deadline=None, derandomize=True, database=None)
+@given(boxes=st.lists(st.tuples(st.integers(0, 1), *[st.floats(-40, 60, width=32)] * 4), min_size=1, max_size=12),
+       scale=st.sampled_from([0.5, 1 / 3, 0.25, 1.0]), ratio=st.sampled_from([1, 2, 3]),
+       pooled=st.sampled_from([(3, 2), (2, 2), (1, 3)]))
+def test_property_equal_torchvision_and_the_plain_path(boxes, scale, ratio, pooled):
+    """Any boxes (reversed, off the map, zero-size): ps_roi_align is torchvision's bits forward and backward,
+    ps_roi_pool the plain path's forward."""
+    rois = torch.tensor([list(b) for b in boxes], dtype=torch.float32)
+    c = 2 * pooled[0] * pooled[1]
+    x = torch.randn(2, c, 9, 11, generator=torch.Generator().manual_seed(len(boxes)))
+    xr, xt = x.clone().requires_grad_(), x.clone().requires_grad_()
+    out, expected = ps_roi_align(xr, rois, pooled, scale, ratio), torchvision.ops.ps_roi_align(xt, rois, pooled, scale,
+                                                                                            ratio)
+    assert torch.equal(out, expected)
+    grad = torch.randn(expected.shape, generator=torch.Generator().manual_seed(1))
+    out.backward(grad)
+    expected.backward(grad)
+    assert torch.equal(xr.grad, xt.grad)
+    with jit.disabled():
+        ref = ps_roi_pool(x, rois, pooled, scale)
+    assert torch.equal(ps_roi_pool(x, rois, pooled, scale), ref)

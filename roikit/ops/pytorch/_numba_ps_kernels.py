@@ -218,30 +218,29 @@ def ps_roi_pool_forward(begin, end, feat, c_offset, batch, h_start, h_end, w_sta
 def ps_roi_pool_backward_cells(begin, end, grad, c_offset, batch, h_start, h_end, w_start, w_end, out):
     """The direct way, channels ``begin .. end``: grad [K, C]; edges as the forward's; out [N, B, H, W] (zeros,
     channels ``c_offset ..``): each bin's ``grad / area`` (float64) added to every cell it averaged, boxes in order,
-    in a float64 plane per image, and each such cell rounded once into out. Only the cells some bin reads are
-    touched (zeroed, added to, written), so a channel costs its bins' cells, not its plane."""
+    and the cell's float64 sum so far rounded into out after each addition (the last one stays). A float64 plane
+    per image holds the sums; a stamp per cell says which channel last wrote it (an older stamp reads as 0), so a
+    channel costs one pass over its bins' cells, not its plane."""
     n_count, _, height, width = out.shape
     ph_count, pw_count = h_start.shape[1], w_start.shape[1]
     acc = np.empty((n_count, height, width), np.float64)
+    stamp = np.full((n_count, height, width), -1, np.int64)
     ph, pw = _bin_of(c_offset + begin, ph_count, pw_count)
     for c in range(begin, end):
-        for step in range(3):  # zero the cells, add every bin's share, write them out
-            for k in range(grad.shape[0]):
-                n = batch[k]
-                h0, h1, w0, w1 = h_start[k, ph], h_end[k, ph], w_start[k, pw], w_end[k, pw]
-                if h1 <= h0 or w1 <= w0:
-                    continue
-                if step == 0:
-                    acc[n, h0:h1, w0:w1] = 0.0
-                elif step == 1:
-                    share = np.float64(grad[k, c_offset + c]) / ((h1 - h0) * (w1 - w0))
-                    for h in range(h0, h1):
-                        for w in range(w0, w1):
-                            acc[n, h, w] += share
-                else:
-                    for h in range(h0, h1):
-                        for w in range(w0, w1):
-                            out[n, c, h, w] = acc[n, h, w]
+        for k in range(grad.shape[0]):
+            n = batch[k]
+            h0, h1, w0, w1 = h_start[k, ph], h_end[k, ph], w_start[k, pw], w_end[k, pw]
+            if h1 <= h0 or w1 <= w0:
+                continue
+            share = np.float64(grad[k, c_offset + c]) / ((h1 - h0) * (w1 - w0))
+            for h in range(h0, h1):
+                for w in range(w0, w1):
+                    if stamp[n, h, w] == c:
+                        acc[n, h, w] += share
+                    else:
+                        stamp[n, h, w] = c
+                        acc[n, h, w] = 0.0 + share
+                    out[n, c, h, w] = acc[n, h, w]
         pw += 1
         if pw == pw_count:
             pw, ph = 0, ph + 1 if ph + 1 < ph_count else 0
