@@ -7,7 +7,6 @@ rule (``assign_boxes_to_levels``); a detector trained a step and saved must give
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import io
 import json
 import math
@@ -18,6 +17,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 import yaml
+from _helpers import load_tool
 from torchvision.models import detection
 from torchvision.ops import roi_align as tv_roi_align
 
@@ -227,13 +227,6 @@ def test_detector_trains_saves_and_reloads_with_the_deform_pooler(modulated, tmp
             assert torch.equal(e[key], g[key]), key
 
 
-def _load_tool(name: str):
-    spec = importlib.util.spec_from_file_location(f"roikit_tool_{name}", REPO / "tools" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_train_tool_two_iterations_then_eval(tmp_path, capsys):
     """tools/train.py with configs/shapes_deform_roi_pool_s16.yaml (made tiny): 2 iterations, a checkpoint, the
     final evaluation; tools/eval.py reloads the checkpoint and scores the same AP."""
@@ -248,7 +241,7 @@ def test_train_tool_two_iterations_then_eval(tmp_path, capsys):
            "solver": {"max_iter": 2, "warmup_iters": 1}, "train": {"checkpoint_period": 2, "log_period": 1}}
     path = tmp_path / "tiny.yaml"
     path.write_text(yaml.safe_dump(cfg))
-    train, evaluate = _load_tool("train"), _load_tool("eval")
+    train, evaluate = load_tool("train"), load_tool("eval")
     run = tmp_path / "run"
     assert train.main(train.get_args_parser().parse_intermixed_args(
         ["--config", str(path), "--output-dir", str(run), "--no-progress"])) == 0

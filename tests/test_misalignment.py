@@ -10,6 +10,7 @@ import cv2
 import numpy as np
 import pytest
 import torch
+from _helpers import load_tool
 
 from roikit.analysis import misalignment as mis
 from roikit.analysis.misalignment_report import bin_weights
@@ -340,13 +341,7 @@ def test_bad_settings():
 
 
 def run_tool(capsys, *argv):
-    import importlib.util
-    from pathlib import Path
-
-    spec = importlib.util.spec_from_file_location("misalignment_tool",
-                                                  Path(__file__).resolve().parents[1] / "tools" / "misalignment.py")
-    tool = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tool)
+    tool = load_tool("misalignment")
     code = tool.main(tool.get_args_parser().parse_args(list(argv)))
     return code, capsys.readouterr()
 
@@ -473,13 +468,7 @@ def test_cli_on_coco_mini_photographs(tmp_path, capsys):
 
 
 def test_every_option_is_described():
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("misalignment_tool",
-                                                  Path(__file__).resolve().parents[1] / "tools" / "misalignment.py")
-    tool = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tool)
-    parser = tool.get_args_parser()
+    parser = load_tool("misalignment").get_args_parser()
     for action in parser._actions:
         words = (action.help or "").replace("(default: %(default)s)", "").replace("default: %(default)s", "")
         assert len(words.strip()) > 8, f"{action.option_strings}: {action.help!r}"  # more than its default

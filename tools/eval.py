@@ -19,17 +19,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from roikit.utils.threads import add_threads_argument, torch_threads
-
-
-def _positive_int(text: str) -> int:
-    try:
-        n = int(text)
-    except ValueError:
-        n = 0
-    if n < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
-    return n
+from roikit.utils.threads import add_threads_argument, positive_int, torch_threads
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -50,14 +40,14 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--images", default=None, help="the folder of the annotation file's images")
     parser.add_argument("--pooler", default=None, metavar="SPEC|all",
                         help="evaluate with another pooler, e.g. roi_pool:rounding=integer; 'all': every rule")
-    parser.add_argument("--min-size", type=_positive_int, default=None, metavar="PX",
+    parser.add_argument("--min-size", type=positive_int, default=None, metavar="PX",
                         help="resize images to this shorter side (the model's transform; default: the config's "
                              "for a run, 800 for torchvision's; smaller is faster on a CPU)")
-    parser.add_argument("--max-size", type=_positive_int, default=None, metavar="PX",
+    parser.add_argument("--max-size", type=positive_int, default=None, metavar="PX",
                         help="and at most this longer side (default: the config's for a run, 1333 for torchvision's)")
-    parser.add_argument("--max-images", type=_positive_int, default=None, metavar="N",
+    parser.add_argument("--max-images", type=positive_int, default=None, metavar="N",
                         help="evaluate on the first N images only (a quick run)")
-    parser.add_argument("--batch-size", type=_positive_int, default=None, metavar="N",
+    parser.add_argument("--batch-size", type=positive_int, default=None, metavar="N",
                         help="images per batch (default: the config's data.eval_batch_size for a run; 1 for "
                              "torchvision's, as its reference scripts score them: a batch pads its images to one size)")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default=None,

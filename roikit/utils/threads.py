@@ -8,10 +8,11 @@ from collections.abc import Iterator
 
 import torch
 
-__all__ = ["add_threads_argument", "torch_threads"]
+__all__ = ["add_threads_argument", "torch_threads", "positive_int"]
 
 
-def _positive_int(text: str) -> int:
+def positive_int(text: str) -> int:
+    """An argparse ``type``: the int ``text`` spells when it is >= 1 (else argparse's one-line usage error)."""
     try:
         n = int(text)
     except ValueError:
@@ -24,7 +25,7 @@ def _positive_int(text: str) -> int:
 def add_threads_argument(parser: argparse.ArgumentParser, note: str = "") -> None:
     """``--threads N`` on ``parser`` (``args.threads``: an int >= 1, or None for torch's default); ``note`` is
     added to its help (say when a tool runs faster on fewer threads)."""
-    parser.add_argument("--threads", type=_positive_int, default=None, metavar="N",
+    parser.add_argument("--threads", type=positive_int, default=None, metavar="N",
                         help=f"CPU threads for torch (default: torch's own, all cores){'; ' + note if note else ''}")
 
 
