@@ -16,6 +16,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+import torchvision
 import yaml
 from _helpers import load_tool
 from torchvision.models import detection
@@ -474,3 +475,22 @@ def test_swap_to_the_deform_pooler_reads_the_channels_from_a_torchvision_detecto
     with pytest.raises(ValueError, match=r"swap_roi_pooler: op='deform_roi_pool' needs the feature maps' channels "
                                          r"for its offset heads, and FasterRCNN tells them nowhere .*: give channels=C"):
         swap_roi_pooler(model, op="deform_roi_pool")
+
+
+def test_swap_in_a_detector_whose_backbone_gives_one_map():
+    """torchvision's FasterRCNN on a backbone returning one Tensor (GeneralizedRCNN names it "0"; the pooler names
+    "0" only): swap_roi_pooler reads which maps the backbone gives, and the swapped model detects as
+    roi_align(aligned=True) does, deform pooling with zero offsets."""
+    torch.manual_seed(0)
+    backbone = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, stride=4, padding=1), torch.nn.ReLU())
+    backbone.out_channels = 8
+    model = detection.FasterRCNN(backbone, num_classes=3, min_size=96, max_size=96, box_score_thresh=0.0,
+                                 rpn_anchor_generator=detection.anchor_utils.AnchorGenerator(((16, 32),), ((1.0,),)),
+                                 box_roi_pool=torchvision.ops.MultiScaleRoIAlign(["0"], 7, 2))
+    images = [torch.rand(3, 96, 96, generator=torch.Generator().manual_seed(4))]
+    swap_roi_pooler(model, op="roi_align", aligned=True)
+    assert model.roi_heads.box_roi_pool.featmap_names == ["0"]
+    expected = _detections(model, images)
+    swap_roi_pooler(model, op="deform_roi_pool", deform_fc_channels=16)
+    assert model.roi_heads.box_roi_pool.deform.channels == 8
+    _assert_same_detections(_detections(model, images), expected)

@@ -132,10 +132,11 @@ def given_feature_maps(model: GeneralizedRCNN, names: list[str]) -> list[str]:
     backbone.eval()
     try:
         with torch.no_grad():  # the names do not depend on the image size
-            given = backbone(torch.zeros(1, 3, 64, 64, device=None if param is None else param.device,
-                                         dtype=None if param is None else param.dtype)).keys()
+            out = backbone(torch.zeros(1, 3, 64, 64, device=None if param is None else param.device,
+                                       dtype=None if param is None else param.dtype))
     finally:
         backbone.train(was_training)
+    given = ["0"] if isinstance(out, torch.Tensor) else out.keys()  # one map: GeneralizedRCNN names it "0"
     return [name for name in names if name in given]
 
 
