@@ -197,18 +197,19 @@ def test_non_contiguous_channel_slice():
     assert torch.equal(ps_roi_pool(x, rois, POOLED, 0.5), ps_roi_pool(x.contiguous(), rois, POOLED, 0.5))
 
 
-def test_many_slices_of_boxes_give_the_same_results(monkeypatch):
-    """Tables built a few boxes at a time (TABLE_BUDGET shrunk): still torchvision's bits / the plain path's."""
-    monkeypatch.setattr(jit_ps, "TABLE_BUDGET", 40)
-    x, rois = _map(torch.float32, seed=12), _rois(torch.float32, k=30, reversed_boxes=False)
-    xr, xt = x.clone().requires_grad_(), x.clone().requires_grad_()
-    out, expected = ps_roi_align(xr, rois, POOLED, 0.5, -1), torchvision.ops.ps_roi_align(xt, rois, POOLED, 0.5, -1)
-    out.sum().backward()
-    expected.sum().backward()
-    assert torch.equal(out, expected) and torch.equal(xr.grad, xt.grad)
-    with jit.disabled():
-        ref = ps_roi_pool(x, rois, POOLED, 0.5)
-    assert torch.equal(ps_roi_pool(x, rois, POOLED, 0.5), ref)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_blocks_of_channels_give_the_same_results(monkeypatch, dtype):
+    """Maps converted (float16) and gradients added (both half types) a few channels at a time (the budget shrunk
+    to 5 channels of this map): the same bits as in one block."""
+    x, rois = _map(dtype, seed=12), _rois(torch.float32, k=30, reversed_boxes=False)
+    grad = torch.randn(30, 3, *POOLED, generator=torch.Generator().manual_seed(13)).to(dtype)
+    ops = (lambda t, r: ps_roi_align(t, r, POOLED, 0.5, -1), lambda t, r: ps_roi_pool(t, r, POOLED, 0.5))
+    whole = [_run_both(op, x, rois, grad)[0] for op in ops]
+    monkeypatch.setattr(jit, "CHUNK_BUDGET", 5 * 2 * 13 * 17)
+    monkeypatch.setattr(jit_ps, "CHUNK_BUDGET", 5 * 2 * 13 * 17)
+    for (out, gx), op in zip(whole, ops):
+        out2, gx2 = _run_both(op, x, rois, grad)[0]
+        assert torch.equal(out, out2) and torch.equal(gx, gx2)
 
 
 # ---------------------------------------------------------------- the numba tables against geometry
@@ -251,7 +252,11 @@ def test_numba_sample_tables_equal_geometry(dtype, scale, ratio):
     keep = [i for i in range(len(rois)) if max(int(grid[0][2][i]), int(grid[1][2][i])) <= 8]
     rois = rois[keep]
     boxes, s = jit_ps._boxes(rois, scale)
-    (sl, batch, y, x, count), = jit_ps._align_tables(boxes, s, pooled, ratio, *size, most, geometry.compute_dtype(rois))
+    real = np.float64 if dtype == torch.float64 else np.float32
+    y = tuple(np.empty((len(rois), pooled[0], most[0]), t) for t in (np.int32, np.int32, real, real, np.bool_))
+    x = tuple(np.empty((len(rois), pooled[1], most[1]), t) for t in (np.int32, np.int32, real, real, np.bool_))
+    batch, count = np.empty(len(rois), np.int64), np.empty(len(rois), real)
+    tables.align_tables(boxes, 0, s, ratio, *size, batch, *y, *x, count)
     (ey, ex), ecount = _geometry_taps(rois, scale, pooled, ratio, size, most)
     assert np.array_equal(batch, rois[:, 0].long().numpy())
     assert np.array_equal(count, ecount.to(geometry.compute_dtype(rois)).numpy())

@@ -84,35 +84,49 @@ def ps_roi_align_forward(begin, end, feat, c_offset, rois, scale, ph_count, pw_c
 
 
 @nb.njit(cache=True, nogil=True)
-def ps_roi_align_backward(begin, end, grad, c_offset, batch, y_low, y_high, y_wlow, y_whigh, y_valid, x_low, x_high,
-                          x_wlow, x_whigh, x_valid, count, out):
-    """grad [K, C]; tables as the forward's (count: ``gh * gw``); out [N, B, H, W] (zeros, the map's channels
-    ``c_offset ..``), added into."""
-    ph_count, gy_count = y_low.shape[1], y_low.shape[2]
-    pw_count, gx_count = x_low.shape[1], x_low.shape[2]
-    bin_h, bin_w = np.empty(BLOCK, np.int64), np.empty(BLOCK, np.int64)
-    for c0 in range(begin, end, BLOCK):
-        for c in range(c0, min(c0 + BLOCK, end)):
-            bin_h[c - c0], bin_w[c - c0] = _bin_of(c_offset + c, ph_count, pw_count)
-        for k in range(grad.shape[0]):
-            n = batch[k]
-            for c in range(c0, min(c0 + BLOCK, end)):
-                channel, ph, pw = c_offset + c, bin_h[c - c0], bin_w[c - c0]
-                g, m = grad[k, channel], count[k]
-                for iy in range(gy_count):
-                    if not y_valid[k, ph, iy]:
+def ps_roi_align_backward(begin, end, grad, c_offset, rois, scale, ph_count, pw_count, sampling_ratio, most_y,
+                          most_x, out):
+    """Channels ``begin .. end`` of out [N, B, H, W] (zeros, the map's channels ``c_offset ..``), added into box by
+    box: grad [K, C] in the compute dtype; rois, scale, most_y / most_x as the forward's. Each box's taps are
+    computed once into this thread's scratch; every cell receives its additions in torchvision's order (boxes,
+    samples, taps)."""
+    _, _, height, width = out.shape
+    t = grad.dtype.type
+    y_low, y_high = np.empty((1, ph_count, most_y), np.int64), np.empty((1, ph_count, most_y), np.int64)
+    y_wlow, y_whigh = np.empty((1, ph_count, most_y), grad.dtype), np.empty((1, ph_count, most_y), grad.dtype)
+    y_valid = np.empty((1, ph_count, most_y), np.bool_)
+    x_low, x_high = np.empty((1, pw_count, most_x), np.int64), np.empty((1, pw_count, most_x), np.int64)
+    x_wlow, x_whigh = np.empty((1, pw_count, most_x), grad.dtype), np.empty((1, pw_count, most_x), grad.dtype)
+    x_valid = np.empty((1, pw_count, most_x), np.bool_)
+    first_h, first_w = _bin_of(c_offset + begin, ph_count, pw_count)
+    for k in range(rois.shape[0]):
+        n = np.int64(rois[k, 0])
+        y1, bin_h, gh = align_axis(rois, k, scale, ph_count, sampling_ratio, 2, 4)
+        x1, bin_w, gw = align_axis(rois, k, scale, pw_count, sampling_ratio, 1, 3)
+        gy, gx = min(max(gh, 0), most_y), min(max(gw, 0), most_x)
+        if gy == 0 or gx == 0:
+            continue
+        align_taps(y1, bin_h, gh, ph_count, height, y_low, y_high, y_wlow, y_whigh, y_valid, 0)
+        align_taps(x1, bin_w, gw, pw_count, width, x_low, x_high, x_wlow, x_whigh, x_valid, 0)
+        m = t(gh * gw)
+        ph, pw = first_h, first_w
+        for c in range(begin, end):
+            plane, g = out[n, c], grad[k, c_offset + c]
+            for iy in range(gy):
+                if not y_valid[0, ph, iy]:
+                    continue
+                r0, r1, hy, ly = y_low[0, ph, iy], y_high[0, ph, iy], y_wlow[0, ph, iy], y_whigh[0, ph, iy]
+                for ix in range(gx):
+                    if not x_valid[0, pw, ix]:
                         continue
-                    r0, r1 = y_low[k, ph, iy], y_high[k, ph, iy]
-                    hy, ly = y_wlow[k, ph, iy], y_whigh[k, ph, iy]
-                    for ix in range(gx_count):
-                        if not x_valid[k, pw, ix]:
-                            continue
-                        q0, q1 = x_low[k, pw, ix], x_high[k, pw, ix]
-                        hx, lx = x_wlow[k, pw, ix], x_whigh[k, pw, ix]
-                        out[n, c, r0, q0] += g * (hy * hx) / m
-                        out[n, c, r0, q1] += g * (hy * lx) / m
-                        out[n, c, r1, q0] += g * (ly * hx) / m
-                        out[n, c, r1, q1] += g * (ly * lx) / m
+                    q0, q1, hx, lx = x_low[0, pw, ix], x_high[0, pw, ix], x_wlow[0, pw, ix], x_whigh[0, pw, ix]
+                    plane[r0, q0] += g * (hy * hx) / m
+                    plane[r0, q1] += g * (hy * lx) / m
+                    plane[r1, q0] += g * (ly * hx) / m
+                    plane[r1, q1] += g * (ly * lx) / m
+            pw += 1
+            if pw == pw_count:
+                pw, ph = 0, ph + 1 if ph + 1 < ph_count else 0
 
 
 # ---------------------------------------------------------------- ps_roi_pool

@@ -28,7 +28,6 @@ from ._crops import CHUNK_BUDGET
 from .jit import MAX_SAMPLES, _channel_chunks, _run, enabled, fresh_tensor
 
 POOL_BLOCK = 16  # channels ps_roi_pool's summed-area kernels run at a time
-TABLE_BUDGET = 1 << 16  # samples per axis of a slice of boxes' tables (the backward's)
 POOL_SCRATCH = 1 << 18  # float64 values of a thread's tables (2 MiB), at most, unless one channel needs more
 SERIAL_WORK = 1 << 14  # samples (ps_roi_align) or bins (ps_roi_pool) below which a call runs on the calling thread
 
@@ -104,22 +103,6 @@ def ps_roi_align_forward(input: Tensor, rois: Tensor, spatial_scale: float, pool
     return out.reshape(k, -1, pooled_height, pooled_width).to(input.dtype)
 
 
-def _align_tables(boxes: np.ndarray, scale, pooled: tuple[int, int], sampling_ratio: int, height: int, width: int,
-                  most: tuple[int, int], dtype: torch.dtype):
-    """``(slice, batch, y tables, x tables, gh * gw)`` a slice of boxes at a time (at most TABLE_BUDGET samples per
-    axis together); the tables as ``_numba_ps_tables.align_tables`` fills them."""
-    k = boxes.shape[0]
-    step = max(1, TABLE_BUDGET // (pooled[0] * most[0] + pooled[1] * most[1]))
-    real = np.float64 if dtype == torch.float64 else np.float32
-    for start in range(0, k, step):
-        b = min(step, k - start)
-        y = tuple(np.empty((b, pooled[0], most[0]), t) for t in (np.int32, np.int32, real, real, np.bool_))
-        x = tuple(np.empty((b, pooled[1], most[1]), t) for t in (np.int32, np.int32, real, real, np.bool_))
-        batch, count = np.empty(b, np.int64), np.empty(b, real)
-        _kernels()[1].align_tables(boxes, start, scale, sampling_ratio, height, width, batch, *y, *x, count)
-        yield slice(start, start + b), batch, y, x, count
-
-
 def ps_roi_align_backward(grad: Tensor, rois: Tensor, spatial_scale: float, pooled_height: int, pooled_width: int,
                           shape: tuple[int, int, int, int], sampling_ratio: int) -> Tensor | None:
     """Gradient with respect to the map, [N, C, H, W] in ``grad``'s dtype, or None."""
@@ -132,15 +115,14 @@ def ps_roi_align_backward(grad: Tensor, rois: Tensor, spatial_scale: float, pool
     if most is None:
         return None
     dtype = compute_dtype(rois)
-    g = grad.reshape(rois.shape[0], c).to(dtype).contiguous()
+    g = grad.reshape(rois.shape[0], c).to(dtype).contiguous().numpy()
     whole = grad.dtype == dtype
     out = fresh_tensor(shape, grad.dtype, zeros=whole)
     work = rois.shape[0] * c * min(most[0] * most[1], 16)
     for c0, c1 in _channel_ranges(shape, whole):
         part = out if whole else fresh_tensor((n, c1 - c0, h, w), dtype)
-        for sl, batch, y, x, count in _align_tables(boxes, scale, pooled, sampling_ratio, h, w, most, dtype):
-            _launch(_kernels()[0].ps_roi_align_backward, c1 - c0, work, g[sl].numpy(), c0, batch, *y, *x, count,
-                    part.numpy())
+        _launch(_kernels()[0].ps_roi_align_backward, c1 - c0, work, g, c0, boxes, scale, pooled_height,
+                pooled_width, sampling_ratio, most[0], most[1], part.numpy())
         if part is not out:
             out[:, c0:c1] = part
     return out
