@@ -1,6 +1,7 @@
 """Quantized RoI max pooling (Fast R-CNN), with its rounding rule made explicit."""
 from __future__ import annotations
 
+import torch
 from torch import Tensor, nn
 
 from . import _library
@@ -59,8 +60,18 @@ def roi_pool(
     ph, pw = pair(output_size)
     scale = check_spatial_scale(spatial_scale)
     check_choice(rounding, "rounding", ROUNDINGS)
-    out = _library.roi_pool_op(input, rois, scale, ph, pw, rounding)[0]
+    if _needs_argmax(input):
+        out = _library.roi_pool_op(input, rois, scale, ph, pw, rounding)[0]
+    else:  # the forward alone: no argmax made
+        out = _library.roi_pool.roi_pool_inference_op(input, rois, scale, ph, pw, rounding)
     return out if dtype is None else out.to(dtype)
+
+
+def _needs_argmax(input: Tensor) -> bool:
+    """False only for an eager call on a CPU tensor that no gradient can be asked of (inference, or a map that does
+    not require grad). Traced and compiled calls keep ``roikit::roi_pool`` (the op export translates)."""
+    return (input.device.type != "cpu" or type(input) is not torch.Tensor or torch.jit.is_tracing()
+            or torch.compiler.is_compiling() or (torch.is_grad_enabled() and input.requires_grad))
 
 
 class RoIPool(nn.Module):

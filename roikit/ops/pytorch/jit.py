@@ -252,53 +252,92 @@ def roi_align_backward(grad: Tensor, rois: Tensor, spatial_scale: float, pooled_
 
 
 # ---------------------------------------------------------------- RoIPool
+_POOL_TYPES = (torch.float32, torch.float64, torch.bfloat16)  # read as they are (bfloat16 as its bits, compared in
+# float32: exact); other dtypes as float32 copies
+
+
+def _pool_array(t: Tensor):
+    """The numpy array the RoIPool kernels read or write for ``t``: bfloat16 as its bits (uint16)."""
+    return (t.view(torch.uint16) if t.dtype == torch.bfloat16 else t).numpy()
+
+
+def _pool_chunks(x: Tensor):
+    """``(c0, c1, array)``: the channels (dim 1) of ``x`` as contiguous arrays for the RoIPool kernels (see
+    :func:`_pool_array`); one chunk when ``x`` already is one, else chunks of at most CHUNK_BUDGET values."""
+    kind = x.dtype if x.dtype in _POOL_TYPES else torch.float32
+    c = x.shape[1]
+    if x.dtype == kind and x.is_contiguous():
+        yield 0, c, _pool_array(x)
+        return
+    step = max(1, CHUNK_BUDGET // max(x.numel() // max(c, 1), 1))
+    for c0 in range(0, c, step):
+        c1 = min(c0 + step, c)
+        yield c0, c1, _pool_array(x[:, c0:c1].to(kind).contiguous())
+
+
+def _compute_type(dtype: torch.dtype):
+    import numpy as np
+
+    return np.float64 if dtype == torch.float64 else np.float32
+
+
 def roi_pool_forward(input: Tensor, rois: Tensor, spatial_scale: float, pooled_height: int, pooled_width: int,
-                     rounding: str) -> tuple[Tensor, Tensor] | None:
-    """RoIPool's output [K, C, PH, PW] in the map's dtype and argmax (int32), or None."""
+                     rounding: str, with_argmax: bool = True) -> tuple[Tensor, Tensor | None] | None:
+    """RoIPool's output [K, C, PH, PW] in the map's dtype and argmax (int32; None when not ``with_argmax``: the
+    kernels then only take maxima, for inference), or None when this path does not take the call."""
+    import numpy as np
+
     n, c, h, w = input.shape
     if not _takes(input, rois) or h * w >= 2**31:
         return None
     k = rois.shape[0]
-    pooled = (pooled_height, pooled_width)
-    dtype = input.dtype if input.dtype in (torch.float32, torch.float64) else torch.float32
-    out = fresh_tensor((k, c, pooled_height, pooled_width), dtype, zeros=False)
-    argmax = fresh_tensor((k, c, pooled_height, pooled_width), torch.int32, zeros=False)
+    bins = pooled_height * pooled_width
+    dtype = input.dtype if input.dtype in _POOL_TYPES else torch.float32
+    compute = _compute_type(dtype)
+    out = fresh_tensor((k, c, bins), dtype, zeros=False)
+    argmax = fresh_tensor((k, c, bins), torch.int32, zeros=False) if with_argmax else None
+    no_argmax = np.empty((0, 0, 0), np.int32)
     kernels = _kernels()
     for sl in _box_slices(k, 4 * (pooled_height + pooled_width)):
-        (hs, he), (ws, we) = clip_edges(box_cells(rois[sl], spatial_scale, pooled, rounding), (h, w))
+        (hs, he), (ws, we) = clip_edges(box_cells(rois[sl], spatial_scale, (pooled_height, pooled_width), rounding),
+                                        (h, w))
         rows = (he.amax(dim=1) - hs.amin(dim=1)).clamp(min=0)
         cells = int((rows * (we.amax(dim=1) - ws.amin(dim=1)).clamp(min=0)).sum())
         tables = tuple(t.contiguous().numpy() for t in (rois[sl, 0].long(), hs, he, ws, we))
         transposed, step = _use_channels_last(cells, input), _transposed_step(input)
-        for c0, c1, feat in _channel_chunks(input, dtype):
-            if transposed:  # channel blocks in parallel, each made channels-last by its thread
-                _run(kernels.roi_pool_forward_blocks, -(-(c1 - c0) // step), feat.numpy(), step, *tables,
-                     out[sl, c0:c1].numpy(), argmax[sl, c0:c1].numpy())
-                continue
+        for c0, c1, feat in _pool_chunks(input):
             whole = (c0, c1) == (0, c)
-            part = out[sl] if whole else torch.empty((sl.stop - sl.start, c1 - c0, *pooled), dtype=dtype)
-            arg = argmax[sl] if whole else torch.empty(part.shape, dtype=torch.int32)
-            _run(kernels.roi_pool_forward, len(tables[0]), feat.numpy(), *tables, part.numpy(), arg.numpy(),
-                 CHANNEL_BLOCK)
+            part = out[sl] if whole else torch.empty((sl.stop - sl.start, c1 - c0, bins), dtype=dtype)
+            arg = None if argmax is None else argmax[sl] if whole else torch.empty(part.shape, dtype=torch.int32)
+            arrays = (_pool_array(part), no_argmax if arg is None else arg.numpy())
+            if transposed:  # channel blocks in parallel, each made channels-last by its thread
+                _run(kernels.roi_pool_forward_blocks, -(-(c1 - c0) // step), feat, step, *tables, *arrays, compute)
+            else:
+                _run(kernels.roi_pool_forward, len(tables[0]), feat, *tables, *arrays, CHANNEL_BLOCK, compute)
             if not whole:
                 out[sl, c0:c1] = part
-                argmax[sl, c0:c1] = arg
-    return out.to(input.dtype), argmax
+                if arg is not None:
+                    argmax[sl, c0:c1] = arg
+    shape = (k, c, pooled_height, pooled_width)
+    return out.view(shape).to(input.dtype), None if argmax is None else argmax.view(shape)
 
 
 def roi_pool_backward(grad: Tensor, rois: Tensor, argmax: Tensor, shape: tuple[int, int, int, int]) -> Tensor | None:
-    """RoIPool's gradient with respect to the map, [N, C, H, W] in ``grad``'s dtype, or None. Half types add in
-    float32 (a block of channels at a time) and round once at the end."""
+    """RoIPool's gradient with respect to the map, [N, C, H, W] in ``grad``'s dtype, or None. bfloat16 adds in
+    float32 (one channel's planes at a time, in the kernel) and rounds once at the end; float16 the same through
+    float32 chunks."""
     n, c, h, w = shape
     if not _takes(grad, rois):
         return None
-    dtype = grad.dtype if grad.dtype in (torch.float32, torch.float64) else torch.float32
-    out = fresh_tensor((n, c, h * w), grad.dtype)
+    k = grad.shape[0]
+    dtype = grad.dtype if grad.dtype in _POOL_TYPES else torch.float32
+    out = fresh_tensor((n, c, h * w), grad.dtype, zeros=False)  # every cell written by the kernel
     batch = rois[:, 0].long().contiguous().numpy()
-    for c0, c1, g in _channel_chunks(grad, dtype):
-        part = out if (c0, c1) == (0, c) and dtype == grad.dtype else fresh_tensor((n, c1 - c0, h * w), dtype)
-        _run(_kernels().roi_pool_backward, c1 - c0, g.numpy(), batch, argmax[:, c0:c1].contiguous().numpy(),
-             part.numpy())
+    for c0, c1, g in _pool_chunks(grad.reshape(k, c, -1)):
+        whole = (c0, c1) == (0, c) and dtype == grad.dtype
+        part = out if whole else torch.empty((n, c1 - c0, h * w), dtype=dtype)
+        _run(_kernels().roi_pool_backward, c1 - c0, g, batch, argmax[:, c0:c1].reshape(k, c1 - c0, -1).contiguous()
+             .numpy(), _pool_array(part), _compute_type(dtype))
         if part is not out:
             out[:, c0:c1] = part
     return out.reshape(shape)

@@ -83,6 +83,18 @@ def roi_pool_forward(input: Tensor, rois: Tensor, spatial_scale: float, pooled_h
     return out, argmax
 
 
+def roi_pool_values(input: Tensor, rois: Tensor, spatial_scale: float, pooled_height: int, pooled_width: int,
+                    rounding: str) -> Tensor:
+    """:func:`roi_pool_forward`'s output alone, for calls that need no gradient: the numba kernels then take only
+    the maxima (no argmax written: half the memory traffic); the plain path computes both and drops argmax."""
+    if rois.shape[0] and input.numel():
+        fast = jit.roi_pool_forward(input, rois, spatial_scale, pooled_height, pooled_width, rounding,
+                                    with_argmax=False)
+        if fast is not None:
+            return fast[0]
+    return roi_pool_forward(input, rois, spatial_scale, pooled_height, pooled_width, rounding)[0]
+
+
 def _forward_slice(feat: Tensor, shape, rois: Tensor, spatial_scale: float, pooled: tuple[int, int], rounding: str,
                    has_low: bool, has_nan: bool, out: Tensor, argmax: Tensor) -> None:
     n, c, height, width = shape
@@ -193,12 +205,13 @@ def _two_pass(feat: Tensor, shape, batch: Tensor, h_edges, w_edges, pooled, has_
 def roi_pool_backward(grad: Tensor, rois: Tensor, argmax: Tensor, batch_size: int, channels: int, height: int,
                       width: int) -> Tensor:
     """Each bin's gradient goes to the cell it took its value from."""
+    if rois.shape[0] and batch_size * channels * height * width:
+        fast = jit.roi_pool_backward(grad, rois, argmax, (batch_size, channels, height, width))
+        if fast is not None:
+            return fast
     out = grad.new_zeros((batch_size * channels * height * width,))
     if rois.shape[0] == 0 or out.numel() == 0:
         return out.reshape(batch_size, channels, height, width)
-    fast = jit.roi_pool_backward(grad, rois, argmax, (batch_size, channels, height, width))
-    if fast is not None:
-        return fast
     # int32 indices where they fit: half the memory of int64 on the largest tensor of the backward
     index_dtype = torch.int32 if out.numel() < 2**31 else torch.int64
     plane = (rois[:, 0].to(index_dtype)[:, None] * channels + torch.arange(channels, dtype=index_dtype,
