@@ -145,3 +145,35 @@ def test_roi_pool_bfloat16_gradient_is_torchvision_in_float32(make_rois):
     torchvision.ops.roi_pool(xt, rois, 3, 0.5).backward(grad.float())
     roi_pool(xr, rois, 3, 0.5).backward(grad)
     assert torch.equal(xr.grad, xt.grad.bfloat16())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("sampling_ratio,aligned", [(2, False), (2, True), (0, False), (-1, True), (3, False)])
+def test_roi_align_tables_are_the_plain_paths_geometry(dtype, sampling_ratio, aligned, make_rois):
+    """The numba tables (jit._align_parts) against geometry.sampling_grid + jit._axis_table (torch ops, the plain
+    path's arithmetic) on boxes inside, across and outside the map, zero-size, reversed and huge, bit for bit."""
+    from roikit.ops.geometry import sampling_grid
+
+    rois = make_rois(k=40, dtype=dtype, reversed_boxes=not aligned)
+    huge = torch.tensor([[1, -1e30, 2.5, 1e30, 7.25], [0, 3.3, -7.1, 3.3, 1e20], [1, 0.1, 0.2, 0.30000001, 0.4]])
+    rois = torch.cat([rois, huge.to(dtype)])
+    (y1, bin_h, gh), (x1, bin_w, gw) = sampling_grid(rois, 0.3, (5, 4), sampling_ratio, aligned)
+    taken = (torch.minimum(gh, gw) >= 0) & (torch.maximum(gh, gw) <= jit.MAX_SAMPLES)
+    if sampling_ratio <= 0:
+        assert not taken.all()  # the huge boxes ask for more than MAX_SAMPLES: the whole call is declined
+        with pytest.raises(jit._Declined):
+            list(jit._align_parts(rois, 0.3, (5, 4), sampling_ratio, aligned, 13, 17))
+    rois, y1, bin_h, gh, x1, bin_w, gw = (t[taken] for t in (rois, y1, bin_h, gh, x1, bin_w, gw))
+    (sl, batch, y, x, count, cells), = jit._align_parts(rois, 0.3, (5, 4), sampling_ratio, aligned, 13, 17)
+    expected_y = jit._axis_table(y1, bin_h, gh, 5, max(int(gh.max()), 1), 13)
+    expected_x = jit._axis_table(x1, bin_w, gw, 4, max(int(gw.max()), 1), 17)
+    for got, want in zip((*y, *x), (*expected_y, *expected_x)):
+        assert got.dtype == want.numpy().dtype and (got == want.numpy()).all()
+    assert (batch == rois[:, 0].long().numpy()).all() and (count == (gh * gw).numpy()).all()
+
+    def copied(low, high, valid):  # the span of a box's valid taps along an axis, at most two cells per sample
+        first = torch.where(valid, low, 2**31 - 1).flatten(1).amin(dim=1).long()
+        last = torch.where(valid, high, -1).flatten(1).amax(dim=1).long()
+        return torch.minimum((last - first + 1).clamp(min=0), torch.tensor(2 * low[0].numel()))
+
+    assert cells == int((copied(*expected_y[:2], expected_y[4]) * copied(*expected_x[:2], expected_x[4])).sum())

@@ -33,6 +33,8 @@ from llvmlite import ir
 from numba.core import cgutils, types
 from numba.extending import intrinsic
 
+from ..geometry import MAX_CELLS, MAX_GRID
+
 LOWEST32 = np.float32(np.finfo(np.float32).min)  # torchvision's roi_pool starts every bin at -FLT_MAX
 
 
@@ -70,6 +72,102 @@ def _prefetch_cells(feat, n, c0, c1, rows, cols):
                 if q < last or q >= last + step or j == cols.shape[0] - 1:
                     _prefetch(plane, r, q)
                     last = q
+
+
+# ---------------------------------------------------------------- RoIAlign's tables
+# geometry's sampling_grid, sample_coord and sample_taps box by box, operation by operation in the boxes' compute
+# dtype (float32 boxes: float32, the scale rounded to float32 first as torch multiplies a float32 tensor by a Python
+# float), so the kernels sample the plain path's points (tests/test_jit_kernels.py compares the tables): a few
+# microseconds a call where the torch ops took 0.3-0.6 ms, most of a call with few boxes.
+@nb.njit(cache=True, nogil=True)
+def _clamp(x, lo, hi):
+    """``torch.clamp``: NaN stays NaN."""
+    return lo if x < lo else hi if x > hi else x
+
+
+@nb.njit(cache=True, nogil=True)
+def _align_axis(rois, k, scale, pooled, sampling_ratio, aligned, lo, hi):
+    """Box ``k``'s axis from columns ``lo`` to ``hi`` (y: 2, 4; x: 1, 3) as ``geometry.sampling_grid``:
+    ``(start, bin size, samples per bin)``; -1 samples for an adaptive count that is NaN or negative."""
+    t = rois.dtype.type
+    offset = t(0.5) if aligned else t(0.0)
+    start = _clamp(rois[k, lo] * scale, t(-MAX_CELLS), t(MAX_CELLS)) - offset
+    stop = _clamp(rois[k, hi] * scale, t(-MAX_CELLS), t(MAX_CELLS)) - offset
+    extent = stop - start
+    if not aligned and extent < t(1.0):  # malformed boxes forced to 1 cell (torchvision's legacy rule)
+        extent = t(1.0)
+    size = extent / t(pooled)
+    if sampling_ratio > 0:
+        return start, size, np.int64(min(sampling_ratio, MAX_GRID))
+    grid = np.ceil(size)
+    if not grid >= t(0.0):
+        return start, size, np.int64(-1)
+    return start, size, np.int64(min(grid, t(MAX_GRID)))
+
+
+@nb.njit(cache=True, nogil=True)
+def roi_align_samples(rois, scale, pooled_height, pooled_width, sampling_ratio, aligned):
+    """``(least, most_y, most_x)``: the fewest samples per bin on any axis of any box (negative: a count this
+    path does not take), and the most along each axis (at least 1)."""
+    least, most_y, most_x = np.int64(1) << 62, 1, 1
+    for k in range(rois.shape[0]):
+        gh = _align_axis(rois, k, scale, pooled_height, sampling_ratio, aligned, 2, 4)[2]
+        gw = _align_axis(rois, k, scale, pooled_width, sampling_ratio, aligned, 1, 3)[2]
+        least, most_y, most_x = min(least, gh, gw), max(most_y, gh), max(most_x, gw)
+    return least, most_y, most_x
+
+
+@nb.njit(cache=True, nogil=True)
+def _align_taps(start, size, grid, length, low, high, w_low, w_high, valid, row):
+    """Row ``row`` of one axis's tables [*, P, G]: sample ``i`` of bin ``p`` at ``geometry.sample_coord`` and its
+    taps as ``geometry.sample_taps`` (low, high cells; their weights; valid: ``i < grid`` and on the map)."""
+    t = w_low.dtype.type
+    g = t(max(grid, 1))
+    for p in range(low.shape[1]):
+        for i in range(low.shape[2]):
+            coord = (start + t(p) * size) + ((t(i) + t(0.5)) * size) / g
+            inside = i < grid and coord >= t(-1.0) and coord <= t(length)
+            y = t(0.0) if coord < t(0.0) else coord
+            cell = np.int64(y) if inside else 0
+            at_end = cell >= length - 1
+            if at_end:
+                cell = length - 1
+            frac = t(0.0) if at_end or not inside else y - t(cell)
+            low[row, p, i], high[row, p, i] = cell, cell if at_end else cell + 1
+            w_low[row, p, i] = t(1.0) - frac if inside else t(0.0)
+            w_high[row, p, i] = frac if inside else t(0.0)
+            valid[row, p, i] = inside
+
+
+@nb.njit(cache=True, nogil=True)
+def roi_align_tables(rois, first, scale, sampling_ratio, aligned, height, width, batch, y_low, y_high, y_wlow,
+                     y_whigh, y_valid, x_low, x_high, x_wlow, x_whigh, x_valid, count):
+    """Tables of boxes ``first ..`` (as many as ``batch`` holds): batch [B] (int64), y [B, PH, GY], x [B, PW, GX]
+    (low, high int32; weights in the boxes' dtype; valid), count [B] (``gh * gw``, int64). Returns the cells the
+    per-box forward copies for these boxes (:func:`_local_axis`'s rows x columns, summed)."""
+    cells = 0
+    for row in range(batch.shape[0]):
+        k = first + row
+        batch[row] = np.int64(rois[k, 0])
+        y1, bin_h, gh = _align_axis(rois, k, scale, y_low.shape[1], sampling_ratio, aligned, 2, 4)
+        x1, bin_w, gw = _align_axis(rois, k, scale, x_low.shape[1], sampling_ratio, aligned, 1, 3)
+        _align_taps(y1, bin_h, gh, height, y_low, y_high, y_wlow, y_whigh, y_valid, row)
+        _align_taps(x1, bin_w, gw, width, x_low, x_high, x_wlow, x_whigh, x_valid, row)
+        count[row] = gh * gw
+        cells += _copied(y_low[row], y_high[row], y_valid[row]) * _copied(x_low[row], x_high[row], x_valid[row])
+    return cells
+
+
+@nb.njit(cache=True, nogil=True)
+def _copied(low, high, valid):
+    """The length of :func:`_local_axis`'s list of cells: the span of the valid taps, at most two per sample."""
+    first, last = np.int64(1) << 62, np.int64(-1)
+    for p in range(low.shape[0]):
+        for g in range(low.shape[1]):
+            if valid[p, g]:
+                first = min(first, np.int64(low[p, g]))
+                last = max(last, np.int64(high[p, g]))
+    return 0 if last < 0 else min(last - first + 1, 2 * low.size)
 
 
 @nb.njit(cache=True, nogil=True)

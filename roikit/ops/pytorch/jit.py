@@ -29,8 +29,8 @@ import torch
 from torch import Tensor
 
 from ...utils.switches import ThreadSwitch
-from ..geometry import box_cells, clip_edges, compute_dtype, sample_coord, sample_taps, sampling_grid
-from ._crops import CHUNK_BUDGET, box_slices
+from ..geometry import box_cells, clip_edges, compute_dtype, sample_coord, sample_taps
+from ._crops import CHUNK_BUDGET
 
 MAX_SAMPLES = 64  # samples per bin and axis the kernels take (sampling_ratio, or the adaptive ceil(bin))
 MIN_CHANNELS = 8  # RoIAlign with fewer channels runs the plain path: its sample tables, built with torch ops per
@@ -41,7 +41,7 @@ BACKWARD_BLOCK = 16  # channels the RoIAlign backward adds at once (one vector p
 ALIGN_COPY_COST = 3  # a cell the per-box RoIAlign forward copies costs about 3 map cells made channels-last
 # (fitted on 96 cases: pyramid levels of strides 4-32 x 8-512 boxes x 3 sizes x 7/14 bins; 3 lost 1.5% of the best
 # time, 1 lost 7%)
-ALIGN_BLOCK_VALUES = 1 << 19  # values of the RoIAlign forward's channels-last blocks at least allowed (2 MiB float32)
+ALIGN_BLOCK_VALUES = 1 << 18  # values of the RoIAlign forward's channels-last blocks at least allowed (1 MiB float32)
 _plain = ThreadSwitch()  # on inside disabled(): the plain path, this thread
 
 
@@ -144,30 +144,27 @@ class _Declined(Exception):
 
 def _align_parts(rois: Tensor, spatial_scale: float, pooled: tuple[int, int], sampling_ratio: int, aligned: bool,
                  height: int, width: int):
-    """Yield, a slice of boxes at a time, ``(slice, batch, y table, x table, gh * gw)`` with tables of at most
-    CHUNK_BUDGET entries together (so only one slice's tables are held). Raises :class:`_Declined` for a box with
-    more than MAX_SAMPLES samples per bin and axis, or a negative count (a reversed aligned box, adaptive)."""
-    for outer in box_slices(rois.shape[0]):
-        (y1, bin_h, gh), (x1, bin_w, gw) = sampling_grid(rois[outer], spatial_scale, pooled, sampling_ratio, aligned)
-        if not (0 <= int(torch.minimum(gh, gw).min()) and int(torch.maximum(gh, gw).max()) <= MAX_SAMPLES):
-            raise _Declined
-        most_y, most_x = max(int(gh.max()), 1), max(int(gw.max()), 1)
-        batch = rois[outer, 0].long()
-        for sl in _box_slices(outer.stop - outer.start, 4 * (pooled[0] * most_y + pooled[1] * most_x)):
-            y = _axis_table(y1[sl], bin_h[sl], gh[sl], pooled[0], most_y, height)
-            x = _axis_table(x1[sl], bin_w[sl], gw[sl], pooled[1], most_x, width)
-            yield slice(outer.start + sl.start, outer.start + sl.stop), batch[sl].contiguous(), y, x, gh[sl] * gw[sl]
+    """Yield, a slice of boxes at a time, numpy tables ``(slice, batch, y tables, x tables, gh * gw, cells)`` of at
+    most CHUNK_BUDGET entries together (so only one slice's tables are held), built box by box by the kernels'
+    ``roi_align_tables`` (geometry's arithmetic, as the plain path); ``cells``: what the per-box forward copies for
+    the slice. Raises :class:`_Declined` for a box with more than MAX_SAMPLES samples per bin and axis, or a negative
+    count (a reversed aligned box, adaptive)."""
+    import numpy as np
 
-
-def _numpy(tables):
-    return tuple(t.numpy() for t in tables)
-
-
-def _read_cells(low: Tensor, high: Tensor, valid: Tensor) -> Tensor:
-    """Cells one axis of each box copies in the per-box kernels: its span of taps, or two per sample. [K]"""
-    first = torch.where(valid, low, torch.iinfo(low.dtype).max).flatten(1).amin(dim=1)
-    last = torch.where(valid, high, -1).flatten(1).amax(dim=1)
-    return torch.minimum((last.long() - first + 1).clamp(min=0), torch.tensor(2 * low[0].numel()))
+    kernels = _kernels()
+    boxes = rois.to(compute_dtype(rois)).contiguous().numpy()
+    scale = boxes.dtype.type(spatial_scale)  # rounded to the boxes' dtype, as torch does
+    least, most_y, most_x = kernels.roi_align_samples(boxes, scale, *pooled, sampling_ratio, aligned)
+    if not (0 <= least and max(most_y, most_x) <= MAX_SAMPLES):
+        raise _Declined
+    for sl in _box_slices(len(boxes), 4 * (pooled[0] * most_y + pooled[1] * most_x)):
+        k = sl.stop - sl.start
+        y, x = ([np.empty((k, p, most), t) for t in (np.int32, np.int32, boxes.dtype, boxes.dtype, np.bool_)]
+                for p, most in zip(pooled, (most_y, most_x)))
+        batch, count = np.empty(k, np.int64), np.empty(k, np.int64)
+        cells = kernels.roi_align_tables(boxes, sl.start, scale, sampling_ratio, aligned, height, width, batch, *y,
+                                         *x, count)
+        yield sl, batch, y, x, count, cells
 
 
 def _transposed_step(input: Tensor) -> int:
@@ -208,9 +205,8 @@ def roi_align_forward(input: Tensor, rois: Tensor, spatial_scale: float, pooled_
     out = fresh_tensor((rois.shape[0], c, pooled_height, pooled_width), dtype, zeros=False)
     kernels = _kernels()
     try:
-        for sl, batch, y, x, count in _align_parts(rois, spatial_scale, pooled, sampling_ratio, aligned, h, w):
-            tables = (batch.numpy(), *_numpy(y), *_numpy(x), count.clamp(min=1).to(dtype).numpy())
-            cells = int((_read_cells(*y[:2], y[4]) * _read_cells(*x[:2], x[4])).sum())
+        for sl, batch, y, x, count, cells in _align_parts(rois, spatial_scale, pooled, sampling_ratio, aligned, h, w):
+            tables = (batch, *y, *x, count.clip(min=1).astype(y[2].dtype))
             transposed = _use_channels_last(ALIGN_COPY_COST * cells, input)
             step = _align_step(input, (sl.stop - sl.start) * c * pooled_height * pooled_width)
             for c0, c1, feat in _channel_chunks(input, dtype):
@@ -241,9 +237,9 @@ def roi_align_backward(grad: Tensor, rois: Tensor, spatial_scale: float, pooled_
     try:
         for c0, c1, g in _channel_chunks(grad, dtype):
             part = out if grad.dtype == dtype and (c0, c1) == (0, c) else fresh_tensor((n, c1 - c0, h, w), dtype)
-            for sl, batch, y, x, count in _align_parts(rois, spatial_scale, pooled, sampling_ratio, aligned, h, w):
-                _run(kernels.roi_align_backward, c1 - c0, g[sl].contiguous().numpy(), batch.numpy(), *_numpy(y),
-                     *_numpy(x), count.to(dtype).numpy(), part.numpy(), BACKWARD_BLOCK)
+            for sl, batch, y, x, count, _ in _align_parts(rois, spatial_scale, pooled, sampling_ratio, aligned, h, w):
+                _run(kernels.roi_align_backward, c1 - c0, g[sl].contiguous().numpy(), batch, *y, *x,
+                     count.astype(y[2].dtype), part.numpy(), BACKWARD_BLOCK)
             if part is not out:
                 out[:, c0:c1] = part
     except _Declined:
