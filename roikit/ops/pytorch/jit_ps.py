@@ -3,7 +3,8 @@
 
 Each launcher returns ``None`` for what it does not take (numba missing, the path switched off with
 ``ROIKIT_JIT=0`` or ``jit.disabled()``, a tensor off the CPU, more than ``jit.MAX_SAMPLES`` samples per bin and
-axis, a map with 2^31 cells or more per plane), and the plain path runs instead. The boxes' samples and bin edges
+axis, a map with 2^31 cells or more per plane, channels not a multiple of PH * PW), and the plain path runs
+instead. The boxes' samples and bin edges
 come from ``_numba_ps_tables`` (geometry's arithmetic, operation by operation, in numba: a few microseconds where
 building them with torch ops cost 0.2-0.3 ms a call). Threads split the boxes (forward) or the channels (backward,
 ps_roi_pool's summed-area way) in ``torch.get_num_threads()`` ranges, so every result is the same on any thread
@@ -87,7 +88,7 @@ def ps_roi_align_forward(input: Tensor, rois: Tensor, spatial_scale: float, pool
                          sampling_ratio: int) -> Tensor | None:
     """[K, C', PH, PW] in the map's dtype, or None when this path does not take the call."""
     n, c, h, w = input.shape
-    if not _takes(input, rois) or h * w >= 2**31:
+    if not _takes(input, rois) or h * w >= 2**31 or c % (pooled_height * pooled_width):
         return None
     boxes, scale = _boxes(rois, spatial_scale)
     most = _most_samples(boxes, scale, (pooled_height, pooled_width), sampling_ratio)
@@ -176,7 +177,7 @@ def ps_roi_pool_forward(input: Tensor, rois: Tensor, spatial_scale: float, poole
                         pooled_width: int) -> Tensor | None:
     """[K, C', PH, PW] in the map's dtype, or None."""
     n, c, h, w = input.shape
-    if not _takes(input, rois) or h * w >= 2**31:
+    if not _takes(input, rois) or h * w >= 2**31 or c % (pooled_height * pooled_width):
         return None
     k = rois.shape[0]
     batch, edges, table_way = _pool_edges(rois, spatial_scale, (pooled_height, pooled_width), input.shape)

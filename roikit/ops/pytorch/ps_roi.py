@@ -29,12 +29,13 @@ def ps_roi_align_forward(input: Tensor, rois: Tensor, spatial_scale: float, pool
     """[K, C', PH, PW]."""
     n, c, h, w = input.shape
     k, pooled = rois.shape[0], (pooled_height, pooled_width)
+    if k and c and input.numel():
+        fast = jit_ps.ps_roi_align_forward(input, rois, spatial_scale, pooled_height, pooled_width, sampling_ratio)
+        if fast is not None:  # the numba kernels (roikit.ops.pytorch.jit_ps), where they take the call
+            return fast
     out = input.new_zeros((k, c // (pooled_height * pooled_width), pooled_height, pooled_width))
     if k == 0 or out.numel() == 0 or input.numel() == 0:
         return out
-    fast = jit_ps.ps_roi_align_forward(input, rois, spatial_scale, pooled_height, pooled_width, sampling_ratio)
-    if fast is not None:  # the numba kernels (roikit.ops.pytorch.jit_ps), where they take the call
-        return fast
     feat = FeatureRows(input, compute_dtype(rois))
     sizes = sampling_grid(rois, spatial_scale, pooled, sampling_ratio, True)
     (y1, bin_h, gh), (x1, bin_w, gw) = sizes
@@ -84,12 +85,13 @@ def ps_roi_pool_forward(input: Tensor, rois: Tensor, spatial_scale: float, poole
     n, c, h, w = input.shape
     k, pooled = rois.shape[0], (pooled_height, pooled_width)
     c_out = c // (pooled_height * pooled_width)
+    if k and c_out and input.numel():
+        fast = jit_ps.ps_roi_pool_forward(input, rois, spatial_scale, pooled_height, pooled_width)
+        if fast is not None:  # the numba kernels (roikit.ops.pytorch.jit_ps), where they take the call
+            return fast
     out = input.new_zeros((k, c_out, pooled_height, pooled_width))
     if k == 0 or out.numel() == 0 or input.numel() == 0:
         return out
-    fast = jit_ps.ps_roi_pool_forward(input, rois, spatial_scale, pooled_height, pooled_width)
-    if fast is not None:  # the numba kernels (roikit.ops.pytorch.jit_ps), where they take the call
-        return fast
     (hs, he), (ws, we) = ps_roi_pool_edges(rois, spatial_scale, pooled, (h, w))  # [K, P] each
     batch = rois[:, 0].long()
     channel = _channel_of_bin(c_out, pooled, input.device)[None]  # [1, C', PH, PW]
