@@ -39,7 +39,7 @@ def value(cell):
     raise NotImplementedError("numba only")
 
 
-@overload(value)
+@overload(value, inline="always")
 def _value(cell):
     if isinstance(cell, types.Integer):
         return lambda cell: _bfloat16_bits(cell)
