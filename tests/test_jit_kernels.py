@@ -63,9 +63,11 @@ def test_roi_align_agrees_with_the_plain_path(read_path, sampling_ratio, make_ro
     torch.testing.assert_close(xj.grad, xp.grad, atol=1e-5, rtol=1e-5)
 
 
-def test_roi_align_bfloat16_is_torchvision_in_float32_rounded(make_rois):
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_roi_align_bfloat16_is_torchvision_in_float32_rounded(read_path, layout, make_rois):
+    # the kernels read a bfloat16 map as its bits (a channels-last one as contiguous bfloat16 chunks) and widen
     rois = make_rois(k=20, dtype=torch.float32)
-    x = _map(torch.bfloat16)
+    x = _map(torch.bfloat16, layout=layout)
     expected = torchvision.ops.roi_align(x.float(), rois, 3, 0.5, 2, True).to(torch.bfloat16)
     assert torch.equal(roi_align(x, rois, 3, 0.5, 2, True), expected)
 

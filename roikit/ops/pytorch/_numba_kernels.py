@@ -253,8 +253,9 @@ def _store_cells(scratch, image, c0, cb, rows, cols):
 @nb.njit(cache=True, nogil=True)
 def roi_align_forward(begin, end, feat, batch, y_low, y_high, y_wlow, y_whigh, y_valid, x_low, x_high, x_wlow,
                       x_whigh, x_valid, count, out, block):
-    """feat [N, C, H, W]; batch [K]; y tables [K, PH, GY]; x tables [K, PW, GX]; count [K] (``max(gh * gw, 1)``
-    in the map's dtype); out [K, C, PH, PW], written."""
+    """feat [N, C, H, W] (float, or bfloat16 as its bits, widened exactly as read); batch [K]; y tables [K, PH, GY];
+    x tables [K, PW, GX]; count [K] (``max(gh * gw, 1)`` in the compute dtype); out [K, C, PH, PW] (compute dtype),
+    written."""
     channels = feat.shape[1]
     ph_count, gy_count = y_low.shape[1], y_low.shape[2]
     pw_count, gx_count = x_low.shape[1], x_low.shape[2]
@@ -264,7 +265,7 @@ def roi_align_forward(begin, end, feat, batch, y_low, y_high, y_wlow, y_whigh, y
         cols, rx0, rx1 = _local_axis(x_low[k], x_high[k], x_valid[k])
         nr, nc = rows.shape[0], cols.shape[0]
         scratch = np.empty((nr, nc, block), feat.dtype)
-        acc = np.empty(block, feat.dtype)
+        acc = np.empty(block, out.dtype)
         _prefetch_cells(feat, n, 0, block, rows, cols)
         for c0 in range(0, channels, block):
             cb = min(block, channels - c0)
@@ -287,7 +288,8 @@ def roi_align_forward(begin, end, feat, batch, y_low, y_high, y_wlow, y_whigh, y
                             s00, s01 = scratch[a0, b0], scratch[a0, b1]
                             s10, s11 = scratch[a1, b0], scratch[a1, b1]
                             for cc in range(cb):
-                                acc[cc] += w1 * s00[cc] + w2 * s01[cc] + w3 * s10[cc] + w4 * s11[cc]
+                                acc[cc] += (w1 * _widen(s00[cc]) + w2 * _widen(s01[cc]) + w3 * _widen(s10[cc])
+                                            + w4 * _widen(s11[cc]))
                     for cc in range(cb):
                         out[k, c0 + cc, ph, pw] = acc[cc] / count[k]
 
@@ -302,7 +304,7 @@ def roi_align_forward_cl(begin, end, feat, c0, batch, y_low, y_high, y_wlow, y_w
     pw_count, gx_count = x_low.shape[1], x_low.shape[2]
     for k in range(begin, end):
         image = feat[batch[k]]
-        acc = np.empty(cb, feat.dtype)
+        acc = np.empty(cb, out.dtype)
         for ph in range(ph_count):
             for pw in range(pw_count):
                 acc[:] = 0
@@ -320,7 +322,8 @@ def roi_align_forward_cl(begin, end, feat, c0, batch, y_low, y_high, y_wlow, y_w
                         s00, s01 = image[a0, b0], image[a0, b1]
                         s10, s11 = image[a1, b0], image[a1, b1]
                         for cc in range(cb):
-                            acc[cc] += w1 * s00[cc] + w2 * s01[cc] + w3 * s10[cc] + w4 * s11[cc]
+                            acc[cc] += (w1 * _widen(s00[cc]) + w2 * _widen(s01[cc]) + w3 * _widen(s10[cc])
+                                        + w4 * _widen(s11[cc]))
                 for cc in range(cb):
                     out[k, c0 + cc, ph, pw] = acc[cc] / count[k]
 

@@ -194,6 +194,18 @@ def _use_channels_last(cells: int, input: Tensor) -> bool:
     return cells > n * h * w
 
 
+def _align_chunks(input: Tensor, dtype: torch.dtype):
+    """``(c0, c1, array)``: the map for the RoIAlign forward kernels, as :func:`_channel_chunks` in ``dtype``; but a
+    bfloat16 map with float32 sums as its bits (uint16; the kernels widen each value they read, exactly), so the
+    kernels read only the cells they need instead of a float32 copy of the whole map."""
+    if input.dtype == torch.bfloat16 and dtype == torch.float32:
+        for c0, c1, chunk in _channel_chunks(input, torch.bfloat16):
+            yield c0, c1, chunk.view(torch.uint16).numpy()
+        return
+    for c0, c1, chunk in _channel_chunks(input, dtype):
+        yield c0, c1, chunk.numpy()
+
+
 def roi_align_forward(input: Tensor, rois: Tensor, spatial_scale: float, pooled_height: int, pooled_width: int,
                       sampling_ratio: int, aligned: bool) -> Tensor | None:
     """Average RoIAlign [K, C, PH, PW] in the map's dtype, or None when this path does not take the call."""
@@ -209,14 +221,14 @@ def roi_align_forward(input: Tensor, rois: Tensor, spatial_scale: float, pooled_
             tables = (batch, *y, *x, count.clip(min=1).astype(y[2].dtype))
             transposed = _use_channels_last(ALIGN_COPY_COST * cells, input)
             step = _align_step(input, (sl.stop - sl.start) * c * pooled_height * pooled_width)
-            for c0, c1, feat in _channel_chunks(input, dtype):
+            for c0, c1, feat in _align_chunks(input, dtype):
                 if transposed:  # channel blocks in parallel, each made channels-last by its thread
-                    _run(kernels.roi_align_forward_blocks, -(-(c1 - c0) // step), feat.numpy(), step, *tables,
+                    _run(kernels.roi_align_forward_blocks, -(-(c1 - c0) // step), feat, step, *tables,
                          out[sl, c0:c1].numpy())
                     continue
                 whole = (c0, c1) == (0, c)
                 part = out[sl] if whole else torch.empty((sl.stop - sl.start, c1 - c0, *pooled), dtype=dtype)
-                _run(kernels.roi_align_forward, len(batch), feat.numpy(), *tables, part.numpy(), CHANNEL_BLOCK)
+                _run(kernels.roi_align_forward, len(batch), feat, *tables, part.numpy(), CHANNEL_BLOCK)
                 if not whole:
                     out[sl, c0:c1] = part
     except _Declined:
