@@ -179,3 +179,25 @@ def test_roi_align_tables_are_the_plain_paths_geometry(dtype, sampling_ratio, al
         return torch.minimum((last - first + 1).clamp(min=0), torch.tensor(2 * low[0].numel()))
 
     assert cells == int((copied(*expected_y[:2], expected_y[4]) * copied(*expected_x[:2], expected_x[4])).sum())
+
+
+@pytest.mark.parametrize("slices", ["one", "several"])
+def test_roi_align_bfloat16_gradient_is_torchvision_in_float32_rounded(slices, monkeypatch, make_rois):
+    # one slice of boxes: each block of channels is added up in float32 planes and rounded once into the bfloat16
+    # map; several slices (tables held a slice at a time): a float32 map of every channel, rounded at the end
+    if slices == "several":
+        monkeypatch.setattr(jit, "CHUNK_BUDGET", 200)  # 4 boxes' tables per slice
+    rois = make_rois(k=20, dtype=torch.float32)
+    x = _map(torch.bfloat16)
+    grad = torch.randn(20, C, 3, 3, generator=torch.Generator().manual_seed(4)).bfloat16()
+    xt = x.float().requires_grad_()
+    torchvision.ops.roi_align(xt, rois, 3, 0.5, 2, True).backward(grad.float())
+    before = torch.get_num_threads()
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            xr = x.clone().requires_grad_()
+            roi_align(xr, rois, 3, 0.5, 2, True).backward(grad)
+            assert xr.grad.dtype == torch.bfloat16 and torch.equal(xr.grad, xt.grad.bfloat16()), threads
+    finally:
+        torch.set_num_threads(before)

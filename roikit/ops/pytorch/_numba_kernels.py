@@ -370,9 +370,42 @@ def _tapped_axis(low, high, valid):
 def roi_align_backward(begin, end, grad, batch, y_low, y_high, y_wlow, y_whigh, y_valid, x_low, x_high, x_wlow,
                        x_whigh, x_valid, count, out, block):
     """grad [K, C, PH, PW]; tables as the forward's (count: ``gh * gw``); out [N, C, H, W] (zeros), added into;
-    channels ``begin .. end``, ``block`` at a time.
+    channels ``begin .. end``, ``block`` at a time (see :func:`_backward_block`)."""
+    grads = np.empty((y_low.shape[1], x_low.shape[1], block), grad.dtype)
+    for c0 in range(begin, end, block):
+        _backward_block(c0, min(block, end - c0), grad, batch, y_low, y_high, y_wlow, y_whigh, y_valid, x_low,
+                        x_high, x_wlow, x_whigh, x_valid, count, out, c0, grads)
 
-    Per box, the cells its taps touch are copied from ``out`` into a channels-last scratch [rows, cols, block],
+
+@nb.njit(cache=True, nogil=True)
+def roi_align_backward_bits(begin, end, grad, batch, y_low, y_high, y_wlow, y_whigh, y_valid, x_low, x_high, x_wlow,
+                            x_whigh, x_valid, count, out, block):
+    """As :func:`roi_align_backward` into a bfloat16 map given as its bits, out [N, C, H, W] (uint16, every value
+    written): a block of channels is added up in this thread's float32 planes [N, block, H, W] (zeros first), then
+    rounded once into ``out``: torchvision's float32 gradient rounded, without a float32 map of all channels."""
+    n_count, _, height, width = out.shape
+    planes = np.empty((n_count, block, height, width), grad.dtype)
+    grads = np.empty((y_low.shape[1], x_low.shape[1], block), grad.dtype)
+    for c0 in range(begin, end, block):
+        cb = min(block, end - c0)
+        planes[:, :cb] = 0
+        _backward_block(c0, cb, grad, batch, y_low, y_high, y_wlow, y_whigh, y_valid, x_low, x_high, x_wlow,
+                        x_whigh, x_valid, count, planes, 0, grads)
+        for n in range(n_count):
+            for cc in range(cb):
+                src, dst = planes[n, cc], out[n, c0 + cc]
+                for h in range(height):
+                    for w in range(width):
+                        dst[h, w] = _narrow(src[h, w], out)
+
+
+@nb.njit(cache=True, nogil=True)
+def _backward_block(c0, cb, grad, batch, y_low, y_high, y_wlow, y_whigh, y_valid, x_low, x_high, x_wlow, x_whigh,
+                    x_valid, count, planes, p0, grads):
+    """Every box's gradient of channels ``c0 .. c0 + cb`` added into ``planes`` [N, *, H, W] at channels ``p0 ..``;
+    grads: scratch [PH, PW, >= cb].
+
+    Per box, the cells its taps touch are copied from ``planes`` into a channels-last scratch [rows, cols, cb],
     every tap's ``g * w / count`` is added there for the block's channels at once (one vector per tap: the
     divisions, most of the time, run 8-16 to an instruction), and the cells are written back before the next box:
     each cell of each channel receives the same additions in the same order as torchvision's loop, so the same
@@ -380,51 +413,48 @@ def roi_align_backward(begin, end, grad, batch, y_low, y_high, y_wlow, y_whigh, 
     k_count = grad.shape[0]
     ph_count, gy_count = y_low.shape[1], y_low.shape[2]
     pw_count, gx_count = x_low.shape[1], x_low.shape[2]
-    grads = np.empty((ph_count, pw_count, block), grad.dtype)
-    for c0 in range(begin, end, block):
-        cb = min(block, end - c0)
-        for k in range(k_count):
-            n = batch[k]
-            rows, ry0, ry1 = _tapped_axis(y_low[k], y_high[k], y_valid[k])
-            cols, rx0, rx1 = _tapped_axis(x_low[k], x_high[k], x_valid[k])
-            nr, nc = rows.shape[0], cols.shape[0]
-            if nr == 0 or nc == 0:
-                continue
-            scratch = np.empty((nr, nc, cb), out.dtype)
-            _copy_cells(out[n], c0, cb, rows, cols, scratch)
-            for cc in range(cb):
-                g = grad[k, c0 + cc]
-                for ph in range(ph_count):
-                    for pw in range(pw_count):
-                        grads[ph, pw, cc] = g[ph, pw]
-            total = count[k]
+    for k in range(k_count):
+        n = batch[k]
+        rows, ry0, ry1 = _tapped_axis(y_low[k], y_high[k], y_valid[k])
+        cols, rx0, rx1 = _tapped_axis(x_low[k], x_high[k], x_valid[k])
+        nr, nc = rows.shape[0], cols.shape[0]
+        if nr == 0 or nc == 0:
+            continue
+        scratch = np.empty((nr, nc, cb), planes.dtype)
+        _copy_cells(planes[n], p0, cb, rows, cols, scratch)
+        for cc in range(cb):
+            g = grad[k, c0 + cc]
             for ph in range(ph_count):
                 for pw in range(pw_count):
-                    g = grads[ph, pw]
-                    for iy in range(gy_count):
-                        if not y_valid[k, ph, iy]:
+                    grads[ph, pw, cc] = g[ph, pw]
+        total = count[k]
+        for ph in range(ph_count):
+            for pw in range(pw_count):
+                g = grads[ph, pw]
+                for iy in range(gy_count):
+                    if not y_valid[k, ph, iy]:
+                        continue
+                    a0, a1 = ry0[ph, iy], ry1[ph, iy]
+                    hy, ly = y_wlow[k, ph, iy], y_whigh[k, ph, iy]
+                    for ix in range(gx_count):
+                        if not x_valid[k, pw, ix]:
                             continue
-                        a0, a1 = ry0[ph, iy], ry1[ph, iy]
-                        hy, ly = y_wlow[k, ph, iy], y_whigh[k, ph, iy]
-                        for ix in range(gx_count):
-                            if not x_valid[k, pw, ix]:
-                                continue
-                            b0, b1 = rx0[pw, ix], rx1[pw, ix]
-                            hx, lx = x_wlow[k, pw, ix], x_whigh[k, pw, ix]
-                            w1, w2, w3, w4 = hy * hx, hy * lx, ly * hx, ly * lx
-                            s = scratch[a0, b0]  # one loop per tap: two taps on one cell add in turn
-                            for cc in range(cb):
-                                s[cc] += g[cc] * w1 / total
-                            s = scratch[a0, b1]
-                            for cc in range(cb):
-                                s[cc] += g[cc] * w2 / total
-                            s = scratch[a1, b0]
-                            for cc in range(cb):
-                                s[cc] += g[cc] * w3 / total
-                            s = scratch[a1, b1]
-                            for cc in range(cb):
-                                s[cc] += g[cc] * w4 / total
-            _store_cells(scratch, out[n], c0, cb, rows, cols)
+                        b0, b1 = rx0[pw, ix], rx1[pw, ix]
+                        hx, lx = x_wlow[k, pw, ix], x_whigh[k, pw, ix]
+                        w1, w2, w3, w4 = hy * hx, hy * lx, ly * hx, ly * lx
+                        s = scratch[a0, b0]  # one loop per tap: two taps on one cell add in turn
+                        for cc in range(cb):
+                            s[cc] += g[cc] * w1 / total
+                        s = scratch[a0, b1]
+                        for cc in range(cb):
+                            s[cc] += g[cc] * w2 / total
+                        s = scratch[a1, b0]
+                        for cc in range(cb):
+                            s[cc] += g[cc] * w3 / total
+                        s = scratch[a1, b1]
+                        for cc in range(cb):
+                            s[cc] += g[cc] * w4 / total
+        _store_cells(scratch, planes[n], p0, cb, rows, cols)
 
 
 @intrinsic

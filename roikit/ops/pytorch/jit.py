@@ -22,6 +22,7 @@ slowing the torch ops around them 3-10x on 2 cores.)
 from __future__ import annotations
 
 import functools
+import itertools
 import os
 from concurrent.futures import ThreadPoolExecutor
 
@@ -244,9 +245,17 @@ def roi_align_backward(grad: Tensor, rois: Tensor, spatial_scale: float, pooled_
         return None
     dtype = compute_dtype(rois)
     pooled = (pooled_height, pooled_width)
-    out = fresh_tensor(shape, grad.dtype)
     kernels = _kernels()
     try:
+        if grad.dtype == torch.bfloat16 and dtype == torch.float32:
+            parts = list(itertools.islice(_align_parts(rois, spatial_scale, pooled, sampling_ratio, aligned, h, w), 2))
+            if len(parts) == 1:  # one slice of boxes: a block of channels is added up whole in float32, then rounded
+                _, batch, y, x, count, _ = parts[0]
+                out = fresh_tensor(shape, grad.dtype, zeros=False)
+                _run(kernels.roi_align_backward_bits, c, grad.float().contiguous().numpy(), batch, *y, *x,
+                     count.astype(y[2].dtype), out.view(torch.uint16).numpy(), BACKWARD_BLOCK)
+                return out
+        out = fresh_tensor(shape, grad.dtype)
         for c0, c1, g in _channel_chunks(grad, dtype):
             part = out if grad.dtype == dtype and (c0, c1) == (0, c) else fresh_tensor((n, c1 - c0, h, w), dtype)
             for sl, batch, y, x, count, _ in _align_parts(rois, spatial_scale, pooled, sampling_ratio, aligned, h, w):
