@@ -7,13 +7,12 @@ plain-PyTorch reference in their own files: ``test_triton_roi_align.py``, ``test
 ``test_roi_align_rotated_api.py``, ``test_deform_roi_pool_triton.py`` and ``test_roi_align_box_grad.py``. Shared inputs and
 helpers: ``triton_cases.py``.
 """
-import os
 import subprocess
 import sys
 
 import pytest
 import torch
-from triton_cases import ML, PH, PR, PW, RA, RP, SCALE, make_input, make_rois
+from triton_cases import ML, PH, PR, PW, RA, RP, SCALE, compile_for_sm90, make_input, make_rois
 
 # log2(0) and sqrt(-1) of degenerate boxes are computed in numpy by the interpreter, which warns
 pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")
@@ -68,54 +67,10 @@ def test_import_without_triton():
 
 
 # ---------------------------------------------------------------- compiled for a GPU, without one
-# The interpreter runs the kernels' arithmetic but not Triton's compiler: constexpr specialization (ints equal to 1
-# become constants, inside tuples too), the libdevice branch of the level rule, typing. This script runs every
-# launcher on CPU tensors with JITFunction.run replaced by a compile for sm_90, in a process without the
-# interpreter: roi_align, roi_pool, prroi_pool, multilevel_roi_align, roi_align_rotated and deform_roi_pool here,
-# ps_roi and roi_align's box gradient in test_triton_ps_roi.py.
-COMPILE_SCRIPT = r'''
-import time
-import torch
-try:  # triton internals (3.x): the JIT's own specialization; skip where they moved
-    import triton
-    from triton._utils import find_paths_if, get_iterable_path
-    from triton.backends.compiler import BaseBackend, GPUTarget
-    from triton.backends.nvidia.compiler import CUDABackend  # noqa: F401
-    from triton.compiler import ASTSource
-    from triton.runtime.jit import JITFunction, native_specialize_impl
-except Exception as e:
-    print("SKIP: cannot compile for sm_90 with this triton:", repr(e))
-    raise SystemExit(0)
-
-TARGET = GPUTarget("cuda", 90, 32)
-seen = {}
-
-
-def compile_instead(self, *args, grid, warmup, **kwargs):
-    """Specialize the arguments as the JIT does (ints equal to 1, also inside tuples, become constexpr), then
-    compile for sm_90 instead of launching. DEVICE_MATH (libdevice) is on, as on a GPU."""
-    bound = dict(zip(self.arg_names, args))
-    bound.update(kwargs)
-    values = [True if p.name == "DEVICE_MATH" else bound[p.name] for p in self.params]
-    sigvals = ["constexpr" if p.is_constexpr else
-               native_specialize_impl(BaseBackend, v, p.is_const, not p.do_not_specialize, True)[0]
-               for p, v in zip(self.params, values)]
-    consts = {path: get_iterable_path(values, path)
-              for path in find_paths_if(sigvals, lambda _, val: val == "constexpr")}
-    key = (self.__name__, repr(sigvals), repr(sorted(consts.items())))
-    if self.__name__ in ("_roi_align_runs_kernel", "_windows_kernel", "_deform_runs_kernel"):
-        bound["win_ptr"].fill_(1)  # the launcher reads its windows back: a plausible 1 x 1 each
-        for name in ("lo_y_ptr", "lo_x_ptr", "n_y_ptr", "n_x_ptr"):
-            if name in bound:
-                bound[name].zero_()
-    if key not in seen:
-        t = time.time()
-        triton.compile(ASTSource(fn=self, signature=dict(zip(self.arg_names, sigvals)), constexprs=consts),
-                       target=TARGET)
-        seen[key] = time.time() - t
-
-
-JITFunction.run = compile_instead
+# Every launcher run on CPU tensors with each kernel launch compiled for sm_90 instead (triton_cases.compile_for_sm90):
+# roi_align, roi_pool, prroi_pool, multilevel_roi_align, roi_align_rotated and deform_roi_pool here, ps_roi and
+# roi_align's box gradient in test_triton_ps_roi.py.
+LAUNCHES = r'''
 from roikit.ops.triton import roi_align as RA, roi_pool as RP, prroi_pool as PR, multilevel_roi_align as ML
 from roikit.ops.triton import roi_align_rotated as RR, deform_roi_pool as DF
 
@@ -149,15 +104,8 @@ for x in (torch.randn(2, 3, 7, 13), torch.randn(2, 1, 1, 13)):  # the second: C 
     out = DF.deform_roi_pool_forward(x, rois, offset, 0.25, 3, 5, 2, 0.1)
     for det in (False, True):
         DF.deform_roi_pool_backward(out, x, rois, offset, 0.25, 3, 5, 2, 0.1, True, det)
-print(f"compiled {len(seen)} kernel variants for sm_90 in {sum(seen.values()):.0f} s")
 '''
 
 
 def test_kernels_compile_for_sm90():
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    done = subprocess.run([sys.executable, "-c", COMPILE_SCRIPT], capture_output=True, text=True, timeout=600,
-                          env=env)
-    if done.stdout.startswith("SKIP"):
-        pytest.skip(done.stdout.strip())
-    assert done.returncode == 0, done.stderr[-4000:]
-    assert "compiled" in done.stdout
+    compile_for_sm90(LAUNCHES)

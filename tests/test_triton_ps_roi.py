@@ -6,43 +6,18 @@ Outputs and gradients (atomic and deterministic backward), float32 to 1e-5, floa
 contiguous and channels-last maps, odd shapes (C' = 3, a 3 x 2 grid, a 7 x 13 map), boxes inside, partly and wholly
 outside the map, zero-size and reversed, no boxes, hostile boxes under a time limit, and the CUDA registration.
 """
-import os
+import pytest
+import torch
+from triton_cases import PH, PS, PW, SCALE, close, compile_for_sm90, time_limit
+from triton_cases import make_rois as make_roi_cases
 
-# before any kernel module is imported (@triton.jit reads it then), and left set (see triton_cases.py)
-os.environ["TRITON_INTERPRET"] = "1"
-
-import contextlib  # noqa: E402
-import importlib  # noqa: E402
-import signal  # noqa: E402
-
-import pytest  # noqa: E402
-import torch  # noqa: E402
-
-pytest.importorskip("triton")
-
-from roikit.ops.pytorch import ps_roi as ref  # noqa: E402
+from roikit.ops.pytorch import ps_roi as ref
 
 # log2(0) of degenerate boxes is computed in numpy by the interpreter, which warns
 pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")
 
-
-def _load():
-    """The kernel module built for the interpreter (re-imported, with what it imports, if built before)."""
-    names = ["_deterministic", "_tiles", "roi_align", "roi_pool", "ps_roi"]
-    mods = [importlib.import_module(f"roikit.ops.triton.{name}") for name in names]
-    if not all(any(type(v).__name__ == "InterpretedFunction" for v in vars(m).values()) for m in mods[2:]):
-        mods = [importlib.reload(m) for m in mods]
-    return mods[-1]
-
-
-PS = _load()
-
-SCALE = 0.25
-PH, PW = 3, 2  # P = 6 bins: input channels C' * 6
-C_OUT = 3
+C_OUT = 3  # P = 6 bins: input channels C' * 6
 SHAPE = (2, C_OUT * PH * PW, 7, 13)
-TOL = {torch.float32: dict(atol=1e-5, rtol=1e-5), torch.float16: dict(atol=1e-2, rtol=1e-2),
-       torch.bfloat16: dict(atol=3e-2, rtol=3e-2)}
 
 
 def make_input(dtype=torch.float32, channels_last=False, seed=0):
@@ -51,20 +26,10 @@ def make_input(dtype=torch.float32, channels_last=False, seed=0):
 
 
 def make_rois(dtype=torch.float32):
-    return torch.tensor([
-        [0, 1.0, 1.5, 30.3, 20.2],  # inside
-        [1, -10.0, -5.0, 8.0, 40.0],  # partly outside
-        [0, 5.0, 5.0, 5.0, 5.0],  # zero size
-        [1, 20.0, 20.0, 3.0, 4.0],  # reversed
-        [0, 100.0, 100.0, 120.0, 130.0],  # wholly outside
-        [1, 0.0, 0.0, 52.0, 28.0],  # the whole map
-        [0, 10.5, 6.25, 22.0, 14.0],  # small, a few cells
-        [1, 2.0, 2.0, 50.0, 26.0],  # most of the map: the last row and column (PSRoIPool never reads them)
-    ], dtype=torch.float64).to(dtype)
-
-
-def close(actual, expected, dtype, msg):
-    torch.testing.assert_close(actual.float(), expected.float(), **TOL[dtype], msg=msg)
+    """triton_cases' boxes and one more: most of the map, up to the last row and column (PSRoIPool never reads
+    them)."""
+    most = torch.tensor([[1, 2.0, 2.0, 50.0, 26.0]], dtype=torch.float64)
+    return torch.cat([make_roi_cases(torch.float64), most]).to(dtype)
 
 
 # ---------------------------------------------------------------- ps_roi_align
@@ -226,20 +191,6 @@ def test_non_finite_cells_stay_where_read():
         close(out[finite], want[finite], torch.float32, "finite outputs")
 
 
-@contextlib.contextmanager
-def time_limit(seconds: float):
-    """TimeoutError (reported by the interpreter as an InterpreterError) after ``seconds``."""
-    def expire(signum, frame):
-        raise TimeoutError(f"over {seconds} s: the kernel's work is not bounded by the map")
-    previous = signal.signal(signal.SIGALRM, expire)
-    signal.setitimer(signal.ITIMER_REAL, seconds)
-    try:
-        yield
-    finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, previous)
-
-
 @pytest.mark.parametrize("box,sampling_ratio", [([0, 0, 0, 1e4, 1e4], -1), ([0, -1e30, -1e30, 1e30, 1e30], 1000),
                                                 ([0, -3e4, -50, 1e4, 3e4], 1000)],
                          ids=["10k_px", "1e30_px_sr1000", "sr1000"])
@@ -284,51 +235,11 @@ def test_cuda_kernels_registered():
 
 
 # ---------------------------------------------------------------- compiled for a GPU, without one
-# The interpreter does not run Triton's compiler (typing, constexpr specialization of ints equal to 1): this script
-# compiles every kernel the launchers start for sm_90 instead of launching it, in a process without the interpreter
-# (the scheme of test_triton_kernels.py's test_kernels_compile_for_sm90). It also compiles the kernel of
-# roi_align(box_grad=True) (roikit.ops.triton.roi_align_box_grad, tested in test_roi_align_box_grad.py), written
-# with these: one compile run for both.
-COMPILE_SCRIPT = r'''
-import time
-import torch
-try:  # triton internals (3.x); skip where they moved
-    import triton
-    from triton._utils import find_paths_if, get_iterable_path
-    from triton.backends.compiler import BaseBackend, GPUTarget
-    from triton.backends.nvidia.compiler import CUDABackend  # noqa: F401
-    from triton.compiler import ASTSource
-    from triton.runtime.jit import JITFunction, native_specialize_impl
-except Exception as e:
-    print("SKIP: cannot compile for sm_90 with this triton:", repr(e))
-    raise SystemExit(0)
-
-seen = {}
-
-
-def compile_instead(self, *args, grid, warmup, **kwargs):
-    bound = dict(zip(self.arg_names, args))
-    bound.update(kwargs)
-    values = [bound[p.name] for p in self.params]
-    sigvals = ["constexpr" if p.is_constexpr else
-               native_specialize_impl(BaseBackend, v, p.is_const, not p.do_not_specialize, True)[0]
-               for p, v in zip(self.params, values)]
-    consts = {path: get_iterable_path(values, path)
-              for path in find_paths_if(sigvals, lambda _, val: val == "constexpr")}
-    if self.__name__ in ("_roi_align_runs_kernel", "_ps_pool_window_kernel"):  # read back: a 1 x 1 window each
-        bound["win_ptr"].fill_(1)
-        for name in ("lo_y_ptr", "lo_x_ptr"):
-            if name in bound:
-                bound[name].zero_()
-    key = (self.__name__, repr(sigvals), repr(sorted(consts.items())))
-    if key not in seen:
-        t = time.time()
-        triton.compile(ASTSource(fn=self, signature=dict(zip(self.arg_names, sigvals)), constexprs=consts),
-                       target=GPUTarget("cuda", 90, 32))
-        seen[key] = time.time() - t
-
-
-JITFunction.run = compile_instead
+# The interpreter does not run Triton's compiler (typing, constexpr specialization of ints equal to 1): every kernel
+# the launchers start is compiled for sm_90 instead of launched (triton_cases.compile_for_sm90). This also compiles
+# the kernel of roi_align(box_grad=True) (roikit.ops.triton.roi_align_box_grad, tested in
+# test_roi_align_box_grad.py), written with these: one compile run for both.
+LAUNCHES = r'''
 from roikit.ops.triton import ps_roi as PS
 from roikit.ops.triton import roi_align_box_grad as BG
 
@@ -344,18 +255,8 @@ for x in (torch.randn(2, 18, 7, 13), torch.randn(2, 9, 1, 1).bfloat16()):  # the
         arg = torch.zeros((2, c, 7, 7), dtype=torch.int64)
         out = torch.zeros((2, c, 7, 7), dtype=x.dtype)
         BG.roi_align_box_backward(out, x, rois, out, arg, 0.25, 7, 7, -1, aligned, pool_max)
-print(f"compiled {len(seen)} kernel variants for sm_90 in {sum(seen.values()):.0f} s")
 '''
 
 
 def test_kernels_compile_for_sm90():
-    import subprocess
-    import sys
-
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    done = subprocess.run([sys.executable, "-c", COMPILE_SCRIPT], capture_output=True, text=True, timeout=600,
-                          env=env)
-    if done.stdout.startswith("SKIP"):
-        pytest.skip(done.stdout.strip())
-    assert done.returncode == 0, done.stderr[-4000:]
-    assert "compiled" in done.stdout
+    compile_for_sm90(LAUNCHES)
