@@ -26,6 +26,7 @@ of samples of at most ``CHUNK_BUDGET`` values.
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import NamedTuple
 
@@ -33,6 +34,7 @@ import torch
 from torch import Tensor
 
 from ..geometry import MAX_CELLS, MAX_GRID, compute_dtype, sample_coord, sample_taps
+from . import jit
 from ._crops import CHUNK_BUDGET, box_slices, channels_last_rows, groups
 
 # the windows are widened by the rounding of the positions, up to this many samples (past it the positions are
@@ -126,7 +128,9 @@ def sample_window(start: Tensor, bin_size: Tensor, grid: Tensor, pooled: int, lo
     return begin_i, count
 
 
-def _windows(g: RotatedGrid, pooled: tuple[int, int], height: int, width: int):
+def sample_windows(g: RotatedGrid, pooled: tuple[int, int], height: int, width: int):
+    """The window of samples of each bin that can land on the map (see the module docstring): ``((lo_y, n_y),
+    (lo_x, n_x))``, first sample and count per box and bin row [B, PH] / column [B, PW] (int64)."""
     y_lo, y_hi, x_lo, x_hi, error = map_extent(g, height, width)
     rows = sample_window(g.y0, g.bin_h, g.gh, pooled[0], y_lo, y_hi, error)  # [B, PH] each
     cols = sample_window(g.x0, g.bin_w, g.gw, pooled[1], x_lo, x_hi, error)  # [B, PW] each
@@ -196,7 +200,12 @@ def _counts(g: RotatedGrid, idx: Tensor, dtype: torch.dtype) -> Tensor:
 def roi_align_rotated_forward(input: Tensor, rois: Tensor, spatial_scale: float, pooled_height: int,
                               pooled_width: int, sampling_ratio: int, aligned: bool, clockwise: bool,
                               radians: bool) -> Tensor:
-    """``output`` [K, C, PH, PW]: every bin's mean over its samples (see the module docstring)."""
+    """``output`` [K, C, PH, PW]: every bin's mean over its samples (see the module docstring); on the CPU by the
+    numba kernels when they take the call (:func:`jit_forward`)."""
+    fast = jit_forward(input, rois, spatial_scale, pooled_height, pooled_width, sampling_ratio, aligned, clockwise,
+                       radians)
+    if fast is not None:
+        return fast
     n, c, h, w = input.shape
     k, pooled = rois.shape[0], (pooled_height, pooled_width)
     out = input.new_zeros((k, c, pooled_height, pooled_width))
@@ -207,7 +216,7 @@ def roi_align_rotated_forward(input: Tensor, rois: Tensor, spatial_scale: float,
     finite = bool(torch.isfinite(values).all())
     for sl in box_slices(k):
         g = rotated_grid(rois[sl], spatial_scale, pooled, sampling_ratio, aligned, clockwise, radians)
-        rows, cols = _windows(g, pooled, h, w)
+        rows, cols = sample_windows(g, pooled, h, w)
         acc = torch.zeros((sl.stop - sl.start, pooled_height, pooled_width, c), dtype=dtype, device=input.device)
         for idx, blocks in _groups(g, rows, cols, pooled, h, w, c):
             b, total = idx.shape[0], 0.0
@@ -230,7 +239,11 @@ def roi_align_rotated_backward(grad: Tensor, rois: Tensor, spatial_scale: float,
                                batch_size: int, channels: int, height: int, width: int) -> Tensor:
     """Gradient with respect to the features, [N, C, H, W]: each bin's gradient / count goes to the 4 taps of each
     of its samples on the map, with their bilinear weights. ``index_add_`` runs in a fixed order on the CPU: the same
-    bits on every run."""
+    bits on every run. On the CPU by the numba kernels when they take the call (:func:`jit_backward`)."""
+    fast = jit_backward(grad, rois, spatial_scale, pooled_height, pooled_width, sampling_ratio, aligned, clockwise,
+                        radians, batch_size, channels, height, width)
+    if fast is not None:
+        return fast
     shape = (batch_size, channels, height, width)
     if rois.shape[0] == 0 or batch_size * channels * height * width == 0:
         return grad.new_zeros(shape)
@@ -239,7 +252,7 @@ def roi_align_rotated_backward(grad: Tensor, rois: Tensor, spatial_scale: float,
     out = torch.zeros((batch_size * height * width, channels), dtype=dtype, device=grad.device)
     for sl in box_slices(rois.shape[0]):
         g = rotated_grid(rois[sl], spatial_scale, pooled, sampling_ratio, aligned, clockwise, radians)
-        rows, cols = _windows(g, pooled, height, width)
+        rows, cols = sample_windows(g, pooled, height, width)
         per_bin = grad[sl].to(dtype).permute(0, 2, 3, 1)  # [B, PH, PW, C]
         for idx, blocks in _groups(g, rows, cols, pooled, height, width, channels):
             gb = (per_bin[idx] / _counts(g, idx, dtype))[:, :, :, None, None, :]  # [B, PH, PW, 1, 1, C]
@@ -247,3 +260,64 @@ def roi_align_rotated_backward(grad: Tensor, rois: Tensor, spatial_scale: float,
                 part = torch.where(valid[..., None], weights[..., None] * gb, 0.0)  # [B, PH, PW, S, 4, C]
                 out.index_add_(0, taps.reshape(-1), part.reshape(-1, channels))
     return out.reshape(batch_size, height, width, channels).permute(0, 3, 1, 2).to(grad.dtype).contiguous()
+
+
+# ---------------------------------------------------------------- the numba path (CPU)
+@functools.cache
+def _kernels():
+    """The numba kernels (:mod:`~roikit.ops.pytorch._numba_rotated`), or None when numba cannot be imported."""
+    try:
+        from . import _numba_rotated
+    except ImportError:
+        return None
+    return _numba_rotated
+
+
+def _jit_takes(channels: int, *tensors: Tensor) -> bool:
+    """As :mod:`~roikit.ops.pytorch.jit`: numba there, the path on, CPU tensors, at least ``jit.MIN_CHANNELS``."""
+    return (jit.enabled() and _kernels() is not None and channels >= jit.MIN_CHANNELS
+            and all(t.device.type == "cpu" for t in tensors))
+
+
+def _grids(rois: Tensor, spatial_scale: float, pooled: tuple[int, int], sampling_ratio: int, aligned: bool,
+           clockwise: bool, radians: bool, height: int, width: int):
+    """``(slice, arrays)``, a slice of boxes at a time: the grid (:func:`rotated_grid`) and windows
+    (:func:`sample_windows`) the kernels take, as numpy arrays."""
+    for sl in box_slices(rois.shape[0]):
+        g = rotated_grid(rois[sl], spatial_scale, pooled, sampling_ratio, aligned, clockwise, radians)
+        (lo_y, n_y), (lo_x, n_x) = sample_windows(g, pooled, height, width)
+        yield sl, tuple(a.contiguous().numpy() for a in (*g, lo_y, n_y, lo_x, n_x))
+
+
+def jit_forward(input: Tensor, rois: Tensor, spatial_scale: float, pooled_height: int, pooled_width: int,
+                sampling_ratio: int, aligned: bool, clockwise: bool, radians: bool) -> Tensor | None:
+    """The forward by the numba kernels, [K, C, PH, PW] in the map's dtype; None for a call they do not take (numba
+    missing, ``ROIKIT_JIT=0`` or ``with jit.disabled():``, off the CPU, fewer than ``jit.MIN_CHANNELS`` channels, no
+    box or an empty map): the plain path runs. Threads: ranges of boxes."""
+    n, c, h, w = input.shape
+    if not _jit_takes(c, input, rois) or rois.shape[0] == 0 or input.numel() == 0:
+        return None
+    dtype = compute_dtype(rois)
+    values = channels_last_rows(input, dtype).contiguous().numpy()  # [N H W, C], as the plain path
+    out = jit.fresh_tensor((rois.shape[0], c, pooled_height, pooled_width), dtype, zeros=False)
+    for sl, grid in _grids(rois, spatial_scale, (pooled_height, pooled_width), sampling_ratio, aligned, clockwise,
+                           radians, h, w):
+        jit._run(_kernels().rotated_forward, sl.stop - sl.start, values, h, w, *grid, out[sl].numpy())
+    return out.to(input.dtype)
+
+
+def jit_backward(grad: Tensor, rois: Tensor, spatial_scale: float, pooled_height: int, pooled_width: int,
+                 sampling_ratio: int, aligned: bool, clockwise: bool, radians: bool, batch_size: int, channels: int,
+                 height: int, width: int) -> Tensor | None:
+    """The gradient by the numba kernels, [N, C, H, W] in ``grad``'s dtype, or None (as :func:`jit_forward`).
+    Threads: ranges of channels, each adding into its channels of channels-last rows [N H W, C]."""
+    if (not _jit_takes(channels, grad, rois) or rois.shape[0] == 0
+            or batch_size * channels * height * width == 0):
+        return None
+    dtype = compute_dtype(rois)
+    rows = jit.fresh_tensor((batch_size * height * width, channels), dtype)
+    for sl, grid in _grids(rois, spatial_scale, (pooled_height, pooled_width), sampling_ratio, aligned, clockwise,
+                           radians, height, width):
+        g = grad[sl].to(dtype).contiguous().numpy()
+        jit._run(_kernels().rotated_backward, channels, g, height, width, *grid, rows.numpy())
+    return rows.reshape(batch_size, height, width, channels).permute(0, 3, 1, 2).to(grad.dtype).contiguous()
