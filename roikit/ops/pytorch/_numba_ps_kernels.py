@@ -1,33 +1,30 @@
 """numba kernels of the CPU fast path for the position-sensitive ops: ps_roi_align and ps_roi_pool, both ways.
 
-Imported only through :mod:`roikit.ops.pytorch.jit_ps`, which builds their tables with :mod:`roikit.ops.geometry`
-(the plain path's code) and runs ranges of channels on :func:`roikit.ops.pytorch.jit._run`'s threads.
+Imported only through :mod:`roikit.ops.pytorch.jit_ps`, which runs ranges of boxes (forwards) or channels
+(backwards) on :func:`roikit.ops.pytorch.jit._run_pieces`'s threads; the per-box samples and bin edges come from
+:mod:`roikit.ops.pytorch._numba_ps_tables` (geometry's arithmetic).
 
 Channels: input channel ``c`` belongs to output channel ``c // (PH * PW)`` and bin ``(ph, pw) = divmod(c % (PH *
-PW), PW)``, so the output [K, C', PH, PW] is the matrix ``out[k, c]`` [K, C]. Every kernel runs input channels
-``begin .. end`` (of a block of channels starting at ``c_offset``) and, for each, every box in order: one channel's
-plane stays in cache over all boxes, no two threads touch one output value or one gradient cell, and each cell's
-additions come in a fixed order (boxes, then samples or cells), whatever the thread count.
+PW), PW)``, so the output [K, C', PH, PW] is the matrix ``out[k, c]`` [K, C]. A forward writes its boxes' rows; a
+backward runs its channels and, for each, every box in order: one channel's plane stays in cache over all boxes, no
+two threads touch one output value or one gradient cell, and each cell's additions come in a fixed order (boxes,
+then samples or cells), whatever the thread count.
 
 * ``ps_roi_align``: torchvision's sum for each bin, ``acc += w1 * v1 + w2 * v2 + w3 * v3 + w4 * v4`` over the
   samples, then ``acc / count`` (equal bits); the backward adds ``g * w / count`` to the four taps in torchvision's
   order (boxes, samples, taps): equal bits.
-* ``ps_roi_pool``: the plain path's mean in float64. Two ways, picked per call by their cost: *direct* sums each
-  bin's cells in float64 (cost: the bins' cells), *table* builds a channel's summed-area table exactly as the plain
-  path does (``cumsum`` over rows, then columns, in float64) and reads four entries per bin (cost: the plane). The
-  backward likewise adds ``g / area`` straight to the cells in float64, or replays the plain path's difference
-  table (four corners, ``cumsum`` twice). The table ways give the plain path's bits; the direct ways the same sums
-  added in another order (float64: equal bits after rounding to float32 unless a float64 sum rounds).
+* ``ps_roi_pool``: torchvision's arithmetic too: each bin's cells added row by row from 0 in the compute dtype,
+  then divided by its area (equal bits); the backward adds ``g / area`` to each cell of the forward's bins, boxes in
+  order (torchvision's additions, on the forward's cells). The flat arrays are indexed with unsigned offsets (numba
+  checks a signed index for wraparound on every read: 1.5-2x slower here), and two channels of one bin (the same
+  cells) are summed at a time.
 """
 from __future__ import annotations
 
 import numba as nb
 import numpy as np
 
-from ._numba_ps_tables import align_axis, align_taps, value
-
-BLOCK = 16  # channels of a block: every box runs a block of channels at a time (its output row is written in
-# runs of BLOCK values, not one value per cache line)
+from ._numba_ps_tables import align_axis, align_taps, pool_axis, value
 
 
 @nb.njit(cache=True, nogil=True, inline="always")
@@ -130,184 +127,122 @@ def ps_roi_align_backward(begin, end, grad, c_offset, rois, scale, ph_count, pw_
 
 
 # ---------------------------------------------------------------- ps_roi_pool
-@nb.njit(cache=True, nogil=True)
-def _summed_area(plane, table, columns):
-    """``table`` [H + 1, W + 1] (float64) = the plane's summed-area table as the plain path computes it (the plane
-    zero-padded on top and left, ``cumsum`` down the rows, then along each row): the same additions in the same
-    order, in one pass that keeps the running column sums in ``columns`` [W + 1]; non-finite cells read as 0.
-    Returns whether every cell was finite."""
-    height, width = plane.shape
-    finite = True
-    table[0, :] = 0.0
-    columns[:] = 0.0
-    for i in range(height):
-        row, src = table[i + 1], plane[i]
-        acc = columns[0]
-        row[0] = acc
-        for j in range(width):
-            v = np.float64(value(src[j]))
-            if not np.isfinite(v):
-                finite = False
-                v = 0.0
-            columns[j + 1] += v
-            acc += columns[j + 1]
-            row[j + 1] = acc
-    return finite
+_U = np.uint64  # offsets into the flat arrays: unsigned, so numba adds no negative-index wraparound per read
 
 
 @nb.njit(cache=True, nogil=True, inline="always")
-def _direct_mean(feat, n, c, h0, h1, w0, w1):
-    total = 0.0
-    for h in range(h0, h1):
-        for w in range(w0, w1):
-            total += np.float64(value(feat[n, c, h, w]))
-    return total / ((h1 - h0) * (w1 - w0))
+def _bin_sum(flat, base, width, h0, h1, w0, w1, t):
+    """torchvision's sum of one bin: ``acc = 0``, then ``acc += cell`` row by row, in ``t``."""
+    acc = t(0.0)
+    h = h0
+    while h < h1:
+        row = base + h * width
+        w = w0
+        while w < w1:
+            acc += value(flat[row + w])
+            w += _U(1)
+        h += _U(1)
+    return acc
 
 
 @nb.njit(cache=True, nogil=True, inline="always")
-def _block_bins(c0, c1, c_offset, ph_count, pw_count, bin_h, bin_w):
-    for c in range(c0, c1):
-        bin_h[c - c0], bin_w[c - c0] = _bin_of(c_offset + c, ph_count, pw_count)
+def _bin_sum2(flat, base, step, width, h0, h1, w0, w1, t):
+    """:func:`_bin_sum` of two planes ``step`` apart at once (two independent sums, each in its own order)."""
+    a0, a1 = t(0.0), t(0.0)
+    h = h0
+    while h < h1:
+        row = base + h * width
+        w = w0
+        while w < w1:
+            a0 += value(flat[row + w])
+            a1 += value(flat[row + step + w])
+            w += _U(1)
+        h += _U(1)
+    return a0, a1
 
 
 @nb.njit(cache=True, nogil=True)
-def ps_roi_pool_forward_boxes(begin, end, feat, c_offset, batch, h_start, h_end, w_start, w_end, out):
-    """The direct way, boxes ``begin .. end``: feat [N, B, H, W] (channels ``c_offset ..``; float32, float64 or
-    bfloat16 bits); batch [K]; bin edges [K, PH] / [K, PW] (clipped); out [K, C], columns ``c_offset ..`` of the rows
-    written: each bin's cells summed in float64, divided by its area, rounded once to out's dtype; 0 when empty.
-    (Blocks of channels kept in cache over all boxes, as the summed-area way runs, measured no faster at 512 boxes.)"""
-    _, c_count, _, _ = feat.shape
-    ph_count, pw_count = h_start.shape[1], w_start.shape[1]
-    first_h, first_w = _bin_of(c_offset, ph_count, pw_count)
+def ps_roi_pool_forward(begin, end, feat, c_first, rois, scale, ph_count, pw_count, out):
+    """Boxes ``begin .. end``: feat [N, B, H, W] (contiguous: the map's channels ``c_first .. c_first + B``;
+    float32, float64, or bfloat16 as int16 bits); rois [K, 5] and ``scale`` in the compute dtype; out [K, C]
+    (compute dtype), columns ``c_first .. c_first + B`` of the rows written.
+
+    torchvision's arithmetic: each box's bin edges (``pool_axis``), each bin's cells added row by row in the
+    compute dtype from 0, then divided by the bin's area; 0 for an empty bin. The channels of one bin
+    (``j * PH * PW + b``) share its cells: two of them are summed at a time."""
+    _, block, height, width = feat.shape
+    t = out.dtype.type
+    flat, out_flat = feat.reshape(-1), out.reshape(-1)
+    bins = ph_count * pw_count
+    c_out = out.shape[1] // bins
+    h_start, h_end = np.empty((1, ph_count), np.int64), np.empty((1, ph_count), np.int64)
+    w_start, w_end = np.empty((1, pw_count), np.int64), np.empty((1, pw_count), np.int64)
+    j_first, j_stop = np.empty(bins, np.int64), np.empty(bins, np.int64)  # bin b's channels j * bins + b here
+    for b in range(bins):
+        j_first[b] = max(0, (c_first - b + bins - 1) // bins)
+        j_stop[b] = min(c_out, (c_first + block - b + bins - 1) // bins)
+    plane, u_width, u_bins = _U(height * width), _U(width), _U(bins)
+    step = u_bins * plane
     for k in range(begin, end):
-        n = batch[k]
-        ph, pw = first_h, first_w
-        for c in range(c_count):
-            h0, h1, w0, w1 = h_start[k, ph], h_end[k, ph], w_start[k, pw], w_end[k, pw]
-            if h1 <= h0 or w1 <= w0:
-                out[k, c_offset + c] = 0
-            else:
-                out[k, c_offset + c] = _direct_mean(feat, n, c, h0, h1, w0, w1)
-            pw += 1
-            if pw == pw_count:
-                pw, ph = 0, ph + 1 if ph + 1 < ph_count else 0
-
-
-@nb.njit(cache=True, nogil=True)
-def ps_roi_pool_forward(begin, end, feat, c_offset, batch, h_start, h_end, w_start, w_end, out, table_way, block):
-    """feat [N, B, H, W] (channels ``c_offset ..``); batch [K]; bin edges [K, PH] / [K, PW] (int32, clipped);
-    out [K, C], columns written: each bin's mean in float64, rounded once to out's dtype; 0 for an empty bin.
-    ``table_way``: read summed-area tables (a channel with a non-finite cell is summed directly). ``block``
-    channels at a time (their tables together: ``block * N * (H + 1) * (W + 1)`` float64)."""
-    n_count, _, height, width = feat.shape
-    ph_count, pw_count = h_start.shape[1], w_start.shape[1]
-    tables = np.empty((block if table_way else 0, n_count, height + 1, width + 1), np.float64)
-    columns = np.empty(width + 1, np.float64)
-    bin_h, bin_w = np.empty(block, np.int64), np.empty(block, np.int64)
-    direct = np.empty(block, np.bool_)
-    for c0 in range(begin, end, block):
-        c1 = min(c0 + block, end)
-        _block_bins(c0, c1, c_offset, ph_count, pw_count, bin_h, bin_w)
-        for c in range(c0, c1):
-            direct[c - c0] = not table_way
-            if table_way:
-                for n in range(n_count):
-                    if not _summed_area(feat[n, c], tables[c - c0, n], columns):
-                        direct[c - c0] = True
-        for k in range(batch.shape[0]):
-            n = batch[k]
-            for c in range(c0, c1):
-                b = c - c0
-                h0, h1, w0, w1 = h_start[k, bin_h[b]], h_end[k, bin_h[b]], w_start[k, bin_w[b]], w_end[k, bin_w[b]]
+        n = _U(np.int64(rois[k, 0]))
+        pool_axis(rois, k, scale, ph_count, 2, 4, height, h_start, h_end, 0)
+        pool_axis(rois, k, scale, pw_count, 1, 3, width, w_start, w_end, 0)
+        row_out = _U(k) * _U(out.shape[1])
+        for ph in range(ph_count):
+            h0, h1 = _U(h_start[0, ph]), _U(h_end[0, ph])
+            for pw in range(pw_count):
+                w0, w1 = _U(w_start[0, pw]), _U(w_end[0, pw])
+                b = _U(ph * pw_count + pw)
+                j, stop = _U(j_first[ph * pw_count + pw]), _U(j_stop[ph * pw_count + pw])
+                at = row_out + j * u_bins + b  # out's flat index of channel j * bins + b
                 if h1 <= h0 or w1 <= w0:
-                    out[k, c_offset + c] = 0
-                elif direct[b]:
-                    out[k, c_offset + c] = _direct_mean(feat, n, c, h0, h1, w0, w1)
-                else:
-                    out[k, c_offset + c] = ((tables[b, n, h1, w1] - tables[b, n, h0, w1]) - tables[b, n, h1, w0]
-                                            + tables[b, n, h0, w0]) / ((h1 - h0) * (w1 - w0))
+                    while j < stop:
+                        out_flat[at] = 0
+                        j, at = j + _U(1), at + u_bins
+                    continue
+                area = t((h1 - h0) * (w1 - w0))
+                base = (n * _U(block) + j * u_bins + b - _U(c_first)) * plane
+                while j + _U(2) <= stop:
+                    a0, a1 = _bin_sum2(flat, base, step, u_width, h0, h1, w0, w1, t)
+                    out_flat[at], out_flat[at + u_bins] = a0 / area, a1 / area
+                    j, at, base = j + _U(2), at + _U(2) * u_bins, base + _U(2) * step
+                if j < stop:
+                    out_flat[at] = _bin_sum(flat, base, u_width, h0, h1, w0, w1, t) / area
 
 
 @nb.njit(cache=True, nogil=True)
-def ps_roi_pool_backward_cells(begin, end, grad, c_offset, batch, h_start, h_end, w_start, w_end, out):
-    """The direct way, channels ``begin .. end``: grad [K, C]; edges as the forward's; out [N, B, H, W] (zeros,
-    channels ``c_offset ..``): each bin's ``grad / area`` (float64) added to every cell it averaged, boxes in order,
-    and the cell's float64 sum so far rounded into out after each addition (the last one stays). A float64 plane
-    per image holds the sums; a stamp per cell says which channel last wrote it (an older stamp reads as 0), so a
-    channel costs one pass over its bins' cells, not its plane."""
-    n_count, _, height, width = out.shape
+def ps_roi_pool_backward(begin, end, grad, c_offset, batch, h_start, h_end, w_start, w_end, out):
+    """Channels ``begin .. end`` of out [N, B, H, W] (zeros, contiguous; the map's channels ``c_offset ..``), added
+    into: grad [K, C] in out's dtype; batch [K]; bin edges [K, PH] / [K, PW] (the forward's, clipped to the last
+    cell). Each bin's ``grad / area`` (torchvision's division) added to every cell it averaged, boxes in order: each
+    cell's additions in torchvision's order (its backward visits boxes in order, and a box feeds a channel through
+    one bin)."""
+    _, block, height, width = out.shape
+    t = out.dtype.type
+    flat = out.reshape(-1)
     ph_count, pw_count = h_start.shape[1], w_start.shape[1]
-    acc = np.empty((n_count, height, width), np.float64)
-    stamp = np.full((n_count, height, width), -1, np.int64)
+    hs, he, ws, we, g_flat = h_start.reshape(-1), h_end.reshape(-1), w_start.reshape(-1), w_end.reshape(-1), \
+        grad.reshape(-1)
+    plane, u_width, u_ph, u_pw, u_c = _U(height * width), _U(width), _U(ph_count), _U(pw_count), _U(grad.shape[1])
     ph, pw = _bin_of(c_offset + begin, ph_count, pw_count)
     for c in range(begin, end):
+        u_h, u_w, u_g = _U(ph), _U(pw), _U(c_offset + c)
         for k in range(grad.shape[0]):
-            n = batch[k]
-            h0, h1, w0, w1 = h_start[k, ph], h_end[k, ph], w_start[k, pw], w_end[k, pw]
+            uk = _U(k)
+            h0, h1 = _U(hs[uk * u_ph + u_h]), _U(he[uk * u_ph + u_h])
+            w0, w1 = _U(ws[uk * u_pw + u_w]), _U(we[uk * u_pw + u_w])
             if h1 <= h0 or w1 <= w0:
                 continue
-            share = np.float64(grad[k, c_offset + c]) / ((h1 - h0) * (w1 - w0))
-            for h in range(h0, h1):
-                for w in range(w0, w1):
-                    if stamp[n, h, w] == c:
-                        acc[n, h, w] += share
-                    else:
-                        stamp[n, h, w] = c
-                        acc[n, h, w] = 0.0 + share
-                    out[n, c, h, w] = acc[n, h, w]
+            share = g_flat[uk * u_c + u_g] / t((h1 - h0) * (w1 - w0))
+            base = (_U(batch[uk]) * _U(block) + _U(c)) * plane
+            h = h0
+            while h < h1:
+                row = base + h * u_width
+                w = w0
+                while w < w1:
+                    flat[row + w] += share
+                    w += _U(1)
+                h += _U(1)
         pw += 1
         if pw == pw_count:
             pw, ph = 0, ph + 1 if ph + 1 < ph_count else 0
-
-
-@nb.njit(cache=True, nogil=True)
-def ps_roi_pool_backward(begin, end, grad, c_offset, batch, h_start, h_end, w_start, w_end, out, table_way, block):
-    """grad [K, C]; edges as the forward's; out [N, B, H, W], written: each bin's ``grad / area`` (float64) on every
-    cell it averaged, summed in float64 per channel and rounded once to out's dtype; ``block`` channels at a time."""
-    n_count, _, height, width = out.shape
-    ph_count, pw_count = h_start.shape[1], w_start.shape[1]
-    acc = np.empty((block, n_count, height + 1, width + 1), np.float64)
-    bin_h, bin_w = np.empty(block, np.int64), np.empty(block, np.int64)
-    for c0 in range(begin, end, block):
-        c1 = min(c0 + block, end)
-        _block_bins(c0, c1, c_offset, ph_count, pw_count, bin_h, bin_w)
-        acc[:] = 0.0
-        # the table way replays the plain path's difference table: a corner for every box, then the next corner
-        for corner in range(4 if table_way else 1):
-            for k in range(grad.shape[0]):
-                n = batch[k]
-                for c in range(c0, c1):
-                    b = c - c0
-                    h0, h1 = h_start[k, bin_h[b]], h_end[k, bin_h[b]]
-                    w0, w1 = w_start[k, bin_w[b]], w_end[k, bin_w[b]]
-                    if h1 <= h0 or w1 <= w0:
-                        continue
-                    value = np.float64(grad[k, c_offset + c]) / ((h1 - h0) * (w1 - w0))
-                    if not table_way:  # straight onto the cells
-                        for h in range(h0, h1):
-                            for w in range(w0, w1):
-                                acc[b, n, h, w] += value
-                    elif corner == 0:
-                        acc[b, n, h0, w0] += value
-                    elif corner == 1:
-                        acc[b, n, h0, w1] += -value
-                    elif corner == 2:
-                        acc[b, n, h1, w0] += -value
-                    else:
-                        acc[b, n, h1, w1] += value
-        for c in range(c0, c1):
-            for n in range(n_count):
-                plane = acc[c - c0, n]
-                if table_way:
-                    for i in range(1, height + 1):  # cumsum down the rows, then along each row
-                        plane[i] += plane[i - 1]
-                    for i in range(height):
-                        row = plane[i]
-                        total = 0.0
-                        for j in range(width):
-                            total += row[j]
-                            row[j] = total
-                dst = out[n, c]
-                for i in range(height):
-                    for j in range(width):
-                        dst[i, j] = plane[i, j]

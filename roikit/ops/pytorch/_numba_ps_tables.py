@@ -120,28 +120,21 @@ def round_half_away(x):
 @nb.njit(cache=True, nogil=True)
 def pool_axis(rois, k, scale, pooled, lo, hi, length, starts, ends, row):
     """Row ``row`` of ``starts``/``ends`` [*, P]: box ``k``'s bin edges along one axis as
-    ``geometry.ps_roi_pool_edges`` (clipped to ``[0, length - 1]``). Returns the cells its bins cover."""
+    ``geometry.ps_roi_pool_edges`` (clipped to ``[0, length - 1]``)."""
     t = rois.dtype.type
     first = round_half_away(min(max(rois[k, lo] * scale, t(-MAX_CELLS)), t(MAX_CELLS)))
     last = round_half_away(min(max(rois[k, hi] * scale, t(-MAX_CELLS)), t(MAX_CELLS)))
     size = t(max(last - first, 1)) / t(pooled)
     edge = max(length - 1, 0)
-    cells = 0
     for p in range(pooled):
         starts[row, p] = min(max(np.int64(np.floor(t(p) * size)) + first, 0), edge)
         ends[row, p] = min(max(np.int64(np.ceil(t(p + 1) * size)) + first, 0), edge)
-        cells += max(ends[row, p] - starts[row, p], 0)
-    return cells
 
 
 @nb.njit(cache=True, nogil=True)
 def pool_edges(rois, scale, height, width, batch, h_start, h_end, w_start, w_end):
-    """Every box's bin edges: batch [K] (int64), h [K, PH], w [K, PW]. Returns the cells all bins of one channel
-    read together (the sum over boxes of a box's cells / its bins), for the kernels' cost model."""
-    cells = 0.0
+    """Every box's bin edges: batch [K] (int64), h [K, PH], w [K, PW]."""
     for k in range(rois.shape[0]):
         batch[k] = np.int64(rois[k, 0])
-        rows = pool_axis(rois, k, scale, h_start.shape[1], 2, 4, height, h_start, h_end, k)
-        cols = pool_axis(rois, k, scale, w_start.shape[1], 1, 3, width, w_start, w_end, k)
-        cells += np.float64(rows) * np.float64(cols)
-    return cells / (h_start.shape[1] * w_start.shape[1])
+        pool_axis(rois, k, scale, h_start.shape[1], 2, 4, height, h_start, h_end, k)
+        pool_axis(rois, k, scale, w_start.shape[1], 1, 3, width, w_start, w_end, k)

@@ -10,8 +10,9 @@ cumulative sums in float64), so each bin costs four reads whatever its size; the
 gradient over its cells through a difference table. Both follow the tap rules for non-finite cells (an output is
 NaN or infinite only if a cell it averages is).
 
-On CPU tensors each function first tries the numba kernels (:mod:`roikit.ops.pytorch.jit_ps`: ps_roi_align with
-torchvision's bits, ps_roi_pool with this path's float64 means); this path runs where they decline or are off.
+On CPU tensors each function first tries the numba kernels (:mod:`roikit.ops.pytorch.jit_ps`: torchvision's
+arithmetic and bits, within rounding of this path's float64 means for ps_roi_pool); this path, the reference, runs
+where they decline or are off.
 """
 from __future__ import annotations
 
