@@ -9,7 +9,6 @@ from __future__ import annotations
 import math
 import numbers
 
-import torch
 from torch import Tensor, nn
 
 from . import _library
@@ -44,8 +43,7 @@ def _check_offset(offset, rois: Tensor, input: Tensor, pooled: tuple[int, int]) 
         raise ValueError(f"offset is on {offset.device} but input is on {input.device}; put both on one device")
     if not offset.is_floating_point():
         raise ValueError(f"offset must be a floating-point tensor, got {offset.dtype}")
-    if not torch.compiler.is_compiling() and offset.numel() and not bool(torch.isfinite(offset).all()):
-        raise ValueError("offset must be finite")
+    # its values (finite) are checked by roikit::deform_roi_pool
 
 
 @fx_leaf
@@ -89,7 +87,7 @@ def deform_roi_pool(
     if dtype is not None and isinstance(offset, Tensor):
         offset = offset.float()
     check_features(input)
-    rois = convert_boxes_to_rois(boxes, input)
+    rois = convert_boxes_to_rois(boxes, input, check_values=False)  # the op checks the values
     ph, pw = pair(output_size)
     _check_offset(offset, rois, input, (ph, pw))
     scale = check_spatial_scale(spatial_scale)
@@ -158,7 +156,7 @@ class DeformRoIPoolPack(DeformRoIPool):
         if input.shape[1] != self.output_channels:
             raise ValueError(f"input has {input.shape[1]} channels but this {type(self).__name__} was built for "
                              f"output_channels={self.output_channels}")
-        rois = convert_boxes_to_rois(boxes, input)
+        rois = convert_boxes_to_rois(boxes, input, check_values=False)  # the op checks the values
         pooled = deform_roi_pool(input, rois, None, self.output_size, self.spatial_scale, self.sampling_ratio,
                                  self.gamma)
         return rois, pooled.flatten(1)

@@ -74,7 +74,7 @@ def multilevel_roi_align(
         raise ValueError(f"spatial_scales must give one scale per feature map ({len(features)}), got "
                          f"{spatial_scales!r}")
     scales = [check_spatial_scale(s) for s in spatial_scales]
-    boxes = convert_boxes_to_rois(rois, features[0])
+    boxes = convert_boxes_to_rois(rois, features[0], check_values=False)  # the op checks the values
     ph, pw = pair(output_size)
     check_int(sampling_ratio, "sampling_ratio")
     check_bool(aligned, "aligned")

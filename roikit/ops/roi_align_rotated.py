@@ -90,18 +90,20 @@ def roi_align_rotated(
     check_bool(aligned, "aligned")
     check_bool(clockwise, "clockwise")
     check_choice(angle_unit, "angle_unit", ANGLE_UNITS)
-    rois = convert_rotated_boxes_to_rois(boxes, input, aligned)
+    rois = convert_rotated_boxes_to_rois(boxes, input, aligned, check_values=False)  # the op checks the values
     out = _library.roi_align_rotated_op(input, rois, scale, ph, pw, sampling_ratio, aligned, clockwise,
                                         angle_unit == "radians")
     return out if dtype is None else out.to(dtype)
 
 
-def convert_rotated_boxes_to_rois(boxes: RotatedBoxesType, input: Tensor, aligned: bool = True) -> Tensor:
+def convert_rotated_boxes_to_rois(boxes: RotatedBoxesType, input: Tensor, aligned: bool = True,
+                                  check_values: bool = True) -> Tensor:
     """Rotated boxes as ``Tensor[K, 6]`` or a list of ``Tensor[L_i, 5]`` (one per image) -> checked ``Tensor[K, 6]``
     ``(batch_index, cx, cy, w, h, angle)``.
 
-    On the features' device, any floating dtype. In eager mode the values are checked too: the batch index an
-    integer in ``[0, N)``, every value finite, and with ``aligned`` no negative width or height.
+    On the features' device, any floating dtype. With ``check_values``, in eager mode the values are checked too: the
+    batch index an integer in ``[0, N)``, every value finite, and with ``aligned`` no negative width or height
+    (``roikit::roi_align_rotated`` checks them itself, also in compiled graphs).
     """
     if isinstance(boxes, (list, tuple)):
         if len(boxes) != input.shape[0]:
@@ -125,7 +127,7 @@ def convert_rotated_boxes_to_rois(boxes: RotatedBoxesType, input: Tensor, aligne
         rois = boxes
     else:
         raise ValueError(f"boxes must be a Tensor[K, 6] or a list of Tensor[L, 5], got {type(boxes).__name__}")
-    if not torch.compiler.is_compiling() and rois.numel() > 0:
+    if check_values and not torch.compiler.is_compiling() and rois.numel() > 0:
         check_roi_values(rois, input.shape[0])
         if aligned and bool((rois[:, 3:5] < 0).any()):
             bad = (rois[:, 3:5] < 0).any(dim=1).nonzero()[0].item()

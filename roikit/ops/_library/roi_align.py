@@ -7,17 +7,57 @@ from torch import Tensor
 
 from ..pytorch import roi_align as _align
 from ..pytorch import roi_align_box_grad as _align_box
-from ._common import deterministic_backward_enabled, features_backward, register_autograd, register_cuda
+from ._common import (
+    check_index_map,
+    check_op_args,
+    deterministic_backward_enabled,
+    features_backward,
+    register_autograd,
+    register_cuda,
+)
+
+
+def _check_forward(op: str):
+    def check(input, rois, spatial_scale, pooled_height, pooled_width, *_, fake=False):
+        check_op_args(op, rois, (pooled_height, pooled_width), maps=[input], scales=[spatial_scale], fake=fake)
+
+    return check
+
+
+_check_align, _check_align_box = _check_forward("roi_align"), _check_forward("roi_align_box")
+
+
+def _check_backward(grad, rois, argmax, spatial_scale, pooled_height, pooled_width, batch_size, channels, height,
+                    width, sampling_ratio, aligned, pool_max, *_, fake=False):
+    check_op_args("roi_align_backward", rois, (pooled_height, pooled_width), grad=grad, scales=[spatial_scale],
+                  sizes=dict(batch_size=batch_size, channels=channels, height=height, width=width), fake=fake)
+    if pool_max and not fake:  # the winning sample of its bin: the kernels check the sample's place on the map
+        check_index_map("roi_align_backward", argmax, grad, "argmax", torch.int64)
+
+
+def _check_box_grad(grad, input, rois, output, argmax, spatial_scale, pooled_height, pooled_width, sampling_ratio,
+                    aligned, pool_max, fake=False):
+    check_op_args("roi_align_box_grad", rois, (pooled_height, pooled_width), maps=[input], scales=[spatial_scale],
+                  grad=grad, fake=fake)
+    if fake:
+        return
+    if not isinstance(output, Tensor) or output.shape != grad.shape or output.dtype != grad.dtype:
+        raise ValueError(f"roikit::roi_align_box_grad: output must be the forward's output, {grad.dtype} of grad's "
+                         f"shape {list(grad.shape)}")
+    if pool_max:
+        check_index_map("roi_align_box_grad", argmax, grad, "argmax", torch.int64)
 
 
 @torch.library.custom_op("roikit::roi_align", mutates_args=())
 def roi_align_op(input: Tensor, rois: Tensor, spatial_scale: float, pooled_height: int, pooled_width: int,
                  sampling_ratio: int, aligned: bool, pool_max: bool) -> tuple[Tensor, Tensor]:
+    _check_align(input, rois, spatial_scale, pooled_height, pooled_width)
     return _align.roi_align_forward(input, rois, spatial_scale, pooled_height, pooled_width, sampling_ratio, aligned,
                                     pool_max)
 
 
 def _fake_forward(input, rois, spatial_scale, pooled_height, pooled_width, sampling_ratio, aligned, pool_max):
+    _check_align(input, rois, spatial_scale, pooled_height, pooled_width, fake=True)
     shape = (rois.shape[0], input.shape[1], pooled_height, pooled_width)
     return input.new_empty(shape), input.new_empty(shape if pool_max else (0,), dtype=torch.int64)
 
@@ -29,6 +69,8 @@ roi_align_op.register_fake(_fake_forward)
 def roi_align_backward_op(grad: Tensor, rois: Tensor, argmax: Tensor, spatial_scale: float, pooled_height: int,
                           pooled_width: int, batch_size: int, channels: int, height: int, width: int,
                           sampling_ratio: int, aligned: bool, pool_max: bool, deterministic: bool) -> Tensor:
+    _check_backward(grad, rois, argmax, spatial_scale, pooled_height, pooled_width, batch_size, channels, height,
+                    width, sampling_ratio, aligned, pool_max)
     return _align.roi_align_backward(grad, rois, argmax, spatial_scale, pooled_height, pooled_width, batch_size,
                                      channels, height, width, sampling_ratio, aligned, pool_max)
 
@@ -36,6 +78,8 @@ def roi_align_backward_op(grad: Tensor, rois: Tensor, argmax: Tensor, spatial_sc
 @roi_align_backward_op.register_fake
 def _(grad, rois, argmax, spatial_scale, pooled_height, pooled_width, batch_size, channels, height, width,
       sampling_ratio, aligned, pool_max, deterministic):
+    _check_backward(grad, rois, argmax, spatial_scale, pooled_height, pooled_width, batch_size, channels, height,
+                    width, sampling_ratio, aligned, pool_max, fake=True)
     return grad.new_empty((batch_size, channels, height, width))
 
 
@@ -47,10 +91,10 @@ def _setup(ctx, inputs, output):
 
 
 register_autograd(roi_align_op, features_backward(roi_align_backward_op), _setup)
-register_cuda(roi_align_op, _align.roi_align_forward, "roi_align", lambda input, *_: [input])
+register_cuda(roi_align_op, _align.roi_align_forward, "roi_align", lambda input, *_: [input], check=_check_align)
 register_cuda(roi_align_backward_op, _align.roi_align_backward, "roi_align",
               lambda grad, rois, argmax, scale, ph, pw, n, c, h, w, *_: [grad] if n * c * h * w else None,
-              deterministic=True)
+              deterministic=True, check=_check_backward)
 
 
 # ---------------------------------------------------------------- roi_align with box gradients (box_grad=True)
@@ -58,17 +102,24 @@ register_cuda(roi_align_backward_op, _align.roi_align_backward, "roi_align",
 @torch.library.custom_op("roikit::roi_align_box", mutates_args=())
 def roi_align_box_op(input: Tensor, rois: Tensor, spatial_scale: float, pooled_height: int, pooled_width: int,
                      sampling_ratio: int, aligned: bool, pool_max: bool) -> tuple[Tensor, Tensor]:
+    _check_align_box(input, rois, spatial_scale, pooled_height, pooled_width)
     return _align.roi_align_forward(input, rois, spatial_scale, pooled_height, pooled_width, sampling_ratio, aligned,
                                     pool_max)
 
 
-roi_align_box_op.register_fake(_fake_forward)
+@roi_align_box_op.register_fake
+def _(input, rois, spatial_scale, pooled_height, pooled_width, sampling_ratio, aligned, pool_max):
+    _check_align_box(input, rois, spatial_scale, pooled_height, pooled_width, fake=True)
+    shape = (rois.shape[0], input.shape[1], pooled_height, pooled_width)
+    return input.new_empty(shape), input.new_empty(shape if pool_max else (0,), dtype=torch.int64)
 
 
 @torch.library.custom_op("roikit::roi_align_box_grad", mutates_args=())
 def roi_align_box_grad_op(grad: Tensor, input: Tensor, rois: Tensor, output: Tensor, argmax: Tensor,
                           spatial_scale: float, pooled_height: int, pooled_width: int, sampling_ratio: int,
                           aligned: bool, pool_max: bool) -> Tensor:
+    _check_box_grad(grad, input, rois, output, argmax, spatial_scale, pooled_height, pooled_width, sampling_ratio,
+                    aligned, pool_max)
     return _align_box.roi_align_box_backward(grad, input, rois, output, argmax, spatial_scale, pooled_height,
                                              pooled_width, sampling_ratio, aligned, pool_max)
 
@@ -76,6 +127,8 @@ def roi_align_box_grad_op(grad: Tensor, input: Tensor, rois: Tensor, output: Ten
 @roi_align_box_grad_op.register_fake
 def _(grad, input, rois, output, argmax, spatial_scale, pooled_height, pooled_width, sampling_ratio, aligned,
       pool_max):
+    _check_box_grad(grad, input, rois, output, argmax, spatial_scale, pooled_height, pooled_width, sampling_ratio,
+                    aligned, pool_max, fake=True)
     return rois.new_empty((rois.shape[0], 5))
 
 
@@ -101,6 +154,7 @@ def _box_backward(ctx, grad, _grad_argmax):
 
 
 register_autograd(roi_align_box_op, _box_backward, _box_setup)
-register_cuda(roi_align_box_op, _align.roi_align_forward, "roi_align", lambda input, *_: [input])  # roi_align's
+register_cuda(roi_align_box_op, _align.roi_align_forward, "roi_align", lambda input, *_: [input],  # roi_align's
+              check=_check_align_box)
 register_cuda(roi_align_box_grad_op, _align_box.roi_align_box_backward, "roi_align_box_grad",
-              lambda grad, input, *_: [input])
+              lambda grad, input, *_: [input], check=_check_box_grad)
