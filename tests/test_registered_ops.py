@@ -232,9 +232,12 @@ def run_hostile_cases() -> None:
 def hostile_results():
     script = (f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); "
               "import test_registered_ops; test_registered_ops.run_hostile_cases()")
-    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    done = subprocess.run([sys.executable, "-X", "faulthandler", "-c", script], capture_output=True, text=True,
+                          timeout=300)
     results, last = {}, None
     for line in done.stdout.splitlines():
+        if not line.startswith("{"):
+            continue
         row = json.loads(line)
         last = row
         if "type" in row:
