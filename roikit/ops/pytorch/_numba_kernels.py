@@ -24,6 +24,13 @@ each sample listed one after the other: at most ``min(map, 2 * P * G)`` per axis
 **Backward** (a range of channels per call, so no two threads write one cell): every box in order adds its bins'
 gradients into its image's plane of that channel, in torchvision's order (boxes, bins, samples, then the taps
 ``g1 .. g4``): the same additions in the same order, so bit for bit torchvision's gradient, on any thread count.
+RoIAlign's does it a block of channels at a time through a channels-last copy of the cells the box's taps touch
+(one vector per tap), written back before the next box; a bfloat16 map adds up in float32 planes per block.
+
+RoIAlign's tables (sample taps and weights) are built here too, box by box (``roi_align_tables``), with
+:mod:`roikit.ops.geometry`'s operations in its order. A RoIAlign call reads the map by per-box copies or by
+channels-last blocks of the whole map, whichever :func:`jit._use_channels_last` expects to be cheaper (decided per
+call, so per pyramid level); the per-box copies prefetch the next block's cells (``_prefetch_cells``).
 """
 from __future__ import annotations
 
