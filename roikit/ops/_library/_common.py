@@ -43,11 +43,22 @@ def features_backward(backward_op) -> Callable:
     ``backward_op(grad, *saved tensors, *ctx.settings, deterministic)``, None for every other argument.
     The op's ``setup_context`` saves the tensors and sets ``ctx.settings`` in that order."""
     def backward(ctx, grad, *_):  # *_: the gradients of non-differentiable outputs (argmax)
+        if grad is None:  # nothing flowed into the output (see integer_output)
+            return (None,) * len(ctx.needs_input_grad)
         grad_input = backward_op(grad.contiguous(), *ctx.saved_tensors, *ctx.settings,
                                  deterministic_backward_enabled())
         return (grad_input,) + (None,) * (len(ctx.needs_input_grad) - 1)  # one entry per argument
 
     return backward
+
+
+def integer_output(ctx, argmax: Tensor) -> None:
+    """Marks an op's argmax output as having no gradient, and turns off autograd's zero-filling of the gradients
+    nobody supplied: else every backward makes zeros of argmax's shape (as large as the output; 90 of 370 ms of
+    RoIPool's forward+backward at 512 boxes, 14 x 14). The backward then gets None for an output nothing flowed
+    into."""
+    ctx.mark_non_differentiable(argmax)
+    ctx.set_materialize_grads(False)
 
 
 # On CUDA tensors every op runs its Triton kernels (roikit.ops.triton, imported on the first CUDA call); without

@@ -12,6 +12,7 @@ from ._common import (
     check_op_args,
     deterministic_backward_enabled,
     features_backward,
+    integer_output,
     register_autograd,
     register_cuda,
 )
@@ -87,7 +88,7 @@ def _setup(ctx, inputs, output):
     input, rois, spatial_scale, pooled_height, pooled_width, sampling_ratio, aligned, pool_max = inputs
     ctx.save_for_backward(rois, output[1])
     ctx.settings = (spatial_scale, pooled_height, pooled_width, *input.shape, sampling_ratio, aligned, pool_max)
-    ctx.mark_non_differentiable(output[1])
+    integer_output(ctx, output[1])
 
 
 register_autograd(roi_align_op, features_backward(roi_align_backward_op), _setup)
@@ -136,10 +137,12 @@ def _box_setup(ctx, inputs, output):
     input, rois, spatial_scale, pooled_height, pooled_width, sampling_ratio, aligned, pool_max = inputs
     ctx.save_for_backward(input, rois, output[0], output[1])
     ctx.settings = (spatial_scale, pooled_height, pooled_width, sampling_ratio, aligned, pool_max)
-    ctx.mark_non_differentiable(output[1])
+    integer_output(ctx, output[1])
 
 
 def _box_backward(ctx, grad, _grad_argmax):
+    if grad is None:  # nothing flowed into the output (see integer_output)
+        return (None,) * len(ctx.needs_input_grad)
     input, rois, output, argmax = ctx.saved_tensors
     spatial_scale, pooled_height, pooled_width, sampling_ratio, aligned, pool_max = ctx.settings
     grad = grad.contiguous()
