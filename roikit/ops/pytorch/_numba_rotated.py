@@ -32,12 +32,10 @@ def _taps(coord, length, like):
 
 
 @nb.njit(cache=True, nogil=True, inline="always")
-def _position(k, ph, pw, iy, ix, cy, cx, cos, sin, y0, x0, bin_h, bin_w, gh, gw):
-    """Sample ``(iy, ix)`` of bin ``(ph, pw)`` of box ``k``, turned onto the map: ``(y, x)`` as the plain path."""
-    t = y0.dtype.type
-    yy = (y0[k] + t(ph) * bin_h[k]) + ((t(iy) + t(0.5)) * bin_h[k]) / t(max(gh[k], 1))
-    xx = (x0[k] + t(pw) * bin_w[k]) + ((t(ix) + t(0.5)) * bin_w[k]) / t(max(gw[k], 1))
-    return yy * cos[k] - xx * sin[k] + cy[k], yy * sin[k] + xx * cos[k] + cx[k]
+def _offset(start, size, grid, p, i):
+    """``geometry.sample_coord``: sample ``i`` of bin ``p`` along one axis of the box's frame."""
+    t = type(start)
+    return (start + t(p) * size) + ((t(i) + t(0.5)) * size) / t(max(grid, 1))
 
 
 @nb.njit(cache=True, nogil=True)
@@ -58,8 +56,10 @@ def rotated_forward(begin, end, values, height, width, batch, cy, cx, cos, sin, 
             for pw in range(pw_count):
                 acc[:] = 0
                 for iy in range(lo_y[k, ph], lo_y[k, ph] + n_y[k, ph]):
+                    yy = _offset(y0[k], bin_h[k], gh[k], ph, iy)
                     for ix in range(lo_x[k, pw], lo_x[k, pw] + n_x[k, pw]):
-                        y, x = _position(k, ph, pw, iy, ix, cy, cx, cos, sin, y0, x0, bin_h, bin_w, gh, gw)
+                        xx = _offset(x0[k], bin_w[k], gw[k], pw, ix)
+                        y, x = yy * cos[k] - xx * sin[k] + cy[k], yy * sin[k] + xx * cos[k] + cx[k]  # turned
                         if not (y >= t(-1.0) and y <= t(height) and x >= t(-1.0) and x <= t(width)):
                             continue
                         y_low, y_high, wy_low, wy_high = _taps(y, height, y0)
@@ -91,8 +91,10 @@ def rotated_backward(begin, end, grad, height, width, batch, cy, cx, cos, sin, y
                 for c in range(begin, end):
                     share[c - begin] = grad[k, c, ph, pw] / count
                 for iy in range(lo_y[k, ph], lo_y[k, ph] + n_y[k, ph]):
+                    yy = _offset(y0[k], bin_h[k], gh[k], ph, iy)
                     for ix in range(lo_x[k, pw], lo_x[k, pw] + n_x[k, pw]):
-                        y, x = _position(k, ph, pw, iy, ix, cy, cx, cos, sin, y0, x0, bin_h, bin_w, gh, gw)
+                        xx = _offset(x0[k], bin_w[k], gw[k], pw, ix)
+                        y, x = yy * cos[k] - xx * sin[k] + cy[k], yy * sin[k] + xx * cos[k] + cx[k]  # turned
                         if not (y >= t(-1.0) and y <= t(height) and x >= t(-1.0) and x <= t(width)):
                             continue
                         y_low, y_high, wy_low, wy_high = _taps(y, height, y0)
