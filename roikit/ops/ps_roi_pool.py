@@ -38,8 +38,9 @@ def ps_roi_pool(
     The gradient is this forward's own: each bin's gradient divided by its area onto the cells it averaged.
     torchvision's CPU backward clips to ``H`` instead (and divides by that larger area), so for a bin that reaches
     the last row or column it sends gradient to cells its forward never read; for every other bin the two
-    gradients agree. Each bin costs four reads of a summed-area
-    table (float64), whatever its size. Non-finite cells: a bin is NaN or infinite only if a cell it averages is.
+    gradients agree. On the CPU the numba path sums each bin's cells as torchvision does (its bits; half types
+    summed in float32); the plain path reads four entries of a float64 summed-area table per bin, whatever its
+    size (the two agree to rounding). Non-finite cells: a bin is NaN or infinite only if a cell it averages is.
 
     Returns:
         Tensor[K, C', PH, PW].
