@@ -11,7 +11,8 @@ integral weight: the entry names a bin, and every channel of that bin contribute
 entries that already name one value each (roi_pool's argmax routing).
 
 The ops' launchers share the set-up too: :func:`entry_batches` splits the boxes' entry slots into launches and gives
-each its buffers, and the bilinear ops' entry kernels write a sample's 4 taps with :func:`store_tap_entries`.
+each its buffers, every entry kernel finds its box and slots with :func:`entry_slots`, and the bilinear ops' entry
+kernels write a sample's 4 taps with :func:`store_tap_entries`.
 """
 from __future__ import annotations
 
@@ -94,6 +95,32 @@ def entry_batches(window: Tensor, bins: int, max_entries: int, taps: int, device
         block = min(triton.next_power_of_2(width), 256)
         yield EntryBatch(k0, kc, slot0, width, base.to(device), keys, src, weight, tags,
                          (kc, triton.cdiv(width, block)), block, i == 0)
+
+
+@triton.jit
+def entry_slots(win_ptr, base_ptr, k0, slot0, width, PH: tl.constexpr, PW: tl.constexpr, BLOCK: tl.constexpr):
+    """This program's slots in a launch of :func:`entry_batches` (grid ``(kc, cdiv(width, BLOCK))``).
+
+    Box ``k = k0 + program_id(0)`` with window ``(WY, WX) = win[k]`` has ``PH * PW * WY * WX`` slots, slot
+    ``j = (p * WY + ty) * WX + tx``; this program takes ``BLOCK`` of them from ``slot0 + program_id(1) * BLOCK``.
+    Returns ``k``, and per slot [BLOCK]: bin ``p`` (0 where not ``ok``), row ``ty`` and column ``tx`` of the bin's
+    window, ``ok`` (the slot is the box's and in ``[slot0, slot0 + width)``), and ``slot``, its index in the launch's
+    buffers (``base[program_id(0)] + j - slot0``).
+    """
+    kl = tl.program_id(0).to(tl.int64)
+    k = k0 + kl
+    wy = tl.load(win_ptr + k * 2)
+    wx = tl.load(win_ptr + k * 2 + 1)
+    per_bin = wy * wx
+    j = slot0 + tl.program_id(1).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    ok = (j < PH * PW * per_bin) & (j < slot0 + width)
+    p = j // tl.maximum(per_bin, 1)
+    s = j - p * per_bin
+    ty = s // tl.maximum(wx, 1)
+    tx = s - ty * wx
+    p = tl.where(ok, p, 0)
+    slot = tl.load(base_ptr + kl) + j - slot0
+    return k, p, ty, tx, ok, slot
 
 
 @triton.jit

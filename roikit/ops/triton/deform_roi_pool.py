@@ -21,8 +21,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._deterministic import MAX_ENTRIES, entry_batches, gather_bins, store_tap_entries
-from ._tiles import blocks, box_tile
+from ._deterministic import MAX_ENTRIES, entry_batches, entry_slots, gather_bins, store_tap_entries
+from ._tiles import box_grid, box_tile
 from .roi_align import (
     _align_bins,
     _align_box,
@@ -30,6 +30,7 @@ from .roi_align import (
     _axis_taps,
     _clamp_cells,
     _grid_arg,
+    _load_taps,
     _sample_coord,
     _sample_run,
 )
@@ -45,10 +46,12 @@ def _clamp_start(v):
 
 
 @triton.jit
-def _deform_corner(rois_ptr, off_ptr, k, ps, y1, x1, spatial_scale, gamma, PH: tl.constexpr, PW: tl.constexpr,
-                   HAS_OFFSET: tl.constexpr):
-    """Box k's corner moved by each bin's offset (``ps`` [BLOCK_P]): (corner_y, corner_x) [BLOCK_P], and the box's
-    height and width in cells, which scale the offsets (mmcv's order: ``(gamma * roi_h) * offset``)."""
+def _deform_box(rois_ptr, off_ptr, k, ps, spatial_scale, sampling_ratio, gamma, PH: tl.constexpr, PW: tl.constexpr,
+                HAS_OFFSET: tl.constexpr):
+    """Box k (aligned RoIAlign geometry, ``roi_align._align_box``) with its corner moved by each bin's offset (``ps``
+    [BLOCK_P]): batch index, (corner_y, corner_x) [BLOCK_P], bin size and samples per bin, and the box's height and
+    width in cells, which scale the offsets (mmcv's order: ``(gamma * roi_h) * offset``)."""
+    n, y1, x1, bin_h, bin_w, gh, gw = _align_box(rois_ptr, k, spatial_scale, sampling_ratio, PH, PW, True)
     r = rois_ptr + k * 5
     y2 = _clamp_cells(tl.load(r + 4).to(tl.float32) * spatial_scale) - 0.5
     x2 = _clamp_cells(tl.load(r + 3).to(tl.float32) * spatial_scale) - 0.5
@@ -63,7 +66,7 @@ def _deform_corner(rois_ptr, off_ptr, k, ps, y1, x1, spatial_scale, gamma, PH: t
         oy = tl.load(base + PH * PW + ps, mask=p_ok, other=0.0).to(tl.float32)
         corner_y = _clamp_start(y1 + (gamma * roi_h) * oy)
         corner_x = _clamp_start(x1 + (gamma * roi_w) * ox)
-    return corner_y, corner_x, roi_h, roi_w
+    return n, corner_y, corner_x, bin_h, bin_w, gh, gw, roi_h, roi_w
 
 
 @triton.jit
@@ -73,8 +76,8 @@ def _deform_fwd_kernel(
 ):
     # out[k, c, p] = (1 / max(gh * gw, 1)) * sum over the bin's samples (moved by its offset) of f(y, x)
     k, cs, ps, offs, m = box_tile(C, PH, PW, BLOCK_C, BLOCK_P)
-    n, y1, x1, bin_h, bin_w, gh, gw = _align_box(rois_ptr, k, spatial_scale, sampling_ratio, PH, PW, True)
-    cy, cx, _, _ = _deform_corner(rois_ptr, off_ptr, k, ps, y1, x1, spatial_scale, gamma, PH, PW, HAS_OFFSET)
+    n, cy, cx, bin_h, bin_w, gh, gw, _, _ = _deform_box(rois_ptr, off_ptr, k, ps, spatial_scale, sampling_ratio,
+                                                        gamma, PH, PW, HAS_OFFSET)
     val, _ = _align_bins(feat_ptr + n * s_n, C, H, W, s_c, s_h, s_w, cy, cx, bin_h, bin_w, gh, gw, cs, ps,
                          PH, PW, False, BLOCK_C, BLOCK_P)
     tl.store(out_ptr + offs, val, mask=m)
@@ -87,8 +90,8 @@ def _deform_bwd_kernel(
 ):
     # grad_input[n_k, c, taps] += weight * grad[k, c, p] / (gh * gw), with float32 atomics
     k, cs, ps, offs, m = box_tile(C, PH, PW, BLOCK_C, BLOCK_P)
-    n, y1, x1, bin_h, bin_w, gh, gw = _align_box(rois_ptr, k, spatial_scale, sampling_ratio, PH, PW, True)
-    cy, cx, _, _ = _deform_corner(rois_ptr, off_ptr, k, ps, y1, x1, spatial_scale, gamma, PH, PW, HAS_OFFSET)
+    n, cy, cx, bin_h, bin_w, gh, gw, _, _ = _deform_box(rois_ptr, off_ptr, k, ps, spatial_scale, sampling_ratio,
+                                                        gamma, PH, PW, HAS_OFFSET)
     g = tl.load(grad_ptr + offs, mask=m, other=0.0).to(tl.float32)
     _align_scatter(gin_ptr + n * g_sn, C, H, W, g_sc, g_sh, g_sw, cy, cx, bin_h, bin_w, gh, gw, cs, ps, g, offs,
                    PH, PW, False)
@@ -102,8 +105,8 @@ def _deform_offset_grad_kernel(
     # part[k, cb, 0, p] = gamma * roi_w / (gh * gw) * sum_{c in block cb} grad[k, c, p] * sum_samples d f_c / dx
     # part[k, cb, 1, p]: the same for y (roi_h); NaN where a sample of the bin reads a non-finite cell
     k, cs, ps, offs, m = box_tile(C, PH, PW, BLOCK_C, BLOCK_P)
-    n, y1, x1, bin_h, bin_w, gh, gw = _align_box(rois_ptr, k, spatial_scale, sampling_ratio, PH, PW, True)
-    cy, cx, roi_h, roi_w = _deform_corner(rois_ptr, off_ptr, k, ps, y1, x1, spatial_scale, gamma, PH, PW, True)
+    n, cy, cx, bin_h, bin_w, gh, gw, roi_h, roi_w = _deform_box(rois_ptr, off_ptr, k, ps, spatial_scale,
+                                                                sampling_ratio, gamma, PH, PW, True)
     g = tl.load(grad_ptr + offs, mask=m, other=0.0).to(tl.float32)
     c_ok = cs < C
     p_ok = ps < PH * PW
@@ -131,12 +134,7 @@ def _deform_offset_grad_kernel(
             x_lo, x_hi, hx, lx, x_in = _axis_taps(x, W)
             moves_x = (x >= 0.0) & (x_hi > x_lo)
             mk = c_ok[:, None] & (y_ok & x_in & (tx < count_x))[None, :]
-            c_lo = x_lo * s_w
-            c_hi = x_hi * s_w
-            v1 = tl.load(chan + (r_lo + c_lo)[None, :], mask=mk, other=0.0).to(tl.float32)
-            v2 = tl.load(chan + (r_lo + c_hi)[None, :], mask=mk, other=0.0).to(tl.float32)
-            v3 = tl.load(chan + (r_hi + c_lo)[None, :], mask=mk, other=0.0).to(tl.float32)
-            v4 = tl.load(chan + (r_hi + c_hi)[None, :], mask=mk, other=0.0).to(tl.float32)
+            v1, v2, v3, v4 = _load_taps(chan, r_lo, r_hi, x_lo, x_hi, s_w, mk)
             val = (hy * hx)[None, :] * v1 + (hy * lx)[None, :] * v2 + (ly * hx)[None, :] * v3 + (ly * lx)[None, :] * v4
             bad = tl.maximum(bad, ((val != val) | (tl.abs(val) == float("inf"))).to(tl.int32))
             d_y += tl.where(moves_y[None, :], hx[None, :] * (v3 - v1) + lx[None, :] * (v4 - v2), 0.0)
@@ -162,8 +160,8 @@ def _deform_runs_kernel(
     k = tl.program_id(0).to(tl.int64)
     ps = tl.arange(0, BLOCK_P)
     p_ok = ps < PH * PW
-    n, y1, x1, bin_h, bin_w, gh, gw = _align_box(rois_ptr, k, spatial_scale, sampling_ratio, PH, PW, True)
-    cy, cx, _, _ = _deform_corner(rois_ptr, off_ptr, k, ps, y1, x1, spatial_scale, gamma, PH, PW, HAS_OFFSET)
+    n, cy, cx, bin_h, bin_w, gh, gw, _, _ = _deform_box(rois_ptr, off_ptr, k, ps, spatial_scale, sampling_ratio,
+                                                        gamma, PH, PW, HAS_OFFSET)
     lo_y, hi_y = _sample_run(cy + (ps // PW).to(tl.float32) * bin_h, bin_h, gh, H)
     lo_x, hi_x = _sample_run(cx + (ps % PW).to(tl.float32) * bin_w, bin_w, gw, W)
     tl.store(lo_y_ptr + k * (PH * PW) + ps, lo_y, mask=p_ok)
@@ -182,20 +180,9 @@ def _deform_entries_kernel(
     # sample (lo_y[p] + ty, lo_x[p] + tx)'s 4 taps as entries (cell n * H * W + y * W + x, bin k * P + p,
     # weight / (gh * gw)) at 4 (base[pid0] + j - slot0) + t. A slot past the bin's grid, a tap off the map or of
     # weight 0 gets the key num_cells = N * H * W (unused).
-    kl = tl.program_id(0).to(tl.int64)
-    k = k0 + kl
-    wy = tl.load(win_ptr + k * 2)
-    wx = tl.load(win_ptr + k * 2 + 1)
-    per_bin = wy * wx
-    j = slot0 + tl.program_id(1).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    j_ok = (j < PH * PW * per_bin) & (j < slot0 + width)
-    p = j // tl.maximum(per_bin, 1)
-    s = j - p * per_bin
-    ty = s // tl.maximum(wx, 1)
-    tx = s - ty * wx
-    p = tl.where(j_ok, p, 0)
-    n, y1, x1, bin_h, bin_w, gh, gw = _align_box(rois_ptr, k, spatial_scale, sampling_ratio, PH, PW, True)
-    cy, cx, _, _ = _deform_corner(rois_ptr, off_ptr, k, p, y1, x1, spatial_scale, gamma, PH, PW, HAS_OFFSET)
+    k, p, ty, tx, j_ok, slot = entry_slots(win_ptr, base_ptr, k0, slot0, width, PH, PW, BLOCK)
+    n, cy, cx, bin_h, bin_w, gh, gw, _, _ = _deform_box(rois_ptr, off_ptr, k, p, spatial_scale, sampling_ratio,
+                                                        gamma, PH, PW, HAS_OFFSET)
     iy = tl.load(lo_y_ptr + k * (PH * PW) + p, mask=j_ok, other=0) + ty
     ix = tl.load(lo_x_ptr + k * (PH * PW) + p, mask=j_ok, other=0) + tx
     y = _sample_coord(cy + (p // PW).to(tl.float32) * bin_h, bin_h, tl.maximum(gh, 1).to(tl.float32), iy)
@@ -206,8 +193,7 @@ def _deform_entries_kernel(
     scale = tl.div_rn(1.0, tl.maximum(gh, 1).to(tl.float32) * tl.maximum(gw, 1).to(tl.float32))
     cell0 = n * H * W
     src = k * (PH * PW) + p
-    e = (tl.load(base_ptr + kl) + j - slot0) * 4
-    store_tap_entries(key_ptr, src_ptr, w_ptr, e, j_ok, ok, cell0, W, num_cells, src, scale,
+    store_tap_entries(key_ptr, src_ptr, w_ptr, slot * 4, j_ok, ok, cell0, W, num_cells, src, scale,
                       y_lo, y_hi, x_lo, x_hi, hy, ly, hx, lx)
 
 
@@ -222,11 +208,10 @@ def deform_roi_pool_forward(input: Tensor, rois: Tensor, offset: Tensor | None, 
     rois = rois.contiguous()
     has_offset = offset is not None
     off = offset.contiguous() if has_offset else rois
-    block_c, block_p = blocks(c, pooled_height * pooled_width)
-    grid = (k, triton.cdiv(c, block_c), triton.cdiv(pooled_height * pooled_width, block_p))
+    grid, tile = box_grid(k, c, pooled_height * pooled_width)
     _deform_fwd_kernel[grid](
         input, rois, off, out, c, h, w, *input.stride(), float(spatial_scale), _grid_arg(sampling_ratio),
-        float(gamma), PH=pooled_height, PW=pooled_width, HAS_OFFSET=has_offset, BLOCK_C=block_c, BLOCK_P=block_p,
+        float(gamma), PH=pooled_height, PW=pooled_width, HAS_OFFSET=has_offset, **tile,
     )
     return out
 
@@ -252,20 +237,19 @@ def deform_roi_pool_backward(grad: Tensor, input: Tensor, rois: Tensor, offset: 
     off = offset.contiguous() if has_offset else rois
     bins = pooled_height * pooled_width
     settings = (float(spatial_scale), _grid_arg(sampling_ratio), float(gamma))
-    block_c, block_p = blocks(c, bins)
-    grid = (k, triton.cdiv(c, block_c), triton.cdiv(bins, block_p))
+    grid, tile = box_grid(k, c, bins)
     if deterministic:
         _deterministic_into(gin, grad, rois, off, has_offset, settings, pooled_height, pooled_width)
     else:
         _deform_bwd_kernel[grid](
             grad, rois, off, gin, c, h, w, *gin.stride(), *settings, PH=pooled_height, PW=pooled_width,
-            HAS_OFFSET=has_offset, BLOCK_C=block_c, BLOCK_P=block_p,
+            HAS_OFFSET=has_offset, **tile,
         )
     if offset_grad:
-        part = torch.empty((k, grid[1], 2, bins), dtype=torch.float32, device=grad.device)
+        part = torch.empty((k, grid[1], 2, bins), dtype=torch.float32, device=grad.device)  # a channel block's sums
         _deform_offset_grad_kernel[grid](
             input, grad, rois, off, part, c, h, w, *input.stride(), *settings, PH=pooled_height, PW=pooled_width,
-            BLOCK_C=block_c, BLOCK_P=block_p,
+            **tile,
         )
         grad_offset = part.sum(dim=1).reshape(offset.shape).to(offset.dtype)  # a fixed order: no atomics
     return gin.to(grad.dtype), grad_offset

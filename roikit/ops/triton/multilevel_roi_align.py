@@ -20,7 +20,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._tiles import blocks, box_tile
+from ._tiles import box_grid, box_tile
 from .roi_align import _align_bins, _align_box, _align_scatter, deterministic_backward_into
 
 try:  # libdevice's log2f is torch's log2 on CUDA; the interpreter has no libdevice (DEVICE_MATH=False there)
@@ -156,14 +156,13 @@ def multilevel_roi_align_forward(features: Sequence[Tensor], rois: Tensor, spati
     if k == 0 or c == 0:
         return out
     rois = rois.contiguous()
-    block_c, block_p = blocks(c, pooled_height * pooled_width)
-    grid = (k, triton.cdiv(c, block_c), triton.cdiv(pooled_height * pooled_width, block_p))
+    grid, tile = box_grid(k, c, pooled_height * pooled_width)
     _multilevel_fwd_kernel[grid](
         tuple(features), tuple(f.shape[2] for f in features), tuple(f.shape[3] for f in features),
         *(tuple(f.stride(d) for f in features) for d in range(4)), tuple(float(s) for s in spatial_scales),
         rois, out, c, int(sampling_ratio), *_level_args(rois, spatial_scales, canonical_scale, canonical_level),
         NUM_LEVELS=len(features), PH=pooled_height, PW=pooled_width, ALIGNED=bool(aligned),
-        BLOCK_C=block_c, BLOCK_P=block_p, **_constants(rois),
+        **tile, **_constants(rois),
     )
     return out
 
@@ -187,13 +186,12 @@ def multilevel_roi_align_backward(grad: Tensor, rois: Tensor, spatial_scales: Se
                 deterministic_backward_into(gin, grad[idx].contiguous(), rois[idx].contiguous(), grad, scale,
                                             pooled_height, pooled_width, sampling_ratio, aligned, False)
         return [g.to(grad.dtype) for g in gins]
-    block_c, block_p = blocks(channels, pooled_height * pooled_width)
-    grid = (k, triton.cdiv(channels, block_c), triton.cdiv(pooled_height * pooled_width, block_p))
+    grid, tile = box_grid(k, channels, pooled_height * pooled_width)
     _multilevel_bwd_kernel[grid](
         grad, tuple(gins), tuple(heights), tuple(widths), *(tuple(g.stride(d) for g in gins) for d in range(4)),
         tuple(float(s) for s in spatial_scales), rois, channels, int(sampling_ratio),
         *_level_args(rois, spatial_scales, canonical_scale, canonical_level),
         NUM_LEVELS=len(gins), PH=pooled_height, PW=pooled_width, ALIGNED=bool(aligned),
-        BLOCK_C=block_c, BLOCK_P=block_p, **_constants(rois),
+        **tile, **_constants(rois),
     )
     return [g.to(grad.dtype) for g in gins]

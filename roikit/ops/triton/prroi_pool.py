@@ -23,10 +23,9 @@ import triton.language as tl
 from torch import Tensor
 
 from ..geometry import MAX_CELLS
-from ._deterministic import MAX_ENTRIES, entry_batches, gather_bins
-from ._tiles import blocks, box_tile
-
-_MAX_CELLS = tl.constexpr(float(MAX_CELLS))  # box coordinates in cells are clamped to +-2^52, as the reference
+from ._deterministic import MAX_ENTRIES, entry_batches, entry_slots, gather_bins
+from ._tiles import blocks, box_grid, box_tile, load_box, store_box_grad
+from .roi_align import _clamp_cells
 
 
 @triton.jit
@@ -73,10 +72,8 @@ def _prroi_axis(lo_px, hi_px, p, spatial_scale, size, P: tl.constexpr, ALIGNED: 
 
     Edges in cells are clamped to +-2^52; ``hi`` is ``lo + b``, the last one exactly at the box's end. Cell i's tent
     reaches (i - 1, i + 1), so a bin reads cells floor(lo) .. ceil(hi), at most ``size`` of them."""
-    s = lo_px * spatial_scale
-    e = hi_px * spatial_scale
-    s = tl.where(s > _MAX_CELLS, _MAX_CELLS, tl.where(s < -_MAX_CELLS, -_MAX_CELLS, s))
-    e = tl.where(e > _MAX_CELLS, _MAX_CELLS, tl.where(e < -_MAX_CELLS, -_MAX_CELLS, e))
+    s = _clamp_cells(lo_px * spatial_scale)
+    e = _clamp_cells(hi_px * spatial_scale)
     if ALIGNED:
         s -= 0.5
         e -= 0.5
@@ -97,16 +94,16 @@ def _prroi_weight(i, lo, hi, b, size):
 
 
 @triton.jit
-def _prroi_load_box(rois_ptr, k, spatial_scale, ph, pw, H, W, PH: tl.constexpr, PW: tl.constexpr,
+def _prroi_load_box(rois_ptr, k, spatial_scale, ps, H, W, PH: tl.constexpr, PW: tl.constexpr,
                     ALIGNED: tl.constexpr):
-    r = rois_ptr + k * 5
-    n = tl.load(r).to(tl.float32).to(tl.int64)
-    x1 = tl.load(r + 1).to(tl.float32)
-    y1 = tl.load(r + 2).to(tl.float32)
-    x2 = tl.load(r + 3).to(tl.float32)
-    y2 = tl.load(r + 4).to(tl.float32)
-    by, y_lo, y_hi, y_first, ny = _prroi_axis(y1, y2, ph, spatial_scale, H, PH, ALIGNED)
-    bx, x_lo, x_hi, x_first, nx = _prroi_axis(x1, x2, pw, spatial_scale, W, PW, ALIGNED)
+    """Box k's batch index and, per bin ``ps`` [BLOCK_P] (``ph * PW + pw``), ``_prroi_axis`` along y and x (no cells
+    for a bin past the last)."""
+    n, x1, y1, x2, y2 = load_box(rois_ptr, k)
+    by, y_lo, y_hi, y_first, ny = _prroi_axis(y1, y2, ps // PW, spatial_scale, H, PH, ALIGNED)
+    bx, x_lo, x_hi, x_first, nx = _prroi_axis(x1, x2, ps % PW, spatial_scale, W, PW, ALIGNED)
+    p_ok = ps < PH * PW
+    ny = tl.where(p_ok, ny, 0)
+    nx = tl.where(p_ok, nx, 0)
     return n, by, y_lo, y_hi, y_first, ny, bx, x_lo, x_hi, x_first, nx
 
 
@@ -119,11 +116,8 @@ def _prroi_fwd_kernel(
     # map); a cell is read only where both weights are non-zero (a non-finite cell spreads only there)
     k, cs, ps, offs, m = box_tile(C, PH, PW, BLOCK_C, BLOCK_P)
     c_ok = cs < C
-    p_ok = ps < PH * PW
     n, by, y_lo, y_hi, y_first, ny, bx, x_lo, x_hi, x_first, nx = _prroi_load_box(
-        rois_ptr, k, spatial_scale, ps // PW, ps % PW, H, W, PH, PW, ALIGNED)
-    ny = tl.where(p_ok, ny, 0)
-    nx = tl.where(p_ok, nx, 0)
+        rois_ptr, k, spatial_scale, ps, H, W, PH, PW, ALIGNED)
     chan = feat_ptr + n * s_n + cs.to(tl.int64)[:, None] * s_c
     acc = tl.zeros([BLOCK_C, BLOCK_P], dtype=tl.float32)
     for fy in range(tl.max(ny)):  # the tile's most cells; fewer for a bin are masked
@@ -146,11 +140,8 @@ def _prroi_bwd_input_kernel(
     # grad_input[n_k, c, i, j] += grad[k, c, ph, pw] Wy[ph, i] Wx[pw, j]   (float32 atomics)
     k, cs, ps, offs, m = box_tile(C, PH, PW, BLOCK_C, BLOCK_P)
     c_ok = cs < C
-    p_ok = ps < PH * PW
     n, by, y_lo, y_hi, y_first, ny, bx, x_lo, x_hi, x_first, nx = _prroi_load_box(
-        rois_ptr, k, spatial_scale, ps // PW, ps % PW, H, W, PH, PW, ALIGNED)
-    ny = tl.where(p_ok, ny, 0)
-    nx = tl.where(p_ok, nx, 0)
+        rois_ptr, k, spatial_scale, ps, H, W, PH, PW, ALIGNED)
     g = tl.load(grad_ptr + offs, mask=m, other=0.0).to(tl.float32)
     chan = gin_ptr + n * g_sn + cs.to(tl.int64)[:, None] * g_sc
     for fy in range(tl.max(ny)):
@@ -198,9 +189,7 @@ def _prroi_bwd_rois_kernel(
         ph = ps // PW
         pw = ps % PW
         n, by, y_lo, y_hi, y_first, ny, bx, x_lo, x_hi, x_first, nx = _prroi_load_box(
-            rois_ptr, k, spatial_scale, ph, pw, H, W, PH, PW, ALIGNED)
-        ny = tl.where(p_ok, ny, 0)
-        nx = tl.where(p_ok, nx, 0)
+            rois_ptr, k, spatial_scale, ps, H, W, PH, PW, ALIGNED)
         for c0 in range(0, C, BLOCK_C):
             cs = c0 + tl.arange(0, BLOCK_C)
             c_ok = cs < C
@@ -237,12 +226,7 @@ def _prroi_bwd_rois_kernel(
             t_y1 += g * a_y1
             t_x2 += g * a_x2
             t_y2 += g * a_y2
-    out = grois_ptr + k * 5
-    tl.store(out, 0.0)
-    tl.store(out + 1, tl.sum(tl.sum(t_x1, axis=1), axis=0) * spatial_scale)
-    tl.store(out + 2, tl.sum(tl.sum(t_y1, axis=1), axis=0) * spatial_scale)
-    tl.store(out + 3, tl.sum(tl.sum(t_x2, axis=1), axis=0) * spatial_scale)
-    tl.store(out + 4, tl.sum(tl.sum(t_y2, axis=1), axis=0) * spatial_scale)
+    store_box_grad(grois_ptr, k, t_x1, t_y1, t_x2, t_y2, spatial_scale)
 
 
 @triton.jit
@@ -253,26 +237,14 @@ def _prroi_entries_kernel(
     # For box k = k0 + pid0 with window (FY, FX) and its slots j = (p * FY + fy) * FX + fx in [slot0, slot0 + width):
     # the entry (cell, bin k * P + p, Wy[ph, i] Wx[pw, j]) for cell i = first_y + fy, j = first_x + fx, at
     # base[pid0] + j - slot0; key num_cells when the weight is 0, the cell is off the map or past the bin's cells.
-    kl = tl.program_id(0).to(tl.int64)
-    k = k0 + kl
-    fy_n = tl.load(win_ptr + k * 2)
-    fx_n = tl.load(win_ptr + k * 2 + 1)
-    per_bin = fy_n * fx_n
-    slot = slot0 + tl.program_id(1).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    ok = (slot < PH * PW * per_bin) & (slot < slot0 + width)
-    p = slot // tl.maximum(per_bin, 1)
-    f = slot - p * per_bin
-    fy = f // tl.maximum(fx_n, 1)
-    fx = f - fy * fx_n
-    p = tl.where(ok, p, 0)
+    k, p, fy, fx, ok, e = entry_slots(win_ptr, base_ptr, k0, slot0, width, PH, PW, BLOCK)
     n, by, y_lo, y_hi, y_first, ny, bx, x_lo, x_hi, x_first, nx = _prroi_load_box(
-        rois_ptr, k, spatial_scale, p // PW, p % PW, H, W, PH, PW, ALIGNED)
+        rois_ptr, k, spatial_scale, p, H, W, PH, PW, ALIGNED)
     i = y_first + fy
     j = x_first + fx
     wy = _prroi_weight(i, y_lo, y_hi, by, H)
     wx = _prroi_weight(j, x_lo, x_hi, bx, W)
     used = (fy < ny) & (fx < nx) & (wy != 0.0) & (wx != 0.0)
-    e = tl.load(base_ptr + kl) + slot - slot0
     tl.store(key_ptr + e, tl.where(used, (n * H + i) * W + j, num_cells), mask=ok)
     tl.store(src_ptr + e, k * (PH * PW) + p, mask=ok)
     tl.store(w_ptr + e, wy * wx, mask=ok)
@@ -286,11 +258,9 @@ def prroi_pool_forward(input: Tensor, rois: Tensor, spatial_scale: float, pooled
     out = input.new_empty((k, c, pooled_height, pooled_width))
     if k == 0 or c == 0:
         return out
-    block_c, block_p = blocks(c, pooled_height * pooled_width)
-    grid = (k, triton.cdiv(c, block_c), triton.cdiv(pooled_height * pooled_width, block_p))
+    grid, tile = box_grid(k, c, pooled_height * pooled_width)
     _prroi_fwd_kernel[grid](input, rois.contiguous(), out, c, h, w, *input.stride(), float(spatial_scale),
-                            PH=pooled_height, PW=pooled_width, ALIGNED=bool(aligned), BLOCK_C=block_c,
-                            BLOCK_P=block_p)
+                            PH=pooled_height, PW=pooled_width, ALIGNED=bool(aligned), **tile)
     return out
 
 
@@ -328,11 +298,9 @@ def prroi_pool_backward(grad: Tensor, input: Tensor, rois: Tensor, spatial_scale
                                  PH=pooled_height, PW=pooled_width, ALIGNED=bool(aligned), BLOCK_C=block_c,
                                  BLOCK_P=block_p)
     if not deterministic:
-        block_c, block_p = blocks(c, pooled)
-        grid = (k, triton.cdiv(c, block_c), triton.cdiv(pooled, block_p))
+        grid, tile = box_grid(k, c, pooled)
         _prroi_bwd_input_kernel[grid](grad, rois, gin, c, h, w, *gin.stride(), float(spatial_scale),
-                                      PH=pooled_height, PW=pooled_width, ALIGNED=bool(aligned), BLOCK_C=block_c,
-                                      BLOCK_P=block_p)
+                                      PH=pooled_height, PW=pooled_width, ALIGNED=bool(aligned), **tile)
         return gin.to(input.dtype), grois.to(rois.dtype)
     window = _windows(rois, spatial_scale, (pooled_height, pooled_width), (h, w), aligned)
     on_device = window.to(grad.device)

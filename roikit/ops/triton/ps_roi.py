@@ -32,16 +32,16 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._deterministic import MAX_ENTRIES, entry_batches, gather_bins
-from ._tiles import blocks, box_tile
+from ._deterministic import MAX_ENTRIES, entry_batches, entry_slots, gather_bins
+from ._tiles import box_grid, box_tile, load_box
 from .roi_align import (
     _align_box,
     _axis_taps,
     _grid_arg,
     _roi_align_entries_kernel,
-    _roi_align_runs_kernel,
     _sample_coord,
     _sample_run,
+    sample_runs,
 )
 from .roi_pool import _clamp_cells, _round_half_away
 
@@ -49,8 +49,9 @@ from .roi_pool import _clamp_cells, _round_half_away
 # ---------------------------------------------------------------- ps_roi_align
 @triton.jit
 def _ps_align_runs(rois_ptr, k, ps, spatial_scale, sampling_ratio, H, W, PH: tl.constexpr, PW: tl.constexpr):
-    """Box k's batch index and, per bin ``ps`` [BLOCK_P]: start (y0, x0), bin size, samples per axis (gh, gw), and
-    the run of samples on the map ``[lo, lo + count)`` per axis (aligned geometry)."""
+    """Box k's batch index and, per bin ``ps`` [BLOCK_P]: start (y0, x0), bin size, samples per axis as floats at
+    least 1 (gh_f, gw_f: they divide), and the run of samples on the map ``[lo, lo + count)`` per axis (aligned
+    geometry)."""
     n, y1, x1, bin_h, bin_w, gh, gw = _align_box(rois_ptr, k, spatial_scale, sampling_ratio, PH, PW, True)
     p_ok = ps < PH * PW
     y0 = y1 + (ps // PW).to(tl.float32) * bin_h
@@ -59,7 +60,9 @@ def _ps_align_runs(rois_ptr, k, ps, spatial_scale, sampling_ratio, H, W, PH: tl.
     lo_x, hi_x = _sample_run(x0, bin_w, gw, W)
     count_y = tl.where(p_ok, hi_y - lo_y, 0)
     count_x = tl.where(p_ok, hi_x - lo_x, 0)
-    return n, y0, x0, bin_h, bin_w, gh, gw, lo_y, count_y, lo_x, count_x
+    gh_f = tl.maximum(gh, 1).to(tl.float32)
+    gw_f = tl.maximum(gw, 1).to(tl.float32)
+    return n, y0, x0, bin_h, bin_w, gh_f, gw_f, lo_y, count_y, lo_x, count_x
 
 
 @triton.jit
@@ -70,10 +73,8 @@ def _ps_align_fwd_kernel(
     # out[k, c, p] = 1 / max(gh gw, 1) * sum over the bin's samples on the map of f_{c P + p}(y, x); the 4 taps of a
     # sample are read even with weight 0 (0 * inf = NaN, as the reference and torchvision)
     k, cs, ps, offs, m = box_tile(CO, PH, PW, BLOCK_C, BLOCK_P)
-    n, y0, x0, bin_h, bin_w, gh, gw, lo_y, count_y, lo_x, count_x = _ps_align_runs(
+    n, y0, x0, bin_h, bin_w, gh_f, gw_f, lo_y, count_y, lo_x, count_x = _ps_align_runs(
         rois_ptr, k, ps, spatial_scale, sampling_ratio, H, W, PH, PW)
-    gh_f = tl.maximum(gh, 1).to(tl.float32)
-    gw_f = tl.maximum(gw, 1).to(tl.float32)
     chan = feat_ptr + n * s_n + (cs.to(tl.int64)[:, None] * (PH * PW) + ps[None, :]) * s_c  # [BLOCK_C, BLOCK_P]
     acc = tl.zeros([BLOCK_C, BLOCK_P], dtype=tl.float32)
     for ty in range(tl.max(count_y)):  # the tile's longest run; shorter ones are masked
@@ -99,10 +100,8 @@ def _ps_align_bwd_kernel(
 ):
     # grad_input[n_k, c P + p, taps] += weight * grad[k, c, p] / max(gh gw, 1), float32 atomics (contiguous grad_input)
     k, cs, ps, offs, m = box_tile(CO, PH, PW, BLOCK_C, BLOCK_P)
-    n, y0, x0, bin_h, bin_w, gh, gw, lo_y, count_y, lo_x, count_x = _ps_align_runs(
+    n, y0, x0, bin_h, bin_w, gh_f, gw_f, lo_y, count_y, lo_x, count_x = _ps_align_runs(
         rois_ptr, k, ps, spatial_scale, sampling_ratio, H, W, PH, PW)
-    gh_f = tl.maximum(gh, 1).to(tl.float32)
-    gw_f = tl.maximum(gw, 1).to(tl.float32)
     g = tl.div_rn(tl.load(grad_ptr + offs, mask=m, other=0.0).to(tl.float32), gh_f * gw_f)
     chan = gin_ptr + ((n * CO * (PH * PW) + cs.to(tl.int64)[:, None] * (PH * PW) + ps[None, :]) * H) * W
     for ty in range(tl.max(count_y)):
@@ -122,18 +121,8 @@ def _ps_align_bwd_kernel(
 def ps_roi_align_forward(input: Tensor, rois: Tensor, spatial_scale: float, pooled_height: int, pooled_width: int,
                          sampling_ratio: int) -> Tensor:
     """Same contract as ``roikit.ops.pytorch.ps_roi.ps_roi_align_forward``: [K, C', PH, PW]."""
-    n, c, h, w = input.shape
-    k, pooled = rois.shape[0], pooled_height * pooled_width
-    c_out = c // pooled
-    out = input.new_zeros((k, c_out, pooled_height, pooled_width))
-    if k == 0 or c_out == 0 or input.numel() == 0:
-        return out
-    block_c, block_p = blocks(c_out, pooled)
-    grid = (k, triton.cdiv(c_out, block_c), triton.cdiv(pooled, block_p))
-    _ps_align_fwd_kernel[grid](input, rois.contiguous(), out, c_out, h, w, *input.stride(), float(spatial_scale),
-                               _grid_arg(sampling_ratio), PH=pooled_height, PW=pooled_width, BLOCK_C=block_c,
-                               BLOCK_P=block_p)
-    return out
+    return _forward(_ps_align_fwd_kernel, input, rois, spatial_scale, pooled_height, pooled_width,
+                    _grid_arg(sampling_ratio))
 
 
 def ps_roi_align_backward(grad: Tensor, rois: Tensor, spatial_scale: float, pooled_height: int, pooled_width: int,
@@ -145,26 +134,17 @@ def ps_roi_align_backward(grad: Tensor, rois: Tensor, spatial_scale: float, pool
     moved to its bin's channel plane and added up in a fixed order: the same bits on every run. Memory: at most
     ``MAX_ENTRIES`` entries at a time; a box's entries cover its samples on the map only.
     """
-    gin = torch.zeros((batch_size, channels, height, width), dtype=torch.float32, device=grad.device)
-    k, pooled = rois.shape[0], pooled_height * pooled_width
+    return _backward(_ps_align_bwd_kernel, _ps_align_deterministic_into, grad, rois, spatial_scale, pooled_height,
+                     pooled_width, (batch_size, channels, height, width), deterministic, _grid_arg(sampling_ratio))
+
+
+def _ps_align_deterministic_into(gin: Tensor, grad: Tensor, rois: Tensor, spatial_scale: float, pooled_height: int,
+                                 pooled_width: int, ratio: int) -> None:
+    """ps_roi_align's gradient added into ``gin`` [N, C, H, W] float32 in a fixed order (see the backward)."""
+    batch_size, channels, height, width = gin.shape
+    pooled = pooled_height * pooled_width
     c_out = channels // pooled
-    if k == 0 or c_out == 0 or gin.numel() == 0:
-        return gin.to(grad.dtype)
-    grad, rois = grad.contiguous(), rois.contiguous()
-    ratio = _grid_arg(sampling_ratio)
-    if not deterministic:
-        block_c, block_p = blocks(c_out, pooled)
-        grid = (k, triton.cdiv(c_out, block_c), triton.cdiv(pooled, block_p))
-        _ps_align_bwd_kernel[grid](grad, rois, gin, c_out, height, width, float(spatial_scale), ratio,
-                                   PH=pooled_height, PW=pooled_width, BLOCK_C=block_c, BLOCK_P=block_p)
-        return gin.to(grad.dtype)
-    lo_y = torch.empty((k, pooled_height), dtype=torch.int64, device=gin.device)
-    lo_x = torch.empty((k, pooled_width), dtype=torch.int64, device=gin.device)
-    window = torch.empty((k, 2), dtype=torch.int64, device=gin.device)
-    _roi_align_runs_kernel[(k,)](
-        rois, lo_y, lo_x, window, height, width, float(spatial_scale), ratio, PH=pooled_height, PW=pooled_width,
-        ALIGNED=True, BLOCK_H=triton.next_power_of_2(pooled_height), BLOCK_W=triton.next_power_of_2(pooled_width),
-    )
+    lo_y, lo_x, window = sample_runs(rois, height, width, spatial_scale, pooled_height, pooled_width, ratio, True)
     hw = height * width
     planes = gin.view(batch_size, c_out, pooled * height, width)  # one "cell" per (bin, y, x): see the docstring
     # 4 taps a sample slot; the tag (the sample index) is written by the kernel but only max pooling reads it
@@ -179,7 +159,6 @@ def ps_roi_align_backward(grad: Tensor, rois: Tensor, spatial_scale: float, pool
         keys = torch.where(b.keys < batch_size * hw, (image * pooled + b.src % pooled) * hw + (b.keys - image * hw),
                            planes.numel() // c_out)
         gather_bins(planes, keys, b.src, b.weight, None, grad, None, accumulate=not b.first)
-    return gin.to(grad.dtype)
 
 
 # ---------------------------------------------------------------- ps_roi_pool
@@ -200,12 +179,7 @@ def _ps_pool_axis(lo, hi, p, spatial_scale, size, P: tl.constexpr):
 @triton.jit
 def _ps_pool_bins(rois_ptr, k, ps, spatial_scale, H, W, PH: tl.constexpr, PW: tl.constexpr):
     """Box k's batch index and the cell rectangle ``[hs, he) x [ws, we)`` of every bin ``ps`` [BLOCK_P]."""
-    r = rois_ptr + k * 5
-    n = tl.load(r).to(tl.float32).to(tl.int64)
-    x1 = tl.load(r + 1).to(tl.float32)
-    y1 = tl.load(r + 2).to(tl.float32)
-    x2 = tl.load(r + 3).to(tl.float32)
-    y2 = tl.load(r + 4).to(tl.float32)
+    n, x1, y1, x2, y2 = load_box(rois_ptr, k)
     hs, he = _ps_pool_axis(y1, y2, (ps // PW).to(tl.int64), spatial_scale, H, PH)
     ws, we = _ps_pool_axis(x1, x2, (ps % PW).to(tl.int64), spatial_scale, W, PW)
     return n, hs, he, ws, we
@@ -279,24 +253,12 @@ def _ps_pool_entries_kernel(
     # For box k = k0 + pid0 with window (WY, WX) and its slots j = (p * WY + dy) * WX + dx in [slot0, slot0 + span):
     # the entry (cell (n P + p) H W + y W + x with y = hs[p] + dy, x = ws[p] + dx; bin k P + p; weight 1 / area) at
     # base[pid0] + j - slot0, or the key num_cells (unused) where (y, x) lies past the bin.
-    kl = tl.program_id(0).to(tl.int64)
-    k = k0 + kl
-    wy = tl.load(win_ptr + k * 2)
-    wx = tl.load(win_ptr + k * 2 + 1)
-    per_bin = wy * wx
-    j = slot0 + tl.program_id(1).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    ok = (j < PH * PW * per_bin) & (j < slot0 + span)
-    p = j // tl.maximum(per_bin, 1)
-    s = j - p * per_bin
-    dy = s // tl.maximum(wx, 1)
-    dx = s - dy * wx
-    p = tl.where(ok, p, 0)
+    k, p, dy, dx, ok, e = entry_slots(win_ptr, base_ptr, k0, slot0, span, PH, PW, BLOCK)
     n, hs, he, ws, we = _ps_pool_bins(rois_ptr, k, p, spatial_scale, H, W, PH, PW)
     y = hs + dy
     x = ws + dx
     used = (y < he) & (x < we)
     area = ((he - hs) * (we - ws)).to(tl.float32)
-    e = tl.load(base_ptr + kl) + j - slot0
     tl.store(key_ptr + e, tl.where(used, ((n * (PH * PW) + p) * H + y) * W + x, num_cells), mask=ok)
     tl.store(src_ptr + e, k * (PH * PW) + p, mask=ok)
     tl.store(w_ptr + e, tl.div_rn(1.0, tl.maximum(area, 1.0)), mask=ok)
@@ -305,17 +267,7 @@ def _ps_pool_entries_kernel(
 def ps_roi_pool_forward(input: Tensor, rois: Tensor, spatial_scale: float, pooled_height: int,
                         pooled_width: int) -> Tensor:
     """Same contract as ``roikit.ops.pytorch.ps_roi.ps_roi_pool_forward``: [K, C', PH, PW]."""
-    n, c, h, w = input.shape
-    k, pooled = rois.shape[0], pooled_height * pooled_width
-    c_out = c // pooled
-    out = input.new_zeros((k, c_out, pooled_height, pooled_width))
-    if k == 0 or c_out == 0 or input.numel() == 0:
-        return out
-    block_c, block_p = blocks(c_out, pooled)
-    grid = (k, triton.cdiv(c_out, block_c), triton.cdiv(pooled, block_p))
-    _ps_pool_fwd_kernel[grid](input, rois.contiguous(), out, c_out, h, w, *input.stride(), float(spatial_scale),
-                              PH=pooled_height, PW=pooled_width, BLOCK_C=block_c, BLOCK_P=block_p)
-    return out
+    return _forward(_ps_pool_fwd_kernel, input, rois, spatial_scale, pooled_height, pooled_width)
 
 
 def ps_roi_pool_backward(grad: Tensor, rois: Tensor, spatial_scale: float, pooled_height: int, pooled_width: int,
@@ -326,22 +278,19 @@ def ps_roi_pool_backward(grad: Tensor, rois: Tensor, spatial_scale: float, poole
     ``P * WY * WX`` slots, its window the tallest and widest of its bins (clipped to the map): at most
     ``P (H - 1) (W - 1)`` whatever the box. Memory: at most ``MAX_ENTRIES`` entries at a time.
     """
-    gin = torch.zeros((batch_size, channels, height, width), dtype=torch.float32, device=grad.device)
+    return _backward(_ps_pool_bwd_kernel, _ps_pool_deterministic_into, grad, rois, spatial_scale, pooled_height,
+                     pooled_width, (batch_size, channels, height, width), deterministic)
+
+
+def _ps_pool_deterministic_into(gin: Tensor, grad: Tensor, rois: Tensor, spatial_scale: float, pooled_height: int,
+                                pooled_width: int) -> None:
+    """ps_roi_pool's gradient added into ``gin`` [N, C, H, W] float32 in a fixed order (see the backward)."""
+    batch_size, channels, height, width = gin.shape
     k, pooled = rois.shape[0], pooled_height * pooled_width
-    c_out = channels // pooled
-    if k == 0 or c_out == 0 or gin.numel() == 0:
-        return gin.to(grad.dtype)
-    grad, rois = grad.contiguous(), rois.contiguous()
-    if not deterministic:
-        block_c, block_p = blocks(c_out, pooled)
-        grid = (k, triton.cdiv(c_out, block_c), triton.cdiv(pooled, block_p))
-        _ps_pool_bwd_kernel[grid](grad, rois, gin, c_out, height, width, float(spatial_scale), PH=pooled_height,
-                                  PW=pooled_width, BLOCK_C=block_c, BLOCK_P=block_p)
-        return gin.to(grad.dtype)
     window = torch.empty((k, 2), dtype=torch.int64, device=gin.device)
     _ps_pool_window_kernel[(k,)](rois, window, height, width, float(spatial_scale), PH=pooled_height,
                                  PW=pooled_width, BLOCK_P=triton.next_power_of_2(pooled))
-    planes = gin.view(batch_size, c_out, pooled * height, width)  # one "cell" per (bin, y, x)
+    planes = gin.view(batch_size, channels // pooled, pooled * height, width)  # one "cell" per (bin, y, x)
     num_cells = batch_size * pooled * height * width
     for b in entry_batches(window, pooled, MAX_ENTRIES, 1, gin.device):  # one entry a cell slot
         _ps_pool_entries_kernel[b.grid](
@@ -349,4 +298,42 @@ def ps_roi_pool_backward(grad: Tensor, rois: Tensor, spatial_scale: float, poole
             float(spatial_scale), PH=pooled_height, PW=pooled_width, BLOCK=b.block,
         )
         gather_bins(planes, b.keys, b.src, b.weight, None, grad, None, accumulate=not b.first)
+
+
+# ---------------------------------------------------------------- the launchers' shared frame
+def _forward(kernel, input: Tensor, rois: Tensor, spatial_scale: float, pooled_height: int, pooled_width: int,
+             *args) -> Tensor:
+    """[K, C', PH, PW] (``C' = C // (PH * PW)``) from a forward kernel over the boxes' tiles; ``args`` follow
+    ``spatial_scale`` in its signature."""
+    n, c, h, w = input.shape
+    k, pooled = rois.shape[0], pooled_height * pooled_width
+    c_out = c // pooled
+    out = input.new_zeros((k, c_out, pooled_height, pooled_width))
+    if k == 0 or c_out == 0 or input.numel() == 0:
+        return out
+    grid, tile = box_grid(k, c_out, pooled)
+    kernel[grid](input, rois.contiguous(), out, c_out, h, w, *input.stride(), float(spatial_scale), *args,
+                 PH=pooled_height, PW=pooled_width, **tile)
+    return out
+
+
+def _backward(atomic_kernel, deterministic_into, grad: Tensor, rois: Tensor, spatial_scale: float,
+              pooled_height: int, pooled_width: int, shape: tuple[int, int, int, int], deterministic: bool,
+              *args) -> Tensor:
+    """The feature gradient of ``shape`` [N, C, H, W] in grad's dtype, accumulated in float32 by ``atomic_kernel``
+    over the boxes' tiles or by ``deterministic_into(gin, grad, rois, spatial_scale, PH, PW, *args)``; ``args``
+    follow ``spatial_scale`` in both."""
+    gin = torch.zeros(shape, dtype=torch.float32, device=grad.device)
+    batch_size, channels, height, width = shape
+    k, pooled = rois.shape[0], pooled_height * pooled_width
+    c_out = channels // pooled
+    if k == 0 or c_out == 0 or gin.numel() == 0:
+        return gin.to(grad.dtype)
+    grad, rois = grad.contiguous(), rois.contiguous()
+    if deterministic:
+        deterministic_into(gin, grad, rois, spatial_scale, pooled_height, pooled_width, *args)
+    else:
+        grid, tile = box_grid(k, c_out, pooled)
+        atomic_kernel[grid](grad, rois, gin, c_out, height, width, float(spatial_scale), *args, PH=pooled_height,
+                            PW=pooled_width, **tile)
     return gin.to(grad.dtype)

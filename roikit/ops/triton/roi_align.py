@@ -29,8 +29,8 @@ import triton.language as tl
 from torch import Tensor
 
 from ..geometry import MAX_CELLS, MAX_GRID
-from ._deterministic import MAX_ENTRIES, entry_batches, gather_bins, store_tap_entries
-from ._tiles import blocks, box_tile
+from ._deterministic import MAX_ENTRIES, entry_batches, entry_slots, gather_bins, store_tap_entries
+from ._tiles import box_grid, box_tile
 
 # the reference's bounds (roikit.ops.geometry): box coordinates in cells clamped to +-2^52, at most MAX_GRID samples
 # per bin and axis (as a float32 cap, as the reference computes it for float32 boxes); sample indices are int64
@@ -70,11 +70,19 @@ def _align_box(rois_ptr, k, spatial_scale, sampling_ratio, PH: tl.constexpr, PW:
         roi_h = tl.where(roi_h < 1.0, 1.0, roi_h)
     bin_h = tl.div_rn(roi_h, PH * 1.0)
     bin_w = tl.div_rn(roi_w, PW * 1.0)
+    gh, gw = _samples_per_bin(bin_h, bin_w, sampling_ratio)
+    return n, y1, x1, bin_h, bin_w, gh, gw
+
+
+@triton.jit
+def _samples_per_bin(bin_h, bin_w, sampling_ratio):
+    """(gh, gw): ``sampling_ratio`` where > 0 (it comes capped from the launcher), else ``ceil(bin)`` capped at
+    MAX_GRID, 0 for an empty or NaN bin."""
     adaptive_h = tl.where(bin_h > 0, tl.ceil(tl.minimum(bin_h, _MAX_GRID_F)), 0.0).to(tl.int64)
     adaptive_w = tl.where(bin_w > 0, tl.ceil(tl.minimum(bin_w, _MAX_GRID_F)), 0.0).to(tl.int64)
     gh = tl.where(sampling_ratio > 0, sampling_ratio, adaptive_h)
     gw = tl.where(sampling_ratio > 0, sampling_ratio, adaptive_w)
-    return n, y1, x1, bin_h, bin_w, gh, gw
+    return gh, gw
 
 
 @triton.jit
@@ -152,6 +160,20 @@ def _axis_taps(y, size):
 
 
 @triton.jit
+def _load_taps(chan, r_lo, r_hi, x_lo, x_hi, s_w, m):
+    """The 4 taps (y_lo, x_lo), (y_lo, x_hi), (y_hi, x_lo), (y_hi, x_hi) of a sample in float32, 0 where not ``m``
+    [BLOCK_C, BLOCK_P]: ``chan`` [BLOCK_C, 1] the channels' planes, ``r_lo``, ``r_hi`` the rows' offsets and
+    ``x_lo``, ``x_hi`` the columns [BLOCK_P]."""
+    c_lo = x_lo * s_w
+    c_hi = x_hi * s_w
+    v1 = tl.load(chan + (r_lo + c_lo)[None, :], mask=m, other=0.0).to(tl.float32)
+    v2 = tl.load(chan + (r_lo + c_hi)[None, :], mask=m, other=0.0).to(tl.float32)
+    v3 = tl.load(chan + (r_hi + c_lo)[None, :], mask=m, other=0.0).to(tl.float32)
+    v4 = tl.load(chan + (r_hi + c_hi)[None, :], mask=m, other=0.0).to(tl.float32)
+    return v1, v2, v3, v4
+
+
+@triton.jit
 def _align_bins(base, C, H, W, s_c, s_h, s_w, y1, x1, bin_h, bin_w, gh, gw, cs, ps,
                 PH: tl.constexpr, PW: tl.constexpr, POOL_MAX: tl.constexpr,
                 BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr):
@@ -193,12 +215,7 @@ def _align_bins(base, C, H, W, s_c, s_h, s_w, y1, x1, bin_h, bin_w, gh, gw, cs, 
             x_lo, x_hi, hx, lx, x_in = _axis_taps(x, W)
             slot = y_ok & (tx < count_x)
             m = c_ok[:, None] & (slot & y_in & x_in)[None, :]
-            c_lo = x_lo * s_w
-            c_hi = x_hi * s_w
-            v1 = tl.load(chan + (r_lo + c_lo)[None, :], mask=m, other=0.0).to(tl.float32)
-            v2 = tl.load(chan + (r_lo + c_hi)[None, :], mask=m, other=0.0).to(tl.float32)
-            v3 = tl.load(chan + (r_hi + c_lo)[None, :], mask=m, other=0.0).to(tl.float32)
-            v4 = tl.load(chan + (r_hi + c_hi)[None, :], mask=m, other=0.0).to(tl.float32)
+            v1, v2, v3, v4 = _load_taps(chan, r_lo, r_hi, x_lo, x_hi, s_w, m)
             val = (hy * hx)[None, :] * v1 + (hy * lx)[None, :] * v2 + (ly * hx)[None, :] * v3 + (ly * lx)[None, :] * v4
             if POOL_MAX:
                 # strictly larger wins: the first maximum stays, NaN never wins, -inf never beats the start
@@ -328,18 +345,7 @@ def _roi_align_entries_kernel(
     # sample (iy, ix) = (lo_y[p] + ty, lo_x[p] + tx)'s 4 taps as entries (cell n * H * W + y * W + x, bin k * P + p,
     # weight [/ count for avg], tag iy * gw + ix) at 4 (base[pid0] + j - slot0) + t. A slot past the bin's own
     # grid, a tap off the map or of weight 0 gets the key num_cells = N * H * W (unused).
-    kl = tl.program_id(0).to(tl.int64)
-    k = k0 + kl
-    wy = tl.load(win_ptr + k * 2)
-    wx = tl.load(win_ptr + k * 2 + 1)
-    per_bin = wy * wx
-    j = slot0 + tl.program_id(1).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    j_ok = (j < PH * PW * per_bin) & (j < slot0 + width)
-    p = j // tl.maximum(per_bin, 1)
-    s = j - p * per_bin
-    ty = s // tl.maximum(wx, 1)
-    tx = s - ty * wx
-    p = tl.where(j_ok, p, 0)
+    k, p, ty, tx, j_ok, slot = entry_slots(win_ptr, base_ptr, k0, slot0, width, PH, PW, BLOCK)
     n, y1, x1, bin_h, bin_w, gh, gw = _align_box(rois_ptr, k, spatial_scale, sampling_ratio, PH, PW, ALIGNED)
     iy = tl.load(lo_y_ptr + k * PH + p // PW, mask=j_ok, other=0) + ty
     ix = tl.load(lo_x_ptr + k * PW + p % PW, mask=j_ok, other=0) + tx
@@ -354,8 +360,7 @@ def _roi_align_entries_kernel(
     cell0 = n * H * W
     src = k * (PH * PW) + p
     tag = iy * gw.to(tl.int64) + ix
-    e = (tl.load(base_ptr + kl) + j - slot0) * 4
-    store_tap_entries(key_ptr, src_ptr, w_ptr, e, j_ok, ok, cell0, W, num_cells, src, scale,
+    store_tap_entries(key_ptr, src_ptr, w_ptr, slot * 4, j_ok, ok, cell0, W, num_cells, src, scale,
                       y_lo, y_hi, x_lo, x_hi, hy, ly, hx, lx, tag_ptr, tag)
 
 
@@ -370,12 +375,10 @@ def roi_align_forward(input: Tensor, rois: Tensor, spatial_scale: float, pooled_
     if k == 0 or c == 0:
         return out, argmax
     rois = rois.contiguous()
-    block_c, block_p = blocks(c, pooled_height * pooled_width)
-    grid = (k, triton.cdiv(c, block_c), triton.cdiv(pooled_height * pooled_width, block_p))
+    grid, tile = box_grid(k, c, pooled_height * pooled_width)
     _roi_align_fwd_kernel[grid](
         input, rois, out, argmax, c, h, w, *input.stride(), float(spatial_scale), _grid_arg(sampling_ratio),
-        PH=pooled_height, PW=pooled_width, ALIGNED=bool(aligned), POOL_MAX=bool(pool_max),
-        BLOCK_C=block_c, BLOCK_P=block_p,
+        PH=pooled_height, PW=pooled_width, ALIGNED=bool(aligned), POOL_MAX=bool(pool_max), **tile,
     )
     return out, argmax
 
@@ -401,12 +404,11 @@ def roi_align_backward(grad: Tensor, rois: Tensor, argmax: Tensor, spatial_scale
     rois = rois.contiguous()
     pooled = pooled_height * pooled_width
     if not deterministic:
-        block_c, block_p = blocks(channels, pooled)
-        grid = (k, triton.cdiv(channels, block_c), triton.cdiv(pooled, block_p))
+        grid, tile = box_grid(k, channels, pooled)
         _roi_align_bwd_kernel[grid](
             grad, argmax if pool_max else grad, rois, gin, channels, height, width, *gin.stride(),
             float(spatial_scale), _grid_arg(sampling_ratio), PH=pooled_height, PW=pooled_width,
-            ALIGNED=bool(aligned), POOL_MAX=bool(pool_max), BLOCK_C=block_c, BLOCK_P=block_p,
+            ALIGNED=bool(aligned), POOL_MAX=bool(pool_max), **tile,
         )
         return gin.to(grad.dtype)
     deterministic_backward_into(gin, grad, rois, argmax, spatial_scale, pooled_height, pooled_width,
@@ -426,17 +428,9 @@ def deterministic_backward_into(gin: Tensor, grad: Tensor, rois: Tensor, argmax:
     not by the box or ``sampling_ratio``. Memory: at most ``MAX_ENTRIES`` entries at a time.
     """
     n, c, h, w = gin.shape
-    k = rois.shape[0]
     pooled = pooled_height * pooled_width
     ratio = _grid_arg(sampling_ratio)
-    lo_y = torch.empty((k, pooled_height), dtype=torch.int64, device=gin.device)
-    lo_x = torch.empty((k, pooled_width), dtype=torch.int64, device=gin.device)
-    window = torch.empty((k, 2), dtype=torch.int64, device=gin.device)
-    _roi_align_runs_kernel[(k,)](
-        rois, lo_y, lo_x, window, h, w, float(spatial_scale), ratio, PH=pooled_height, PW=pooled_width,
-        ALIGNED=bool(aligned), BLOCK_H=triton.next_power_of_2(pooled_height),
-        BLOCK_W=triton.next_power_of_2(pooled_width),
-    )
+    lo_y, lo_x, window = sample_runs(rois, h, w, spatial_scale, pooled_height, pooled_width, ratio, aligned)
     for b in entry_batches(window, pooled, MAX_ENTRIES, 4, gin.device, tag=True):  # 4 taps a sample slot
         _roi_align_entries_kernel[b.grid](
             rois, lo_y, lo_x, window, b.base, b.keys, b.src, b.weight, b.tag, b.k0, b.slot0, b.width, n * h * w, h, w,
@@ -445,3 +439,20 @@ def deterministic_backward_into(gin: Tensor, grad: Tensor, rois: Tensor, argmax:
         )
         gather_bins(gin, b.keys, b.src, b.weight, b.tag if pool_max else None, grad, argmax if pool_max else None,
                     accumulate=not b.first)
+
+
+def sample_runs(rois: Tensor, height: int, width: int, spatial_scale: float, pooled_height: int, pooled_width: int,
+                ratio: int, aligned: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """Where each bin row's (column's) run of samples on a ``height x width`` map starts, ``lo_y`` [K, PH]
+    (``lo_x`` [K, PW]), and each box's window ``[K, 2]``: the longest run of any of its bins along y and x
+    (``_roi_align_runs_kernel``); ``ratio`` as ``_grid_arg`` gives it."""
+    k = rois.shape[0]
+    lo_y = torch.empty((k, pooled_height), dtype=torch.int64, device=rois.device)
+    lo_x = torch.empty((k, pooled_width), dtype=torch.int64, device=rois.device)
+    window = torch.empty((k, 2), dtype=torch.int64, device=rois.device)
+    _roi_align_runs_kernel[(k,)](
+        rois, lo_y, lo_x, window, height, width, float(spatial_scale), ratio, PH=pooled_height, PW=pooled_width,
+        ALIGNED=bool(aligned), BLOCK_H=triton.next_power_of_2(pooled_height),
+        BLOCK_W=triton.next_power_of_2(pooled_width),
+    )
+    return lo_y, lo_x, window

@@ -22,8 +22,8 @@ import triton.language as tl
 from torch import Tensor
 
 from ..geometry import MAX_CELLS
-from ._tiles import blocks
-from .roi_align import _align_box, _axis_taps, _clamp_cells, _grid_arg, _sample_coord, _sample_run
+from ._tiles import blocks, store_box_grad
+from .roi_align import _align_box, _axis_taps, _clamp_cells, _grid_arg, _load_taps, _sample_coord, _sample_run
 
 _MAX_CELLS = tl.constexpr(float(MAX_CELLS))
 
@@ -128,12 +128,7 @@ def _box_grad_kernel(
                         x_moves = tl.where(ok & (x > 0.0) & (x_lo < W - 1), 1.0, 0.0)
                         fxs, fxe = _edge_factors(pw_f, ix, gw_f, xs_free, xe_free, x_fixed, PW)
                         m = tile & ok[None, :]
-                        c_lo = x_lo * s_w
-                        c_hi = x_hi * s_w
-                        v1 = tl.load(chan + (r_lo + c_lo)[None, :], mask=m, other=0.0).to(tl.float32)
-                        v2 = tl.load(chan + (r_lo + c_hi)[None, :], mask=m, other=0.0).to(tl.float32)
-                        v3 = tl.load(chan + (r_hi + c_lo)[None, :], mask=m, other=0.0).to(tl.float32)
-                        v4 = tl.load(chan + (r_hi + c_hi)[None, :], mask=m, other=0.0).to(tl.float32)
+                        v1, v2, v3, v4 = _load_taps(chan, r_lo, r_hi, x_lo, x_hi, s_w, m)
                         d_y = (hx * y_moves)[None, :] * (v3 - v1) + (lx * y_moves)[None, :] * (v4 - v2)
                         d_x = (hy * x_moves)[None, :] * (v2 - v1) + (ly * x_moves)[None, :] * (v4 - v3)
                         a_y1 += d_y * fys[None, :]
@@ -147,12 +142,7 @@ def _box_grad_kernel(
     norm = spatial_scale
     if not POOL_MAX:
         norm = tl.div_rn(spatial_scale, gh_f * gw_f)
-    out = grois_ptr + k * 5
-    tl.store(out, 0.0)
-    tl.store(out + 1, tl.sum(tl.sum(t_x1, axis=1), axis=0) * norm)
-    tl.store(out + 2, tl.sum(tl.sum(t_y1, axis=1), axis=0) * norm)
-    tl.store(out + 3, tl.sum(tl.sum(t_x2, axis=1), axis=0) * norm)
-    tl.store(out + 4, tl.sum(tl.sum(t_y2, axis=1), axis=0) * norm)
+    store_box_grad(grois_ptr, k, t_x1, t_y1, t_x2, t_y2, norm)
 
 
 def roi_align_box_backward(grad: Tensor, input: Tensor, rois: Tensor, output: Tensor, argmax: Tensor,

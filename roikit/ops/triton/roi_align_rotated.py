@@ -27,20 +27,12 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ..geometry import MAX_CELLS, MAX_GRID
-from ._deterministic import MAX_ENTRIES, entry_batches, gather_bins, store_tap_entries
-from ._tiles import blocks, box_tile
+from ._deterministic import MAX_ENTRIES, entry_batches, entry_slots, gather_bins, store_tap_entries
+from ._tiles import box_grid, box_tile
+from .roi_align import _axis_taps, _clamp_cells, _grid_arg, _sample_coord, _samples_per_bin
 
-_MAX_CELLS = tl.constexpr(float(MAX_CELLS))
-_MAX_GRID_F = tl.constexpr(float(MAX_GRID))
 _MAX_MARGIN = tl.constexpr(8.0)  # the reference's MAX_ROUNDING_MARGIN
 _EPS = tl.constexpr(float(torch.finfo(torch.float32).eps))
-
-
-@triton.jit
-def _clamp_cells(v):
-    # v clamped to [-2^52, 2^52]; NaN stays NaN
-    return tl.where(v > _MAX_CELLS, _MAX_CELLS, tl.where(v < -_MAX_CELLS, -_MAX_CELLS, v))
 
 
 @triton.jit
@@ -64,10 +56,7 @@ def _rotated_box(rois_ptr, trig_ptr, k, spatial_scale, sampling_ratio, PH: tl.co
     sin = tl.load(trig_ptr + k * 2 + 1)
     bin_h = tl.div_rn(h, PH * 1.0)
     bin_w = tl.div_rn(w, PW * 1.0)
-    adaptive_h = tl.where(bin_h > 0, tl.ceil(tl.minimum(bin_h, _MAX_GRID_F)), 0.0).to(tl.int64)
-    adaptive_w = tl.where(bin_w > 0, tl.ceil(tl.minimum(bin_w, _MAX_GRID_F)), 0.0).to(tl.int64)
-    gh = tl.where(sampling_ratio > 0, sampling_ratio, adaptive_h)
-    gw = tl.where(sampling_ratio > 0, sampling_ratio, adaptive_w)
+    gh, gw = _samples_per_bin(bin_h, bin_w, sampling_ratio)
     return n, cy, cx, cos, sin, -h / 2.0, -w / 2.0, bin_h, bin_w, gh, gw
 
 
@@ -85,12 +74,6 @@ def _map_extent(cy, cx, cos, sin, y0, x0, H, W):
     x_hi = tl.maximum(cos * xa, cos * xb) - tl.minimum(sin * ya, sin * yb)
     size = tl.abs(cy) + tl.abs(cx) + tl.abs(y0) + tl.abs(x0) + H + W + 2.0
     return y_lo, y_hi, x_lo, x_hi, 16.0 * _EPS * size
-
-
-@triton.jit
-def _sample_coord(first, bin_size, grid_f, i):
-    # sample i of the bin that starts at `first`: first + (i + 0.5) * bin_size / grid (the reference's order)
-    return first + tl.div_rn((i + 0.5) * bin_size, grid_f)
 
 
 @triton.jit
@@ -124,22 +107,10 @@ def _window(first, bin_size, grid, low, high, error):
 
 
 @triton.jit
-def _axis_taps(y, size):
-    """torchvision's bilinear_interpolate along one axis: the two cells, their weights, and whether y counts."""
-    inside = (y >= -1.0) & (y <= size)
-    y = tl.minimum(tl.maximum(y, 0.0), size * 1.0)  # the upper clamp only guards the int conversion
-    lo = y.to(tl.int32)
-    at_end = lo >= size - 1
-    lo = tl.where(at_end, size - 1, lo)
-    hi = tl.where(at_end, size - 1, lo + 1)
-    frac = tl.where(at_end, 0.0, y - lo.to(tl.float32))
-    return lo.to(tl.int64), hi.to(tl.int64), 1.0 - frac, frac, inside
-
-
-@triton.jit
 def _bin_windows(rois_ptr, trig_ptr, k, ps, H, W, spatial_scale, sampling_ratio, PH: tl.constexpr,
                  PW: tl.constexpr, ALIGNED: tl.constexpr):
-    """Box k's geometry and, for bins ``ps`` [BLOCK_P], the start of each bin and its sample window."""
+    """Box k's geometry and, for bins ``ps`` [BLOCK_P], the start of each bin and its sample window (empty for a bin
+    past the last); samples per bin as floats at least 1 (``gh_f``, ``gw_f``: they divide)."""
     n, cy, cx, cos, sin, y0, x0, bin_h, bin_w, gh, gw = _rotated_box(rois_ptr, trig_ptr, k, spatial_scale,
                                                                      sampling_ratio, PH, PW, ALIGNED)
     y_lo, y_hi, x_lo, x_hi, err = _map_extent(cy, cx, cos, sin, y0, x0, H, W)
@@ -147,7 +118,12 @@ def _bin_windows(rois_ptr, trig_ptr, k, ps, H, W, spatial_scale, sampling_ratio,
     first_x = x0 + (ps % PW).to(tl.float32) * bin_w
     lo_y, n_y = _window(first_y, bin_h, gh, y_lo, y_hi, err)
     lo_x, n_x = _window(first_x, bin_w, gw, x_lo, x_hi, err)
-    return n, cy, cx, cos, sin, first_y, first_x, bin_h, bin_w, gh, gw, lo_y, n_y, lo_x, n_x
+    p_ok = ps < PH * PW
+    n_y = tl.where(p_ok, n_y, 0)
+    n_x = tl.where(p_ok, n_x, 0)
+    gh_f = tl.maximum(gh, 1).to(tl.float32)
+    gw_f = tl.maximum(gw, 1).to(tl.float32)
+    return n, cy, cx, cos, sin, first_y, first_x, bin_h, bin_w, gh_f, gw_f, lo_y, n_y, lo_x, n_x
 
 
 @triton.jit
@@ -169,13 +145,8 @@ def _fwd_kernel(
 ):
     # out[k, c, ph, pw] = (1 / max(gh gw, 1)) * sum over the bin's samples on the map of their bilinear value
     k, cs, ps, offs, m = box_tile(C, PH, PW, BLOCK_C, BLOCK_P)
-    n, cy, cx, cos, sin, first_y, first_x, bin_h, bin_w, gh, gw, lo_y, n_y, lo_x, n_x = _bin_windows(
+    n, cy, cx, cos, sin, first_y, first_x, bin_h, bin_w, gh_f, gw_f, lo_y, n_y, lo_x, n_x = _bin_windows(
         rois_ptr, trig_ptr, k, ps, H, W, spatial_scale, sampling_ratio, PH, PW, ALIGNED)
-    p_ok = ps < PH * PW
-    n_y = tl.where(p_ok, n_y, 0)
-    n_x = tl.where(p_ok, n_x, 0)
-    gh_f = tl.maximum(gh, 1).to(tl.float32)
-    gw_f = tl.maximum(gw, 1).to(tl.float32)
     chan = feat_ptr + n * s_n + cs.to(tl.int64)[:, None] * s_c
     c_ok = cs < C
     acc = tl.zeros([BLOCK_C, BLOCK_P], dtype=tl.float32)
@@ -200,13 +171,8 @@ def _bwd_kernel(
 ):
     # grad_input[n_k, c, taps] += weight * grad[k, c, ph, pw] / count, with float32 atomics
     k, cs, ps, offs, m = box_tile(C, PH, PW, BLOCK_C, BLOCK_P)
-    n, cy, cx, cos, sin, first_y, first_x, bin_h, bin_w, gh, gw, lo_y, n_y, lo_x, n_x = _bin_windows(
+    n, cy, cx, cos, sin, first_y, first_x, bin_h, bin_w, gh_f, gw_f, lo_y, n_y, lo_x, n_x = _bin_windows(
         rois_ptr, trig_ptr, k, ps, H, W, spatial_scale, sampling_ratio, PH, PW, ALIGNED)
-    p_ok = ps < PH * PW
-    n_y = tl.where(p_ok, n_y, 0)
-    n_x = tl.where(p_ok, n_x, 0)
-    gh_f = tl.maximum(gh, 1).to(tl.float32)
-    gw_f = tl.maximum(gw, 1).to(tl.float32)
     g = tl.div_rn(tl.load(grad_ptr + offs, mask=m, other=0.0).to(tl.float32), gh_f * gw_f)
     chan = gin_ptr + n * g_sn + cs.to(tl.int64)[:, None] * g_sc
     c_ok = cs < C
@@ -256,18 +222,7 @@ def _entries_kernel(
     # sample (lo_y[ph] + ty, lo_x[pw] + tx)'s 4 taps as entries (cell n * H * W + y * W + x, bin k * P + p,
     # weight / count) at 4 (base[pid0] + j - slot0) + t. A slot outside the bin's window, a sample off the map and
     # a tap of weight 0 get the key num_cells = N * H * W (unused).
-    kl = tl.program_id(0).to(tl.int64)
-    k = k0 + kl
-    wy = tl.load(win_ptr + k * 2)
-    wx = tl.load(win_ptr + k * 2 + 1)
-    per_bin = wy * wx
-    j = slot0 + tl.program_id(1).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    j_ok = (j < PH * PW * per_bin) & (j < slot0 + width)
-    p = j // tl.maximum(per_bin, 1)
-    s = j - p * per_bin
-    ty = s // tl.maximum(wx, 1)
-    tx = s - ty * wx
-    p = tl.where(j_ok, p, 0)
+    k, p, ty, tx, j_ok, slot = entry_slots(win_ptr, base_ptr, k0, slot0, width, PH, PW, BLOCK)
     ph = p // PW
     pw = p % PW
     n, cy, cx, cos, sin, y0, x0, bin_h, bin_w, gh, gw = _rotated_box(rois_ptr, trig_ptr, k, spatial_scale,
@@ -285,8 +240,7 @@ def _entries_kernel(
     scale = tl.div_rn(1.0, gh_f * gw_f)
     cell0 = n * H * W
     src = k * (PH * PW) + p
-    e = (tl.load(base_ptr + kl) + j - slot0) * 4
-    store_tap_entries(key_ptr, src_ptr, w_ptr, e, j_ok, ok, cell0, W, num_cells, src, scale,
+    store_tap_entries(key_ptr, src_ptr, w_ptr, slot * 4, j_ok, ok, cell0, W, num_cells, src, scale,
                       y_lo, y_hi, x_lo, x_hi, hy, ly, hx, lx)
 
 
@@ -301,11 +255,6 @@ def _trig(rois: Tensor, clockwise: bool, radians: bool) -> Tensor:
     return torch.stack([torch.cos(theta), torch.sin(theta)], dim=1).contiguous()
 
 
-def _grid_arg(sampling_ratio: int) -> int:
-    """``sampling_ratio`` capped at MAX_GRID, as the reference (<= 0 means adaptive)."""
-    return max(min(int(sampling_ratio), MAX_GRID), 0)
-
-
 def roi_align_rotated_forward(input: Tensor, rois: Tensor, spatial_scale: float, pooled_height: int,
                               pooled_width: int, sampling_ratio: int, aligned: bool, clockwise: bool,
                               radians: bool) -> Tensor:
@@ -316,12 +265,10 @@ def roi_align_rotated_forward(input: Tensor, rois: Tensor, spatial_scale: float,
     if k == 0 or c == 0:
         return out
     rois = rois.contiguous()
-    block_c, block_p = blocks(c, pooled_height * pooled_width)
-    grid = (k, triton.cdiv(c, block_c), triton.cdiv(pooled_height * pooled_width, block_p))
+    grid, tile = box_grid(k, c, pooled_height * pooled_width)
     _fwd_kernel[grid](
         input, rois, _trig(rois, clockwise, radians), out, c, h, w, *input.stride(), float(spatial_scale),
-        _grid_arg(sampling_ratio), PH=pooled_height, PW=pooled_width, ALIGNED=bool(aligned),
-        BLOCK_C=block_c, BLOCK_P=block_p,
+        _grid_arg(sampling_ratio), PH=pooled_height, PW=pooled_width, ALIGNED=bool(aligned), **tile,
     )
     return out
 
@@ -345,10 +292,9 @@ def roi_align_rotated_backward(grad: Tensor, rois: Tensor, spatial_scale: float,
     pooled = pooled_height * pooled_width
     settings = dict(PH=pooled_height, PW=pooled_width, ALIGNED=bool(aligned))
     if not deterministic:
-        block_c, block_p = blocks(channels, pooled)
-        grid = (k, triton.cdiv(channels, block_c), triton.cdiv(pooled, block_p))
+        grid, tile = box_grid(k, channels, pooled)
         _bwd_kernel[grid](grad, rois, trig, gin, channels, height, width, *gin.stride(), float(spatial_scale),
-                          _grid_arg(sampling_ratio), **settings, BLOCK_C=block_c, BLOCK_P=block_p)
+                          _grid_arg(sampling_ratio), **settings, **tile)
         return gin.to(grad.dtype)
     ratio = _grid_arg(sampling_ratio)
     lo_y = torch.empty((k, pooled_height), dtype=torch.int64, device=gin.device)

@@ -27,7 +27,7 @@ from torch import Tensor
 
 from ..geometry import MAX_CELLS
 from ._deterministic import MAX_ENTRIES, segment_sum
-from ._tiles import blocks, box_tile
+from ._tiles import box_grid, box_tile, load_box
 
 _LOWEST = tl.constexpr(-3.4028234663852886e38)  # -FLT_MAX: torchvision's starting maximum
 _MAX_CELLS = tl.constexpr(float(MAX_CELLS))  # box coordinates in cells are clamped to +-2^52, as the reference
@@ -84,12 +84,7 @@ def _roi_pool_fwd_kernel(
     k, cs, ps, offs, m = box_tile(C, PH, PW, BLOCK_C, BLOCK_P)
     c_ok = cs < C
     p_ok = ps < PH * PW
-    r = rois_ptr + k * 5
-    n = tl.load(r).to(tl.float32).to(tl.int64)
-    x1 = tl.load(r + 1).to(tl.float32)
-    y1 = tl.load(r + 2).to(tl.float32)
-    x2 = tl.load(r + 3).to(tl.float32)
-    y2 = tl.load(r + 4).to(tl.float32)
+    n, x1, y1, x2, y2 = load_box(rois_ptr, k)
     hs, he = _pool_axis(y1, y2, (ps // PW).to(tl.int64), spatial_scale, H, PH, INTEGER)
     ws, we = _pool_axis(x1, x2, (ps % PW).to(tl.int64), spatial_scale, W, PW, INTEGER)
     rows = tl.max(tl.where(p_ok, he - hs, 0))  # tallest / widest bin of the tile: at most H / W (clipped)
@@ -136,11 +131,10 @@ def roi_pool_forward(input: Tensor, rois: Tensor, spatial_scale: float, pooled_h
     argmax = torch.empty(out.shape, dtype=torch.int32, device=input.device)
     if k == 0 or c == 0:
         return out, argmax
-    block_c, block_p = blocks(c, pooled_height * pooled_width)
-    grid = (k, triton.cdiv(c, block_c), triton.cdiv(pooled_height * pooled_width, block_p))
+    grid, tile = box_grid(k, c, pooled_height * pooled_width)
     _roi_pool_fwd_kernel[grid](
         input, rois.contiguous(), out, argmax, c, h, w, *input.stride(), float(spatial_scale),
-        PH=pooled_height, PW=pooled_width, INTEGER=rounding == "integer", BLOCK_C=block_c, BLOCK_P=block_p,
+        PH=pooled_height, PW=pooled_width, INTEGER=rounding == "integer", **tile,
     )
     return out, argmax
 
