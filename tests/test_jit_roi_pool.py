@@ -1,4 +1,4 @@
-"""RoIPool's numba kernels (roikit/ops/pytorch/jit.py, _numba_kernels.py) against torchvision, bit for bit.
+"""RoIPool's numba kernels (roikit/ops/pytorch/jit.py, _numba_pool_kernels.py) against torchvision, bit for bit.
 
 torchvision's CPU roi_pool is the oracle (output, argmax and gradient: the same maxima and the same additions in
 the same order). Every kernel variant is drawn by hypothesis: the per-box and the channels-last forward, each with
@@ -156,16 +156,16 @@ def test_hostile_boxes_agree_with_the_plain_path():
 
 
 def test_bfloat16_rounding_is_torchs():
-    """The kernels' float32 -> bfloat16 (``_narrow``) on the patterns that decide rounding to nearest even: ties
+    """The kernels' float32 -> bfloat16 (``narrow``) on the patterns that decide rounding to nearest even: ties
     below and above odd and even results, carries into the exponent, -FLT_MAX (-> -inf), +-inf, NaN, subnormals."""
     import numba as nb
 
-    from roikit.ops.pytorch._numba_kernels import _narrow
+    from roikit.ops.pytorch._numba_common import narrow
 
     @nb.njit
     def narrow_all(values, out):
         for i in range(values.shape[0]):
-            out[i] = _narrow(values[i], out)
+            out[i] = narrow(values[i], out)
 
     high = np.array([0x0000, 0x0001, 0x3F80, 0x3F81, 0x7F7F, 0x7F80, 0x8000, 0xBF80, 0xBF81, 0xFF7F, 0x007F,
                      0x7FC0, 0xFF80, 0x4049], dtype=np.uint32)

@@ -1,4 +1,5 @@
-"""numba kernels of the CPU fast path: RoIAlign (average) and RoIPool, forward and backward.
+"""numba kernels of the CPU fast path: RoIAlign (average), forward and backward. RoIPool's are in
+:mod:`._numba_pool_kernels`, the helpers both use (bfloat16 bits, channels-last blocks) in :mod:`._numba_common`.
 
 Imported only through :mod:`roikit.ops.pytorch.jit`, which builds their tables with :mod:`roikit.ops.geometry`
 (the same code as the plain path) and falls back to the plain path when numba is missing.
@@ -10,12 +11,10 @@ slower here, and its thread pools fight torch's).
 **Forward** (a range of boxes per call): the cells a box reads are copied, a block of channels at a time, from the
 [N, C, H, W] map into a small channels-last scratch [rows, cols, block]; every bin is then computed for the whole
 block of channels at once (one vector per tap), in the order torchvision's C++ loop uses for each channel:
-
-* RoIAlign: ``acc += w1 * v1 + w2 * v2 + w3 * v3 + w4 * v4`` over the bin's samples (``w1 = hy * hx`` ...),
-  then ``acc / count``: bit for bit torchvision's sum (no fused multiply-add: numba does not contract without
-  ``fastmath``). A sample off the map reads nothing (torchvision reads cell (0, 0) with weight 0; see
-  tests/test_hostile_inputs.py for that deviation).
-* RoIPool: the first cell (row-major) that beats ``-FLT_MAX``, strictly; NaN never wins.
+``acc += w1 * v1 + w2 * v2 + w3 * v3 + w4 * v4`` over the bin's samples (``w1 = hy * hx`` ...), then ``acc /
+count``: bit for bit torchvision's sum (no fused multiply-add: numba does not contract without ``fastmath``). A
+sample off the map reads nothing (torchvision reads cell (0, 0) with weight 0; see tests/test_hostile_values.py
+for that deviation).
 
 The rows (columns) copied are the box's contiguous span of read cells, or, when that is longer, the two taps of
 each sample listed one after the other: at most ``min(map, 2 * P * G)`` per axis. Scratch memory per thread is
@@ -24,8 +23,8 @@ each sample listed one after the other: at most ``min(map, 2 * P * G)`` per axis
 **Backward** (a range of channels per call, so no two threads write one cell): every box in order adds its bins'
 gradients into its image's plane of that channel, in torchvision's order (boxes, bins, samples, then the taps
 ``g1 .. g4``): the same additions in the same order, so bit for bit torchvision's gradient, on any thread count.
-RoIAlign's does it a block of channels at a time through a channels-last copy of the cells the box's taps touch
-(one vector per tap), written back before the next box; a bfloat16 map adds up in float32 planes per block.
+It does so a block of channels at a time through a channels-last copy of the cells the box's taps touch (one
+vector per tap), written back before the next box; a bfloat16 map adds up in float32 planes per block.
 
 RoIAlign's tables (sample taps and weights) are built here too, box by box (``roi_align_tables``), with
 :mod:`roikit.ops.geometry`'s operations in its order. A RoIAlign call reads the map by per-box copies or by
@@ -41,8 +40,7 @@ from numba.core import cgutils, types
 from numba.extending import intrinsic
 
 from ..geometry import MAX_CELLS, MAX_GRID
-
-LOWEST32 = np.float32(np.finfo(np.float32).min)  # torchvision's roi_pool starts every bin at -FLT_MAX
+from ._numba_common import narrow, transposed_block, widen
 
 
 @intrinsic
@@ -295,8 +293,8 @@ def roi_align_forward(begin, end, feat, batch, y_low, y_high, y_wlow, y_whigh, y
                             s00, s01 = scratch[a0, b0], scratch[a0, b1]
                             s10, s11 = scratch[a1, b0], scratch[a1, b1]
                             for cc in range(cb):
-                                acc[cc] += (w1 * _widen(s00[cc]) + w2 * _widen(s01[cc]) + w3 * _widen(s10[cc])
-                                            + w4 * _widen(s11[cc]))
+                                acc[cc] += (w1 * widen(s00[cc]) + w2 * widen(s01[cc]) + w3 * widen(s10[cc])
+                                            + w4 * widen(s11[cc]))
                     for cc in range(cb):
                         out[k, c0 + cc, ph, pw] = acc[cc] / count[k]
 
@@ -329,8 +327,8 @@ def roi_align_forward_cl(begin, end, feat, c0, batch, y_low, y_high, y_wlow, y_w
                         s00, s01 = image[a0, b0], image[a0, b1]
                         s10, s11 = image[a1, b0], image[a1, b1]
                         for cc in range(cb):
-                            acc[cc] += (w1 * _widen(s00[cc]) + w2 * _widen(s01[cc]) + w3 * _widen(s10[cc])
-                                        + w4 * _widen(s11[cc]))
+                            acc[cc] += (w1 * widen(s00[cc]) + w2 * widen(s01[cc]) + w3 * widen(s10[cc])
+                                        + w4 * widen(s11[cc]))
                 for cc in range(cb):
                     out[k, c0 + cc, ph, pw] = acc[cc] / count[k]
 
@@ -403,7 +401,7 @@ def roi_align_backward_bits(begin, end, grad, batch, y_low, y_high, y_wlow, y_wh
                 src, dst = planes[n, cc], out[n, c0 + cc]
                 for h in range(height):
                     for w in range(width):
-                        dst[h, w] = _narrow(src[h, w], out)
+                        dst[h, w] = narrow(src[h, w], out)
 
 
 @nb.njit(cache=True, nogil=True)
@@ -464,202 +462,6 @@ def _backward_block(c0, cb, grad, batch, y_low, y_high, y_wlow, y_whigh, y_valid
         _store_cells(scratch, planes[n], p0, cb, rows, cols)
 
 
-@intrinsic
-def _widen(typingctx, x):
-    """A value of a map as the kernels compute with it: bfloat16 bits (uint16) as the float32 they are (a 16-bit
-    shift, exact); a float unchanged."""
-    if x == types.uint16:
-        def codegen(context, builder, signature, args):
-            bits = builder.shl(builder.zext(args[0], ir.IntType(32)), ir.Constant(ir.IntType(32), 16))
-            return builder.bitcast(bits, ir.FloatType())
-        return types.float32(x), codegen
-    if isinstance(x, types.Float):
-        return x(x), lambda context, builder, signature, args: args[0]
-    return None
-
-
-@intrinsic
-def _narrow(typingctx, value, like):
-    """``value`` in the element type of the array ``like``: for bfloat16 bits (uint16), float32 rounded to nearest
-    even (NaN -> 0x7FC0) as torch's ``.to(torch.bfloat16)``; else a float cast."""
-    if like.dtype == types.uint16 and value == types.float32:
-        def codegen(context, builder, signature, args):
-            i32 = ir.IntType(32)
-            bits = builder.bitcast(args[0], i32)
-            odd = builder.and_(builder.lshr(bits, ir.Constant(i32, 16)), ir.Constant(i32, 1))
-            rounded = builder.lshr(builder.add(bits, builder.add(odd, ir.Constant(i32, 0x7FFF))), ir.Constant(i32, 16))
-            nan = builder.fcmp_unordered("uno", args[0], args[0])
-            return builder.trunc(builder.select(nan, ir.Constant(i32, 0x7FC0), rounded), ir.IntType(16))
-        return types.uint16(value, like), codegen
-    if isinstance(like.dtype, types.Float) and isinstance(value, types.Float):
-        def codegen(context, builder, signature, args):
-            return context.cast(builder, args[0], value, like.dtype)
-        return like.dtype(value, like), codegen
-    return None
-
-
-@nb.njit(cache=True, nogil=True)
-def _copy_box(image, c0, cb, r0, q0, scratch):
-    """``scratch[i, j, c] = image[c0 + c, r0 + i, q0 + j]`` for ``c < cb``: image [C, H, W], scratch [rows, cols,
-    >= cb], in the map's dtype. 8 channels' rows at a time (8 consecutive values of a scratch cell per pass)."""
-    nr, nc = scratch.shape[0], scratch.shape[1]
-    whole = cb - cb % 8
-    for i in range(nr):
-        r, dst = r0 + i, scratch[i]
-        for c in range(c0, c0 + whole, 8):
-            p0, p1, p2, p3 = image[c, r], image[c + 1, r], image[c + 2, r], image[c + 3, r]
-            p4, p5, p6, p7 = image[c + 4, r], image[c + 5, r], image[c + 6, r], image[c + 7, r]
-            d = c - c0
-            for j in range(nc):
-                q, cell = q0 + j, dst[j]
-                cell[d], cell[d + 1], cell[d + 2], cell[d + 3] = p0[q], p1[q], p2[q], p3[q]
-                cell[d + 4], cell[d + 5], cell[d + 6], cell[d + 7] = p4[q], p5[q], p6[q], p7[q]
-        for c in range(c0 + whole, c0 + cb):
-            row = image[c, r]
-            for j in range(nc):
-                dst[j, c - c0] = row[q0 + j]
-
-
-@nb.njit(cache=True, nogil=True)
-def _max_bins(src, r0, q0, cb, h_start, h_end, w_start, w_end, width, best, where):
-    """RoIPool's bins of one box for ``cb`` channels at once. ``src`` [rows, cols, >= cb]: channels-last cells,
-    ``src[i, j]`` the map's cell ``(r0 + i, q0 + j)`` (a box's scratch, or a whole channels-last image); edges
-    [PH] / [PW]. Writes ``best`` [PH * PW, >= cb] (compute dtype) and, unless it has no rows (no argmax wanted),
-    ``where`` (int32: the cell ``h * W + w``, -1 when nothing won or the bin is empty). Empty bins give 0."""
-    pw_count = w_start.shape[0]
-    with_arg = where.shape[0] > 0
-    for ph in range(h_start.shape[0]):
-        hs, he = h_start[ph], h_end[ph]
-        for pw in range(pw_count):
-            ws, we = w_start[pw], w_end[pw]
-            b = ph * pw_count + pw
-            value = best[b]
-            start = 0.0 if he <= hs or we <= ws else LOWEST32  # an empty bin reads nothing: 0
-            for cc in range(cb):
-                value[cc] = start
-            if with_arg:
-                cell = where[b]
-                for cc in range(cb):
-                    cell[cc] = -1
-                for h in range(hs, he):
-                    for w in range(ws, we):
-                        here = np.int32(h * width + w)
-                        v = src[h - r0, w - q0]
-                        for cc in range(cb):
-                            x = _widen(v[cc])
-                            wins = x > value[cc]
-                            value[cc] = x if wins else value[cc]
-                            cell[cc] = here if wins else cell[cc]
-            else:
-                for h in range(hs, he):
-                    for w in range(ws, we):
-                        v = src[h - r0, w - q0]
-                        for cc in range(cb):
-                            x = _widen(v[cc])
-                            value[cc] = x if x > value[cc] else value[cc]
-
-
-@nb.njit(cache=True, nogil=True)
-def _write_bins(best, where, cb, k, c0, out, argmax):
-    """``out[k, c0 + c, b] = best[b, c]`` (in out's type) for ``c < cb``, and argmax from ``where`` unless that has
-    no rows: a box's bins leave the kernel one channel's contiguous row at a time."""
-    nbins = best.shape[0]
-    for cc in range(cb):
-        o = out[k, c0 + cc]
-        for b in range(nbins):
-            o[b] = _narrow(best[b, cc], out)
-    if where.shape[0] > 0:
-        for cc in range(cb):
-            a = argmax[k, c0 + cc]
-            for b in range(nbins):
-                a[b] = where[b, cc]
-
-
-@nb.njit(cache=True, nogil=True)
-def roi_pool_forward(begin, end, feat, batch, h_start, h_end, w_start, w_end, out, argmax, block, compute):
-    """feat [N, C, H, W] (float, or bfloat16 bits as uint16); batch [K]; bin edges [K, PH] / [K, PW] (int64,
-    clipped to the map); out [K, C, PH * PW] (the map's type) and argmax (int32, or an empty [0, 0, 0] array: not
-    wanted), written; ``compute``: the dtype bins are compared in (float32 for bfloat16, exact)."""
-    channels, width = feat.shape[1], feat.shape[3]
-    nbins = h_start.shape[1] * w_start.shape[1]
-    best = np.empty((nbins, block), compute)
-    where = np.empty((nbins if argmax.shape[0] > 0 else 0, block), np.int32)
-    for k in range(begin, end):
-        n = batch[k]
-        r0, r1 = h_start[k].min(), h_end[k].max()
-        q0, q1 = w_start[k].min(), w_end[k].max()
-        scratch = np.empty((max(r1 - r0, 0), max(q1 - q0, 0), block), feat.dtype)
-        for c0 in range(0, channels, block):
-            cb = min(block, channels - c0)
-            _copy_box(feat[n], c0, cb, r0, q0, scratch)
-            _max_bins(scratch, r0, q0, cb, h_start[k], h_end[k], w_start[k], w_end[k], width, best, where)
-            _write_bins(best, where, cb, k, c0, out, argmax)
-
-
-@nb.njit(cache=True, nogil=True)
-def roi_pool_forward_cl(begin, end, feat, c0, batch, h_start, h_end, w_start, w_end, out, argmax, compute):
-    """As :func:`roi_pool_forward`, reading a channels-last block ``feat`` [N, H, W, B] (channels ``c0 .. c0 + B``)
-    through the same bin loop."""
-    width, cb = feat.shape[2], feat.shape[3]
-    nbins = h_start.shape[1] * w_start.shape[1]
-    best = np.empty((nbins, cb), compute)
-    where = np.empty((nbins if argmax.shape[0] > 0 else 0, cb), np.int32)
-    for k in range(begin, end):
-        _max_bins(feat[batch[k]], 0, 0, cb, h_start[k], h_end[k], w_start[k], w_end[k], width, best, where)
-        _write_bins(best, where, cb, k, c0, out, argmax)
-
-
-@nb.njit(cache=True, nogil=True)
-def roi_pool_backward(begin, end, grad, batch, argmax, out, compute):
-    """grad (float, or bfloat16 bits as uint16) and argmax [K, C, PH * PW]; out [N, C, H * W] (the gradient's
-    type; any content: channels ``begin .. end`` are written whole). Each bin's gradient is added to its argmax
-    cell in ``compute``, boxes and bins in torchvision's order, into one channel's planes (one per image, a thread's
-    own) at a time, which are then written out (rounded once for bfloat16): each page of ``out`` is touched by the
-    thread that owns it, and no zero-filled map is made first."""
-    k_count, _, nbins = grad.shape
-    n_count, _, cells = out.shape
-    acc = np.empty((n_count, cells), compute)
-    for c in range(begin, end):
-        acc[:] = 0
-        for k in range(k_count):
-            plane, g, a = acc[batch[k]], grad[k, c], argmax[k, c]
-            for b in range(nbins):
-                i = a[b]
-                if i >= 0:
-                    plane[i] += _widen(g[b])
-        for n in range(n_count):
-            o, p = out[n, c], acc[n]
-            for i in range(cells):
-                o[i] = _narrow(p[i], out)
-
-
-@nb.njit(cache=True, nogil=True)
-def _transposed_block(feat, c0, cb):
-    """Channels ``c0 .. c0 + cb`` of ``feat`` [N, C, H, W] as a channels-last [N, H, W, cb] array.
-
-    A row of the output at a time (W x cb values, in L1), filled from 8 channels' rows at once: 8 consecutive
-    values of each output cell per pass (measured: 2-2.5x faster than a channel at a time over the whole block)."""
-    n_count, _, height, width = feat.shape
-    block = np.empty((n_count, height, width, cb), feat.dtype)
-    whole = cb - cb % 8
-    for n in range(n_count):
-        for h in range(height):
-            dst = block[n, h]
-            for c in range(0, whole, 8):
-                image = feat[n]
-                r0, r1, r2, r3 = image[c0 + c, h], image[c0 + c + 1, h], image[c0 + c + 2, h], image[c0 + c + 3, h]
-                r4, r5, r6, r7 = image[c0 + c + 4, h], image[c0 + c + 5, h], image[c0 + c + 6, h], image[c0 + c + 7, h]
-                for w in range(width):
-                    cell = dst[w]
-                    cell[c], cell[c + 1], cell[c + 2], cell[c + 3] = r0[w], r1[w], r2[w], r3[w]
-                    cell[c + 4], cell[c + 5], cell[c + 6], cell[c + 7] = r4[w], r5[w], r6[w], r7[w]
-            for c in range(whole, cb):
-                row = feat[n, c0 + c, h]
-                for w in range(width):
-                    dst[w, c] = row[w]
-    return block
-
-
 @nb.njit(cache=True, nogil=True)
 def roi_align_forward_blocks(begin, end, feat, block, batch, y_low, y_high, y_wlow, y_whigh, y_valid, x_low, x_high,
                              x_wlow, x_whigh, x_valid, count, out):
@@ -668,18 +470,6 @@ def roi_align_forward_blocks(begin, end, feat, block, batch, y_low, y_high, y_wl
     channels = feat.shape[1]
     for b in range(begin, end):
         c0 = b * block
-        cl = _transposed_block(feat, c0, min(block, channels - c0))
+        cl = transposed_block(feat, c0, min(block, channels - c0))
         roi_align_forward_cl(0, batch.shape[0], cl, c0, batch, y_low, y_high, y_wlow, y_whigh, y_valid, x_low,
                              x_high, x_wlow, x_whigh, x_valid, count, out)
-
-
-@nb.njit(cache=True, nogil=True)
-def roi_pool_forward_blocks(begin, end, feat, block, batch, h_start, h_end, w_start, w_end, out, argmax, compute):
-    """Channel blocks ``begin .. end`` of RoIPool over every box, as :func:`roi_align_forward_blocks` (bfloat16
-    blocks stay bfloat16 bits)."""
-    channels = feat.shape[1]
-    for b in range(begin, end):
-        c0 = b * block
-        cl = _transposed_block(feat, c0, min(block, channels - c0))
-        roi_pool_forward_cl(0, batch.shape[0], cl, c0, batch, h_start, h_end, w_start, w_end, out, argmax, compute)
-

@@ -6,7 +6,8 @@ pooling, more than ``MAX_SAMPLES`` samples per bin and axis, RoIAlign on fewer t
 map with 2^31 cells or more per plane), and the plain path runs instead. The launchers build every table with
 :mod:`roikit.ops.geometry` (the plain path's code), so both paths sample the same points with the same weights.
 
-Results: RoIPool and RoIAlign forward and backward give torchvision's bits (tests/test_jit_kernels.py); the plain
+Results: RoIPool and RoIAlign forward and backward give torchvision's bits (kernels in ``_numba_kernels`` and
+``_numba_pool_kernels``; tests/test_jit_kernels.py, test_jit_roi_pool.py); the plain
 path's RoIAlign (matrix products) agrees to rounding.
 
 Costs (see docs/benchmarks.md): ``import numba`` about 0.3 s, on the first call of an op; the first call of each
@@ -54,6 +55,14 @@ def _kernels():
     except ImportError:
         return None
     return _numba_kernels
+
+
+@functools.cache
+def _pool_kernels():
+    """RoIPool's numba kernel module (numba is there when :func:`_kernels` is not None)."""
+    from . import _numba_pool_kernels
+
+    return _numba_pool_kernels
 
 
 @functools.cache
@@ -338,7 +347,7 @@ def roi_pool_forward(input: Tensor, rois: Tensor, spatial_scale: float, pooled_h
     out = fresh_tensor((k, c, bins), dtype, zeros=False)
     argmax = fresh_tensor((k, c, bins), torch.int32, zeros=False) if with_argmax else None
     no_argmax = np.empty((0, 0, 0), np.int32)
-    kernels = _kernels()
+    kernels = _pool_kernels()
     for sl in _box_slices(k, 4 * (pooled_height + pooled_width)):
         (hs, he), (ws, we) = clip_edges(box_cells(rois[sl], spatial_scale, (pooled_height, pooled_width), rounding),
                                         (h, w))
@@ -379,7 +388,7 @@ def roi_pool_backward(grad: Tensor, rois: Tensor, argmax: Tensor, shape: tuple[i
         whole = (c0, c1) == (0, c) and dtype == grad.dtype
         part = out if whole else torch.empty((n, c1 - c0, h * w), dtype=dtype)
         arg = argmax[:, c0:c1].reshape(k, c1 - c0, -1).contiguous().numpy()
-        _run_pieces(_kernels().roi_pool_backward, c1 - c0, g, batch, arg, _pool_array(part), _compute_type(dtype))
+        _run_pieces(_pool_kernels().roi_pool_backward, c1 - c0, g, batch, arg, _pool_array(part), _compute_type(dtype))
         if part is not out:
             out[:, c0:c1] = part
     return out.reshape(shape)
