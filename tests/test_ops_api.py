@@ -285,3 +285,43 @@ def test_argmax_lands_on_the_input_device():
         assert out.device.type == argmax.device.type == "meta"
     out, argmax = roi_pool_forward(x, rois, 0.5, 3, 3, "torchvision")
     assert out.device.type == argmax.device.type == "meta"
+
+
+# The boxes' value check (roikit.ops._utils.check_roi_values): CPU float32 / float64 boxes take one numba pass
+# where numba imports, numpy's reductions where it does not; both must give the same verdict and the same error.
+_HOSTILE_INDEX = [0.0, 1.0, -0.0, 0.5, 1.5, -1.0, 2.0, 1.9999999, 2.0 - 2**-23, 1e30, float("nan"), float("inf"),
+                  -float("inf")]
+_HOSTILE_CELL = [3.0, float("nan"), float("inf"), -float("inf"), 1e38]
+
+
+def _value_error(rois, batch_size):
+    from roikit.ops._utils import check_roi_values
+    try:
+        check_roi_values(rois, batch_size, "rois")
+    except ValueError as e:
+        return str(e)
+    return None
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_roi_value_check_numba_matches_numpy(dtype, monkeypatch):
+    pytest.importorskip("numba")
+    from roikit.ops import _utils
+    cases = []
+    for index in _HOSTILE_INDEX:
+        for cell in _HOSTILE_CELL:
+            for row in (0, 2):  # the first row, or a later one after good rows
+                rois = torch.tensor([[0.0, 1, 2, 5, 6], [1.0, 0, 0, 3, 3], [1.0, 2, 2, 9, 9]], dtype=dtype)
+                rois[row, 0], rois[row, 3] = index, cell
+                cases.append(rois)
+    cases.append(cases[5].t().contiguous().t())  # any strides
+    # hand-computed verdicts: an integer index in [0, 2) and finite cells pass
+    assert _value_error(cases[0], 2) is None  # index 0.0, cell 3.0
+    assert "must be finite; row 0" in _value_error(cases[2], 2)  # cell NaN
+    assert "must hold integer values; row 0 has 0.5" in _value_error(cases[3 * 10], 2)  # index 0.5
+    assert "must lie in [0, 2); row 2 has 2" in _value_error(cases[6 * 10 + 1], 2)  # index 2.0, second row
+    numba_verdicts = [(_value_error(r, n), _utils._rois_pass(r, n)) for r in cases for n in (1, 2)]
+    monkeypatch.setattr(_utils, "_numba_pass", lambda: None)  # numba not importable: numpy's pass
+    numpy_verdicts = [(_value_error(r, n), _utils._rois_pass(r, n)) for r in cases for n in (1, 2)]
+    assert numba_verdicts == numpy_verdicts
+    assert sum(v[1] for v in numba_verdicts) >= 8 and sum(not v[1] for v in numba_verdicts) >= 100

@@ -120,12 +120,19 @@ def check_op_args(op: str, rois: Tensor, pooled: Sequence[int], *, maps: Sequenc
         grad: a backward's incoming gradient, ``[K, C', PH, PW]`` with ``C' = C`` (or ``C / (PH PW)`` for
             ``position_sensitive`` ops, whose C must be a multiple of ``PH PW``), in the maps' dtype.
     """
+    # Every call of every op runs these checks (a few microseconds of a small call): the usual values take the first,
+    # cheap test of each check (an exact ``type(...) is`` needs no abstract-class lookup) and the rest runs only
+    # for the others.
     where = f"roikit::{op}"
     for name, value in zip(("pooled_height", "pooled_width"), pooled):
+        if type(value) is int and value > 0:
+            continue
         if not (fake and isinstance(value, torch.SymInt)) and not (_is_int(value) and value > 0):
             raise ValueError(f"{where}: {name} must be a positive int, got {value!r}")
     if not fake:  # (under torch.compile a scale may be symbolic)
         for i, scale in enumerate(scales):
+            if type(scale) is float and 0.0 < scale < math.inf:
+                continue
             if not (isinstance(scale, numbers.Real) and math.isfinite(scale) and scale > 0):
                 raise ValueError(f"{where}: spatial scale {i} must be positive and finite (1 / stride), got "
                                  f"{scale!r}")
@@ -148,7 +155,7 @@ def check_op_args(op: str, rois: Tensor, pooled: Sequence[int], *, maps: Sequenc
     if fake:
         return
     if maps:
-        batch, channels, device = maps[0].shape[0], maps[0].shape[1], maps[0].device
+        (batch, channels, *_), device = maps[0].shape, maps[0].device
     elif sizes is not None and grad is not None:
         for name, value in sizes.items():
             for v in value if isinstance(value, (list, tuple)) else (value,):
