@@ -94,6 +94,42 @@ def test_backward_equals_torchvision(case):
     assert out.dtype == x.dtype and torch.equal(out, expected)
 
 
+@st.composite
+def box_tables(draw):
+    """Boxes (float32 or float64) on corners that round either way: halves and neighbours of the scale's cell
+    edges, far off the map, huge (clamped to +-2^52 cells), reversed; a map and bins of any size."""
+    dtype = draw(st.sampled_from([torch.float32, torch.float64]))
+    scale = draw(st.sampled_from([1 / 16, 1 / 3, 0.1, 0.5, 1.0, 1e6]))
+    corner = st.one_of(st.floats(-100, 900, allow_nan=False), st.integers(-200, 1800).map(lambda v: v / 2),
+                       st.floats(-1e20, 1e20, allow_nan=False), st.integers(-64, 64).map(lambda v: v * 16 + 8.0))
+    k = draw(st.integers(1, 12))
+    rois = torch.tensor([[draw(st.integers(0, 1))] + [draw(corner) for _ in range(4)] for _ in range(k)],
+                        dtype=torch.float64).to(dtype)
+    return rois, scale, (draw(st.integers(1, 9)), draw(st.integers(1, 9))), (draw(st.integers(1, 70)),
+                                                                              draw(st.integers(1, 70)))
+
+
+@settings(max_examples=80, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
+@given(case=box_tables(), rounding=st.sampled_from(["torchvision", "integer"]))
+def test_box_tables_equal_the_plain_paths(case, rounding):
+    """The numba tables (``roi_pool_tables``) against the plain path's ``geometry.box_cells`` + ``clip_edges``
+    (torch ops), entry for entry, and the copied-cell count the launcher decides the read path by."""
+    from roikit.ops.geometry import box_cells, clip_edges
+    from roikit.ops.pytorch import _numba_pool_kernels
+
+    rois, scale, pooled, (h, w) = case
+    (hs, he), (ws, we) = clip_edges(box_cells(rois, scale, pooled, rounding), (h, w))
+    spans = [(end.amax(dim=1) - start.amin(dim=1)).clamp(min=0) for start, end in ((hs, he), (ws, we))]
+    boxes = rois.numpy()
+    tables = [np.empty(len(boxes), np.int64)] + [np.empty((len(boxes), p), np.int64) for p in (*pooled[:1] * 2,
+                                                                                               *pooled[1:] * 2)]
+    cells = _numba_pool_kernels.roi_pool_tables(boxes, 0, boxes.dtype.type(scale), rounding == "torchvision", h, w,
+                                                *tables)
+    assert cells == int((spans[0] * spans[1]).sum())
+    for got, expected in zip(tables, (rois[:, 0].long(), hs, he, ws, we)):
+        assert np.array_equal(got, expected.numpy())
+
+
 @pytest.mark.parametrize("dtype", list(DTYPES.values()), ids=list(DTYPES))
 def test_training_and_inference_calls_equal_torchvision(dtype, make_rois):
     """Through the public function: under no_grad the op without argmax runs, with a map that requires grad the

@@ -14,9 +14,70 @@ from __future__ import annotations
 import numba as nb
 import numpy as np
 
+from ..geometry import MAX_CELLS
 from ._numba_common import narrow, transposed_block, widen
 
 LOWEST32 = np.float32(np.finfo(np.float32).min)  # torchvision's roi_pool starts every bin at -FLT_MAX
+
+
+@nb.njit(cache=True, nogil=True)
+def _cell(value, t):
+    """A box corner in cells, clamped to +-MAX_CELLS, in the boxes' type ``t`` (as ``geometry.box_cells``)."""
+    return t(-MAX_CELLS) if value < t(-MAX_CELLS) else t(MAX_CELLS) if value > t(MAX_CELLS) else value
+
+
+@nb.njit(cache=True, nogil=True)
+def _round_half_away(x, t):
+    """``geometry.round_half_away`` on one value: C's ``round()``, in the boxes' type."""
+    whole = np.trunc(x)
+    return whole + np.sign(x) if abs(x - whole) >= t(0.5) else whole
+
+
+@nb.njit(cache=True, nogil=True)
+def _axis_edges(lo, hi, scale, t, torchvision, length, starts, ends):
+    """One axis of one box, as ``geometry.box_cells`` then ``clip_edges``: bin ``p`` covers cells ``starts[p] ..
+    ends[p]`` (int64, clipped to ``0 .. length``). ``lo``, ``hi``, ``scale``: the box's edges in pixels and the
+    scale, in the boxes' type ``t``. Returns the span of the bins (``max(ends) - min(starts)``, at least 0)."""
+    pooled = starts.shape[0]
+    bin_size, step = t(0.0), np.int64(1)
+    if torchvision:
+        start = np.int64(_round_half_away(_cell(lo * scale, t), t))
+        extent = max(np.int64(_round_half_away(_cell(hi * scale, t), t)) - start + 1, 1)
+        bin_size = t(extent) / t(pooled)
+    else:  # "integer"
+        start = np.int64(np.floor(_cell(lo * scale, t)))
+        cells = np.int64(np.floor(_cell((hi - lo) * scale, t)))
+        step = max(cells // pooled, 1)  # floor division, as torch.div(..., rounding_mode="floor")
+    first, last = length, 0
+    for p in range(pooled):
+        if torchvision:
+            b0 = np.int64(np.floor(t(p) * bin_size))
+            b1 = np.int64(np.ceil(t(p + 1) * bin_size))
+        else:
+            b0 = p * step
+            b1 = b0 + step
+        starts[p] = min(max(b0 + start, 0), length)
+        ends[p] = min(max(b1 + start, 0), length)
+        first, last = min(first, starts[p]), max(last, ends[p])
+    return max(last - first, 0)
+
+
+@nb.njit(cache=True, nogil=True)
+def roi_pool_tables(rois, first, scale, torchvision, height, width, batch, h_start, h_end, w_start, w_end):
+    """RoIPool's tables of boxes ``first ..`` (as many as ``batch`` holds), as the plain path's
+    ``geometry.box_cells`` and ``clip_edges`` compute them (the same operations in the boxes' type ``rois.dtype``,
+    float32 or float64; ``scale`` in that type): batch [B] and the bins' clipped cell edges [B, PH] / [B, PW]
+    (int64). ``torchvision``: that rounding rule, else "integer". Returns the cells the per-box forward copies
+    (each box's rows x columns, summed)."""
+    t = rois.dtype.type
+    cells = 0
+    for row in range(batch.shape[0]):
+        k = first + row
+        batch[row] = np.int64(rois[k, 0])
+        rows = _axis_edges(rois[k, 2], rois[k, 4], scale, t, torchvision, height, h_start[row], h_end[row])
+        cols = _axis_edges(rois[k, 1], rois[k, 3], scale, t, torchvision, width, w_start[row], w_end[row])
+        cells += rows * cols
+    return cells
 
 
 @nb.njit(cache=True, nogil=True)

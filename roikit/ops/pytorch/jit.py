@@ -3,8 +3,12 @@
 ``roi_align_forward`` / ``roi_pool_forward`` (and their backwards) in this package call these launchers first on
 CPU tensors; a launcher returns ``None`` for what it does not take (numba missing, the path switched off, max
 pooling, more than ``MAX_SAMPLES`` samples per bin and axis, RoIAlign on fewer than ``MIN_CHANNELS`` channels, a
-map with 2^31 cells or more per plane), and the plain path runs instead. The launchers build every table with
-:mod:`roikit.ops.geometry` (the plain path's code), so both paths sample the same points with the same weights.
+map with 2^31 cells or more per plane), and the plain path runs instead. The launchers' box tables are numba ports
+of :mod:`roikit.ops.geometry` (the plain path's code: the same operations in the boxes' dtype; tests compare them),
+so both paths sample the same points with the same weights. They are built in numba, not with torch ops, because
+torch 2.14 runs ``trunc``, ``floor``, ``ceil`` (and ``log2``, ``sqrt``, ``exp``) in an OpenMP parallel region even
+on a few hundred values: on 2 busy cores each such op waited about 8 ms for torch's OpenMP worker (spinning, then
+descheduled), 8 of them per RoIPool call (60 ms of a 75 ms call, against 14 ms of kernels).
 
 Results: RoIPool and RoIAlign forward and backward give torchvision's bits (kernels in ``_numba_kernels`` and
 ``_numba_pool_kernels``; tests/test_jit_kernels.py, test_jit_roi_pool.py); the plain
@@ -31,7 +35,7 @@ import torch
 from torch import Tensor
 
 from ...utils.switches import ThreadSwitch
-from ..geometry import box_cells, clip_edges, compute_dtype, sample_coord, sample_taps
+from ..geometry import compute_dtype, sample_coord, sample_taps
 from ._crops import CHUNK_BUDGET
 
 MAX_SAMPLES = 64  # samples per bin and axis the kernels take (sampling_ratio, or the adaptive ceil(bin))
@@ -348,12 +352,13 @@ def roi_pool_forward(input: Tensor, rois: Tensor, spatial_scale: float, pooled_h
     argmax = fresh_tensor((k, c, bins), torch.int32, zeros=False) if with_argmax else None
     no_argmax = np.empty((0, 0, 0), np.int32)
     kernels = _pool_kernels()
+    boxes = rois.to(compute_dtype(rois)).contiguous().numpy()
+    scale = boxes.dtype.type(spatial_scale)  # rounded to the boxes' dtype, as torch does
     for sl in _box_slices(k, 4 * (pooled_height + pooled_width)):
-        (hs, he), (ws, we) = clip_edges(box_cells(rois[sl], spatial_scale, (pooled_height, pooled_width), rounding),
-                                        (h, w))
-        rows = (he.amax(dim=1) - hs.amin(dim=1)).clamp(min=0)
-        cells = int((rows * (we.amax(dim=1) - ws.amin(dim=1)).clamp(min=0)).sum())
-        tables = tuple(t.contiguous().numpy() for t in (rois[sl, 0].long(), hs, he, ws, we))
+        rows = sl.stop - sl.start
+        tables = (np.empty(rows, np.int64), *(np.empty((rows, p), np.int64) for p in (pooled_height,) * 2 +
+                                              (pooled_width,) * 2))
+        cells = kernels.roi_pool_tables(boxes, sl.start, scale, rounding == "torchvision", h, w, *tables)
         transposed, step = _use_channels_last(cells, input), _transposed_step(input)
         for c0, c1, feat in _pool_chunks(input):
             whole = (c0, c1) == (0, c)
