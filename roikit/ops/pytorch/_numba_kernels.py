@@ -27,7 +27,8 @@ It does so a block of channels at a time through a channels-last copy of the cel
 vector per tap), written back before the next box; a bfloat16 map adds up in float32 planes per block.
 
 RoIAlign's tables (sample taps and weights) are built here too, box by box (``roi_align_tables``), with
-:mod:`roikit.ops.geometry`'s operations in its order. A RoIAlign call reads the map by per-box copies or by
+:mod:`roikit.ops.geometry`'s operations in its order; ps_roi_align's kernels take the same per-axis arithmetic
+(``align_axis``, ``align_taps``). A RoIAlign call reads the map by per-box copies or by
 channels-last blocks of the whole map, whichever :func:`jit._use_channels_last` expects to be cheaper (decided per
 call, so per pyramid level); the per-box copies prefetch the next block's cells (``_prefetch_cells``).
 """
@@ -91,9 +92,11 @@ def _clamp(x, lo, hi):
 
 
 @nb.njit(cache=True, nogil=True)
-def _align_axis(rois, k, scale, pooled, sampling_ratio, aligned, lo, hi):
+def align_axis(rois, k, scale, pooled, sampling_ratio, aligned, lo, hi):
     """Box ``k``'s axis from columns ``lo`` to ``hi`` (y: 2, 4; x: 1, 3) as ``geometry.sampling_grid``:
-    ``(start, bin size, samples per bin)``; -1 samples for an adaptive count that is NaN or negative."""
+    ``(start, bin size, samples per bin)``; an adaptive count is ``ceil(bin size)`` capped at MAX_GRID, negative
+    for a reversed ``aligned`` box (this path does not take it; ps_roi_align's bins give 0), -1 where it is NaN.
+    Shared with ps_roi_align's kernels (``_numba_ps_kernels``, ``aligned=True``)."""
     t = rois.dtype.type
     offset = t(0.5) if aligned else t(0.0)
     start = _clamp(rois[k, lo] * scale, t(-MAX_CELLS), t(MAX_CELLS)) - offset
@@ -105,7 +108,7 @@ def _align_axis(rois, k, scale, pooled, sampling_ratio, aligned, lo, hi):
     if sampling_ratio > 0:
         return start, size, np.int64(min(sampling_ratio, MAX_GRID))
     grid = np.ceil(size)
-    if not grid >= t(0.0):
+    if grid != grid:
         return start, size, np.int64(-1)
     return start, size, np.int64(min(grid, t(MAX_GRID)))
 
@@ -116,16 +119,17 @@ def roi_align_samples(rois, scale, pooled_height, pooled_width, sampling_ratio, 
     path does not take), and the most along each axis (at least 1)."""
     least, most_y, most_x = np.int64(1) << 62, 1, 1
     for k in range(rois.shape[0]):
-        gh = _align_axis(rois, k, scale, pooled_height, sampling_ratio, aligned, 2, 4)[2]
-        gw = _align_axis(rois, k, scale, pooled_width, sampling_ratio, aligned, 1, 3)[2]
+        gh = align_axis(rois, k, scale, pooled_height, sampling_ratio, aligned, 2, 4)[2]
+        gw = align_axis(rois, k, scale, pooled_width, sampling_ratio, aligned, 1, 3)[2]
         least, most_y, most_x = min(least, gh, gw), max(most_y, gh), max(most_x, gw)
     return least, most_y, most_x
 
 
 @nb.njit(cache=True, nogil=True)
-def _align_taps(start, size, grid, length, low, high, w_low, w_high, valid, row):
-    """Row ``row`` of one axis's tables [*, P, G]: sample ``i`` of bin ``p`` at ``geometry.sample_coord`` and its
-    taps as ``geometry.sample_taps`` (low, high cells; their weights; valid: ``i < grid`` and on the map)."""
+def align_taps(start, size, grid, length, low, high, w_low, w_high, valid, row):
+    """Row ``row`` of one axis's tables [*, P, G] (G at least ``grid``, P the bins): sample ``i`` of bin ``p`` at
+    ``geometry.sample_coord`` and its taps as ``geometry.sample_taps`` (low, high cells; their weights; valid:
+    ``i < grid`` and on the map). Shared with ps_roi_align's kernels."""
     t = w_low.dtype.type
     g = t(max(grid, 1))
     for p in range(low.shape[1]):
@@ -154,10 +158,10 @@ def roi_align_tables(rois, first, scale, sampling_ratio, aligned, height, width,
     for row in range(batch.shape[0]):
         k = first + row
         batch[row] = np.int64(rois[k, 0])
-        y1, bin_h, gh = _align_axis(rois, k, scale, y_low.shape[1], sampling_ratio, aligned, 2, 4)
-        x1, bin_w, gw = _align_axis(rois, k, scale, x_low.shape[1], sampling_ratio, aligned, 1, 3)
-        _align_taps(y1, bin_h, gh, height, y_low, y_high, y_wlow, y_whigh, y_valid, row)
-        _align_taps(x1, bin_w, gw, width, x_low, x_high, x_wlow, x_whigh, x_valid, row)
+        y1, bin_h, gh = align_axis(rois, k, scale, y_low.shape[1], sampling_ratio, aligned, 2, 4)
+        x1, bin_w, gw = align_axis(rois, k, scale, x_low.shape[1], sampling_ratio, aligned, 1, 3)
+        align_taps(y1, bin_h, gh, height, y_low, y_high, y_wlow, y_whigh, y_valid, row)
+        align_taps(x1, bin_w, gw, width, x_low, x_high, x_wlow, x_whigh, x_valid, row)
         count[row] = gh * gw
         cells += _copied(y_low[row], y_high[row], y_valid[row]) * _copied(x_low[row], x_high[row], x_valid[row])
     return cells

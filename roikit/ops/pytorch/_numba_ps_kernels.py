@@ -24,7 +24,8 @@ from __future__ import annotations
 import numba as nb
 import numpy as np
 
-from ._numba_ps_tables import align_axis, align_taps, pool_axis, value
+from ._numba_kernels import align_axis, align_taps
+from ._numba_ps_tables import pool_axis, value
 
 
 @nb.njit(cache=True, nogil=True, inline="always")
@@ -54,10 +55,10 @@ def ps_roi_align_forward(begin, end, feat, c_offset, rois, scale, ph_count, pw_c
     first_h, first_w = _bin_of(c_offset, ph_count, pw_count)
     for k in range(begin, end):
         n = np.int64(rois[k, 0])
-        y1, bin_h, gh = align_axis(rois, k, scale, ph_count, sampling_ratio, 2, 4)
-        x1, bin_w, gw = align_axis(rois, k, scale, pw_count, sampling_ratio, 1, 3)
-        align_taps(y1, bin_h, gh, ph_count, height, y_low, y_high, y_wlow, y_whigh, y_valid, 0)
-        align_taps(x1, bin_w, gw, pw_count, width, x_low, x_high, x_wlow, x_whigh, x_valid, 0)
+        y1, bin_h, gh = align_axis(rois, k, scale, ph_count, sampling_ratio, True, 2, 4)
+        x1, bin_w, gw = align_axis(rois, k, scale, pw_count, sampling_ratio, True, 1, 3)
+        align_taps(y1, bin_h, gh, height, y_low, y_high, y_wlow, y_whigh, y_valid, 0)
+        align_taps(x1, bin_w, gw, width, x_low, x_high, x_wlow, x_whigh, x_valid, 0)
         count = t(max(gh * gw, 1))
         gy, gx = min(max(gh, 0), most_y), min(max(gw, 0), most_x)
         ph, pw = first_h, first_w
@@ -98,13 +99,13 @@ def ps_roi_align_backward(begin, end, grad, c_offset, rois, scale, ph_count, pw_
     first_h, first_w = _bin_of(c_offset + begin, ph_count, pw_count)
     for k in range(rois.shape[0]):
         n = np.int64(rois[k, 0])
-        y1, bin_h, gh = align_axis(rois, k, scale, ph_count, sampling_ratio, 2, 4)
-        x1, bin_w, gw = align_axis(rois, k, scale, pw_count, sampling_ratio, 1, 3)
+        y1, bin_h, gh = align_axis(rois, k, scale, ph_count, sampling_ratio, True, 2, 4)
+        x1, bin_w, gw = align_axis(rois, k, scale, pw_count, sampling_ratio, True, 1, 3)
         gy, gx = min(max(gh, 0), most_y), min(max(gw, 0), most_x)
         if gy == 0 or gx == 0:
             continue
-        align_taps(y1, bin_h, gh, ph_count, height, y_low, y_high, y_wlow, y_whigh, y_valid, 0)
-        align_taps(x1, bin_w, gw, pw_count, width, x_low, x_high, x_wlow, x_whigh, x_valid, 0)
+        align_taps(y1, bin_h, gh, height, y_low, y_high, y_wlow, y_whigh, y_valid, 0)
+        align_taps(x1, bin_w, gw, width, x_low, x_high, x_wlow, x_whigh, x_valid, 0)
         m = t(gh * gw)
         ph, pw = first_h, first_w
         for c in range(begin, end):
