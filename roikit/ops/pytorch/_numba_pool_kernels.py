@@ -7,7 +7,12 @@ loop takes the first cell (row-major) that beats ``-FLT_MAX``, strictly, for the
 wins, as in torchvision. Without argmax (inference) the loop only takes maxima.
 
 **Backward** (a range of channels per call): each bin's gradient is added to its argmax cell, boxes and bins in
-torchvision's order, into a thread's own planes of one channel, then written out whole: torchvision's bits.
+torchvision's order, into a thread's own planes of a few channels (a box's rows of those channels read together),
+then written out whole: torchvision's bits.
+
+**Tables** (:func:`roi_pool_tables`): the bins' cell edges, the plain path's ``geometry.box_cells`` and
+``clip_edges`` operation for operation in the boxes' dtype (torch's rounding ops on a few hundred values run an
+OpenMP parallel region each, which on busy cores cost more than the whole kernel; see :mod:`.jit`).
 """
 from __future__ import annotations
 
@@ -192,27 +197,33 @@ def roi_pool_forward_cl(begin, end, feat, c0, batch, h_start, h_end, w_start, w_
 
 
 @nb.njit(cache=True, nogil=True)
-def roi_pool_backward(begin, end, grad, batch, argmax, out, compute):
+def roi_pool_backward(begin, end, grad, batch, argmax, out, compute, block):
     """grad (float, or bfloat16 bits as uint16) and argmax [K, C, PH * PW]; out [N, C, H * W] (the gradient's
     type; any content: channels ``begin .. end`` are written whole). Each bin's gradient is added to its argmax
-    cell in ``compute``, boxes and bins in torchvision's order, into one channel's planes (one per image, a thread's
-    own) at a time, which are then written out (rounded once for bfloat16): each page of ``out`` is touched by the
-    thread that owns it, and no zero-filled map is made first."""
+    cell in ``compute``, boxes and bins in torchvision's order, into ``block`` channels' planes (one per image, a
+    thread's own) at a time, which are then written out (rounded once for bfloat16): each page of ``out`` is
+    touched by the thread that owns it, and no zero-filled map is made first. A box's ``block`` channels are
+    read together (consecutive in ``grad`` and ``argmax``); each channel's cells still take their additions in
+    torchvision's order."""
     k_count, _, nbins = grad.shape
     n_count, _, cells = out.shape
-    acc = np.empty((n_count, cells), compute)
-    for c in range(begin, end):
-        acc[:] = 0
+    acc = np.empty((max(min(block, end - begin), 0), n_count, cells), compute)
+    for c0 in range(begin, end, block):
+        cb = min(block, end - c0)
+        acc[:cb] = 0
         for k in range(k_count):
-            plane, g, a = acc[batch[k]], grad[k, c], argmax[k, c]
-            for b in range(nbins):
-                i = a[b]
-                if i >= 0:
-                    plane[i] += widen(g[b])
-        for n in range(n_count):
-            o, p = out[n, c], acc[n]
-            for i in range(cells):
-                o[i] = narrow(p[i], out)
+            planes, g, a = acc[:, batch[k]], grad[k], argmax[k]
+            for cc in range(cb):
+                plane, gc, ac = planes[cc], g[c0 + cc], a[c0 + cc]
+                for b in range(nbins):
+                    i = ac[b]
+                    if i >= 0:
+                        plane[i] += widen(gc[b])
+        for cc in range(cb):
+            for n in range(n_count):
+                o, p = out[n, c0 + cc], acc[cc, n]
+                for i in range(cells):
+                    o[i] = narrow(p[i], out)
 
 
 @nb.njit(cache=True, nogil=True)

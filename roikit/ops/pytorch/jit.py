@@ -44,6 +44,8 @@ MIN_CHANNELS = 8  # RoIAlign with fewer channels runs the plain path: its sample
 CHANNEL_BLOCK = 32  # channels per scratch block of the per-box forward kernels
 TRANSPOSED_BLOCK = 64  # channels per channels-last block of the map, at most (64 ran 1.4x faster than 16)
 BACKWARD_BLOCK = 16  # channels the RoIAlign backward adds at once (one vector per tap)
+POOL_BACKWARD_BLOCK = 4  # channels the RoIPool backward adds at once (a box's rows of them read together; 512 boxes,
+# 7 x 7, C=256, one thread: 24 ms in 1 channel, 12-13 ms in 2-8 on 25x34 to 100x136 maps, 4 the best on 200x272)
 ALIGN_COPY_COST = 3  # a cell the per-box RoIAlign forward copies costs about 3 map cells made channels-last
 # (fitted on 96 cases: pyramid levels of strides 4-32 x 8-512 boxes x 3 sizes x 7/14 bins; 3 lost 1.5% of the best
 # time, 1 lost 7%)
@@ -393,7 +395,8 @@ def roi_pool_backward(grad: Tensor, rois: Tensor, argmax: Tensor, shape: tuple[i
         whole = (c0, c1) == (0, c) and dtype == grad.dtype
         part = out if whole else torch.empty((n, c1 - c0, h * w), dtype=dtype)
         arg = argmax[:, c0:c1].reshape(k, c1 - c0, -1).contiguous().numpy()
-        _run_pieces(_pool_kernels().roi_pool_backward, c1 - c0, g, batch, arg, _pool_array(part), _compute_type(dtype))
+        _run_pieces(_pool_kernels().roi_pool_backward, c1 - c0, g, batch, arg, _pool_array(part), _compute_type(dtype),
+                    POOL_BACKWARD_BLOCK)
         if part is not out:
             out[:, c0:c1] = part
     return out.reshape(shape)
