@@ -37,7 +37,7 @@ def _is_compiling() -> bool:
 def autocast_to_float32(input: Tensor, boxes: BoxesType) -> tuple[Tensor, BoxesType, torch.dtype | None]:
     """Under autocast, features and boxes in float32 (as torchvision's ops run), and the dtype to give the result
     back in (the features' own); outside autocast, the inputs as they are and None."""
-    if not isinstance(input, Tensor) or not torch.is_autocast_enabled(input.device.type):
+    if not isinstance(input, Tensor) or not torch.is_autocast_enabled("cpu" if input.is_cpu else input.device.type):
         return input, boxes, None
     dtype = input.dtype
     if isinstance(boxes, Tensor):
@@ -62,15 +62,17 @@ def convert_boxes_to_rois(boxes: BoxesType, input: Tensor, check_values: bool = 
                 f"boxes is a list of {len(boxes)} tensors but input has a batch of {input.shape[0]} images; "
                 "give one Tensor[L, 4] per image"
             )
+        device = input.device
         for i, b in enumerate(boxes):
             if not isinstance(b, Tensor) or b.dim() != 2 or b.shape[1] != 4:
                 shape = tuple(b.shape) if isinstance(b, Tensor) else type(b).__name__
                 raise ValueError(f"boxes[{i}] must be a Tensor[L, 4] (x1, y1, x2, y2), got {shape}")
-            _check_same(b, input, f"boxes[{i}]")
+            if b.device != device or not b.is_floating_point():  # (the name's f-string only for an error)
+                _check_same(b, input, f"boxes[{i}]")
         if len(boxes) == 0:
             rois = input.new_zeros((0, 5))
         else:
-            cat = torch.cat(list(boxes), dim=0)
+            cat = torch.cat(boxes, dim=0)
             idx = torch.cat(
                 [torch.full((b.shape[0], 1), i, dtype=cat.dtype, device=cat.device) for i, b in enumerate(boxes)], dim=0
             )

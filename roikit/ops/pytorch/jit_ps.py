@@ -65,7 +65,10 @@ def _launch(kernel, count: int, work: int, *args) -> None:
 def _boxes(rois: Tensor, spatial_scale: float):
     """``(rois, scale)``: the boxes as a contiguous [K, 5] array of the compute dtype and the scale as a scalar of it
     (torch multiplies a float32 tensor by a Python float in float32)."""
-    if rois.dtype == torch.float64:
+    dtype = rois.dtype
+    if dtype == torch.float32 and rois.is_contiguous():  # the usual boxes, as they are (a few us saved a call)
+        return rois.numpy(), np.float32(spatial_scale)
+    if dtype == torch.float64:
         return rois.contiguous().numpy(), np.float64(spatial_scale)
     return rois.to(torch.float32).contiguous().numpy(), np.float32(spatial_scale)
 
@@ -164,14 +167,15 @@ def ps_roi_pool_forward(input: Tensor, rois: Tensor, spatial_scale: float, poole
     k = rois.shape[0]
     dtype = compute_dtype(rois)
     boxes, scale = _boxes(rois, spatial_scale)
-    out = fresh_tensor((k, c), dtype, zeros=False)  # out[k, c] is output (k, c // PH PW, bin c % PH PW)
-    kernel, out_array = _kernels()[0].ps_roi_pool_forward, out.numpy()
+    # out[k, c] is output (k, c // PH PW, bin c % PH PW); float32 / float64: fresh_tensor's memory, made directly
+    out_array = np.empty((k, c), np.float64 if dtype == torch.float64 else np.float32)
+    kernel = _kernels()[0].ps_roi_pool_forward
     if input.dtype == dtype and input.is_contiguous():  # the map as it is (no generator: a few us a call)
         _launch(kernel, k, k * c, input.numpy(), 0, boxes, scale, pooled_height, pooled_width, out_array)
     else:
         for c0, _, feat in _map_chunks(input, dtype):
             _launch(kernel, k, k * c, feat, c0, boxes, scale, pooled_height, pooled_width, out_array)
-    out = out.view(k, c // (pooled_height * pooled_width), pooled_height, pooled_width)
+    out = torch.from_numpy(out_array.reshape(k, c // (pooled_height * pooled_width), pooled_height, pooled_width))
     return out if out.dtype == input.dtype else out.to(input.dtype)
 
 
