@@ -158,6 +158,8 @@ def check_op_args(op: str, rois: Tensor, pooled: Sequence[int], *, maps: Sequenc
         (batch, channels, *_), device = maps[0].shape, maps[0].device
     elif sizes is not None and grad is not None:
         for name, value in sizes.items():
+            if type(value) is int and value >= 0:
+                continue
             for v in value if isinstance(value, (list, tuple)) else (value,):
                 if not (_is_int(v) and v >= 0):
                     raise ValueError(f"{where}: {name} must be a non-negative int (or a list of them), got {value!r}")
@@ -177,7 +179,7 @@ def check_op_args(op: str, rois: Tensor, pooled: Sequence[int], *, maps: Sequenc
         if maps and grad.dtype != maps[0].dtype:
             raise ValueError(f"{where}: grad is {grad.dtype} but input is {maps[0].dtype}; give both one dtype")
         expected = (rois.shape[0], out_channels, *pooled)
-        if tuple(grad.shape) != expected:
+        if grad.shape != expected:
             raise ValueError(f"{where}: grad must have the forward output's shape [K, C', PH, PW] = {list(expected)}, "
                              f"got {list(grad.shape)}")
     if rois.numel() and not _capturing(rois):
