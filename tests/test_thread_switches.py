@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 
 import pytest
 import torch
@@ -62,23 +63,53 @@ def test_deterministic_backward_is_per_thread_and_nests():
     assert not deterministic_backward_enabled()
 
 
-def test_the_jit_pool_runs_one_range_per_torch_thread_at_once():
-    """More torch threads than CPUs (torch.set_num_threads takes any number): every range runs at the same time,
-    each waiting at a barrier for all the others (a pool sized by the CPUs would leave some queued: the barrier
-    times out)."""
-    threads = (os.cpu_count() or 1) + 2
-    count = 10 * threads
-    barrier = threading.Barrier(threads, timeout=20)
-    seen = []
-
-    def kernel(begin, end, tag):
-        seen.append((begin, end, tag))
-        barrier.wait()
-
+def _with_threads(threads: int, fn):
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        jit._run(kernel, count, "x")
+        return fn()
     finally:
         torch.set_num_threads(previous)
-    assert sorted(seen) == [(count * i // threads, count * (i + 1) // threads, "x") for i in range(threads)]
+
+
+def test_the_jit_pool_runs_one_thread_per_torch_thread_at_once():
+    """More torch threads than CPUs (torch.set_num_threads takes any number): as many threads as torch has take
+    pieces at the same time, each waiting in its first piece at a barrier for all the others (a pool sized by the
+    CPUs would leave some queued: the barrier times out); every piece runs once, and together they cover 0 .. count."""
+    threads = (os.cpu_count() or 1) + 2
+    count = 10 * threads
+    barrier = threading.Barrier(threads, timeout=20)
+    seen, first = [], threading.local()
+
+    def kernel(begin, end, tag):
+        seen.append((begin, end, tag, threading.get_ident()))
+        if not getattr(first, "done", False):
+            first.done = True
+            barrier.wait()
+
+    _with_threads(threads, lambda: jit._run(kernel, count, "x"))
+    ranges = sorted((b, e) for b, e, tag, _ in seen)
+    assert [b for b, _ in ranges] == [0] + [e for _, e in ranges[:-1]] and ranges[-1][1] == count
+    assert {tag for *_, tag, _ in seen} == {"x"} and len({ident for *_, ident in seen}) == threads
+
+
+@pytest.mark.parametrize("run", ["_run", "_run_pieces"])
+def test_the_caller_does_not_wait_for_a_pool_thread_that_has_not_started(run):
+    """Every pool thread held up (as by an OS that runs it late): the calling thread takes every piece and returns
+    without waiting for the pool (before: it waited until a pool thread was free to find nothing left)."""
+    threads = 3
+    pool = jit._pool(threads - 1)
+    release = threading.Event()
+    holders = [pool.submit(release.wait, 30) for _ in range(threads - 1)]
+    caller, seen = threading.get_ident(), []
+    try:
+        start = time.perf_counter()
+        _with_threads(threads, lambda: getattr(jit, run)(lambda b, e: seen.append((b, e, threading.get_ident())), 40))
+        elapsed = time.perf_counter() - start
+    finally:
+        release.set()
+        for h in holders:
+            h.result()
+    assert elapsed < 10  # the holders wait 30 s
+    assert sorted((b, e) for b, e, _ in seen) == [(40 * i // 24, 40 * (i + 1) // 24) for i in range(24)]
+    assert {ident for *_, ident in seen} == {caller}

@@ -19,8 +19,9 @@ kernel and dtype compiles it (a few seconds) into numba's cache (``cache=True``:
 or ``NUMBA_CACHE_DIR``), and later processes load it from there in well under a second.
 
 Switch: ``ROIKIT_JIT=0`` in the environment, or ``with jit.disabled():`` (the tests use it to run the plain
-path). Threads: ``torch.get_num_threads()`` ranges of boxes (forward) or channels (backward), the calling thread
-and a small thread pool of this module; the kernels are serial and release the GIL. (numba's ``parallel=True``
+path). Threads: pieces of the boxes (forward) or channels (backward), taken in turn by the calling thread and a
+small thread pool of this module, ``torch.get_num_threads()`` threads in all (:func:`_run_pieces`); the kernels
+are serial and release the GIL. (numba's ``parallel=True``
 was tried first: its ``prange`` loops ran about 2x slower on one thread, and its OpenMP layer spun between kernels,
 slowing the torch ops around them 3-10x on 2 cores.)
 """
@@ -78,15 +79,10 @@ def _pool(workers: int) -> ThreadPoolExecutor:
 
 
 def _run(kernel, count: int, *args) -> None:
-    """``kernel(begin, end, *args)`` over ``0 .. count`` in one range per torch thread: the calling thread takes the
-    first, a thread pool the others (the kernels release the GIL and write disjoint parts of their outputs)."""
-    threads = max(1, min(torch.get_num_threads(), count))
-    pool = _pool(max(1, torch.get_num_threads() - 1))  # sized by the torch threads, not the CPUs
-    bounds = [count * i // threads for i in range(threads + 1)]
-    futures = [pool.submit(kernel, bounds[i], bounds[i + 1], *args) for i in range(1, threads)]
-    kernel(bounds[0], bounds[1], *args)
-    for f in futures:
-        f.result()
+    """``kernel(begin, end, *args)`` over ``0 .. count`` on the calling thread and this module's pool, one thread
+    per torch thread, in pieces any of them takes (:func:`_run_pieces`; the kernels release the GIL and write
+    disjoint parts of their outputs, each part's bits whatever the ranges)."""
+    _run_pieces(kernel, count, *args)
 
 
 def enabled() -> bool:
@@ -308,10 +304,13 @@ def _pool_chunks(x: Tensor):
 
 
 def _run_pieces(kernel, count: int, *args, per_thread: int = 8) -> None:
-    """As :func:`_run`, in ``per_thread`` pieces per thread that the calling thread and the pool take in turn (any
-    piece, its own bits: boxes or channels are independent): a pool thread the OS runs late, on a machine busy with
-    other work, leaves its share to the others instead of holding up the call (measured on 2 busy cores: 512 small
-    boxes at 7 x 7 took 40-150 ms on two threads in two halves against 10 ms on one)."""
+    """``kernel(begin, end, *args)`` over ``0 .. count`` in ``per_thread`` pieces per torch thread, which the calling
+    thread and up to ``torch.get_num_threads() - 1`` pool threads take in turn (any piece, its own bits: boxes or
+    channels are independent). The caller never waits for a pool thread that has not started: one the OS runs late
+    leaves its share to the others, and once the caller has run out of pieces, a pool task still queued is
+    cancelled rather than waited for (only pieces already under way are). On 2 busy cores the pool's thread started
+    0.1-18 ms late (median 2.7 ms after torch ops that leave torch's OpenMP worker spinning); two fixed halves made
+    512 small boxes at 7 x 7 take 40-150 ms against 10 ms on one thread."""
     threads = max(1, min(torch.get_num_threads(), count))
     if threads == 1:
         kernel(0, count, *args)
@@ -324,11 +323,12 @@ def _run_pieces(kernel, count: int, *args, per_thread: int = 8) -> None:
         for i in left:
             kernel(bounds[i], bounds[i + 1], *args)
 
-    pool = _pool(max(1, torch.get_num_threads() - 1))
+    pool = _pool(max(1, torch.get_num_threads() - 1))  # sized by the torch threads, not the CPUs
     futures = [pool.submit(work) for _ in range(threads - 1)]
     work()
     for f in futures:
-        f.result()
+        if not f.cancel():  # started: it may be running a piece, which must end before the call returns
+            f.result()
 
 
 def _compute_type(dtype: torch.dtype):
