@@ -105,12 +105,17 @@ def ps_roi_align_forward(input: Tensor, rois: Tensor, spatial_scale: float, pool
         return None
     dtype = compute_dtype(rois)
     k = rois.shape[0]
-    out = fresh_tensor((k, c), dtype, zeros=False)  # out[k, c] is output (k, c // PH PW, bin c % PH PW)
-    work = k * c * min(most[0] * most[1], 16)
-    for c0, _, feat in _map_chunks(input, dtype):
-        _launch(_kernels()[0].ps_roi_align_forward, k, work, feat, c0, boxes, scale, pooled_height, pooled_width,
-                sampling_ratio, most[0], most[1], out.numpy())
-    return out.reshape(k, -1, pooled_height, pooled_width).to(input.dtype)
+    # out[k, c] is output (k, c // PH PW, bin c % PH PW); float32 / float64: fresh_tensor's memory, made directly
+    out_array = np.empty((k, c), np.float64 if dtype == torch.float64 else np.float32)
+    kernel, work = _kernels()[0].ps_roi_align_forward, k * c * min(most[0] * most[1], 16)
+    settings = (boxes, scale, pooled_height, pooled_width, sampling_ratio, most[0], most[1], out_array)
+    if input.dtype == dtype and input.is_contiguous():  # the map as it is (no generator: a few us a call)
+        _launch(kernel, k, work, input.numpy(), 0, *settings)
+    else:
+        for c0, _, feat in _map_chunks(input, dtype):
+            _launch(kernel, k, work, feat, c0, *settings)
+    out = torch.from_numpy(out_array.reshape(k, c // (pooled_height * pooled_width), pooled_height, pooled_width))
+    return out if out.dtype == input.dtype else out.to(input.dtype)
 
 
 def ps_roi_align_backward(grad: Tensor, rois: Tensor, spatial_scale: float, pooled_height: int, pooled_width: int,
