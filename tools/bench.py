@@ -5,8 +5,8 @@
     python tools/bench.py --sweep         # CPU: every op (roi_align, roi_pool, ps_roi_align, ps_roi_pool,
                                           # the FPN pyramid) x box count x box size x output x dtype x threads,
                                           # as a table, and a plot of the speed-up (--output-dir); 64 and 512
-                                          # boxes (measured: 321 s for both thread settings on 2 shared cores
-                                          # at load 2; half of it one call of each side of each row);
+                                          # boxes (measured: 160 s for both thread settings on 2 idle
+                                          # cores, most of it torchvision's time);
                                           # --full: 64 256 1024 4096 (about 30 min);
                                           # --ops roi_pool pyramid: only those ops
     python tools/bench.py --zoo           # CPU: rotated, deformable and box-gradient RoIAlign against the
@@ -26,8 +26,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--sweep", action="store_true",
                         help="CPU: the sweep (box counts of --boxes, three box sizes, 7x7 and 14x14, float32 and "
                              "bfloat16, one thread and all threads, or only --threads). By default the quick sweep, "
-                             "64 and 512 boxes (measured: 321 s on 2 shared cores at load 2 for both thread settings; "
-                             "most of it torchvision's time); "
+                             "64 and 512 boxes (measured: 160 s on 2 idle cores for both thread settings, most of it "
+                             "torchvision's time); "
                              "--full for 64, 256, 1024 and 4096 boxes (about 30 min)")
     parser.add_argument("--full", action="store_true", help="--sweep over 64, 256, 1024 and 4096 boxes")
     parser.add_argument("--detector", action="store_true",
