@@ -180,17 +180,25 @@ def _copied(low, high, valid):
 
 
 @nb.njit(cache=True, nogil=True)
+def _tap_span(low, high, valid):
+    """The lowest and highest cell one box's valid taps touch along an axis: low, high [P, G] (int32), valid [P, G]
+    (bool) -> (first, last), int64; ``(2^62, -1)`` when no tap is valid."""
+    first, last = np.int64(1) << 62, np.int64(-1)
+    for p in range(low.shape[0]):
+        for g in range(low.shape[1]):
+            if valid[p, g]:
+                first = min(first, np.int64(low[p, g]))
+                last = max(last, np.int64(high[p, g]))
+    return first, last
+
+
+@nb.njit(cache=True, nogil=True)
 def _local_axis(low, high, valid):
     """The cells one box reads along an axis and each sample's taps as positions in that list.
 
     low, high [P, G] (int32), valid [P, G] (bool) -> (cells [L], local low [P, G], local high [P, G])."""
     p_count, g_count = low.shape
-    first, last = np.int64(1) << 62, np.int64(-1)
-    for p in range(p_count):
-        for g in range(g_count):
-            if valid[p, g]:
-                first = min(first, np.int64(low[p, g]))
-                last = max(last, np.int64(high[p, g]))
+    first, last = _tap_span(low, high, valid)
     local_low = np.zeros((p_count, g_count), np.int64)
     local_high = np.zeros((p_count, g_count), np.int64)
     if last < 0:
@@ -344,12 +352,7 @@ def _tapped_axis(low, high, valid):
 
     low, high [P, G] (int32), valid [P, G] (bool) -> (cells [L], local low [P, G], local high [P, G])."""
     p_count, g_count = low.shape
-    first, last = np.int64(1) << 62, np.int64(-1)
-    for p in range(p_count):
-        for g in range(g_count):
-            if valid[p, g]:
-                first = min(first, np.int64(low[p, g]))
-                last = max(last, np.int64(high[p, g]))
+    first, last = _tap_span(low, high, valid)
     local_low = np.zeros((p_count, g_count), np.int64)
     local_high = np.zeros((p_count, g_count), np.int64)
     if last < 0:
