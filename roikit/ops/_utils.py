@@ -7,6 +7,7 @@ Checks raise ``ValueError`` naming the argument and what was expected.
 from __future__ import annotations
 
 import functools
+import importlib
 from collections.abc import Sequence
 
 import numpy as np
@@ -98,9 +99,9 @@ def _rois_pass(rois: Tensor, batch_size: int) -> bool:
     imported), others by one fused torch reduction (one device sync on CUDA)."""
     if rois.is_cpu and rois.dtype in _NUMPY_DTYPES:  # (is_cpu: device.type costs 0.5 us)
         values = rois.detach().numpy()
-        numba_pass = _numba_pass()
-        if numba_pass is not None:
-            return numba_pass(values, batch_size)
+        checks = numba_module("_numba_checks")
+        if checks is not None:
+            return checks.rois_pass(values, batch_size)
         index = values[:, 0]
         return bool(np.isfinite(values).all()) and bool((index == np.round(index)).all()) and index.min() >= 0 \
             and index.max() < batch_size
@@ -113,13 +114,13 @@ _NUMPY_DTYPES = (torch.float32, torch.float64)
 
 
 @functools.cache
-def _numba_pass():
-    """:func:`roikit.ops._numba_checks.rois_pass`, or None when numba cannot be imported."""
+def numba_module(name: str):
+    """``roikit.ops.<name>``, a module of numba code (``"pytorch._numba_kernels"``), or None when numba cannot be
+    imported: the numpy / PyTorch code runs instead. Imported on first use (``import numba`` takes about 0.3 s)."""
     try:
-        from ._numba_checks import rois_pass
+        return importlib.import_module(f"{__package__}.{name}")
     except ImportError:
         return None
-    return rois_pass
 
 
 def check_roi_values(rois: Tensor, batch_size: int, name: str = "boxes") -> None:

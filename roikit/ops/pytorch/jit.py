@@ -36,6 +36,7 @@ import torch
 from torch import Tensor
 
 from ...utils.switches import ThreadSwitch
+from .._utils import numba_module
 from ..geometry import compute_dtype, sample_coord, sample_taps
 from ._crops import CHUNK_BUDGET
 
@@ -54,22 +55,14 @@ ALIGN_BLOCK_VALUES = 1 << 18  # values of the RoIAlign forward's channels-last b
 _plain = ThreadSwitch()  # on inside disabled(): the plain path, this thread
 
 
-@functools.cache
 def _kernels():
-    """The numba kernel module, or None when numba cannot be imported."""
-    try:
-        from . import _numba_kernels
-    except ImportError:
-        return None
-    return _numba_kernels
+    """RoIAlign's numba kernels (``_numba_kernels``), or None when numba cannot be imported."""
+    return numba_module("pytorch._numba_kernels")
 
 
-@functools.cache
 def _pool_kernels():
-    """RoIPool's numba kernel module (numba is there when :func:`_kernels` is not None)."""
-    from . import _numba_pool_kernels
-
-    return _numba_pool_kernels
+    """RoIPool's numba kernels (``_numba_pool_kernels``), or None when numba cannot be imported."""
+    return numba_module("pytorch._numba_pool_kernels")
 
 
 @functools.cache

@@ -23,12 +23,11 @@ float16 and it takes no bfloat16).
 """
 from __future__ import annotations
 
-import functools
-
 import numpy as np
 import torch
 from torch import Tensor
 
+from .._utils import numba_module
 from ..geometry import compute_dtype
 from ._crops import CHUNK_BUDGET
 from .jit import MAX_SAMPLES, _channel_chunks, _run_pieces, enabled, fresh_tensor
@@ -36,14 +35,10 @@ from .jit import MAX_SAMPLES, _channel_chunks, _run_pieces, enabled, fresh_tenso
 SERIAL_WORK = 1 << 14  # samples (ps_roi_align) or bins (ps_roi_pool) below which a call runs on the calling thread
 
 
-@functools.cache
 def _kernels():
     """The numba kernel modules ``(kernels, tables)``, or None when numba cannot be imported."""
-    try:
-        from . import _numba_ps_kernels, _numba_ps_tables
-    except ImportError:
-        return None
-    return _numba_ps_kernels, _numba_ps_tables
+    kernels, tables = numba_module("pytorch._numba_ps_kernels"), numba_module("pytorch._numba_ps_tables")
+    return None if kernels is None or tables is None else (kernels, tables)
 
 
 def _takes(*tensors: Tensor) -> bool:

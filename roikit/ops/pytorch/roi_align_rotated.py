@@ -26,13 +26,13 @@ of samples of at most ``CHUNK_BUDGET`` values.
 """
 from __future__ import annotations
 
-import functools
 import math
 from typing import NamedTuple
 
 import torch
 from torch import Tensor
 
+from .._utils import numba_module
 from ..geometry import MAX_CELLS, MAX_GRID, compute_dtype, sample_coord, sample_taps
 from . import jit
 from ._crops import CHUNK_BUDGET, box_slices, channels_last_rows, groups
@@ -263,14 +263,9 @@ def roi_align_rotated_backward(grad: Tensor, rois: Tensor, spatial_scale: float,
 
 
 # ---------------------------------------------------------------- the numba path (CPU)
-@functools.cache
 def _kernels():
     """The numba kernels (:mod:`~roikit.ops.pytorch._numba_rotated`), or None when numba cannot be imported."""
-    try:
-        from . import _numba_rotated
-    except ImportError:
-        return None
-    return _numba_rotated
+    return numba_module("pytorch._numba_rotated")
 
 
 def _jit_takes(channels: int, *tensors: Tensor) -> bool:
