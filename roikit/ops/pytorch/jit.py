@@ -91,7 +91,11 @@ def disabled():
 
 
 def _takes(*tensors: Tensor) -> bool:
-    return enabled() and all(t.device.type == "cpu" for t in tensors)
+    """Whether the numba path is on (:func:`enabled`) for these tensors: all on the CPU."""
+    for t in tensors:
+        if not t.is_cpu:  # (is_cpu: device.type costs 0.5 us)
+            return False
+    return enabled()
 
 
 def _channel_chunks(input: Tensor, dtype: torch.dtype):

@@ -30,7 +30,8 @@ from torch import Tensor
 from .._utils import numba_module
 from ..geometry import compute_dtype
 from ._crops import CHUNK_BUDGET
-from .jit import MAX_SAMPLES, _channel_chunks, _run_pieces, enabled, fresh_tensor
+from .jit import MAX_SAMPLES, _channel_chunks, _run_pieces, fresh_tensor
+from .jit import _takes as _jit_takes
 
 SERIAL_WORK = 1 << 14  # samples (ps_roi_align) or bins (ps_roi_pool) below which a call runs on the calling thread
 
@@ -42,10 +43,7 @@ def _kernels():
 
 
 def _takes(*tensors: Tensor) -> bool:
-    for t in tensors:
-        if not t.is_cpu:
-            return False
-    return enabled() and _kernels() is not None
+    return _jit_takes(*tensors) and _kernels() is not None
 
 
 def _launch(kernel, count: int, work: int, *args) -> None:

@@ -270,8 +270,7 @@ def _kernels():
 
 def _jit_takes(channels: int, *tensors: Tensor) -> bool:
     """As :mod:`~roikit.ops.pytorch.jit`: numba there, the path on, CPU tensors, at least ``jit.MIN_CHANNELS``."""
-    return (jit.enabled() and _kernels() is not None and channels >= jit.MIN_CHANNELS
-            and all(t.device.type == "cpu" for t in tensors))
+    return jit._takes(*tensors) and _kernels() is not None and channels >= jit.MIN_CHANNELS
 
 
 def _grids(rois: Tensor, spatial_scale: float, pooled: tuple[int, int], sampling_ratio: int, aligned: bool,
