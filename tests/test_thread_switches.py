@@ -93,8 +93,7 @@ def test_the_jit_pool_runs_one_thread_per_torch_thread_at_once():
     assert {tag for *_, tag, _ in seen} == {"x"} and len({ident for *_, ident in seen}) == threads
 
 
-@pytest.mark.parametrize("run", ["_run", "_run_pieces"])
-def test_the_caller_does_not_wait_for_a_pool_thread_that_has_not_started(run):
+def test_the_caller_does_not_wait_for_a_pool_thread_that_has_not_started():
     """Every pool thread held up (as by an OS that runs it late): the calling thread takes every piece and returns
     without waiting for the pool (before: it waited until a pool thread was free to find nothing left)."""
     threads = 3
@@ -104,7 +103,7 @@ def test_the_caller_does_not_wait_for_a_pool_thread_that_has_not_started(run):
     caller, seen = threading.get_ident(), []
     try:
         start = time.perf_counter()
-        _with_threads(threads, lambda: getattr(jit, run)(lambda b, e: seen.append((b, e, threading.get_ident())), 40))
+        _with_threads(threads, lambda: jit._run(lambda b, e: seen.append((b, e, threading.get_ident())), 40))
         elapsed = time.perf_counter() - start
     finally:
         release.set()

@@ -1,7 +1,7 @@
 """numba kernels of the CPU fast path for the position-sensitive ops: ps_roi_align and ps_roi_pool, both ways.
 
 Imported only through :mod:`roikit.ops.pytorch.jit_ps`, which runs ranges of boxes (forwards) or channels
-(backwards) on :func:`roikit.ops.pytorch.jit._run_pieces`'s threads; the per-box samples and bin edges come from
+(backwards) on :func:`roikit.ops.pytorch.jit._run`'s threads; the per-box samples and bin edges come from
 :mod:`roikit.ops.pytorch._numba_ps_tables` (geometry's arithmetic).
 
 Channels: input channel ``c`` belongs to output channel ``c // (PH * PW)`` and bin ``(ph, pw) = divmod(c % (PH *

@@ -20,7 +20,7 @@ or ``NUMBA_CACHE_DIR``), and later processes load it from there in well under a 
 
 Switch: ``ROIKIT_JIT=0`` in the environment, or ``with jit.disabled():`` (the tests use it to run the plain
 path). Threads: pieces of the boxes (forward) or channels (backward), taken in turn by the calling thread and a
-small thread pool of this module, ``torch.get_num_threads()`` threads in all (:func:`_run_pieces`); the kernels
+small thread pool of this module, ``torch.get_num_threads()`` threads in all (:func:`_run`); the kernels
 are serial and release the GIL. (numba's ``parallel=True``
 was tried first: its ``prange`` loops ran about 2x slower on one thread, and its OpenMP layer spun between kernels,
 slowing the torch ops around them 3-10x on 2 cores.)
@@ -69,13 +69,6 @@ def _pool_kernels():
 def _pool(workers: int) -> ThreadPoolExecutor:
     """A pool of ``workers`` threads (one for each torch thread but the caller's; threads start as work comes)."""
     return ThreadPoolExecutor(max_workers=workers, thread_name_prefix="roikit-jit")
-
-
-def _run(kernel, count: int, *args) -> None:
-    """``kernel(begin, end, *args)`` over ``0 .. count`` on the calling thread and this module's pool, one thread
-    per torch thread, in pieces any of them takes (:func:`_run_pieces`; the kernels release the GIL and write
-    disjoint parts of their outputs, each part's bits whatever the ranges)."""
-    _run_pieces(kernel, count, *args)
 
 
 def enabled() -> bool:
@@ -300,7 +293,7 @@ def _pool_chunks(x: Tensor):
         yield c0, c1, _pool_array(x[:, c0:c1].to(kind).contiguous())
 
 
-def _run_pieces(kernel, count: int, *args, per_thread: int = 8) -> None:
+def _run(kernel, count: int, *args, per_thread: int = 8) -> None:
     """``kernel(begin, end, *args)`` over ``0 .. count`` in ``per_thread`` pieces per torch thread, which the calling
     thread and up to ``torch.get_num_threads() - 1`` pool threads take in turn (any piece, its own bits: boxes or
     channels are independent). The caller never waits for a pool thread that has not started: one the OS runs late
@@ -365,10 +358,10 @@ def roi_pool_forward(input: Tensor, rois: Tensor, spatial_scale: float, pooled_h
             arg = None if argmax is None else argmax[sl] if whole else torch.empty(part.shape, dtype=torch.int32)
             arrays = (_pool_array(part), no_argmax if arg is None else arg.numpy())
             if transposed:  # channel blocks in parallel, each made channels-last by its thread
-                _run_pieces(kernels.roi_pool_forward_blocks, -(-(c1 - c0) // step), feat, step, *tables, *arrays,
+                _run(kernels.roi_pool_forward_blocks, -(-(c1 - c0) // step), feat, step, *tables, *arrays,
                             compute)
             else:
-                _run_pieces(kernels.roi_pool_forward, len(tables[0]), feat, *tables, *arrays, CHANNEL_BLOCK, compute)
+                _run(kernels.roi_pool_forward, len(tables[0]), feat, *tables, *arrays, CHANNEL_BLOCK, compute)
             if not whole:
                 out[sl, c0:c1] = part
                 if arg is not None:
@@ -392,7 +385,7 @@ def roi_pool_backward(grad: Tensor, rois: Tensor, argmax: Tensor, shape: tuple[i
         whole = (c0, c1) == (0, c) and dtype == grad.dtype
         part = out if whole else torch.empty((n, c1 - c0, h * w), dtype=dtype)
         arg = argmax[:, c0:c1].reshape(k, c1 - c0, -1).contiguous().numpy()
-        _run_pieces(_pool_kernels().roi_pool_backward, c1 - c0, g, batch, arg, _pool_array(part), _compute_type(dtype),
+        _run(_pool_kernels().roi_pool_backward, c1 - c0, g, batch, arg, _pool_array(part), _compute_type(dtype),
                     POOL_BACKWARD_BLOCK)
         if part is not out:
             out[:, c0:c1] = part

@@ -7,7 +7,7 @@ axis, a map with 2^31 cells or more per plane, channels not a multiple of PH * P
 instead. The boxes' samples and bin edges come from ``_numba_ps_tables`` (geometry's arithmetic, operation by
 operation, in numba: a few microseconds where building them with torch ops cost 0.2-0.3 ms a call; ps_roi_pool's
 forward computes each box's edges inside the kernel). Threads split the boxes (forwards) or the channels
-(backwards) in pieces (``jit._run_pieces``), so every result is the same on any thread count; a call with little
+(backwards) in pieces (``jit._run``), so every result is the same on any thread count; a call with little
 work runs on the calling thread alone (handing pieces to the pool costs more there).
 
 Results: both ops give torchvision's bits in float32 and float64 (its sums in its order, in the map's dtype):
@@ -30,7 +30,7 @@ from torch import Tensor
 from .._utils import numba_module
 from ..geometry import compute_dtype
 from ._crops import CHUNK_BUDGET
-from .jit import MAX_SAMPLES, _channel_chunks, _run_pieces, fresh_tensor
+from .jit import MAX_SAMPLES, _channel_chunks, _run, fresh_tensor
 from .jit import _takes as _jit_takes
 
 SERIAL_WORK = 1 << 14  # samples (ps_roi_align) or bins (ps_roi_pool) below which a call runs on the calling thread
@@ -48,11 +48,11 @@ def _takes(*tensors: Tensor) -> bool:
 
 def _launch(kernel, count: int, work: int, *args) -> None:
     """``kernel(begin, end, *args)`` over ``0 .. count``: on the calling thread when ``work`` is small, else in
-    pieces on :func:`roikit.ops.pytorch.jit._run_pieces`'s threads."""
+    pieces on :func:`roikit.ops.pytorch.jit._run`'s threads."""
     if work < SERIAL_WORK or torch.get_num_threads() == 1:
         kernel(0, count, *args)
     else:
-        _run_pieces(kernel, count, *args)
+        _run(kernel, count, *args)
 
 
 def _boxes(rois: Tensor, spatial_scale: float):
