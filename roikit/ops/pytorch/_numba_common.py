@@ -1,6 +1,7 @@
 """What the numba kernels of RoIAlign (:mod:`._numba_kernels`) and RoIPool (:mod:`._numba_pool_kernels`) share:
 bfloat16 maps read and written as their bits (uint16: widened to float32 exactly, narrowed with torch's rounding),
-and channels-last blocks of a map."""
+and channels-last blocks of a map. The position-sensitive kernels (:mod:`._numba_ps_kernels`) read through
+:func:`widen` too."""
 from __future__ import annotations
 
 import numba as nb
@@ -12,9 +13,9 @@ from numba.extending import intrinsic
 
 @intrinsic
 def widen(typingctx, x):
-    """A value of a map as the kernels compute with it: bfloat16 bits (uint16) as the float32 they are (a 16-bit
-    shift, exact); a float unchanged."""
-    if x == types.uint16:
+    """A value of a map as the kernels compute with it: bfloat16 bits (a 16-bit integer, uint16 or int16) as the
+    float32 they are (a 16-bit shift, exact); a float unchanged."""
+    if isinstance(x, types.Integer) and x.bitwidth == 16:
         def codegen(context, builder, signature, args):
             bits = builder.shl(builder.zext(args[0], ir.IntType(32)), ir.Constant(ir.IntType(32), 16))
             return builder.bitcast(bits, ir.FloatType())

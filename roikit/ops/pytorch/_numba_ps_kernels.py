@@ -24,8 +24,9 @@ from __future__ import annotations
 import numba as nb
 import numpy as np
 
+from ._numba_common import widen
 from ._numba_kernels import align_axis, align_taps
-from ._numba_ps_tables import pool_axis, value
+from ._numba_ps_tables import pool_axis
 
 
 @nb.njit(cache=True, nogil=True, inline="always")
@@ -73,8 +74,8 @@ def ps_roi_align_forward(begin, end, feat, c_offset, rois, scale, ph_count, pw_c
                     if not x_valid[0, pw, ix]:
                         continue
                     b0, b1, hx, lx = x_low[0, pw, ix], x_high[0, pw, ix], x_wlow[0, pw, ix], x_whigh[0, pw, ix]
-                    acc += (hy * hx) * value(plane[a0, b0]) + (hy * lx) * value(plane[a0, b1]) \
-                        + (ly * hx) * value(plane[a1, b0]) + (ly * lx) * value(plane[a1, b1])
+                    acc += (hy * hx) * widen(plane[a0, b0]) + (hy * lx) * widen(plane[a0, b1]) \
+                        + (ly * hx) * widen(plane[a1, b0]) + (ly * lx) * widen(plane[a1, b1])
             out[k, c_offset + c] = acc / count
             pw += 1
             if pw == pw_count:
@@ -140,7 +141,7 @@ def _bin_sum(flat, base, width, h0, h1, w0, w1, t):
         row = base + h * width
         w = w0
         while w < w1:
-            acc += value(flat[row + w])
+            acc += widen(flat[row + w])
             w += _U(1)
         h += _U(1)
     return acc
@@ -155,8 +156,8 @@ def _bin_sum2(flat, base, step, width, h0, h1, w0, w1, t):
         row = base + h * width
         w = w0
         while w < w1:
-            a0 += value(flat[row + w])
-            a1 += value(flat[row + step + w])
+            a0 += widen(flat[row + w])
+            a1 += widen(flat[row + step + w])
             w += _U(1)
         h += _U(1)
     return a0, a1

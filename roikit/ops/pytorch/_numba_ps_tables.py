@@ -7,45 +7,14 @@ scale rounded to float32 first, as torch multiplies a float32 tensor by a Python
 so the kernels sample the points and read the cells the plain path does (tests/test_jit_ps_kernels.py compares
 the tables on hostile boxes). ``rois`` is a contiguous [K, 5] array in the compute dtype, ``scale`` a scalar of
 that dtype.
-
-Also here: :func:`value`, a map cell as a float (bfloat16 maps arrive as their int16 bits and widen exactly to
-float32), so the kernels read bfloat16 maps without a float32 copy.
 """
 from __future__ import annotations
 
 import numba as nb
 import numpy as np
-from llvmlite import ir
-from numba import types
-from numba.core.extending import intrinsic, overload
 
 from ..geometry import MAX_CELLS
 from ._numba_kernels import align_axis, align_taps  # RoIAlign's sample taps, shared (aligned=True here)
-
-
-# ---------------------------------------------------------------- map cells
-@intrinsic
-def _bfloat16_bits(typingctx, bits):
-    """A bfloat16 given as its 16 bits (an int16) -> the equal float32 (its bits shifted up: exact)."""
-    sig = types.float32(bits)
-
-    def codegen(context, builder, signature, args):
-        wide = builder.shl(builder.zext(args[0], ir.IntType(32)), ir.Constant(ir.IntType(32), 16))
-        return builder.bitcast(wide, ir.FloatType())
-
-    return sig, codegen
-
-
-def value(cell):
-    """A map cell as a float: float32 / float64 as they are, a bfloat16's int16 bits as float32."""
-    raise NotImplementedError("numba only")
-
-
-@overload(value, inline="always")
-def _value(cell):
-    if isinstance(cell, types.Integer):
-        return lambda cell: _bfloat16_bits(cell)
-    return lambda cell: cell
 
 
 # ---------------------------------------------------------------- RoIAlign (aligned=True)
